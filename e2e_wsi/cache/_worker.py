@@ -1,0 +1,212 @@
+"""Per-slide work of ``e2e-wsi preprocess``, run inside the worker processes.
+
+A worker opens one slide, finds tissue, plans the grid of each magnification, reads and JPEG-encodes the
+kept patches into a staging file, draws the QC image and returns the slide's metadata. It never touches
+the LMDB: the single writer (the main process) commits the staged slide in one transaction.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from e2e_wsi.cache.store import FORMAT_VERSION, append_staged, mag_key
+from e2e_wsi.slides.reader import Slide, SlideError
+from e2e_wsi.slides.tiling import encode_jpeg, grid_spec, read_patch, tissue_grid
+from e2e_wsi.slides.tissue import TissueParams, contour_overlay, segment_tissue, segmentation_downsample
+from e2e_wsi.utils import validate_slide_id
+
+_PROGRESS_EVERY = 64  # patches between progress messages (keeps queue traffic negligible)
+_QC_MIN_SIDE = 768  # QC images are upscaled (nearest) to at least this longest side
+
+
+class ProgressSink(Protocol):
+    """Anything with ``put`` (a multiprocessing queue, or a list adapter when running inline)."""
+
+    def put(self, item: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Settings that decide the cache content (all recorded in each slide's ``params``).
+
+    Attributes:
+        magnifications: Target magnifications, e.g. ``(10.0, 5.0)``.
+        patch_size: Patch side in pixels at every magnification.
+        jpeg_quality: JPEG quality 1-100 of stored patches.
+        tissue_threshold: A patch is kept when its tissue fraction exceeds this (0-1).
+        tissue: Tissue-detection parameters.
+        mpp: Run-wide MPP override (``--mpp``), or ``None``.
+    """
+
+    magnifications: tuple[float, ...]
+    patch_size: int = 256
+    jpeg_quality: int = 90
+    tissue_threshold: float = 0.5
+    tissue: TissueParams = field(default_factory=TissueParams)
+    mpp: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.magnifications:
+            raise ValueError("give at least one magnification (e.g. --magnifications 10 5)")
+        keys = [mag_key(m) for m in self.magnifications]  # validates positivity
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"magnifications repeat: {keys}")
+        if not 16 <= self.patch_size <= 4096:
+            raise ValueError(f"patch size must be in 16..4096, got {self.patch_size}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"JPEG quality must be in 1..100, got {self.jpeg_quality}")
+        if not 0.0 <= self.tissue_threshold < 1.0:
+            raise ValueError(f"tissue threshold must be in [0, 1), got {self.tissue_threshold}")
+
+    def params(self, slide_mpp: float | None) -> dict[str, Any]:
+        """JSON-ready parameters for one slide; equal dicts mean an identical cache entry."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "patch_size": self.patch_size,
+            "magnifications": [mag_key(m) for m in self.magnifications],
+            "jpeg_quality": self.jpeg_quality,
+            "tissue_threshold": self.tissue_threshold,
+            "tissue": self.tissue.to_dict(),
+            "mpp_override": slide_mpp if slide_mpp is not None else self.mpp,
+        }
+
+
+@dataclass(frozen=True)
+class SlideJob:
+    """One slide to preprocess.
+
+    Attributes:
+        slide_id: Id from the manifest or file name (validated by the worker, may be bad).
+        path: Slide file.
+        mpp: Per-slide MPP override, or ``None``.
+        origin: Where the job came from, for messages (e.g. ``manifest.csv row 3``).
+    """
+
+    slide_id: str
+    path: Path
+    mpp: float | None = None
+    origin: str = ""
+
+
+def process_slide(
+    job: SlideJob, config: PreprocessConfig, staging_dir: Path, qc_dir: Path | None, progress: ProgressSink | None
+) -> dict[str, Any]:
+    """Preprocess one slide into a staging file; never raises for a bad slide.
+
+    Args:
+        job: The slide.
+        config: Run settings.
+        staging_dir: Where ``<slide_id>.bin`` (length-prefixed JPEGs, magnification by magnification) goes.
+        qc_dir: Where ``<slide_id>.png`` goes, or ``None`` to skip QC images.
+        progress: Receives patch counts as they are encoded.
+
+    Returns:
+        ``{"slide_id", "path", "status": "ok", "meta", "staging", "seconds"}`` or
+        ``{"slide_id", "path", "status": "failed", "reason", "seconds"}``.
+    """
+    start = time.perf_counter()
+    record: dict[str, Any] = {"slide_id": job.slide_id, "path": str(job.path)}
+    try:
+        slide_id = validate_slide_id(job.slide_id)
+        with Slide(job.path, slide_mpp=job.mpp, global_mpp=config.mpp) as slide:
+            meta, staging = _tile_slide(slide, slide_id, job, config, staging_dir, qc_dir, progress)
+        record.update(status="ok", meta=meta, staging=str(staging))
+    except SlideError as err:
+        record.update(status="failed", reason=err.reason)
+    except ValueError as err:  # invalid slide id
+        record.update(status="failed", reason=" ".join(str(err).split()))
+    except Exception as err:  # noqa: BLE001 - one bad slide must never stop the batch
+        record.update(status="failed", reason=f"unexpected {type(err).__name__}: {' '.join(str(err).split())}")
+    record["seconds"] = round(time.perf_counter() - start, 3)
+    return record
+
+
+def _tile_slide(
+    slide: Slide,
+    slide_id: str,
+    job: SlideJob,
+    config: PreprocessConfig,
+    staging_dir: Path,
+    qc_dir: Path | None,
+    progress: ProgressSink | None,
+) -> tuple[dict[str, Any], Path]:
+    res = slide.resolution
+    seg_ds = segmentation_downsample(slide.dimensions, config.tissue)
+    tissue = segment_tissue(slide.read_downsampled(seg_ds), seg_ds, res.mpp, config.tissue)
+    if not tissue.mask.any():
+        raise SlideError(
+            slide.path,
+            f"no tissue found (HSV saturation never above {tissue.threshold:g}); check the slide or "
+            "lower --saturation-threshold",
+        )
+    specs = [grid_spec(slide, m, config.patch_size) for m in config.magnifications]
+    grids = [tissue_grid(slide.dimensions, spec, tissue, config.tissue_threshold) for spec in specs]
+    if sum(len(coords) for coords, _ in grids) == 0:
+        raise SlideError(
+            slide.path,
+            f"no patch has a tissue fraction above {config.tissue_threshold:g} (tissue covers "
+            f"{tissue.fraction:.2%} of the slide); lower --tissue-threshold if this is expected",
+        )
+    staging = staging_dir / f"{slide_id}.bin"
+    pending = 0
+    with open(staging, "wb") as handle:
+        for spec, (coords, _) in zip(specs, grids, strict=True):
+            for xy in coords:
+                append_staged(handle, encode_jpeg(read_patch(slide, spec, xy, config.patch_size), config.jpeg_quality))
+                pending += 1
+                if progress is not None and pending == _PROGRESS_EVERY:
+                    progress.put(pending)
+                    pending = 0
+    if progress is not None and pending:
+        progress.put(pending)
+    if qc_dir is not None:
+        _write_qc(qc_dir / f"{slide_id}.png", tissue.thumbnail, tissue.mask, tissue.downsample, grids[0][0], specs[0].size_level0)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "slide_id": slide_id,
+        "source_path": str(job.path),
+        "mpp": res.mpp,
+        "objective_power": res.objective_power,
+        "resolution_source": res.source,
+        "dimensions": list(slide.dimensions),
+        "patch_size": config.patch_size,
+        "magnifications": {
+            mag_key(spec.magnification): {
+                "count": len(coords),
+                "size_level0": spec.size_level0,
+                "downsample": spec.downsample,
+                "level": spec.level,
+                "coords": coords.tolist(),
+                "tissue_fractions": np.round(fractions, 4).tolist(),
+            }
+            for spec, (coords, fractions) in zip(specs, grids, strict=True)
+        },
+        "tissue_fraction": round(tissue.fraction, 6),
+        "params": config.params(job.mpp),
+    }
+    return meta, staging
+
+
+def _write_qc(
+    path: Path, thumbnail: np.ndarray, mask: np.ndarray, downsample: float, coords: np.ndarray, size_level0: int
+) -> None:
+    """Thumbnail with tissue outlines (green) and the first magnification's kept patches (blue)."""
+    scale = max(1, math.ceil(_QC_MIN_SIDE / max(thumbnail.shape[:2])))
+    image = Image.fromarray(thumbnail).resize((thumbnail.shape[1] * scale, thumbnail.shape[0] * scale), Image.Resampling.NEAREST)
+    outline = np.asarray(Image.fromarray(contour_overlay(mask)).resize(image.size, Image.Resampling.NEAREST))
+    pixels = np.array(image)
+    pixels[outline] = (0, 200, 0)
+    image = Image.fromarray(pixels)
+    draw = ImageDraw.Draw(image)
+    factor = scale / downsample
+    side = size_level0 * factor
+    for x, y in coords:
+        draw.rectangle([x * factor, y * factor, x * factor + side, y * factor + side], outline=(30, 60, 220))
+    image.save(path)

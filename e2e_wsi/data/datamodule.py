@@ -1,0 +1,321 @@
+"""``WSIDataModule``: manifest + split + MRIS bags + loaders, built by LightningCLI from YAML.
+
+Epoch handling (MRIS re-draws every epoch): the training loader uses :class:`EpochSampler`, a
+``DistributedSampler`` subclass. Lightning calls ``sampler.set_epoch(epoch)`` before every training
+epoch (and leaves DistributedSampler subclasses alone under DDP, so no wrapping), and our
+``set_epoch`` also writes the epoch into the dataset's shared-memory counter, which persistent workers
+read in ``__getitem__``. No ``reload_dataloaders_every_n_epochs`` is needed. Outside Lightning, call
+``loader.sampler.set_epoch(e)`` yourself.
+
+Oversampling (``oversample={0: 2, 1: 1}`` = class 0 : class 1 = 2 : 1 per epoch): an explicit index list.
+Each class c gets ``t_c`` positions, ``t_c = round(f * w_c)`` with the smallest ``f`` that does not drop
+any slide of a weighted class (classes without a weight keep their count). Position p of class c maps to
+slide ``perm_epoch[p mod n_c]``, with a fresh permutation per epoch, so every slide appears
+``floor(t_c / n_c)`` or ``ceil`` times and the extra copies change each epoch; the sampler then shuffles
+and shards the positions across ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from e2e_wsi.data.datasets import Bag, EvalBagDataset, TrainBagDataset, collate_bags
+from e2e_wsi.data.manifest import Task, load_manifest
+from e2e_wsi.data.sampling import check_ratios
+from e2e_wsi.data.splits import apply_splits, load_splits, make_splits, save_splits
+from e2e_wsi.data.transforms import EvalTransform, TrainTransform, normalize_images
+
+log = logging.getLogger(__name__)
+
+
+class EpochSampler(DistributedSampler):
+    """Shuffling, rank-sharding sampler whose ``set_epoch`` also advances the dataset's MRIS epoch."""
+
+    def __init__(self, dataset: TrainBagDataset, num_replicas: int, rank: int, seed: int, shuffle: bool = True) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+        self.bag_dataset = dataset
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.bag_dataset.set_epoch(epoch)
+
+
+class OversampleMap:
+    """Position -> bag index for class oversampling, re-permuted per epoch (see module doc)."""
+
+    def __init__(self, labels: np.ndarray, weights: dict[int, float], seed: int) -> None:
+        self.seed = seed
+        self.groups: list[np.ndarray] = []
+        weighted = {int(c): float(w) for c, w in weights.items()}
+        present = {int(c): int((labels == c).sum()) for c in np.unique(labels)}
+        if any(w <= 0 for w in weighted.values()) or not set(weighted) <= set(present):
+            raise ValueError(
+                f"oversample {weights}: weights must be positive and name classes present in the training "
+                f"split (classes there: {sorted(present)})"
+            )
+        factor = max(present[c] / w for c, w in weighted.items())
+        self.targets: list[int] = []
+        for c in sorted(present):
+            self.groups.append(np.flatnonzero(labels == c))
+            self.targets.append(max(1, round(factor * weighted[c])) if c in weighted else present[c])
+        self.offsets = np.cumsum([0, *self.targets])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __call__(self, position: int, epoch: int) -> int:
+        g = int(np.searchsorted(self.offsets, position, side="right") - 1)
+        members = self.groups[g]
+        perm = np.random.default_rng([self.seed, epoch, g, 0x0DD]).permutation(len(members))
+        return int(members[perm[(position - self.offsets[g]) % len(members)]])
+
+
+class WSIDataModule(pl.LightningDataModule):
+    """Whole-slide bags for training (MRIS) and evaluation (all patches).
+
+    Args:
+        cache_dir: Patch cache folder(s) (shards) written by ``e2e-wsi preprocess``.
+        manifest: Manifest CSV (see :mod:`e2e_wsi.data.manifest`).
+        task: ``classification``, ``grading`` or ``survival``.
+        num_classes: Classes (classification/grading) or discrete time bins (survival, default 4).
+        class_names: Optional label names used in the manifest.
+        magnifications: Training scales; the first is the *main* magnification.
+        mag_ratios: MRIS ratios per magnification (sum 1); ``None`` = uniform.
+        eval_magnifications: Scales of evaluation bags; ``None`` = the main magnification only.
+        sample_size: s, patches per training bag.
+        train_patch_size: RandomResizedCrop output side.
+        eval_patch_size: Evaluation side after resize + centre crop.
+        crop_scale: RandomResizedCrop area range.
+        color_jitter: Opt-in colour augmentation (off by default, as in the paper).
+        split_ratios: (train, val, test) case fractions.
+        split_seed: Seed of the split.
+        fold: Test fold for k-fold cross-validation (with ``num_folds``).
+        num_folds: k for cross-validation.
+        split_file: Reload this split (``splits.csv``/``.json`` of an earlier run) instead of making one.
+        oversample: Per-class target ratio of training bags per epoch, e.g. ``{0: 2, 1: 1}``.
+        batch_size: Training bags per batch (evaluation is always 1).
+        num_workers: DataLoader workers.
+        pin_memory: Pin host memory.
+        persistent_workers: Keep workers between epochs (only with ``num_workers > 0``).
+        seed: Seed of MRIS, augmentation and oversampling.
+        run_dir: Where ``splits.csv`` is written; ``None`` = the trainer's log dir when attached. Can be
+            set as an attribute before ``setup``.
+        predict_split: Which bags ``predict`` runs on.
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | list[str],
+        manifest: str,
+        task: Task = "classification",
+        num_classes: int | None = None,
+        class_names: list[str] | None = None,
+        magnifications: list[float] = [10.0],  # noqa: B006 - jsonargparse needs a literal default
+        mag_ratios: list[float] | None = None,
+        eval_magnifications: list[float] | None = None,
+        sample_size: int = 512,
+        train_patch_size: int = 224,
+        eval_patch_size: int = 224,
+        crop_scale: tuple[float, float] = (0.5, 1.0),
+        color_jitter: bool = False,
+        split_ratios: tuple[float, float, float] = (0.7, 0.1, 0.2),
+        split_seed: int = 0,
+        fold: int | None = None,
+        num_folds: int | None = None,
+        split_file: str | None = None,
+        oversample: dict[int, float] | None = None,
+        batch_size: int = 1,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        seed: int = 0,
+        run_dir: str | None = None,
+        predict_split: str = "all",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if not magnifications:
+            raise ValueError("magnifications must list at least one magnification, e.g. [10]")
+        self.magnifications = [float(m) for m in magnifications]
+        if mag_ratios is not None:
+            check_ratios(mag_ratios, len(self.magnifications))
+        if task == "survival" and oversample:
+            raise ValueError("oversample is for classification/grading; survival bags are cases")
+        if predict_split not in ("all", "train", "val", "test"):
+            raise ValueError(f"predict_split {predict_split!r} must be all, train, val or test")
+        self.task = task
+        self.num_classes = num_classes if num_classes is not None or task != "survival" else 4
+        self.cache_dir, self.manifest_path, self.run_dir = cache_dir, manifest, run_dir
+        self.table: pd.DataFrame | None = None
+        self.survival_bin_edges: list[float] | None = None
+        self.has_val = True
+        self._train_dataset: TrainBagDataset | None = None
+
+    # ------------------------------------------------------------------ setup
+    def _open_cache(self) -> Any:
+        from e2e_wsi.cache.store import PatchCache
+
+        return PatchCache(self.cache_dir)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read + validate the manifest against the cache, split, write ``splits.csv`` (idempotent)."""
+        if self.table is not None:
+            return
+        hp = self.hparams
+        self.cache = self._open_cache()
+        df = load_manifest(self.manifest_path, self.task, None if self.task == "survival" else self.num_classes,
+                           cache=self.cache, class_names=hp.class_names)
+        self._check_magnifications(df)
+        if hp.split_file:
+            df["split"] = apply_splits(df, load_splits(hp.split_file), source=f"split file {hp.split_file}")
+        else:
+            df["split"] = make_splits(df, hp.split_ratios, hp.split_seed, fold=hp.fold, num_folds=hp.num_folds)
+        if self.task != "survival" and self.num_classes is None:
+            self.num_classes = int(df["label"].max()) + 1
+        self.table = df
+        self.bags = {name: self._bags(df[df["split"] == name]) for name in ("train", "val", "test")}
+        self.has_val = len(self.bags["val"]) > 0
+        if not self.has_val:
+            log.warning("the validation split is empty: select checkpoints on the training loss or the last epoch")
+        self._write_splits(df)
+
+    def _check_magnifications(self, df: pd.DataFrame) -> None:
+        needed = set(self.magnifications) | set(self.hparams.eval_magnifications or [])
+        bad = []
+        for slide_id in df["slide_id"]:
+            have = {float(m) for m in self.cache.magnifications(slide_id)}
+            if not needed <= have:
+                bad.append(f"{slide_id} (has {sorted(have)})")
+        if bad:
+            raise ValueError(
+                f"{len(bad)} slide(s) lack magnification(s) {sorted(needed)} in the cache: {bad[:20]}; "
+                "re-run `e2e-wsi preprocess` with those magnifications or change `magnifications`"
+            )
+
+    def _bags(self, df: pd.DataFrame) -> list[Bag]:
+        if self.task != "survival":
+            return [Bag(s, (s,), {"target": int(y)}) for s, y in zip(df["slide_id"], df["label"], strict=True)]
+        bags = []
+        for case_id, g in df.groupby("case_id", sort=False):
+            time, event = float(g["time"].iloc[0]), int(g["event"].iloc[0])
+            bags.append(Bag(str(case_id), tuple(g["slide_id"]), {"time": time, "event": event}))
+        if self.survival_bin_edges is None:  # the train split comes first: bins from training times only
+            self._set_bin_edges(bags)
+        return [Bag(b.bag_id, b.slide_ids, {**b.targets, "target": self._bin(b.targets["time"])}) for b in bags]
+
+    def _set_bin_edges(self, train_bags: list[Bag]) -> None:
+        """Quantile bins of uncensored training times (all times if none is uncensored); outer edges 0, inf."""
+        times = np.array([b.targets["time"] for b in train_bags if b.targets["event"] == 1])
+        if len(times) == 0:
+            times = np.array([b.targets["time"] for b in train_bags])
+        inner = np.quantile(times, np.linspace(0, 1, self.num_classes + 1)[1:-1]) if len(times) else []
+        self.survival_bin_edges = [0.0, *map(float, inner), math.inf]
+
+    def _bin(self, time: float) -> int:
+        assert self.survival_bin_edges is not None
+        return int(np.searchsorted(self.survival_bin_edges[1:-1], time, side="right"))
+
+    def _write_splits(self, df: pd.DataFrame) -> None:
+        run_dir = self.run_dir
+        if run_dir is None and self.trainer is not None:
+            run_dir = self.trainer.log_dir or self.trainer.default_root_dir
+        if run_dir is None:
+            log.info("no run_dir: the split is not written to disk")
+            return
+        if self.trainer is None or self.trainer.is_global_zero:
+            path = save_splits(df, df["split"], Path(run_dir) / "splits.csv")
+            self.split_path = path
+            log.info("split written to %s", path)
+
+    # ------------------------------------------------------------ properties
+    @property
+    def train_targets(self) -> torch.Tensor:
+        """Training targets before oversampling: int64 [n] labels, or float32 [n, 2] (time, event)."""
+        bags = self._require("train")
+        if self.task == "survival":
+            return torch.tensor([[b.targets["time"], b.targets["event"]] for b in bags], dtype=torch.float32)
+        return torch.tensor([b.targets["target"] for b in bags], dtype=torch.int64)
+
+    @property
+    def class_counts(self) -> list[int]:
+        """Training bags per class (classification/grading) or per time bin (survival)."""
+        bags = self._require("train")
+        labels = np.array([b.targets["target"] for b in bags], dtype=np.int64)
+        return np.bincount(labels, minlength=self.num_classes or 0).tolist()
+
+    def _require(self, split: str) -> list[Bag]:
+        if self.table is None:
+            raise RuntimeError("call setup() first (Lightning does it before the loaders are requested)")
+        return self.bags[split]
+
+    # ---------------------------------------------------------- dataloaders
+    def _rank_world(self) -> tuple[int, int]:
+        if self.trainer is not None:
+            return int(self.trainer.global_rank), int(self.trainer.world_size)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def _loader_kwargs(self) -> dict[str, Any]:
+        hp = self.hparams
+        workers = int(hp.num_workers)
+        return {"num_workers": workers, "pin_memory": hp.pin_memory, "collate_fn": collate_bags,
+                "persistent_workers": bool(hp.persistent_workers and workers > 0)}
+
+    def train_dataset(self) -> TrainBagDataset:
+        """The MRIS training dataset (built once, so the shared epoch counter is stable)."""
+        if self._train_dataset is None:
+            hp = self.hparams
+            bags = self._require("train")
+            rank, _ = self._rank_world()
+            index_map, length = None, None
+            if hp.oversample:
+                labels = np.array([b.targets["target"] for b in bags])
+                index_map = OversampleMap(labels, hp.oversample, hp.seed)
+                length = len(index_map)
+            transform = TrainTransform(hp.train_patch_size, scale=tuple(hp.crop_scale), color_jitter=hp.color_jitter)
+            self._train_dataset = TrainBagDataset(
+                self.cache, bags, hp.sample_size, self.magnifications, hp.mag_ratios, transform,
+                seed=hp.seed, rank=rank, index_map=index_map, length=length,
+            )
+        return self._train_dataset
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self.train_dataset()
+        rank, world = self._rank_world()
+        sampler = EpochSampler(dataset, num_replicas=world, rank=rank, seed=self.hparams.seed)
+        if self.trainer is not None:
+            sampler.set_epoch(self.trainer.current_epoch)
+        return DataLoader(dataset, batch_size=self.hparams.batch_size, sampler=sampler, **self._loader_kwargs())
+
+    def _eval_loader(self, bags: list[Bag]) -> DataLoader:
+        mags = self.hparams.eval_magnifications or self.magnifications[:1]
+        dataset = EvalBagDataset(self.cache, bags, mags, EvalTransform(self.hparams.eval_patch_size))
+        return DataLoader(dataset, batch_size=1, shuffle=False, **self._loader_kwargs())
+
+    def val_dataloader(self) -> DataLoader | list:
+        bags = self._require("val")
+        return self._eval_loader(bags) if bags else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader(self._require("test"))
+
+    def predict_dataloader(self) -> DataLoader:
+        split = self.hparams.predict_split
+        names = ("train", "val", "test") if split == "all" else (split,)
+        return self._eval_loader([b for name in names for b in self._require(name)])
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """uint8 images -> float32 ImageNet-normalised RGB, on the device (4x less host->device traffic)."""
+        if isinstance(batch, dict) and isinstance(batch.get("images"), torch.Tensor):
+            batch["images"] = normalize_images(batch["images"])
+        return batch

@@ -1,0 +1,223 @@
+"""Load and validate a cohort manifest (the users' CSV convention).
+
+Columns:
+
+* classification / grading: ``case_id,slide_id,label``
+* survival: ``case_id,slide_id,time,event``
+* optional: ``split`` (``train``/``val``/``test``) and ``path`` (the slide file, written by ``synth``).
+
+Every problem is collected first and reported in one :class:`ValueError` that names each offending CSV
+line (the header is line 1) and slide id, so a user fixes the file in one pass.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal, Protocol
+
+import numpy as np
+import pandas as pd
+
+from e2e_wsi.utils import validate_slide_id
+
+Task = Literal["classification", "grading", "survival"]
+TASKS: tuple[str, ...] = ("classification", "grading", "survival")
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+_MAX_LISTED = 50  # a 10k-row broken manifest should not print 10k lines
+
+
+class _SlideLister(Protocol):
+    def slide_ids(self) -> list[str]: ...
+
+
+def _parse_int(value: object) -> int | None:
+    """Parse an integer label written as ``1`` or ``1.0``; ``None`` when it is not one."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        return None
+    if not math.isfinite(number) or not number.is_integer():
+        return None
+    return int(number)
+
+
+def _parse_float(value: object) -> float | None:
+    try:
+        number = float(str(value).strip())
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest {path} does not exist: pass the CSV written by `e2e-wsi synth` or your own")
+    # Strings everywhere so that e.g. slide id "001" keeps its zeros; blank lines are kept so the line
+    # numbers in our messages are the ones an editor shows.
+    df = pd.read_csv(path, dtype=str, skip_blank_lines=False, keep_default_na=True)
+    df.columns = [str(c).strip() for c in df.columns]
+    df["line"] = np.arange(2, len(df) + 2)
+    df = df[df.drop(columns="line").notna().any(axis=1)].reset_index(drop=True)
+    for column in df.columns:
+        if column != "line":
+            df[column] = df[column].map(lambda v: v.strip() if isinstance(v, str) else v)
+    return df
+
+
+def _where(row: pd.Series) -> str:
+    return f"line {row['line']} (slide_id {row.get('slide_id')!r})"
+
+
+def _check_ids(df: pd.DataFrame, errors: list[str], cache: _SlideLister | None) -> None:
+    cached = set(cache.slide_ids()) if cache is not None else None
+    first_line: dict[str, int] = {}
+    for _, row in df.iterrows():
+        slide_id, case_id = row["slide_id"], row["case_id"]
+        if not isinstance(case_id, str) or not case_id:
+            errors.append(f"{_where(row)}: empty case_id")
+        if not isinstance(slide_id, str):
+            errors.append(f"{_where(row)}: empty slide_id")
+            continue
+        try:
+            validate_slide_id(slide_id)
+        except ValueError as exc:
+            errors.append(f"{_where(row)}: {exc}")
+            continue
+        if slide_id in first_line:
+            errors.append(f"{_where(row)}: duplicate slide id (first seen on line {first_line[slide_id]})")
+        else:
+            first_line[slide_id] = int(row["line"])
+        if cached is not None and slide_id not in cached:
+            errors.append(f"{_where(row)}: slide is not in the patch cache (run `e2e-wsi preprocess` on it)")
+
+
+def _check_labels(
+    df: pd.DataFrame, errors: list[str], num_classes: int | None, class_names: Sequence[str] | None
+) -> int | None:
+    """Turn ``label`` into ints in place; return the number of classes (given or inferred)."""
+    names = {name: i for i, name in enumerate(class_names)} if class_names else {}
+    if class_names is not None and num_classes is not None and len(class_names) != num_classes:
+        raise ValueError(f"class_names has {len(class_names)} names but num_classes is {num_classes}")
+    k = num_classes if num_classes is not None else (len(class_names) if class_names else None)
+    parsed: list[int | None] = []
+    for _, row in df.iterrows():
+        raw = row["label"]
+        value = names.get(raw) if isinstance(raw, str) and raw in names else _parse_int(raw)
+        if value is None:
+            hint = f" (known names: {list(class_names)})" if class_names else " (use an integer 0..K-1)"
+            errors.append(f"{_where(row)}: label {raw!r} is missing or unknown{hint}")
+        elif value < 0 or (k is not None and value >= k):
+            errors.append(f"{_where(row)}: label {value} is outside 0..{(k or 1) - 1}")
+            value = None
+        parsed.append(value)
+    valid = [v for v in parsed if v is not None]
+    if k is None:
+        k = max(valid) + 1 if valid else 0
+    df["label"] = pd.array(parsed, dtype="Int64")
+    counts = np.bincount(np.asarray(valid, dtype=np.int64), minlength=k) if k else np.zeros(0)
+    for cls in np.flatnonzero(counts == 0):
+        name = f" ({class_names[cls]!r})" if class_names else ""
+        errors.append(f"class {cls}{name} has no slide in the manifest: fix num_classes/class_names or the labels")
+    return k
+
+
+def _check_survival(df: pd.DataFrame, errors: list[str]) -> None:
+    times: list[float | None] = []
+    events: list[int | None] = []
+    for _, row in df.iterrows():
+        time = _parse_float(row["time"])
+        if time is None or time <= 0:
+            errors.append(f"{_where(row)}: time {row['time']!r} must be a positive number")
+            time = None
+        event = _parse_int(row["event"])
+        if event not in (0, 1):
+            errors.append(f"{_where(row)}: event {row['event']!r} must be 0 (censored) or 1 (event)")
+            event = None
+        times.append(time)
+        events.append(event)
+    df["time"] = pd.array(times, dtype="Float64")
+    df["event"] = pd.array(events, dtype="Int64")
+    # A case is one bag in survival, so its slides must agree on the outcome.
+    for case_id, group in df.dropna(subset=["time", "event"]).groupby("case_id", sort=False):
+        if group["time"].nunique() > 1 or group["event"].nunique() > 1:
+            lines = ", ".join(str(v) for v in group["line"])
+            errors.append(f"lines {lines} (case_id {case_id!r}): slides of one case disagree on time/event")
+
+
+def _check_split(df: pd.DataFrame, errors: list[str]) -> None:
+    if "split" not in df.columns:
+        return
+    if df["split"].isna().all():
+        df.drop(columns="split", inplace=True)  # an empty column means "make the split for me"
+        return
+    df["split"] = df["split"].map(lambda v: v.lower() if isinstance(v, str) else v)
+    for _, row in df.iterrows():
+        if row["split"] not in SPLITS:
+            errors.append(f"{_where(row)}: split {row['split']!r} must be one of {list(SPLITS)}")
+    # Patient-level splits: a case on two sides would leak between training and test.
+    for case_id, group in df[df["split"].isin(SPLITS)].groupby("case_id", sort=False):
+        if group["split"].nunique() > 1:
+            lines = ", ".join(str(v) for v in group["line"])
+            errors.append(f"lines {lines} (case_id {case_id!r}): slides of one case are in different splits")
+
+
+def load_manifest(
+    path: str | Path,
+    task: Task,
+    num_classes: int | None = None,
+    cache: _SlideLister | None = None,
+    class_names: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """Read a manifest CSV and validate every row up front.
+
+    Args:
+        path: The CSV file.
+        task: ``classification``/``grading`` need ``label``; ``survival`` needs ``time`` and ``event``.
+        num_classes: K for classification/grading; labels must lie in 0..K-1 and every class must have a
+            slide. ``None`` infers K from the largest label (or from ``class_names``). Ignored for survival.
+        cache: A :class:`~e2e_wsi.cache.store.PatchCache` (anything with ``slide_ids()``); when given,
+            every slide must be in it.
+        class_names: Optional names; a label equal to a name maps to its index.
+
+    Returns:
+        One row per slide with ``case_id``, ``slide_id`` (str), ``label`` (int64) or ``time`` (float64)
+        and ``event`` (int64), ``line`` (the CSV line), plus ``split``/``path`` when present.
+
+    Raises:
+        FileNotFoundError: If the file is missing.
+        ValueError: Listing every offending line (and the missing columns, if any).
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}: use one of {list(TASKS)}")
+    path = Path(path)
+    df = _read_csv(path)
+    needed = ["case_id", "slide_id"] + (["time", "event"] if task == "survival" else ["label"])
+    missing = [c for c in needed if c not in df.columns]
+    if missing:
+        raise ValueError(
+            f"manifest {path}: missing column(s) {missing}; a {task} manifest needs {needed} "
+            f"(found {[c for c in df.columns if c != 'line']})"
+        )
+    if df.empty:
+        raise ValueError(f"manifest {path} has no rows")
+    errors: list[str] = []
+    _check_ids(df, errors, cache)
+    if task == "survival":
+        _check_survival(df, errors)
+    else:
+        _check_labels(df, errors, num_classes, class_names)
+    _check_split(df, errors)
+    if errors:
+        shown = errors[:_MAX_LISTED]
+        more = f"\n  ... and {len(errors) - _MAX_LISTED} more" if len(errors) > _MAX_LISTED else ""
+        raise ValueError(f"manifest {path} has {len(errors)} problem(s):\n  " + "\n  ".join(shown) + more)
+    if task == "survival":
+        df["time"] = df["time"].astype("float64")
+        df["event"] = df["event"].astype("int64")
+    else:
+        df["label"] = df["label"].astype("int64")
+    return df

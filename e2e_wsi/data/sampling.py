@@ -1,0 +1,118 @@
+"""Multi-scale random instance sampling (MRIS, paper eq. 2).
+
+For a bag with ``c_j`` patches at magnification j, a sample size s and ratios sigma_j (sum 1), MRIS draws
+``s_j = ceil(s * sigma_j)`` patches uniformly without replacement at magnification j.
+
+Rounding: the ceilings can add up to more than s (e.g. s=10, sigma=(0.25, 0.25, 0.5) gives 3+3+5).
+The surplus is taken back one patch at a time from the scales that were rounded up the most
+(largest ``ceil(x) - x``), ties going to the later scale, so the total is exactly s and the result is
+the largest-remainder apportionment of s. It is deterministic (no randomness in the counts).
+
+Small bags: when a scale has fewer than ``s_j`` patches, the shortfall is drawn (without replacement)
+from the patches not yet drawn at the other scales; only when the whole bag has fewer than s patches
+are entries repeated, and those repeats are marked ``valid = False`` so batching masks them.
+
+Seeding: :func:`sample_rng` builds a NumPy generator from ``SeedSequence([seed, epoch, rank, index])``,
+one per bag and epoch, so the draw does not depend on the number of DataLoader workers or on which
+worker gets the bag, differs across epochs and DDP ranks, and is reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def check_ratios(ratios: Sequence[float], num_scales: int) -> np.ndarray:
+    """Validate MRIS ratios: one per magnification, non-negative, summing to 1.
+
+    Raises:
+        ValueError: Saying what is wrong and what was given.
+    """
+    r = np.asarray(ratios, dtype=np.float64)
+    if r.ndim != 1 or len(r) != num_scales:
+        raise ValueError(f"mag_ratios {list(ratios)} must have one ratio per magnification ({num_scales})")
+    if (r < 0).any() or not np.isfinite(r).all() or not math.isclose(float(r.sum()), 1.0, abs_tol=1e-6):
+        raise ValueError(f"mag_ratios {list(ratios)} must be non-negative and sum to 1 (they sum to {r.sum():g})")
+    return r
+
+
+def allocate_counts(sample_size: int, ratios: Sequence[float]) -> np.ndarray:
+    """Per-scale sample sizes ``ceil(s * sigma_j)`` trimmed to total exactly ``s`` (see module doc).
+
+    Args:
+        sample_size: s >= 1.
+        ratios: sigma_j, validated with :func:`check_ratios`.
+
+    Returns:
+        int64 [t] counts summing to ``sample_size``.
+    """
+    if sample_size < 1:
+        raise ValueError(f"sample_size must be >= 1, got {sample_size}")
+    r = check_ratios(ratios, len(ratios))
+    exact = sample_size * r
+    # Rounding to 9 decimals first keeps e.g. 10 * 0.3 = 3.0000000000000004 from becoming 4.
+    counts = np.ceil(np.round(exact, 9)).astype(np.int64)
+    surplus = int(counts.sum()) - sample_size
+    if surplus > 0:
+        overshoot = counts - exact
+        # lexsort: primary key = overshoot (descending), then later scale first.
+        order = np.lexsort((-np.arange(len(r)), -np.round(overshoot, 9)))
+        take = [j for j in order if counts[j] > 0][:surplus]
+        counts[take] -= 1
+    assert counts.sum() == sample_size, (counts, sample_size)
+    return counts
+
+
+def sample_rng(seed: int, epoch: int, rank: int, index: int) -> np.random.Generator:
+    """The generator of one bag in one epoch on one rank (independent of DataLoader workers)."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch), int(rank), int(index)]))
+
+
+def mris_sample(
+    counts: Sequence[int], sample_size: int, ratios: Sequence[float], rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Draw one MRIS sample of a bag.
+
+    Args:
+        counts: Number of patches available at each magnification, [t].
+        sample_size: Total number of entries s.
+        ratios: sigma_j, one per magnification, summing to 1.
+        rng: From :func:`sample_rng`.
+
+    Returns:
+        ``(scale, index, valid)``, each of length s: ``scale`` int64 (position in ``counts``), ``index``
+        int64 (patch index at that scale), ``valid`` bool (False for repeated padding entries).
+        Entries are grouped by scale in order, padding last.
+
+    Raises:
+        ValueError: If the bag has no patch at all.
+    """
+    avail = np.asarray(counts, dtype=np.int64)
+    if len(avail) != len(ratios):
+        raise ValueError(f"{len(avail)} magnification counts but {len(ratios)} ratios")
+    if avail.sum() <= 0:
+        raise ValueError("cannot sample a bag with no patches at any magnification")
+    want = allocate_counts(sample_size, ratios)
+    taken = np.minimum(want, avail)
+    shortfall = int(sample_size - taken.sum())
+    if shortfall > 0:
+        # Fill from the undrawn patches of the other scales, uniformly over all of them.
+        spare = avail - taken
+        extra_draw = rng.choice(int(spare.sum()), size=min(shortfall, int(spare.sum())), replace=False)
+        taken = taken + np.bincount(np.searchsorted(np.cumsum(spare), extra_draw, side="right"), minlength=len(avail))
+    scales = [np.full(int(k), j, dtype=np.int64) for j, k in enumerate(taken)]
+    indices = [rng.choice(int(avail[j]), size=int(k), replace=False) for j, k in enumerate(taken)]
+    scale = np.concatenate(scales)
+    index = np.concatenate(indices).astype(np.int64)
+    valid = np.ones(len(scale), dtype=bool)
+    pad = sample_size - len(scale)
+    if pad > 0:
+        # The whole bag is smaller than s: repeat drawn entries and mark the repeats as padding.
+        reuse = rng.integers(0, len(scale), size=pad)
+        scale = np.concatenate([scale, scale[reuse]])
+        index = np.concatenate([index, index[reuse]])
+        valid = np.concatenate([valid, np.zeros(pad, dtype=bool)])
+    return scale, index, valid

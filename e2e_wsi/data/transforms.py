@@ -1,0 +1,134 @@
+"""Patch transforms on batched uint8 tensors [N, 3, H, W] (RGB).
+
+Geometry (crop, resize, flips) runs on uint8 in the DataLoader worker: it is cheaper than on float and
+keeps the tensors crossing process boundaries 4x smaller. Conversion to float and ImageNet
+normalisation happen afterwards with :func:`normalize_images`, normally on the device in
+:meth:`WSIDataModule.on_after_batch_transfer`.
+
+Per-patch randomness: every patch gets its own RandomResizedCrop box and flips. The random numbers come
+from a seed given by the caller (derived from (seed, epoch, rank, bag index)), so augmentation is
+reproducible and independent of the number of workers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchvision.transforms import RandomResizedCrop
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)  # RGB order
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+def normalize_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB in [0, 255] -> float32 normalised with ImageNet statistics (channel 0 = red).
+
+    Args:
+        images: uint8 [..., 3, H, W]; float input is assumed to be already normalised and returned as is.
+
+    Returns:
+        float32 [..., 3, H, W].
+    """
+    if images.dtype != torch.uint8:
+        return images
+    x = images.float().div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
+    return x.sub_(mean).div_(std)
+
+
+class TrainTransform:
+    """Random flips + RandomResizedCrop (+ optional ColorJitter), per patch, uint8 in and out.
+
+    Args:
+        size: Output side (the encoder's input size), e.g. 224.
+        scale: RandomResizedCrop area range relative to the patch.
+        ratio: RandomResizedCrop aspect-ratio range.
+        hflip: Probability of a horizontal flip per patch.
+        vflip: Probability of a vertical flip per patch.
+        color_jitter: Opt-in colour augmentation (off by default: the paper found it hurts on H&E).
+        jitter_strength: (brightness, contrast, saturation, hue) of the ColorJitter when enabled.
+        normalize: Return normalised float32 instead of uint8 (for use without the datamodule hook).
+    """
+
+    def __init__(
+        self,
+        size: int = 224,
+        scale: tuple[float, float] = (0.5, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip: float = 0.5,
+        vflip: float = 0.5,
+        color_jitter: bool = False,
+        jitter_strength: tuple[float, float, float, float] = (0.1, 0.1, 0.1, 0.02),
+        normalize: bool = False,
+    ) -> None:
+        if not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"crop scale {scale} must satisfy 0 < low <= high <= 1")
+        if not 0 < ratio[0] <= ratio[1]:
+            raise ValueError(f"crop ratio {ratio} must satisfy 0 < low <= high")
+        self.size = int(size)
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.ratio = (float(ratio[0]), float(ratio[1]))
+        self.hflip, self.vflip = float(hflip), float(vflip)
+        self.jitter = v2.ColorJitter(*jitter_strength) if color_jitter else None
+        self.normalize = normalize
+
+    def __call__(self, images: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+        """Augment a stack of patches.
+
+        Args:
+            images: uint8 [N, 3, H, W] RGB.
+            seed: Seed of this call's randomness; ``None`` uses torch's global generator as is.
+
+        Returns:
+            uint8 [N, 3, size, size] (float32 normalised if ``normalize``).
+        """
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected uint8 [N, 3, H, W] patches, got shape {tuple(images.shape)}")
+        # torchvision draws crop boxes from the global generator: fork it so a seeded call neither
+        # depends on nor disturbs the caller's random state.
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            out = torch.empty((images.shape[0], 3, self.size, self.size), dtype=images.dtype)
+            for i in range(images.shape[0]):
+                top, left, h, w = RandomResizedCrop.get_params(images[i], list(self.scale), list(self.ratio))
+                out[i] = F.resized_crop(images[i], top, left, h, w, [self.size, self.size], antialias=True)
+                if self.jitter is not None:
+                    out[i] = self.jitter(out[i])
+            flip_h = torch.rand(images.shape[0]) < self.hflip
+            flip_v = torch.rand(images.shape[0]) < self.vflip
+        out[flip_h] = out[flip_h].flip(-1)
+        out[flip_v] = out[flip_v].flip(-2)
+        return normalize_images(out) if self.normalize else out
+
+
+class EvalTransform:
+    """Resize (shorter side) then centre-crop to the model size, batched, uint8 in and out.
+
+    Args:
+        size: Output side, e.g. 224.
+        resize: Shorter side after resizing; ``None`` means ``size`` (the whole patch, no border lost).
+        normalize: Return normalised float32 instead of uint8.
+    """
+
+    def __init__(self, size: int = 224, resize: int | None = None, normalize: bool = False) -> None:
+        self.size = int(size)
+        self.resize = int(resize) if resize is not None else self.size
+        if self.resize < self.size:
+            raise ValueError(f"eval resize {self.resize} is smaller than the crop size {self.size}")
+        self.normalize = normalize
+
+    def __call__(self, images: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+        """Args: images uint8 [N, 3, H, W]; seed unused. Returns uint8 [N, 3, size, size]."""
+        del seed
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected uint8 [N, 3, H, W] patches, got shape {tuple(images.shape)}")
+        out = images
+        if min(images.shape[-2:]) != self.resize:
+            out = F.resize(out, [self.resize], antialias=True)
+        if tuple(out.shape[-2:]) != (self.size, self.size):
+            out = F.center_crop(out, [self.size, self.size])
+        out = out.contiguous()
+        return normalize_images(out) if self.normalize else out

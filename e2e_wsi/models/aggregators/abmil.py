@@ -1,0 +1,81 @@
+"""ABMIL (Ilse et al., 2018): attention-based deep MIL pooling, with the gated variant."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from e2e_wsi.models.aggregators._common import (
+    InputStem,
+    check_dropout,
+    check_positive,
+    init_weights,
+    masked_fill_padding,
+    masked_softmax,
+    validate_bag,
+)
+
+
+class ABMIL(nn.Module):
+    """Single-head attention pooling: a_i = softmax_i(w^T tanh(V h_i) [* sigmoid(U h_i)]).
+
+    Uses the same input stem as ABMILX (LayerNorm, bias-free Linear, GELU, dropout) so the baselines
+    differ only in how they pool.
+
+    Args:
+        in_dim: Instance feature width D.
+        inner_dim: Width after the input stem and of the slide feature (``out_dim``).
+        attn_dim: Hidden width of the attention network.
+        gated: Use the gated attention of Ilse et al. (tanh branch times sigmoid branch).
+        dropout: Dropout after the input stem.
+        attn_bias: Bias in the attention network layers.
+
+    Shapes:
+        forward(x [B, N, in_dim], mask [B, N] | None) -> (slide [B, inner_dim], attention [B, 1, N]).
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        inner_dim: int = 256,
+        attn_dim: int = 128,
+        gated: bool = False,
+        dropout: float = 0.25,
+        attn_bias: bool = False,
+    ) -> None:
+        super().__init__()
+        check_positive("in_dim", in_dim, "ABMIL")
+        check_positive("attn_dim", attn_dim, "ABMIL")
+        check_dropout(dropout, "ABMIL")
+        self.in_dim = in_dim
+        self.out_dim = inner_dim
+        self.gated = gated
+        self.stem = InputStem(in_dim, inner_dim, dropout=dropout)
+        self.attn_v = nn.Sequential(nn.Linear(inner_dim, attn_dim, bias=attn_bias), nn.Tanh())
+        self.attn_u = (
+            nn.Sequential(nn.Linear(inner_dim, attn_dim, bias=attn_bias), nn.Sigmoid()) if gated else None
+        )
+        self.attn_w = nn.Linear(attn_dim, 1, bias=attn_bias)
+        self.apply(init_weights)
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pool a bag.
+
+        Args:
+            x: Instance features [B, N, in_dim].
+            mask: [B, N] bool, True for real instances; None means all valid.
+
+        Returns:
+            slide [B, inner_dim] and attention [B, 1, N].
+        """
+        mask = validate_bag(x, mask)
+        h = masked_fill_padding(self.stem(x), mask)
+        gate = self.attn_v(h)
+        if self.attn_u is not None:
+            gate = gate * self.attn_u(h)
+        logits = self.attn_w(gate).squeeze(-1)  # [B, N]
+        attention = masked_softmax(logits, mask).unsqueeze(1)  # [B, 1, N]
+        slide = torch.bmm(attention, h).squeeze(1)
+        return slide, attention

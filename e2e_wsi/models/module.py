@@ -1,0 +1,235 @@
+"""SlideModule: encoder + aggregator + head trained jointly from slide labels (the E2E model)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import lightning as L
+import torch
+from jsonargparse import lazy_instance
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from e2e_wsi.models.aggregators import ABMILX
+from e2e_wsi.models.encoders import ResNetEncoder
+from e2e_wsi.models.optim import WarmupCosineLR, apply_lr_mult, encoder_param_groups
+from e2e_wsi.models.tasks import ClassificationTask, Task
+
+# ImageNet statistics for RGB input; images arrive as uint8 and are normalised on the device, which
+# keeps host->device copies 4x smaller than float and the data workers cheaper.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+AggregatorFactory = Callable[[int], nn.Module]
+SchedulerFactory = Callable[[Optimizer, int], LRScheduler]
+
+
+def _adamw(params) -> Optimizer:
+    return torch.optim.AdamW(params, lr=8e-5, weight_decay=0.0)
+
+
+class SlideModule(L.LightningModule):
+    """End-to-end slide model: patches -> encoder -> aggregator -> task head.
+
+    Args:
+        task: What to predict; builds the head, loss and metrics (e.g. ``ClassificationTask``).
+        encoder: Patch encoder mapping [N, 3, h, w] to [N, D], with an ``out_dim`` attribute.
+        aggregator: Factory called with the encoder's ``out_dim`` (YAML: ``class_path`` + ``init_args``
+            without ``in_dim``); returns a module ``(x [B, N, D], mask [B, N]) -> (slide, attention)``.
+        optimizer: Factory called with the parameter groups (encoder group scaled by
+            ``encoder_lr_mult``).
+        lr_scheduler: Factory called with ``(optimizer, total_steps)``; stepped every optimizer step.
+            ``None`` keeps the rate constant.
+        encoder_lr_mult: Learning-rate multiplier for the encoder relative to the MIL part.
+        ema_decay: If set, keep an exponential moving average of all weights and evaluate with it.
+        eval_chunk_size: Patches encoded at once during evaluation (bounds memory for 10k+ bags).
+    """
+
+    def __init__(
+        self,
+        task: Task = lazy_instance(ClassificationTask),
+        encoder: nn.Module = lazy_instance(ResNetEncoder),
+        aggregator: AggregatorFactory = ABMILX,
+        optimizer: OptimizerCallable = _adamw,
+        lr_scheduler: SchedulerFactory | None = WarmupCosineLR,
+        encoder_lr_mult: float = 1.0,
+        ema_decay: float | None = None,
+        eval_chunk_size: int = 256,
+    ) -> None:
+        super().__init__()
+        if not hasattr(encoder, "out_dim"):
+            raise ValueError(f"encoder {type(encoder).__name__} must expose `out_dim`")
+        if ema_decay is not None and not 0.0 < ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), got {ema_decay}")
+        if eval_chunk_size < 1:
+            raise ValueError(f"eval_chunk_size must be >= 1, got {eval_chunk_size}")
+        self.task = task
+        self.encoder = encoder
+        self.aggregator = aggregator(int(encoder.out_dim))
+        self.head = task.build_head(int(self.aggregator.out_dim))
+        self.loss_fn = task.build_loss()
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self.encoder_lr_mult = encoder_lr_mult
+        self.eval_chunk_size = eval_chunk_size
+        self.ema = (
+            AveragedModel(self._trainable(), multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+            if ema_decay is not None
+            else None
+        )
+        # One metric collection per stage; attribute names avoid clashing with nn.Module.train.
+        self.train_metrics = task.metrics().clone(prefix="train/")
+        self.val_metrics = task.metrics().clone(prefix="val/")
+        self.test_metrics = task.metrics().clone(prefix="test/")
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self._collected: list[dict[str, Tensor]] = []
+
+    # ----------------------------------------------------------------------------------------- model
+    def _trainable(self) -> nn.ModuleList:
+        return nn.ModuleList([self.encoder, self.aggregator, self.head])
+
+    def _parts(self) -> tuple[nn.Module, nn.Module, nn.Module]:
+        """The weights to run: the EMA copy outside training when EMA is on, else the live ones."""
+        if self.ema is not None and not self.training:
+            enc, agg, head = self.ema.module
+            return enc, agg, head
+        return self.encoder, self.aggregator, self.head
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """[n, 3, h, w] uint8 RGB (or float already in [0, 1]) -> ImageNet-normalised float."""
+        x = images.float()
+        if images.dtype == torch.uint8:
+            x = x / 255.0
+        return (x - self.mean) / self.std
+
+    def encode(self, images: Tensor, encoder: nn.Module | None = None) -> Tensor:
+        """Encode a flat patch batch.
+
+        In training the whole batch goes through at once (the encoder may checkpoint chunks);
+        otherwise patches are normalised and encoded ``eval_chunk_size`` at a time so a 10k-patch
+        slide never holds more than one chunk of float images.
+
+        Args:
+            images: [n, 3, h, w] uint8 or float.
+            encoder: Which encoder (live or EMA); defaults to the live one.
+
+        Returns:
+            [n, D] features.
+        """
+        encoder = encoder or self.encoder
+        if torch.is_grad_enabled() and self.training:
+            return encoder(self.normalize(images))
+        chunks = [encoder(self.normalize(c)) for c in images.split(self.eval_chunk_size)]
+        return torch.cat(chunks)
+
+    def forward(self, images: Tensor, mask: Tensor | None = None) -> dict[str, Tensor]:
+        """Run the whole model on bags.
+
+        Args:
+            images: [B, N, 3, h, w] patches (uint8 RGB or float in [0, 1]).
+            mask: [B, N] bool, False at padding; ``None`` when every patch is real.
+
+        Returns:
+            ``outputs`` [B, K] head outputs, ``slide`` [B, D'] slide vectors, ``attention`` [B, H, N].
+        """
+        encoder, aggregator, head = self._parts()
+        b, n = images.shape[:2]
+        feats = self.encode(images.flatten(0, 1), encoder).view(b, n, -1)
+        slide, attention = aggregator(feats, mask)
+        return {"outputs": head(slide), "slide": slide, "attention": attention}
+
+    # -------------------------------------------------------------------------------------- training
+    def step(self, batch: dict, stage: str) -> dict[str, Tensor]:
+        """The one step shared by train, val, test and predict: forward, loss, metrics, logging."""
+        out = self(batch["images"], batch.get("mask"))
+        bsz = batch["images"].shape[0]
+        if stage == "predict":
+            return out
+        loss = self.task.loss(self.loss_fn, out["outputs"], batch)
+        metrics = getattr(self, f"{stage}_metrics")
+        self.task.update_metrics(metrics, out["outputs"].detach(), batch)
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=bsz, sync_dist=not on_step)
+        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=bsz)
+        out["loss"] = loss
+        return out
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        return self.step(batch, "train")["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        out = self.step(batch, "test")
+        self._collect(batch, out)
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        out = self.step(batch, "predict")
+        return {"index": batch["index"], "preds": self.task.predict(out["outputs"]), "attention": out["attention"]}
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update_parameters(self._trainable())
+
+    # ------------------------------------------------------------------------------ test collection
+    def _collect(self, batch: dict, out: dict[str, Tensor]) -> None:
+        preds = self.task.predict(out["outputs"].detach())
+        self._collected.append({"index": batch["index"].detach(), **{k: v.detach() for k, v in preds.items()}})
+
+    def on_test_epoch_start(self) -> None:
+        self._collected = []
+
+    def collected_predictions(self) -> dict[str, Tensor]:
+        """Per-slide test predictions of this epoch, gathered from every rank, sorted by dataset index.
+
+        Returns:
+            ``index`` [M] and ``probs`` [M, K] or ``risk`` [M]; duplicates from padded samplers removed.
+        """
+        if not self._collected:
+            return {}
+        local = {k: torch.cat([c[k] for c in self._collected]) for k in self._collected[0]}
+        if self.trainer.world_size > 1:
+            local = {k: self._gather_rows(v) for k, v in local.items()}
+        order = torch.argsort(local["index"])
+        sorted_ = {k: v[order] for k, v in local.items()}
+        keep = torch.ones_like(sorted_["index"], dtype=torch.bool)
+        keep[1:] = sorted_["index"][1:] != sorted_["index"][:-1]
+        return {k: v[keep] for k, v in sorted_.items()}
+
+    def _gather_rows(self, value: Tensor) -> Tensor:
+        """all_gather rows of unequal count per rank by padding to the largest count."""
+        count = torch.tensor([value.shape[0]], device=self.device)
+        counts = self.all_gather(count).flatten()
+        width = int(counts.max())
+        padded = torch.zeros((width, *value.shape[1:]), dtype=value.dtype, device=self.device)
+        padded[: value.shape[0]] = value
+        gathered = self.all_gather(padded)
+        return torch.cat([gathered[r, : int(c)] for r, c in enumerate(counts)])
+
+    # ----------------------------------------------------------------------------------- optimizers
+    def configure_optimizers(self):
+        groups = encoder_param_groups(self.encoder, [self.aggregator, self.head], self.encoder_lr_mult)
+        optimizer = self.optimizer_factory(groups)
+        apply_lr_mult(optimizer)
+        if self.scheduler_factory is None:
+            return optimizer
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = self.scheduler_factory(optimizer, total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    @contextmanager
+    def evaluating(self) -> Iterator[SlideModule]:
+        """Context for inference outside a Trainer: eval mode and no gradients, restored afterwards."""
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                yield self
+        finally:
+            self.train(was_training)

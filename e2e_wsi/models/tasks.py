@@ -1,0 +1,235 @@
+"""Tasks: what a slide vector is trained to predict.
+
+A task bundles the head it needs, its loss, its torchmetrics, what it reports per slide, and which
+validation metric selects checkpoints. :class:`~e2e_wsi.models.module.SlideModule` holds one task,
+chosen in YAML with ``class_path`` (no string switches), and never branches on the task type.
+
+Batches carry ``target`` [B] (long): the class index for classification and grading, the discrete-time
+bin of ``time`` for survival, which also carries ``time`` [B] (float) and ``event`` [B] (float, 1 = observed).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassAUROC,
+    MulticlassCohenKappa,
+    MulticlassF1Score,
+)
+
+from e2e_wsi.evaluation.torch_metrics import ConcordanceIndex
+from e2e_wsi.models.heads import ClassificationHead, SurvivalHead
+from e2e_wsi.models.losses import ClassificationLoss, CoxLoss, DiscreteTimeSurvivalLoss, hazards_to_risk
+
+
+class Task(ABC):
+    """Base class of the prediction tasks.
+
+    Attributes:
+        kind: ``classification``, ``grading`` or ``survival`` (the bootstrap report's task name).
+        monitor: Validation metric key that selects checkpoints, e.g. ``val/auroc``.
+        monitor_mode: ``max`` or ``min``.
+    """
+
+    kind: str
+    monitor: str
+    monitor_mode: str = "max"
+
+    @abstractmethod
+    def build_head(self, in_dim: int) -> nn.Module:
+        """Return the head mapping slide vectors [B, in_dim] to raw outputs [B, K]."""
+
+    @abstractmethod
+    def build_loss(self) -> nn.Module:
+        """Return the loss module used by :meth:`loss`."""
+
+    @abstractmethod
+    def loss(self, loss_fn: nn.Module, outputs: Tensor, batch: dict) -> Tensor:
+        """Scalar training loss from head outputs [B, K] and the batch targets."""
+
+    @abstractmethod
+    def metrics(self) -> MetricCollection:
+        """A fresh metric collection (one per stage)."""
+
+    @abstractmethod
+    def update_metrics(self, metrics: MetricCollection, outputs: Tensor, batch: dict) -> None:
+        """Feed one batch of head outputs [B, K] to the stage's metrics."""
+
+    @abstractmethod
+    def predict(self, outputs: Tensor) -> dict[str, Tensor]:
+        """Per-slide predictions from head outputs [B, K]: ``probs`` [B, K] or ``risk`` [B]."""
+
+
+class ClassificationTask(Task):
+    """Subtyping or diagnosis: K classes, softmax cross-entropy.
+
+    Args:
+        num_classes: Number of classes K (labels 0..K-1).
+        class_weights: Optional per-class loss weights, length K.
+        label_smoothing: Cross-entropy label smoothing.
+        dropout: Dropout before the head's linear layer.
+    """
+
+    kind = "classification"
+    monitor = "val/auroc"
+
+    def __init__(
+        self,
+        num_classes: int = 2,
+        class_weights: list[float] | None = None,
+        label_smoothing: float = 0.0,
+        dropout: float = 0.0,
+    ) -> None:
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if class_weights is not None and len(class_weights) != num_classes:
+            raise ValueError(f"class_weights has {len(class_weights)} entries for {num_classes} classes")
+        self.num_classes = num_classes
+        self.class_weights = class_weights
+        self.label_smoothing = label_smoothing
+        self.dropout = dropout
+
+    def build_head(self, in_dim: int) -> nn.Module:
+        return ClassificationHead(in_dim=in_dim, num_classes=self.num_classes, dropout=self.dropout)
+
+    def build_loss(self) -> nn.Module:
+        return ClassificationLoss(class_weights=self.class_weights, label_smoothing=self.label_smoothing)
+
+    def loss(self, loss_fn: nn.Module, outputs: Tensor, batch: dict) -> Tensor:
+        return loss_fn(outputs, batch["target"])
+
+    def metrics(self) -> MetricCollection:
+        k = self.num_classes
+        return MetricCollection(
+            {
+                "auroc": MulticlassAUROC(num_classes=k, average="macro"),
+                "accuracy": MulticlassAccuracy(num_classes=k, average="micro"),
+                "balanced_accuracy": MulticlassAccuracy(num_classes=k, average="macro"),
+                "f1_macro": MulticlassF1Score(num_classes=k, average="macro"),
+            }
+        )
+
+    def update_metrics(self, metrics: MetricCollection, outputs: Tensor, batch: dict) -> None:
+        metrics.update(outputs.float().softmax(-1), batch["target"])
+
+    def predict(self, outputs: Tensor) -> dict[str, Tensor]:
+        return {"probs": outputs.float().softmax(-1)}
+
+
+class GradingTask(ClassificationTask):
+    """Ordinal grading (e.g. ISUP 0-5): cross-entropy; accuracy and quadratic weighted kappa."""
+
+    kind = "grading"
+    monitor = "val/qwk"
+
+    def __init__(
+        self,
+        num_classes: int = 6,
+        class_weights: list[float] | None = None,
+        label_smoothing: float = 0.0,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__(num_classes, class_weights, label_smoothing, dropout)
+
+    def metrics(self) -> MetricCollection:
+        k = self.num_classes
+        return MetricCollection(
+            {
+                "accuracy": MulticlassAccuracy(num_classes=k, average="micro"),
+                "balanced_accuracy": MulticlassAccuracy(num_classes=k, average="macro"),
+                "qwk": MulticlassCohenKappa(num_classes=k, weights="quadratic"),
+            }
+        )
+
+
+class _SurvivalTask(Task):
+    kind = "survival"
+    monitor = "val/c_index"
+
+    def metrics(self) -> MetricCollection:
+        return MetricCollection({"c_index": ConcordanceIndex()})
+
+    def update_metrics(self, metrics: MetricCollection, outputs: Tensor, batch: dict) -> None:
+        metrics.update(self.predict(outputs)["risk"], batch["time"], batch["event"])
+
+
+class DiscreteSurvivalTask(_SurvivalTask):
+    """Survival with a discrete-time hazard head (NLL over time bins).
+
+    Bins come from quantiles of the uncensored training times (computed by the datamodule, which
+    puts each case's bin index in the batch). Risk is minus the sum of the survival curve.
+
+    Args:
+        num_bins: Number of time bins K (must match the datamodule's ``survival_bins``).
+        alpha: Extra weight on the uncensored term of the NLL.
+        dropout: Dropout before the head's linear layer.
+    """
+
+    def __init__(self, num_bins: int = 4, alpha: float = 0.0, dropout: float = 0.0) -> None:
+        if num_bins < 1:
+            raise ValueError(f"num_bins must be >= 1, got {num_bins}")
+        self.num_bins = num_bins
+        self.alpha = alpha
+        self.dropout = dropout
+
+    def build_head(self, in_dim: int) -> nn.Module:
+        return SurvivalHead(in_dim=in_dim, num_bins=self.num_bins, dropout=self.dropout)
+
+    def build_loss(self) -> nn.Module:
+        return DiscreteTimeSurvivalLoss(alpha=self.alpha)
+
+    def loss(self, loss_fn: nn.Module, outputs: Tensor, batch: dict) -> Tensor:
+        return loss_fn(outputs, batch["target"], batch["event"])
+
+    def predict(self, outputs: Tensor) -> dict[str, Tensor]:
+        return {"risk": hazards_to_risk(outputs.float())}
+
+
+class CoxSurvivalTask(_SurvivalTask):
+    """Survival with a single risk output and the Cox partial-likelihood loss over the batch.
+
+    The Cox loss needs several cases per batch with at least one event; use ``batch_size`` > 1.
+
+    Args:
+        dropout: Dropout before the head's linear layer.
+    """
+
+    def __init__(self, dropout: float = 0.0) -> None:
+        self.dropout = dropout
+
+    def build_head(self, in_dim: int) -> nn.Module:
+        return SurvivalHead(in_dim=in_dim, num_bins=1, dropout=self.dropout)
+
+    def build_loss(self) -> nn.Module:
+        return CoxLoss()
+
+    def loss(self, loss_fn: nn.Module, outputs: Tensor, batch: dict) -> Tensor:
+        return loss_fn(outputs[:, 0], batch["time"], batch["event"])
+
+    def predict(self, outputs: Tensor) -> dict[str, Tensor]:
+        return {"risk": outputs[:, 0].float()}
+
+
+def prediction_columns(task: Task, preds: dict[str, Tensor]) -> dict[str, list]:
+    """Flatten per-slide predictions into ``predictions.csv`` columns (``prob_k`` or ``risk``)."""
+    if "probs" in preds:
+        probs = preds["probs"].detach().cpu().double()
+        cols: dict[str, list] = {"pred": probs.argmax(-1).tolist()}
+        for k in range(probs.shape[-1]):
+            cols[f"prob_{k}"] = probs[:, k].tolist()
+        return cols
+    return {"risk": preds["risk"].detach().cpu().double().tolist()}
+
+
+__all__ = [
+    "Task",
+    "ClassificationTask",
+    "GradingTask",
+    "DiscreteSurvivalTask",
+    "CoxSurvivalTask",
+    "prediction_columns",
+]

@@ -1,0 +1,217 @@
+"""OpenSlide wrapper: open a slide, resolve its resolution, read RGB regions.
+
+A slide's *native magnification* is what the scanner's objective gave (``openslide.objective-power``);
+its *MPP* is the size of a level-0 pixel in micrometres (``openslide.mpp-x``). They are linked by the
+usual convention ``magnification = 10 / mpp`` (0.25 um/px ~ 40x, 0.5 um/px ~ 20x). Either may be
+overridden per slide (a manifest ``mpp`` column) or for the whole run (``--mpp``); an MPP override wins
+over the file's metadata. A slide with neither and no override cannot be tiled at a magnification and
+fails with a :class:`SlideError` saying which override to give.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import openslide
+from PIL import Image
+
+# Relative slack when matching a pyramid level to a requested downsample: level sizes are rounded, so a
+# "4x" level is often 3.998x or 4.002x, and we want it picked for a 4x request.
+_LEVEL_SLACK = 0.01
+
+
+class SlideError(Exception):
+    """A slide that cannot be used, with a one-line reason.
+
+    Attributes:
+        path: The slide's file path (as given).
+        reason: One line saying what is wrong and, where possible, what to do.
+    """
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = str(path)
+        self.reason = " ".join(str(reason).split())  # always one line, whatever the library said
+        super().__init__(f"{self.path}: {self.reason}")
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """Resolution of a slide's level 0.
+
+    Attributes:
+        mpp: Micrometres per level-0 pixel.
+        objective_power: Native magnification of level 0 (e.g. 40.0).
+        source: Where the values came from: ``"metadata"``, ``"slide override"`` or ``"global override"``.
+    """
+
+    mpp: float
+    objective_power: float
+    source: str
+
+
+def _positive_float(value: object) -> float | None:
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) and number > 0 else None
+
+
+def resolve_resolution(
+    properties: dict[str, str] | object,
+    path: str | Path,
+    *,
+    slide_mpp: float | None = None,
+    global_mpp: float | None = None,
+) -> Resolution:
+    """Decide a slide's MPP and native magnification.
+
+    Priority: per-slide MPP override, then the global ``--mpp``, then the file's ``openslide.mpp-x`` and
+    ``openslide.objective-power`` (one is derived from the other when only one is present).
+
+    Args:
+        properties: The slide's OpenSlide properties mapping.
+        path: The slide path, for the error message.
+        slide_mpp: Per-slide override (manifest ``mpp`` column), or ``None``.
+        global_mpp: Run-wide override (``--mpp``), or ``None``.
+
+    Returns:
+        The resolved :class:`Resolution`.
+
+    Raises:
+        SlideError: If an override is not a positive number, or nothing gives the magnification.
+    """
+    for name, value in (("per-slide mpp", slide_mpp), ("--mpp", global_mpp)):
+        if value is not None and _positive_float(value) is None:
+            raise SlideError(path, f"{name} override {value!r} is not a positive number of micrometres per pixel")
+    if slide_mpp is not None:
+        mpp = float(slide_mpp)
+        return Resolution(mpp, 10.0 / mpp, "slide override")
+    if global_mpp is not None:
+        mpp = float(global_mpp)
+        return Resolution(mpp, 10.0 / mpp, "global override")
+    get = properties.get  # type: ignore[attr-defined]
+    mpp_meta = _positive_float(get(openslide.PROPERTY_NAME_MPP_X))
+    power = _positive_float(get(openslide.PROPERTY_NAME_OBJECTIVE_POWER))
+    if mpp_meta is None and power is None:
+        raise SlideError(
+            path,
+            "no magnification metadata (openslide.objective-power and openslide.mpp-x are missing); "
+            "give the microns per pixel with an 'mpp' column in the manifest or --mpp",
+        )
+    if mpp_meta is None:
+        mpp_meta = 10.0 / power  # type: ignore[operator]
+    if power is None:
+        power = 10.0 / mpp_meta
+    return Resolution(mpp_meta, power, "metadata")
+
+
+class Slide:
+    """An open whole-slide image with its resolved resolution.
+
+    Args:
+        path: Slide file (any format OpenSlide reads).
+        slide_mpp: Per-slide MPP override, or ``None``.
+        global_mpp: Run-wide MPP override, or ``None``.
+
+    Raises:
+        SlideError: If the file is missing, unreadable, unsupported, or has no usable magnification.
+    """
+
+    def __init__(self, path: str | Path, *, slide_mpp: float | None = None, global_mpp: float | None = None) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise SlideError(path, "file not found (check the path column / slides folder)")
+        try:
+            self._osr = openslide.OpenSlide(str(self.path))
+        except openslide.OpenSlideUnsupportedFormatError:
+            raise SlideError(path, "not a slide format OpenSlide can read (unsupported or not an image)") from None
+        except (openslide.OpenSlideError, OSError) as err:
+            raise SlideError(path, f"corrupt or unreadable slide: {err}") from None
+        self.resolution = resolve_resolution(self._osr.properties, path, slide_mpp=slide_mpp, global_mpp=global_mpp)
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """Level-0 (width, height) in pixels."""
+        return self._osr.dimensions
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        """Downsample factor of each pyramid level."""
+        return self._osr.level_downsamples
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        """(width, height) of each pyramid level."""
+        return self._osr.level_dimensions
+
+    def best_level(self, downsample: float) -> int:
+        """The coarsest level that is at least as fine as ``downsample`` (with rounding slack)."""
+        best = 0
+        for level, level_ds in enumerate(self._osr.level_downsamples):
+            if level_ds <= downsample * (1.0 + _LEVEL_SLACK):
+                best = level
+        return best
+
+    def read_rgb(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
+        """Read a region as an RGB image, transparent pixels composited on white.
+
+        Args:
+            location: Level-0 (x, y) of the top-left corner.
+            level: Pyramid level to read from.
+            size: (width, height) in pixels of that level.
+
+        Returns:
+            PIL RGB image of ``size``.
+
+        Raises:
+            SlideError: If OpenSlide fails (e.g. a truncated file whose tiles cannot be decoded).
+        """
+        try:
+            rgba = self._osr.read_region(location, level, size)
+        except openslide.OpenSlideError as err:
+            raise SlideError(self.path, f"corrupt or truncated slide data: {err}") from None
+        if rgba.getextrema()[3][0] < 255:  # some pixels transparent (outside scanned area)
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            rgba = Image.alpha_composite(white, rgba)
+        return rgba.convert("RGB")
+
+    def read_downsampled(self, downsample: float, chunk: int = 4096) -> np.ndarray:
+        """The whole slide at a given downsample, read chunk by chunk from the best level.
+
+        Args:
+            downsample: Level-0 pixels per output pixel (e.g. 16).
+            chunk: Side in pixels of the pieces read from the chosen level, bounding memory.
+
+        Returns:
+            uint8 RGB array [ceil(h / downsample), ceil(w / downsample), 3].
+        """
+        width, height = self.dimensions
+        out_w, out_h = max(1, math.ceil(width / downsample)), max(1, math.ceil(height / downsample))
+        level = self.best_level(downsample)
+        level_ds = self.level_downsamples[level]
+        level_w, level_h = self.level_dimensions[level]
+        scale = level_ds / downsample  # output pixels per level pixel
+        canvas = Image.new("RGB", (out_w, out_h), (255, 255, 255))
+        for ly in range(0, level_h, chunk):
+            for lx in range(0, level_w, chunk):
+                cw, ch = min(chunk, level_w - lx), min(chunk, level_h - ly)
+                piece = self.read_rgb((round(lx * level_ds), round(ly * level_ds)), level, (cw, ch))
+                ox, oy = round(lx * scale), round(ly * scale)
+                ow = max(1, min(out_w - ox, round((lx + cw) * scale) - ox))
+                oh = max(1, min(out_h - oy, round((ly + ch) * scale) - oy))
+                canvas.paste(piece.resize((ow, oh), Image.Resampling.BOX), (ox, oy))
+        return np.asarray(canvas)
+
+    def close(self) -> None:
+        """Release the OpenSlide handle."""
+        self._osr.close()
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,29 @@
+"""Small helpers shared by several packages."""
+
+from __future__ import annotations
+
+import re
+
+_SLIDE_ID = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9._\-]{0,127}")
+
+
+def validate_slide_id(slide_id: object) -> str:
+    """Check that a slide id is a safe key (never used as a path).
+
+    Args:
+        slide_id: The id from a manifest, a file name or a CLI argument.
+
+    Returns:
+        The id, unchanged.
+
+    Raises:
+        ValueError: If the id is empty, too long, or holds anything but letters, digits, ``.``, ``_``
+            and ``-`` (so no path separators, no ``..``, no leading dot).
+    """
+    text = str(slide_id)
+    if not _SLIDE_ID.fullmatch(text) or ".." in text:
+        raise ValueError(
+            f"invalid slide id {text!r}: use 1-128 characters from [A-Za-z0-9._-], not starting with '.' "
+            "and without '..' (ids are cache keys, never file paths)"
+        )
+    return text
