@@ -26,6 +26,7 @@ class RunConfigSaver(SaveConfigCallback):
     """Writes ``config.yaml`` for ``fit`` and ``config.<stage>.yaml`` for the other verbs."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        stage = str(getattr(stage, "value", stage))
         if stage != "fit":
             self.config_filename = f"config.{stage}.yaml"
         self.overwrite = True
@@ -57,6 +58,7 @@ class E2ECLI(LightningCLI):
                 init_args=Namespace(save_dir=str(run_dir), name="", version=""),
             )
         _cpu_safe_precision(cfg.trainer)
+        _reuse_split(cfg, run_dir, self.subcommand)
         if self.subcommand == "fit":
             _refuse_clobbering(run_dir, cfg.get("ckpt_path"))
 
@@ -67,8 +69,9 @@ class E2ECLI(LightningCLI):
             extra.append(TestReportWriter(n_resamples=cfg.bootstrap, seed=cfg.bootstrap_seed))
         if self.subcommand == "predict":
             extra.append(PredictionWriter())
-        kwargs.setdefault("callbacks", [])
-        kwargs["callbacks"] = list(kwargs["callbacks"]) + extra
+        configured = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
+        configured = configured if isinstance(configured, list) else [configured]
+        kwargs["callbacks"] = [*configured, *kwargs.get("callbacks", []), *extra]
         return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
@@ -105,6 +108,14 @@ def _cpu_safe_precision(trainer_cfg: Namespace) -> None:
             stacklevel=2,
         )
         trainer_cfg.precision = "32-true"
+
+
+def _reuse_split(cfg: Namespace, run_dir: Path, subcommand: str | None) -> None:
+    """Evaluating or resuming a run uses the split that run wrote, never a recomputed one."""
+    split_file = run_dir / "splits.csv"
+    resuming = subcommand == "fit" and cfg.get("ckpt_path")
+    if (subcommand != "fit" or resuming) and not cfg.data.get("split_file") and split_file.is_file():
+        cfg.data.split_file = str(split_file)
 
 
 def _refuse_clobbering(run_dir: Path, ckpt_path: str | None) -> None:

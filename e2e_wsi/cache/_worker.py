@@ -96,7 +96,11 @@ class SlideJob:
 
 
 def process_slide(
-    job: SlideJob, config: PreprocessConfig, staging_dir: Path, qc_dir: Path | None, progress: ProgressSink | None
+    job: SlideJob,
+    config: PreprocessConfig,
+    staging_dir: Path,
+    qc_dir: Path | None,
+    progress: ProgressSink | None,
 ) -> dict[str, Any]:
     """Preprocess one slide into a staging file; never raises for a bad slide.
 
@@ -123,7 +127,9 @@ def process_slide(
     except ValueError as err:  # invalid slide id
         record.update(status="failed", reason=" ".join(str(err).split()))
     except Exception as err:  # noqa: BLE001 - one bad slide must never stop the batch
-        record.update(status="failed", reason=f"unexpected {type(err).__name__}: {' '.join(str(err).split())}")
+        record.update(
+            status="failed", reason=f"unexpected {type(err).__name__}: {' '.join(str(err).split())}"
+        )
     record["seconds"] = round(time.perf_counter() - start, 3)
     return record
 
@@ -159,7 +165,9 @@ def _tile_slide(
     with open(staging, "wb") as handle:
         for spec, (coords, _) in zip(specs, grids, strict=True):
             for xy in coords:
-                append_staged(handle, encode_jpeg(read_patch(slide, spec, xy, config.patch_size), config.jpeg_quality))
+                append_staged(
+                    handle, encode_jpeg(read_patch(slide, spec, xy, config.patch_size), config.jpeg_quality)
+                )
                 pending += 1
                 if progress is not None and pending == _PROGRESS_EVERY:
                     progress.put(pending)
@@ -167,7 +175,14 @@ def _tile_slide(
     if progress is not None and pending:
         progress.put(pending)
     if qc_dir is not None:
-        _write_qc(qc_dir / f"{slide_id}.png", tissue.thumbnail, tissue.mask, tissue.downsample, grids[0][0], specs[0].size_level0)
+        _write_qc(
+            qc_dir / f"{slide_id}.png",
+            tissue.thumbnail,
+            tissue.mask,
+            tissue.downsample,
+            grids[0][0],
+            specs[0].size_level0,
+        )
     meta = {
         "format_version": FORMAT_VERSION,
         "slide_id": slide_id,
@@ -195,11 +210,18 @@ def _tile_slide(
 
 
 def _write_qc(
-    path: Path, thumbnail: np.ndarray, mask: np.ndarray, downsample: float, coords: np.ndarray, size_level0: int
+    path: Path,
+    thumbnail: np.ndarray,
+    mask: np.ndarray,
+    downsample: float,
+    coords: np.ndarray,
+    size_level0: int,
 ) -> None:
     """Thumbnail with tissue outlines (green) and the first magnification's kept patches (blue)."""
     scale = max(1, math.ceil(_QC_MIN_SIDE / max(thumbnail.shape[:2])))
-    image = Image.fromarray(thumbnail).resize((thumbnail.shape[1] * scale, thumbnail.shape[0] * scale), Image.Resampling.NEAREST)
+    image = Image.fromarray(thumbnail).resize(
+        (thumbnail.shape[1] * scale, thumbnail.shape[0] * scale), Image.Resampling.NEAREST
+    )
     outline = np.asarray(Image.fromarray(contour_overlay(mask)).resize(image.size, Image.Resampling.NEAREST))
     pixels = np.array(image)
     pixels[outline] = (0, 200, 0)

@@ -74,10 +74,14 @@ def find_lmdbs(paths: str | Path | Sequence[str | Path]) -> list[Path]:
             found.append(path)
             continue
         if not path.is_dir():
-            raise FileNotFoundError(f"patch cache {path} does not exist; run `e2e-wsi preprocess --out {path}` first")
+            raise FileNotFoundError(
+                f"patch cache {path} does not exist; run `e2e-wsi preprocess --out {path}` first"
+            )
         shards = sorted(p for p in path.glob(f"*{LMDB_SUFFIX}") if (p / "data.mdb").is_file())
         if not shards:
-            raise FileNotFoundError(f"no LMDB (*{LMDB_SUFFIX}) in {path}; is it a cache written by `e2e-wsi preprocess`?")
+            raise FileNotFoundError(
+                f"no LMDB (*{LMDB_SUFFIX}) in {path}; is it a cache written by `e2e-wsi preprocess`?"
+            )
         found.extend(shards)
     return found
 
@@ -91,6 +95,40 @@ def iter_meta(txn: lmdb.Transaction) -> Iterator[tuple[str, dict]]:
         if not bytes(key).startswith(b"M/"):
             break
         yield bytes(key)[2:].decode(), json.loads(bytes(value))
+
+
+# One read-only handle per LMDB per process: py-lmdb refuses to open the same files twice in a process,
+# and several PatchCache objects (train/val datasets) often share a cache. Handles inherited through
+# fork must be closed in the child (closing there does not affect the parent) and opened afresh.
+_SHARED: dict[Path, lmdb.Environment] = {}
+_SHARED_PID = os.getpid()
+
+
+def open_readonly(path: Path) -> lmdb.Environment:
+    """This process's shared read-only handle of an LMDB (opened lazily, re-opened after fork).
+
+    Opened with ``readonly=True, lock=False, readahead=False``: no lock file (readers never block the
+    OS page cache with read-ahead of random patches) and safe for many DataLoader workers.
+    """
+    global _SHARED_PID
+    if _SHARED_PID != os.getpid():
+        for env in _SHARED.values():
+            env.close()  # the parent's handle; only this process's copy is released
+        _SHARED.clear()
+        _SHARED_PID = os.getpid()
+    key = Path(path).resolve()
+    env = _SHARED.get(key)
+    if env is None:
+        env = lmdb.open(str(key), readonly=True, lock=False, readahead=False, max_readers=2048, subdir=True)
+        _SHARED[key] = env
+    return env
+
+
+def release(path: Path) -> None:
+    """Close this process's shared read handle of an LMDB (before writing to it); readers re-open lazily."""
+    env = _SHARED.pop(Path(path).resolve(), None)
+    if env is not None:
+        env.close()
 
 
 class PatchCache:
@@ -110,7 +148,6 @@ class PatchCache:
     def __init__(self, paths: str | Path | Sequence[str | Path]) -> None:
         self.paths = find_lmdbs(paths)
         self._pid: int | None = None
-        self._envs: list[lmdb.Environment] = []
         self._where: dict[str, int] = {}
         self._meta: dict[str, dict] = {}
         self._coords: dict[tuple[str, str], np.ndarray] = {}
@@ -124,18 +161,13 @@ class PatchCache:
     def _open(self) -> None:
         if self._pid == os.getpid():
             return
-        # A fresh process (or first use): LMDB handles must not cross fork, so open our own.
-        self._envs = [
-            lmdb.open(str(p), readonly=True, lock=False, readahead=False, max_readers=2048, subdir=True)
-            for p in self.paths
-        ]
         self._pid = os.getpid()
         if not self._where:
             self._index()
 
     def _index(self) -> None:
-        for i, env in enumerate(self._envs):
-            with env.begin() as txn:
+        for i, path in enumerate(self.paths):
+            with open_readonly(path).begin() as txn:
                 for slide_id, meta in iter_meta(txn):
                     if slide_id in self._where:
                         other = self.paths[self._where[slide_id]]
@@ -149,9 +181,11 @@ class PatchCache:
     def _env(self, slide_id: str) -> lmdb.Environment:
         self._open()
         try:
-            return self._envs[self._where[slide_id]]
+            return open_readonly(self.paths[self._where[slide_id]])
         except KeyError:
-            raise KeyError(f"slide {slide_id!r} is not in the patch cache {[str(p) for p in self.paths]}") from None
+            raise KeyError(
+                f"slide {slide_id!r} is not in the patch cache {[str(p) for p in self.paths]}"
+            ) from None
 
     def slide_ids(self) -> list[str]:
         """Sorted ids of all slides in the cache."""
@@ -196,7 +230,9 @@ class PatchCache:
     def _check_index(self, slide_id: str, magnification: float, index: int) -> bytes:
         n = self.count(slide_id, magnification)
         if not 0 <= int(index) < n:
-            raise IndexError(f"patch index {index} out of range for slide {slide_id!r} at {mag_key(magnification)}x (n={n})")
+            raise IndexError(
+                f"patch index {index} out of range for slide {slide_id!r} at {mag_key(magnification)}x (n={n})"
+            )
         return patch_key(slide_id, magnification, index)
 
     def get_bytes(self, slide_id: str, magnification: float, index: int) -> bytes:
@@ -212,7 +248,9 @@ class PatchCache:
         """One patch decoded, uint8 RGB [H, W, 3]."""
         return decode_jpeg(self.get_bytes(slide_id, magnification, index))
 
-    def get_many(self, slide_id: str, magnification: float, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+    def get_many(
+        self, slide_id: str, magnification: float, indices: Sequence[int] | np.ndarray
+    ) -> np.ndarray:
         """Several patches decoded in one read transaction, uint8 [k, H, W, 3]."""
         keys = [self._check_index(slide_id, magnification, int(i)) for i in indices]
         if not keys:
@@ -258,6 +296,7 @@ class CacheWriter:
 
     def __init__(self, path: Path, map_size: int = 1 << 30) -> None:
         self.path = Path(path)
+        release(self.path)  # a reader handle in this process would block opening it for writing
         self.env = lmdb.open(str(self.path), map_size=map_size, subdir=True, readahead=False, meminit=False)
         with self.env.begin(write=True) as txn:
             raw = txn.get(_FORMAT_KEY)

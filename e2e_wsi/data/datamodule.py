@@ -26,13 +26,14 @@ import lightning.pytorch as pl
 import numpy as np
 import pandas as pd
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, DistributedSampler
 
-from e2e_wsi.data.datasets import Bag, EvalBagDataset, TrainBagDataset, collate_bags
+from e2e_wsi.data.datasets import Bag, EvalBagDataset, TrainBagDataset, collate_bags, open_cache, worker_init
 from e2e_wsi.data.manifest import Task, load_manifest
 from e2e_wsi.data.sampling import check_ratios
 from e2e_wsi.data.splits import apply_splits, load_splits, make_splits, save_splits
-from e2e_wsi.data.transforms import EvalTransform, TrainTransform, normalize_images
+from e2e_wsi.data.transforms import EvalTransform, TrainTransform
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,12 @@ log = logging.getLogger(__name__)
 class EpochSampler(DistributedSampler):
     """Shuffling, rank-sharding sampler whose ``set_epoch`` also advances the dataset's MRIS epoch."""
 
-    def __init__(self, dataset: TrainBagDataset, num_replicas: int, rank: int, seed: int, shuffle: bool = True) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+    def __init__(
+        self, dataset: TrainBagDataset, num_replicas: int, rank: int, seed: int, shuffle: bool = True
+    ) -> None:
+        super().__init__(
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False
+        )
         self.bag_dataset = dataset
 
     def set_epoch(self, epoch: int) -> None:
@@ -161,31 +166,35 @@ class WSIDataModule(pl.LightningDataModule):
         self._train_dataset: TrainBagDataset | None = None
 
     # ------------------------------------------------------------------ setup
-    def _open_cache(self) -> Any:
-        from e2e_wsi.cache.store import PatchCache
-
-        return PatchCache(self.cache_dir)
-
     def setup(self, stage: str | None = None) -> None:
         """Read + validate the manifest against the cache, split, write ``splits.csv`` (idempotent)."""
         if self.table is not None:
             return
         hp = self.hparams
-        self.cache = self._open_cache()
-        df = load_manifest(self.manifest_path, self.task, None if self.task == "survival" else self.num_classes,
-                           cache=self.cache, class_names=hp.class_names)
+        self.cache = open_cache(self.cache_dir)
+        df = load_manifest(
+            self.manifest_path,
+            self.task,
+            None if self.task == "survival" else self.num_classes,
+            cache=self.cache,
+            class_names=hp.class_names,
+        )
         self._check_magnifications(df)
         if hp.split_file:
             df["split"] = apply_splits(df, load_splits(hp.split_file), source=f"split file {hp.split_file}")
         else:
-            df["split"] = make_splits(df, hp.split_ratios, hp.split_seed, fold=hp.fold, num_folds=hp.num_folds)
+            df["split"] = make_splits(
+                df, hp.split_ratios, hp.split_seed, fold=hp.fold, num_folds=hp.num_folds
+            )
         if self.task != "survival" and self.num_classes is None:
             self.num_classes = int(df["label"].max()) + 1
         self.table = df
         self.bags = {name: self._bags(df[df["split"] == name]) for name in ("train", "val", "test")}
         self.has_val = len(self.bags["val"]) > 0
         if not self.has_val:
-            log.warning("the validation split is empty: select checkpoints on the training loss or the last epoch")
+            log.warning(
+                "the validation split is empty: select checkpoints on the training loss or the last epoch"
+            )
         self._write_splits(df)
 
     def _check_magnifications(self, df: pd.DataFrame) -> None:
@@ -203,14 +212,18 @@ class WSIDataModule(pl.LightningDataModule):
 
     def _bags(self, df: pd.DataFrame) -> list[Bag]:
         if self.task != "survival":
-            return [Bag(s, (s,), {"target": int(y)}) for s, y in zip(df["slide_id"], df["label"], strict=True)]
+            return [
+                Bag(s, (s,), {"target": int(y)}) for s, y in zip(df["slide_id"], df["label"], strict=True)
+            ]
         bags = []
         for case_id, g in df.groupby("case_id", sort=False):
             time, event = float(g["time"].iloc[0]), int(g["event"].iloc[0])
             bags.append(Bag(str(case_id), tuple(g["slide_id"]), {"time": time, "event": event}))
         if self.survival_bin_edges is None:  # the train split comes first: bins from training times only
             self._set_bin_edges(bags)
-        return [Bag(b.bag_id, b.slide_ids, {**b.targets, "target": self._bin(b.targets["time"])}) for b in bags]
+        return [
+            Bag(b.bag_id, b.slide_ids, {**b.targets, "target": self._bin(b.targets["time"])}) for b in bags
+        ]
 
     def _set_bin_edges(self, train_bags: list[Bag]) -> None:
         """Quantile bins of uncensored training times (all times if none is uncensored); outer edges 0, inf."""
@@ -268,8 +281,13 @@ class WSIDataModule(pl.LightningDataModule):
     def _loader_kwargs(self) -> dict[str, Any]:
         hp = self.hparams
         workers = int(hp.num_workers)
-        return {"num_workers": workers, "pin_memory": hp.pin_memory, "collate_fn": collate_bags,
-                "persistent_workers": bool(hp.persistent_workers and workers > 0)}
+        return {
+            "num_workers": workers,
+            "pin_memory": hp.pin_memory,
+            "collate_fn": collate_bags,
+            "worker_init_fn": worker_init if workers > 0 else None,
+            "persistent_workers": bool(hp.persistent_workers and workers > 0),
+        }
 
     def train_dataset(self) -> TrainBagDataset:
         """The MRIS training dataset (built once, so the shared epoch counter is stable)."""
@@ -282,10 +300,20 @@ class WSIDataModule(pl.LightningDataModule):
                 labels = np.array([b.targets["target"] for b in bags])
                 index_map = OversampleMap(labels, hp.oversample, hp.seed)
                 length = len(index_map)
-            transform = TrainTransform(hp.train_patch_size, scale=tuple(hp.crop_scale), color_jitter=hp.color_jitter)
+            transform = TrainTransform(
+                hp.train_patch_size, scale=tuple(hp.crop_scale), color_jitter=hp.color_jitter
+            )
             self._train_dataset = TrainBagDataset(
-                self.cache, bags, hp.sample_size, self.magnifications, hp.mag_ratios, transform,
-                seed=hp.seed, rank=rank, index_map=index_map, length=length,
+                self.cache,
+                bags,
+                hp.sample_size,
+                self.magnifications,
+                hp.mag_ratios,
+                transform,
+                seed=hp.seed,
+                rank=rank,
+                index_map=index_map,
+                length=length,
             )
         return self._train_dataset
 
@@ -295,27 +323,53 @@ class WSIDataModule(pl.LightningDataModule):
         sampler = EpochSampler(dataset, num_replicas=world, rank=rank, seed=self.hparams.seed)
         if self.trainer is not None:
             sampler.set_epoch(self.trainer.current_epoch)
-        return DataLoader(dataset, batch_size=self.hparams.batch_size, sampler=sampler, **self._loader_kwargs())
+        return DataLoader(
+            dataset, batch_size=self.hparams.batch_size, sampler=sampler, **self._loader_kwargs()
+        )
 
     def _eval_loader(self, bags: list[Bag]) -> DataLoader:
         mags = self.hparams.eval_magnifications or self.magnifications[:1]
         dataset = EvalBagDataset(self.cache, bags, mags, EvalTransform(self.hparams.eval_patch_size))
-        return DataLoader(dataset, batch_size=1, shuffle=False, **self._loader_kwargs())
+        rank, world = self._rank_world()
+        # Under DDP, Lightning's default DistributedSampler pads by repeating bags, which would count
+        # some slides twice in gathered metrics; this sampler gives each rank a disjoint share instead.
+        sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False) if world > 1 else None
+        return DataLoader(dataset, batch_size=1, shuffle=False, sampler=sampler, **self._loader_kwargs())
+
+    def _eval_bags(self, stage: str) -> list[Bag]:
+        if stage == "predict":
+            split = self.hparams.predict_split
+            names = ("train", "val", "test") if split == "all" else (split,)
+            return [b for name in names for b in self._require(name)]
+        return self._require(stage)
 
     def val_dataloader(self) -> DataLoader | list:
         bags = self._require("val")
         return self._eval_loader(bags) if bags else []
 
     def test_dataloader(self) -> DataLoader:
-        return self._eval_loader(self._require("test"))
+        return self._eval_loader(self._eval_bags("test"))
 
     def predict_dataloader(self) -> DataLoader:
-        split = self.hparams.predict_split
-        names = ("train", "val", "test") if split == "all" else (split,)
-        return self._eval_loader([b for name in names for b in self._require(name)])
+        return self._eval_loader(self._eval_bags("predict"))
 
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """uint8 images -> float32 ImageNet-normalised RGB, on the device (4x less host->device traffic)."""
-        if isinstance(batch, dict) and isinstance(batch.get("images"), torch.Tensor):
-            batch["images"] = normalize_images(batch["images"])
-        return batch
+    def eval_frame(self, stage: str) -> pd.DataFrame:
+        """Truth per evaluation unit, row i = item ``index`` i of the stage's loader.
+
+        Args:
+            stage: ``val``, ``test`` or ``predict``.
+
+        Returns:
+            ``case_id``, ``slide_id`` (the bag id; for survival the case id) and ``label`` for
+            classification/grading, or ``case_id``, ``time``, ``event`` for survival.
+        """
+        rows = []
+        table = self.table.set_index("slide_id")
+        for bag in self._eval_bags(stage):
+            case_id = str(table.loc[bag.slide_ids[0], "case_id"])
+            if self.task == "survival":
+                rows.append({"case_id": case_id, "slide_id": bag.bag_id, "time": bag.targets["time"],
+                             "event": int(bag.targets["event"])})
+            else:
+                rows.append({"case_id": case_id, "slide_id": bag.bag_id, "label": int(bag.targets["target"])})
+        return pd.DataFrame(rows)

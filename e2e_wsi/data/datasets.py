@@ -15,8 +15,10 @@ bags with masked zeros.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -26,6 +28,47 @@ from torch.utils.data import Dataset
 from e2e_wsi.data.sampling import check_ratios, mris_sample, sample_rng
 
 PatchTransform = Callable[..., torch.Tensor]  # (uint8 [N,3,H,W], seed) -> [N,3,h,w]
+
+_CACHES: dict[tuple[str, ...], Any] = {}
+
+
+def open_cache(paths: str | Path | Sequence[str | Path]) -> Any:
+    """One shared :class:`~e2e_wsi.cache.store.PatchCache` per cache location and process.
+
+    py-lmdb refuses to open the same environment twice in one process, so every part of a run (the
+    datamodule's stages, a second datamodule in a test, a predict after fit) must share one reader.
+
+    Args:
+        paths: A cache dir, an ``.lmdb`` dir, or a list of them (shards).
+
+    Returns:
+        The PatchCache (it re-opens its environments by itself inside forked/spawned workers).
+    """
+    from e2e_wsi.cache.store import PatchCache, find_lmdbs
+
+    key = tuple(str(p.resolve()) for p in find_lmdbs(paths))
+    if key not in _CACHES:
+        _CACHES[key] = PatchCache(paths)
+    return _CACHES[key]
+
+
+def worker_init(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: drop LMDB handles inherited through ``fork``.
+
+    py-lmdb records open environments per process and the record survives ``fork``, so a forked worker
+    cannot open its own handle to a cache the parent has open (``lmdb.Error: ... already open in this
+    process``), and LMDB handles must not be used across fork anyway. Closing the inherited copies in
+    the child releases only the child's mapping; the cache then re-opens lazily in the worker.
+    """
+    del worker_id
+    info = torch.utils.data.get_worker_info()
+    reader = getattr(info.dataset, "reader", None) if info is not None else None
+    cache = getattr(reader, "cache", None)
+    envs = getattr(cache, "_envs", None)
+    if envs and getattr(cache, "_pid", None) != os.getpid():
+        for env in envs:
+            env.close()
+        cache._envs = []  # type: ignore[union-attr]
 
 
 class PatchSource(Protocol):
@@ -181,7 +224,10 @@ class TrainBagDataset(Dataset):
         item = self.reader.read(bag, scale, idx)
         item["images"] = self.transform(item["images"], seed=tseed)
         item.update(
-            bag_id=bag.bag_id, slide_ids=list(bag.slide_ids), mask=torch.from_numpy(valid), **_target_tensors(bag.targets)
+            bag_id=bag.bag_id,
+            slide_ids=list(bag.slide_ids),
+            mask=torch.from_numpy(valid),
+            **_target_tensors(bag.targets),
         )
         return item
 
@@ -197,7 +243,11 @@ class EvalBagDataset(Dataset):
     """
 
     def __init__(
-        self, cache: PatchSource, bags: Sequence[Bag], magnifications: Sequence[float], transform: PatchTransform
+        self,
+        cache: PatchSource,
+        bags: Sequence[Bag],
+        magnifications: Sequence[float],
+        transform: PatchTransform,
     ) -> None:
         self.bags = list(bags)
         self.reader = _BagReader(cache, magnifications)
@@ -210,12 +260,15 @@ class EvalBagDataset(Dataset):
         bag = self.bags[position]
         counts = self.reader.counts(bag).sum(axis=1)
         if counts.sum() == 0:
-            raise ValueError(f"bag {bag.bag_id!r} has no patch at magnifications {self.reader.magnifications}")
+            raise ValueError(
+                f"bag {bag.bag_id!r} has no patch at magnifications {self.reader.magnifications}"
+            )
         scale = np.repeat(np.arange(len(counts)), counts)
         index = np.concatenate([np.arange(c) for c in counts]).astype(np.int64)
         item = self.reader.read(bag, scale, index)
         item["images"] = self.transform(item["images"])
         item.update(
+            index=torch.tensor(position, dtype=torch.int64),
             bag_id=bag.bag_id,
             slide_ids=list(bag.slide_ids),
             mask=torch.ones(len(scale), dtype=torch.bool),
@@ -233,14 +286,17 @@ def collate_bags(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         ``bag_id`` list[str], ``slide_ids`` list[list[str]].
     """
     n = max(int(it["images"].shape[0]) for it in items)
-    out: dict[str, Any] = {"bag_id": [it["bag_id"] for it in items], "slide_ids": [it["slide_ids"] for it in items]}
+    out: dict[str, Any] = {
+        "bag_id": [it["bag_id"] for it in items],
+        "slide_ids": [it["slide_ids"] for it in items],
+    }
     for key in ("images", "mask", "coords", "magnification", "patch_slide"):
         first = items[0][key]
         batch = first.new_zeros((len(items), n, *first.shape[1:]))
         for b, it in enumerate(items):
             batch[b, : it[key].shape[0]] = it[key]
         out[key] = batch
-    for key in ("target", "time", "event"):
+    for key in ("target", "time", "event", "index"):
         if key in items[0]:
             out[key] = torch.stack([it[key] for it in items])
     return out

@@ -55,7 +55,9 @@ def _parse_float(value: object) -> float | None:
 
 def _read_csv(path: Path) -> pd.DataFrame:
     if not path.is_file():
-        raise FileNotFoundError(f"manifest {path} does not exist: pass the CSV written by `e2e-wsi synth` or your own")
+        raise FileNotFoundError(
+            f"manifest {path} does not exist: pass the CSV written by `e2e-wsi synth` or your own"
+        )
     # Strings everywhere so that e.g. slide id "001" keeps its zeros; blank lines are kept so the line
     # numbers in our messages are the ones an editor shows.
     df = pd.read_csv(path, dtype=str, skip_blank_lines=False, keep_default_na=True)
@@ -121,7 +123,9 @@ def _check_labels(
     counts = np.bincount(np.asarray(valid, dtype=np.int64), minlength=k) if k else np.zeros(0)
     for cls in np.flatnonzero(counts == 0):
         name = f" ({class_names[cls]!r})" if class_names else ""
-        errors.append(f"class {cls}{name} has no slide in the manifest: fix num_classes/class_names or the labels")
+        errors.append(
+            f"class {cls}{name} has no slide in the manifest: fix num_classes/class_names or the labels"
+        )
     return k
 
 

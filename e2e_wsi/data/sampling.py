@@ -35,7 +35,9 @@ def check_ratios(ratios: Sequence[float], num_scales: int) -> np.ndarray:
     if r.ndim != 1 or len(r) != num_scales:
         raise ValueError(f"mag_ratios {list(ratios)} must have one ratio per magnification ({num_scales})")
     if (r < 0).any() or not np.isfinite(r).all() or not math.isclose(float(r.sum()), 1.0, abs_tol=1e-6):
-        raise ValueError(f"mag_ratios {list(ratios)} must be non-negative and sum to 1 (they sum to {r.sum():g})")
+        raise ValueError(
+            f"mag_ratios {list(ratios)} must be non-negative and sum to 1 (they sum to {r.sum():g})"
+        )
     return r
 
 
@@ -102,7 +104,9 @@ def mris_sample(
         # Fill from the undrawn patches of the other scales, uniformly over all of them.
         spare = avail - taken
         extra_draw = rng.choice(int(spare.sum()), size=min(shortfall, int(spare.sum())), replace=False)
-        taken = taken + np.bincount(np.searchsorted(np.cumsum(spare), extra_draw, side="right"), minlength=len(avail))
+        taken = taken + np.bincount(
+            np.searchsorted(np.cumsum(spare), extra_draw, side="right"), minlength=len(avail)
+        )
     scales = [np.full(int(k), j, dtype=np.int64) for j, k in enumerate(taken)]
     indices = [rng.choice(int(avail[j]), size=int(k), replace=False) for j, k in enumerate(taken)]
     scale = np.concatenate(scales)

@@ -94,7 +94,9 @@ def make_splits(
         side = dict(zip(order, np.asarray(SPLITS)[_deal(len(order), r)], strict=True))
     else:
         if num_folds < 2 or not 0 <= fold < num_folds:  # type: ignore[operator]
-            raise ValueError(f"fold {fold} of num_folds {num_folds}: need num_folds >= 2 and 0 <= fold < num_folds")
+            raise ValueError(
+                f"fold {fold} of num_folds {num_folds}: need num_folds >= 2 and 0 <= fold < num_folds"
+            )
         if num_folds > len(order):
             raise ValueError(f"num_folds {num_folds} is larger than the number of cases ({len(order)})")
         folds = np.arange(len(order)) % num_folds
@@ -117,7 +119,11 @@ def save_splits(df: pd.DataFrame, splits: pd.Series, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     table = pd.DataFrame(
-        {"slide_id": df["slide_id"].to_numpy(), "case_id": df["case_id"].to_numpy(), "split": splits.to_numpy()}
+        {
+            "slide_id": df["slide_id"].to_numpy(),
+            "case_id": df["case_id"].to_numpy(),
+            "split": splits.to_numpy(),
+        }
     )
     if path.suffix.lower() == ".json":
         path.write_text(json.dumps(table.to_dict(orient="records"), indent=1))
@@ -137,7 +143,9 @@ def load_splits(path: str | Path) -> pd.DataFrame:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"split file {path} does not exist (it is written as splits.csv in a run folder)")
+        raise FileNotFoundError(
+            f"split file {path} does not exist (it is written as splits.csv in a run folder)"
+        )
     if path.suffix.lower() == ".json":
         table = pd.DataFrame(json.loads(path.read_text()))
     else:

@@ -2,8 +2,8 @@
 
 Geometry (crop, resize, flips) runs on uint8 in the DataLoader worker: it is cheaper than on float and
 keeps the tensors crossing process boundaries 4x smaller. Conversion to float and ImageNet
-normalisation happen afterwards with :func:`normalize_images`, normally on the device in
-:meth:`WSIDataModule.on_after_batch_transfer`.
+normalisation happen afterwards with :func:`normalize_images`, on the device, chunk by chunk inside
+:class:`~e2e_wsi.models.module.SlideModule` (so a 10k-patch evaluation bag never exists as float).
 
 Per-patch randomness: every patch gets its own RandomResizedCrop box and flips. The random numbers come
 from a seed given by the caller (derived from (seed, epoch, rank, bag index)), so augmentation is
@@ -13,8 +13,7 @@ reproducible and independent of the number of workers.
 from __future__ import annotations
 
 import torch
-from torchvision.transforms import RandomResizedCrop
-from torchvision.transforms import v2
+from torchvision.transforms import RandomResizedCrop, v2
 from torchvision.transforms.v2 import functional as F
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)  # RGB order

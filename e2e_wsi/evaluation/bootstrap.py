@@ -226,7 +226,9 @@ def align_runs(a: pd.DataFrame, b: pd.DataFrame, task: Task) -> tuple[pd.DataFra
         differ = a[col].to_numpy() != b[col].to_numpy()
         if differ.any():
             unit = a[key].iloc[int(np.flatnonzero(differ)[0])]
-            raise ValueError(f"the runs disagree on {col} for {key} {unit!r}: {int(differ.sum())} unit(s) differ")
+            raise ValueError(
+                f"the runs disagree on {col} for {key} {unit!r}: {int(differ.sum())} unit(s) differ"
+            )
     return a, b
 
 

@@ -27,8 +27,12 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--predictions", required=True, type=Path, help="predictions.csv of run A")
-    parser.add_argument("--compare", type=Path, default=None, help="predictions.csv of run B to compare with A")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="number of case-level resamples (default 1000)")
+    parser.add_argument(
+        "--compare", type=Path, default=None, help="predictions.csv of run B to compare with A"
+    )
+    parser.add_argument(
+        "--bootstrap", type=int, default=1000, help="number of case-level resamples (default 1000)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="resampling seed (default 0)")
     parser.add_argument("--ci", type=float, default=0.95, help="percentile interval coverage (default 0.95)")
     parser.add_argument(
@@ -93,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         df_b, _ = read_predictions(args.compare, task)
         report_b = bootstrap_report(df_b, task, n_resamples=args.bootstrap, seed=args.seed, ci=args.ci)
-        comparison = paired_comparison(df_a, df_b, task, n_resamples=args.bootstrap, seed=args.seed, ci=args.ci)
+        comparison = paired_comparison(
+            df_a, df_b, task, n_resamples=args.bootstrap, seed=args.seed, ci=args.ci
+        )
     except (ValueError, FileNotFoundError) as err:
         print(f"e2e-wsi evaluate: {err}", file=sys.stderr)
         return 2

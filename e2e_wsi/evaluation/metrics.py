@@ -137,7 +137,9 @@ def confusion_matrices(
     return cells.reshape(w.shape[0], num_classes, num_classes)
 
 
-def accuracy(labels: np.ndarray, preds: np.ndarray, num_classes: int, weights: np.ndarray | None = None) -> np.ndarray:
+def accuracy(
+    labels: np.ndarray, preds: np.ndarray, num_classes: int, weights: np.ndarray | None = None
+) -> np.ndarray:
     """Top-1 accuracy per resample, ``[R]``."""
     cm = confusion_matrices(labels, preds, num_classes, weights)
     return _safe_ratio(np.trace(cm, axis1=1, axis2=2), cm.sum(axis=(1, 2)))
@@ -154,7 +156,9 @@ def balanced_accuracy(
     return _safe_ratio(np.where(present, recall, 0.0).sum(axis=1), present.sum(axis=1))
 
 
-def f1_macro(labels: np.ndarray, preds: np.ndarray, num_classes: int, weights: np.ndarray | None = None) -> np.ndarray:
+def f1_macro(
+    labels: np.ndarray, preds: np.ndarray, num_classes: int, weights: np.ndarray | None = None
+) -> np.ndarray:
     """Macro F1 over the classes that occur in the labels or predictions of a resample, ``[R]``.
 
     Classes with no true and no predicted unit are left out of the average (as torchmetrics does)

@@ -84,7 +84,9 @@ def _as_numbers(df: pd.DataFrame, col: str, source: str, integer: bool) -> np.nd
     if bad.any():
         kind = "an integer" if integer else "a finite number"
         line = _row(df, bad)
-        raise ValueError(f"{source}: column {col!r} at line {line} is {df[col].iloc[line - 2]!r}, expected {kind}")
+        raise ValueError(
+            f"{source}: column {col!r} at line {line} is {df[col].iloc[line - 2]!r}, expected {kind}"
+        )
     return values
 
 
@@ -100,7 +102,9 @@ def _check_unique(df: pd.DataFrame, col: str, source: str) -> None:
     dup = df[col].duplicated().to_numpy()
     if dup.any():
         line = _row(df, dup)
-        raise ValueError(f"{source}: {col} {df[col].iloc[line - 2]!r} appears twice (line {line}); one row per unit")
+        raise ValueError(
+            f"{source}: {col} {df[col].iloc[line - 2]!r} appears twice (line {line}); one row per unit"
+        )
 
 
 def _validate_classification(df: pd.DataFrame, source: str) -> pd.DataFrame:
@@ -117,7 +121,9 @@ def _validate_classification(df: pd.DataFrame, source: str) -> pd.DataFrame:
         bad = (values < 0) | (values >= k)
         if bad.any():
             line = _row(out, bad)
-            raise ValueError(f"{source}: {col} {int(values[line - 2])} at line {line} is outside [0, {k - 1}] (K = {k} prob columns)")
+            raise ValueError(
+                f"{source}: {col} {int(values[line - 2])} at line {line} is outside [0, {k - 1}] (K = {k} prob columns)"
+            )
         out[col] = values.astype(np.int64)
     matrix = np.stack([_as_numbers(out, c, source, integer=False) for c in probs], axis=1)
     bad = ((matrix < -PROB_SUM_TOLERANCE) | (matrix > 1 + PROB_SUM_TOLERANCE)).any(axis=1)
@@ -147,7 +153,9 @@ def _validate_survival(df: pd.DataFrame, source: str) -> pd.DataFrame:
     event = _as_numbers(out, "event", source, integer=True)
     bad = (event != 0) & (event != 1)
     if bad.any():
-        raise ValueError(f"{source}: event at line {_row(out, bad)} is {event[bad][0]:g}; use 1 = event, 0 = censored")
+        raise ValueError(
+            f"{source}: event at line {_row(out, bad)} is {event[bad][0]:g}; use 1 = event, 0 = censored"
+        )
     out["event"] = event.astype(np.int64)
     out["risk"] = _as_numbers(out, "risk", source, integer=False)
     return out.reset_index(drop=True)
@@ -176,7 +184,9 @@ def validate_predictions(df: pd.DataFrame, task: str, source: str = "predictions
     if task == "survival":
         return _validate_survival(df, source)
     if set(SURVIVAL_COLUMNS[1:]) <= set(map(str, df.columns)) and "label" not in df.columns:
-        raise ValueError(f"{source}: holds survival columns (time, event, risk) but task {task!r} was asked for")
+        raise ValueError(
+            f"{source}: holds survival columns (time, event, risk) but task {task!r} was asked for"
+        )
     return _validate_classification(df, source)
 
 
@@ -247,7 +257,16 @@ def _rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     rows = []
     for name, m in report["metrics"].items():
         ci = f"[{_fmt(m['ci_low'])}, {_fmt(m['ci_high'])}]"
-        rows.append([name, _fmt(m["point"]), _fmt(m["mean"]), _fmt(m["std"]), ci, f"{m['n_valid']}/{report['bootstrap']['n_resamples']}"])
+        rows.append(
+            [
+                name,
+                _fmt(m["point"]),
+                _fmt(m["mean"]),
+                _fmt(m["std"]),
+                ci,
+                f"{m['n_valid']}/{report['bootstrap']['n_resamples']}",
+            ]
+        )
     return header, rows
 
 
@@ -273,7 +292,7 @@ def format_table(report: dict[str, Any]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
-    lines += [fmt.format(*r) for r in rows]
+    lines = [line.rstrip() for line in [*lines, *(fmt.format(*r) for r in rows)]]
     return "\n".join([_caption(report), *lines])
 
 

@@ -14,22 +14,14 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from e2e_wsi.data.transforms import normalize_images
 from e2e_wsi.models.aggregators import ABMILX
 from e2e_wsi.models.encoders import ResNetEncoder
 from e2e_wsi.models.optim import WarmupCosineLR, apply_lr_mult, encoder_param_groups
 from e2e_wsi.models.tasks import ClassificationTask, Task
 
-# ImageNet statistics for RGB input; images arrive as uint8 and are normalised on the device, which
-# keeps host->device copies 4x smaller than float and the data workers cheaper.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 AggregatorFactory = Callable[[int], nn.Module]
 SchedulerFactory = Callable[[Optimizer, int], LRScheduler]
-
-
-def _adamw(params) -> Optimizer:
-    return torch.optim.AdamW(params, lr=8e-5, weight_decay=0.0)
 
 
 class SlideModule(L.LightningModule):
@@ -54,7 +46,7 @@ class SlideModule(L.LightningModule):
         task: Task = lazy_instance(ClassificationTask),
         encoder: nn.Module = lazy_instance(ResNetEncoder),
         aggregator: AggregatorFactory = ABMILX,
-        optimizer: OptimizerCallable = _adamw,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: SchedulerFactory | None = WarmupCosineLR,
         encoder_lr_mult: float = 1.0,
         ema_decay: float | None = None,
@@ -85,8 +77,6 @@ class SlideModule(L.LightningModule):
         self.train_metrics = task.metrics().clone(prefix="train/")
         self.val_metrics = task.metrics().clone(prefix="val/")
         self.test_metrics = task.metrics().clone(prefix="test/")
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self._collected: list[dict[str, Tensor]] = []
 
     # ----------------------------------------------------------------------------------------- model
@@ -100,13 +90,6 @@ class SlideModule(L.LightningModule):
             return enc, agg, head
         return self.encoder, self.aggregator, self.head
 
-    def normalize(self, images: Tensor) -> Tensor:
-        """[n, 3, h, w] uint8 RGB (or float already in [0, 1]) -> ImageNet-normalised float."""
-        x = images.float()
-        if images.dtype == torch.uint8:
-            x = x / 255.0
-        return (x - self.mean) / self.std
-
     def encode(self, images: Tensor, encoder: nn.Module | None = None) -> Tensor:
         """Encode a flat patch batch.
 
@@ -115,7 +98,7 @@ class SlideModule(L.LightningModule):
         slide never holds more than one chunk of float images.
 
         Args:
-            images: [n, 3, h, w] uint8 or float.
+            images: [n, 3, h, w] uint8 RGB or already-normalised float.
             encoder: Which encoder (live or EMA); defaults to the live one.
 
         Returns:
@@ -123,15 +106,16 @@ class SlideModule(L.LightningModule):
         """
         encoder = encoder or self.encoder
         if torch.is_grad_enabled() and self.training:
-            return encoder(self.normalize(images))
-        chunks = [encoder(self.normalize(c)) for c in images.split(self.eval_chunk_size)]
+            return encoder(normalize_images(images))
+        chunks = [encoder(normalize_images(c)) for c in images.split(self.eval_chunk_size)]
         return torch.cat(chunks)
 
     def forward(self, images: Tensor, mask: Tensor | None = None) -> dict[str, Tensor]:
         """Run the whole model on bags.
 
         Args:
-            images: [B, N, 3, h, w] patches (uint8 RGB or float in [0, 1]).
+            images: [B, N, 3, h, w] patches: uint8 RGB (normalised here, chunk by chunk, on the
+                device: host->device copies stay 4x smaller than float) or float already normalised.
             mask: [B, N] bool, False at padding; ``None`` when every patch is real.
 
         Returns:

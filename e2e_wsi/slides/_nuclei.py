@@ -103,8 +103,8 @@ def glands(rng: np.random.Generator, box: tuple[int, int, int, int], scale: floa
         The nuclei and the lumens as float32 [n, 3] rows (y, x, radius) in render pixels.
     """
     radius = 110.0 * size / scale  # ring radius, level-0 px -> render px
-    cy, cx = _jittered_grid(rng, box, spacing=2.5 * radius, jitter=0.2)
-    radii = radius * rng.uniform(0.75, 1.2, cy.size).astype(np.float32)
+    cy, cx = _jittered_grid(rng, box, spacing=2.4 * radius, jitter=0.1)
+    radii = radius * rng.uniform(0.8, 1.1, cy.size).astype(np.float32)
     per_ring = np.maximum(8, np.round(2 * np.pi * radii / (40.0 * size / scale))).astype(np.int64)
     ring = np.repeat(np.arange(cy.size), per_ring)
     k = np.concatenate([np.arange(n) for n in per_ring]) if per_ring.size else np.zeros(0, np.int64)
@@ -115,7 +115,7 @@ def glands(rng: np.random.Generator, box: tuple[int, int, int, int], scale: floa
     n = y.size
     long = rng.uniform(36, 46, n) * size / scale
     nuc = _make(y, x, long, long * rng.uniform(0.8, 0.95, n), ang + np.pi / 2, rng.uniform(0.85, 1.0, n))
-    lumens = np.stack([cy, cx, radii * 0.7], axis=1).astype(np.float32)
+    lumens = np.stack([cy, cx, radii * 0.62], axis=1).astype(np.float32)
     return nuc, lumens
 
 

@@ -1,8 +1,9 @@
 """H&E-like slide painter: tissue pieces, stroma texture, nuclei and label-carrying lesions.
 
 Rendering is layered to stay fast at 8k x 8k: tissue and lesion geometry live on a coarse grid at
-level-0 / 16 (which is also the ground-truth mask), stain fields and nuclei are drawn at level-0 /
-``scale`` (default 2, i.e. 20x), and only the final RGB image is upsampled to level 0 in C (PIL).
+level-0 / 16 (which is also the ground-truth mask), stain fields and nuclei are painted at level-0 /
+``scale`` (default 4, i.e. 10x, where the models look), and only the final RGB image is upsampled to
+level 0 in C (PIL); the cohort writer streams that upsampling tile band by tile band.
 Sizes of structures are stated in level-0 pixels at 0.25 um/px (40x).
 """
 
@@ -42,15 +43,18 @@ def tissue_field(rng: np.random.Generator, grid: tuple[int, int]) -> np.ndarray:
     gh, gw = grid
     side = float(min(gh, gw))
     yy, xx = np.mgrid[0:gh, 0:gw].astype(np.float32)
-    wobble = _smooth_noise(rng, grid, side / 20)
+    wobble = _lowfreq(rng, grid, 14)
     field = np.full(grid, -1.0, np.float32)
     for _ in range(int(rng.integers(2, 5))):
-        cy, cx = rng.uniform(0.25, 0.75) * gh, rng.uniform(0.25, 0.75) * gw
-        ry, rx = rng.uniform(0.12, 0.24, 2) * side
+        cy, cx = rng.uniform(0.22, 0.78) * gh, rng.uniform(0.22, 0.78) * gw
+        ry, rx = rng.uniform(0.16, 0.28, 2) * side
         th = rng.uniform(0, np.pi)
         u = ((xx - cx) * np.cos(th) + (yy - cy) * np.sin(th)) / rx
         v = (-(xx - cx) * np.sin(th) + (yy - cy) * np.cos(th)) / ry
         field = np.maximum(field, 1.0 - np.sqrt(u * u + v * v) + 0.3 * wobble)
+    # keep a margin of glass around the tissue, like a real slide's cover-slip area
+    border = np.minimum(np.minimum(yy, gh - 1 - yy), np.minimum(xx, gw - 1 - xx))
+    field = np.minimum(field, border / (0.04 * side) - 1.0)
     holes = _smooth_noise(rng, grid, side / 80)
     field -= np.clip(holes - 2.0, 0.0, None) * 3.0  # only the top ~2% of the noise punches holes
     return field
@@ -67,7 +71,7 @@ def lesion_grid(rng: np.random.Generator, tissue: np.ndarray, fraction: float) -
         return np.zeros_like(tissue)
     if fraction >= 1:
         return tissue.copy()
-    radius = rng.uniform(28.0, 48.0) * 16 / GRID  # grid px
+    radius = rng.uniform(28.0, 48.0) * 16 / GRID  # in grid px: 450-770 level-0 px
     count = int(np.clip(round(fraction * area / (np.pi * radius**2)), 1, 40))
     depth = ndimage.distance_transform_edt(tissue)
     inner = np.flatnonzero(depth.ravel() >= min(radius * 0.7, depth.max() * 0.6))
@@ -151,19 +155,25 @@ def _lesion_nuclei(rng: np.random.Generator, lesion: np.ndarray, plan: tuple[str
     return Nuclei.concat(nuclei), lumens_all
 
 
-def _stroma(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
-    """Fibrous eosin texture in [0, 1], float32 [h, w]: two fibre orientations blended smoothly."""
-    small = (max(shape[0] // 4, 8), max(shape[1] // 4, 8))
-    fib_a = _smooth_noise(rng, small, (0.7, 5.0))
-    fib_b = _smooth_noise(rng, small, (5.0, 0.7))
-    blend = 1.0 / (1.0 + np.exp(-3.0 * _smooth_noise(rng, small, min(small) / 16)))
-    low = _smooth_noise(rng, small, min(small) / 30)
-    tex = 0.52 + 0.16 * (blend * fib_a + (1.0 - blend) * fib_b) + 0.08 * low
-    return np.clip(_upsample(tex, shape), 0.1, 1.0)
+def _lowfreq(rng: np.random.Generator, shape: tuple[int, int], cells: int) -> np.ndarray:
+    """Smooth noise with ~``cells`` blobs across, float32 [*shape], unit std; cheap at any size."""
+    coarse = (max(2, cells * shape[0] // max(shape)), max(2, cells * shape[1] // max(shape)))
+    field = _upsample(ndimage.gaussian_filter(rng.standard_normal(coarse, dtype=np.float32), 1.0), shape)
+    return (field - field.mean()) / (field.std() + 1e-8)
+
+
+def _stroma(rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
+    """Fibrous eosin density at level-0 / 8, float32 [H/8, W/8]: two fibre orientations blended."""
+    shape = (size[0] // 8, size[1] // 8)
+    fib_a = _smooth_noise(rng, shape, (0.7, 5.0))
+    fib_b = _smooth_noise(rng, shape, (5.0, 0.7))
+    blend = 1.0 / (1.0 + np.exp(-3.0 * _lowfreq(rng, shape, 12)))
+    tex = 0.52 + 0.16 * (blend * fib_a + (1.0 - blend) * fib_b) + 0.08 * _lowfreq(rng, shape, 24)
+    return np.clip(tex, 0.1, 1.0)
 
 
 def _pen_mask(rng: np.random.Generator, shape: tuple[int, int], scale: int) -> np.ndarray:
-    """A marker stroke like a pathologist's annotation: float32 [h, w] opacity in [0, 1]."""
+    """A marker stroke like a pathologist's annotation: uint8 [h, w] opacity (255 = opaque)."""
     height, width = shape
     t = np.linspace(0, 1, 200)
     y = height * (rng.uniform(0.15, 0.85) + 0.25 * np.sin(2 * np.pi * (rng.uniform(0.3, 0.8) * t + rng.random())))
@@ -171,28 +181,121 @@ def _pen_mask(rng: np.random.Generator, shape: tuple[int, int], scale: int) -> n
     if rng.random() < 0.5:
         y, x = x * height / width, y * width / height
     canvas = Image.new("L", (width, height), 0)
-    ImageDraw.Draw(canvas).line(list(zip(x.tolist(), y.tolist(), strict=True)), fill=255,
+    ImageDraw.Draw(canvas).line(list(zip(x.tolist(), y.tolist(), strict=True)), fill=190,
                                 width=max(int(160 / scale), 2), joint="curve")
-    return np.asarray(canvas, np.float32) * (0.75 / 255.0)
+    return np.asarray(canvas)
 
 
-def _compose(rng: np.random.Generator, alpha: np.ndarray, eosin: np.ndarray, hema: np.ndarray,
-             lumen: np.ndarray, pen: np.ndarray | None) -> np.ndarray:
-    """Blend stains into RGB uint8 [h, w, 3] (per channel, to keep temporaries to one plane)."""
+def _band(field: Image.Image, factor: float, rows: tuple[int, int], width: int) -> np.ndarray:
+    """Rows ``rows`` of a float field upsampled by ``factor`` (bilinear, seamless across bands)."""
+    r0, r1 = rows
+    box = (0.0, r0 / factor, float(field.width), r1 / factor)
+    return np.asarray(field.resize((width, r1 - r0), Image.Resampling.BILINEAR, box=box))
+
+
+def _compose(rng: np.random.Generator, tfield: np.ndarray, ramp: float, stroma: np.ndarray,
+             hema: np.ndarray, lumen: np.ndarray, pen: np.ndarray | None, scale: int) -> np.ndarray:
+    """Blend stains into RGB uint8 [h, w, 3] band by band (temporaries stay small and in cache).
+
+    Args:
+        tfield: Signed tissue field on the coarse grid [gh, gw].
+        ramp: Field change over which the tissue edge fades in.
+        stroma: Eosin density at level-0 / 8.
+        hema, lumen: Haematoxylin and lumen canvases, uint8 [h, w] at render resolution.
+        pen: Marker opacity uint8 [h, w] or ``None``.
+        scale: Level-0 px per render px.
+    """
+    height, width = hema.shape
     eosin_rgb = _EOSIN + rng.normal(0, 8, 3).astype(np.float32)  # stain variation between slides
     hema_rgb = _HEMA + rng.normal(0, 8, 3).astype(np.float32)
-    e = alpha * eosin * (1.0 - 0.85 * lumen)
-    h = alpha * hema
-    grain = rng.standard_normal(alpha.shape, dtype=np.float32) * 3.0
-    out = np.empty((*alpha.shape, 3), np.uint8)
     pen_rgb = _PENS[int(rng.integers(len(_PENS)))]
-    for c in range(3):
-        plane = 255.0 - e * (255.0 - eosin_rgb[c])
-        plane = plane * (1.0 - h) + hema_rgb[c] * h + grain * alpha
-        if pen is not None:
-            plane = plane * (1.0 - pen) + pen_rgb[c] * pen
-        out[..., c] = np.clip(plane, 0, 255)
+    out = np.empty((height, width, 3), np.uint8)
+    step = 256
+    inv = np.float32(1 / 255)
+    tfield_img, stroma_img = (Image.fromarray(np.ascontiguousarray(f, np.float32)) for f in (tfield, stroma))
+    for r0 in range(0, height, step):
+        rows = (r0, min(r0 + step, height))
+        alpha = np.clip(_band(tfield_img, GRID / scale, rows, width) / ramp + 0.5, 0.0, 1.0)
+        e = alpha * _band(stroma_img, 8 / scale, rows, width) * (1.0 - 0.95 * inv * lumen[rows[0] : rows[1]])
+        h = alpha * inv * hema[rows[0] : rows[1]] * (1.0 - inv * lumen[rows[0] : rows[1]])
+        grain = (rng.random(alpha.shape, dtype=np.float32) - 0.5) * 10.0 * alpha + 255.0
+        p = None if pen is None else inv * pen[rows[0] : rows[1]]
+        for c in range(3):
+            # white light minus eosin absorption, then haematoxylin laid over it
+            plane = grain - e * (255.0 - eosin_rgb[c]) - h * (255.0 - hema_rgb[c]) + (e * h) * (255.0 - eosin_rgb[c])
+            if p is not None:
+                plane += p * (pen_rgb[c] - plane)
+            out[rows[0] : rows[1], :, c] = np.clip(plane, 0, 255)
     return out
+
+
+def _check_label(task: str, label: float, num_classes: int, num_grades: int) -> None:
+    if task == "survival":
+        ok, expected = 0.0 <= label <= 1.0, "a risk in [0, 1]"
+    else:
+        k = {"subtype": num_classes, "grade": num_grades, "diagnosis": 2}[task]
+        ok, expected = float(label).is_integer() and 0 <= label < k, f"an integer in 0..{k - 1}"
+    if not ok:
+        raise ValueError(f"label for task {task!r} must be {expected}, got {label!r}")
+
+
+def paint_slide(
+    rng: np.random.Generator,
+    size: tuple[int, int],
+    task: str,
+    label: float,
+    lesion_fraction: float,
+    *,
+    num_classes: int = 2,
+    num_grades: int = 6,
+    pen_marks: bool = False,
+    scale: int = 4,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Like :func:`render_slide` but return the image at level-0 / ``scale`` (no upsampling).
+
+    Returns:
+        ``(small, truth)``: RGB uint8 [H/scale, W/scale, 3] and the mask uint8 [H/16, W/16].
+    """
+    height, width = (int(s) for s in size)
+    if height < 256 or width < 256 or height % GRID or width % GRID:
+        raise ValueError(f"slide size must be at least 256 and a multiple of {GRID}, got {height}x{width}")
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    if not 0.0 <= lesion_fraction <= 1.0:
+        raise ValueError(f"lesion_fraction must be in [0, 1], got {lesion_fraction}")
+    if scale not in (1, 2, 4):
+        raise ValueError(f"scale must be 1, 2 or 4, got {scale}")
+    _check_label(task, label, num_classes, num_grades)
+    grid = (height // GRID, width // GRID)
+    render = (height // scale, width // scale)
+    # independent streams per layer: the label changes only the lesion content, not tissue or stain
+    geo_rng, lesion_geo_rng, cell_rng, lesion_rng, stain_rng, pen_rng = rng.spawn(6)
+    tfield = tissue_field(geo_rng, grid)
+    tissue = tfield > 0
+    lesion = lesion_grid(lesion_geo_rng, tissue, lesion_burden(task, label, lesion_fraction, num_grades))
+    plan = lesion_plan(task, label, num_classes, num_grades, lesion_rng)
+
+    hema = np.zeros(render, np.uint8)
+    _nuclei.stamp_ellipses(hema, _nuclei.stroma_nuclei(cell_rng, render, scale), cell_rng)
+    lesion_nuc, lumens = _lesion_nuclei(lesion_rng, lesion, plan, scale)
+    lumen = np.zeros(render, np.uint8)
+    if len(lumens):
+        n = len(lumens)
+        # epithelium: a faintly basophilic cytoplasm ring under the nuclei, around an empty lumen
+        epi = 2 * lumens[:, 2] * 1.8  # out to the nuclear ring at ~1.1 ring radius
+        _nuclei.stamp_ellipses(hema, Nuclei(lumens[:, 0], lumens[:, 1], epi, epi, np.zeros(n, np.float32),
+                                            np.full(n, 0.38, np.float32)), lesion_rng, texture=0.15)
+        disc = Nuclei(lumens[:, 0], lumens[:, 1], 2 * lumens[:, 2], 2 * lumens[:, 2],
+                      np.zeros(n, np.float32), np.ones(n, np.float32))
+        _nuclei.stamp_ellipses(lumen, disc, lesion_rng, texture=0.05)
+    _nuclei.stamp_ellipses(hema, lesion_nuc, lesion_rng)
+    pen = _pen_mask(pen_rng, render, scale) if pen_marks else None
+    # soft tissue edge over ~2 render px: the field falls by ~1 per piece radius (~0.18 * grid side)
+    ramp = 2.0 * scale / GRID / (0.18 * min(grid))
+    stroma = _stroma(stain_rng, (height, width))
+    small = _compose(stain_rng, tfield, ramp, stroma, hema, lumen, pen, scale)
+    truth = np.where(lesion, 255, np.where(tissue, 128, 0)).astype(np.uint8)
+    return small, truth
 
 
 def render_slide(
@@ -205,7 +308,7 @@ def render_slide(
     num_classes: int = 2,
     num_grades: int = 6,
     pen_marks: bool = False,
-    scale: int = 2,
+    scale: int = 4,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Paint one H&E-like slide and its ground truth.
 
@@ -220,7 +323,7 @@ def render_slide(
         num_classes: Number of subtype classes.
         num_grades: Number of grades K.
         pen_marks: Draw a marker stroke across the slide.
-        scale: Level-0 pixels per render pixel (1, 2, 4, 8 or 16); 2 draws at 20x.
+        scale: Level-0 pixels per painted pixel (1, 2 or 4); 4 paints at 10x and upsamples.
 
     Returns:
         ``(image, truth)``: RGB uint8 [H, W, 3] and the mask uint8 [H/16, W/16] with 0 background,
@@ -229,38 +332,9 @@ def render_slide(
     Raises:
         ValueError: On a size that is not a multiple of 16, an unknown task or a bad fraction/scale.
     """
-    height, width = (int(s) for s in size)
-    if height < 256 or width < 256 or height % GRID or width % GRID:
-        raise ValueError(f"slide size must be at least 256 and a multiple of {GRID}, got {height}x{width}")
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    if not 0.0 <= lesion_fraction <= 1.0:
-        raise ValueError(f"lesion_fraction must be in [0, 1], got {lesion_fraction}")
-    if scale not in (1, 2, 4, 8, 16):
-        raise ValueError(f"scale must be one of 1, 2, 4, 8, 16, got {scale}")
-    grid = (height // GRID, width // GRID)
-    render = (height // scale, width // scale)
-    tfield = tissue_field(rng, grid)
-    tissue = tfield > 0
-    lesion = lesion_grid(rng, tissue, lesion_burden(task, label, lesion_fraction, num_grades))
-    plan = lesion_plan(task, label, num_classes, num_grades, rng)
-
-    # soft tissue edge over ~2 render px: the field falls by ~1 per piece radius (~0.18 * grid side)
-    ramp = 2.0 * scale / GRID / (0.18 * min(grid))
-    alpha = np.clip(_upsample(tfield, render) / ramp + 0.5, 0.0, 1.0)
-    hema = np.zeros(render, np.uint8)
-    _nuclei.stamp_ellipses(hema, _nuclei.stroma_nuclei(rng, render, scale), rng)
-    lesion_nuc, lumens = _lesion_nuclei(rng, lesion, plan, scale)
-    _nuclei.stamp_ellipses(hema, lesion_nuc, rng)
-    lumen = np.zeros(render, np.uint8)
-    if len(lumens):
-        disc = Nuclei(lumens[:, 0], lumens[:, 1], 2 * lumens[:, 2], 2 * lumens[:, 2],
-                      np.zeros(len(lumens), np.float32), np.full(len(lumens), 0.95, np.float32))
-        _nuclei.stamp_ellipses(lumen, disc, rng, texture=0.2)
-    pen = _pen_mask(rng, render, scale) if pen_marks else None
-    small = _compose(rng, alpha, _stroma(rng, render), hema * np.float32(1 / 255),
-                     lumen * np.float32(1 / 255), pen)
-    image = small if scale == 1 else np.asarray(
-        Image.fromarray(small).resize((width, height), Image.Resampling.BILINEAR))
-    truth = np.where(lesion, 255, np.where(tissue, 128, 0)).astype(np.uint8)
-    return image, truth
+    small, truth = paint_slide(rng, size, task, label, lesion_fraction, num_classes=num_classes,
+                               num_grades=num_grades, pen_marks=pen_marks, scale=scale)
+    if scale == 1:
+        return small, truth
+    image = Image.fromarray(small).resize((int(size[1]), int(size[0])), Image.Resampling.BILINEAR)
+    return np.asarray(image), truth

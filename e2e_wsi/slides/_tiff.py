@@ -9,7 +9,7 @@ as long as the resolution unit is not a physical one.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -35,24 +35,45 @@ def _check_image(image: np.ndarray, downsamples: Sequence[int], tile: int, quali
     return ds
 
 
-def _pyramid(image: np.ndarray, downsamples: Sequence[int]) -> list[np.ndarray]:
-    """Box-filtered pyramid levels; level sizes are floor(size / downsample) like scanners write.
+def _reduced(base: np.ndarray, factor: int, size: tuple[int, int]) -> np.ndarray:
+    """Box-filtered downsample of ``base`` by an integer ``factor`` to exactly ``size`` (h, w)."""
+    if factor == 1:
+        return base[: size[0], : size[1]]
+    pil = Image.fromarray(base)
+    # reduce() averages factor x factor boxes in C; crop first so the result is exactly ``size``
+    return np.asarray(pil.crop((0, 0, size[1] * factor, size[0] * factor)).reduce(factor))
 
-    Exact downsamples (as OpenSlide reports them) need H and W divisible by every downsample.
+
+def _upsampled_tiles(base: np.ndarray, factor: int, size: tuple[int, int], tile: int) -> Iterator[np.ndarray]:
+    """Tiles (row-major, edge tiles padded) of ``base`` upsampled bilinearly by ``factor``.
+
+    Works one tile row at a time, so a level-0 image never exists in memory as a whole. For even
+    factors >= 4 the band is interpolated to half the target size and then pixel-doubled: 3x faster
+    than bilinear at full size and indistinguishable once a reader downsamples by 2 or more.
     """
-    height, width = image.shape[:2]
-    levels = [image]
-    pil = Image.fromarray(image)
-    for d in downsamples[1:]:
-        # reduce() averages d x d boxes in C; crop first so the level is exactly floor(size / d)
-        cropped = pil.crop((0, 0, width // d * d, height // d * d))
-        levels.append(np.asarray(cropped.reduce(d)))
-    return levels
+    pil = Image.fromarray(base)
+    height, width = size
+    double = factor >= 4 and factor % 2 == 0 and tile % 2 == 0
+    for r0 in range(0, height, tile):
+        r1 = min(r0 + tile, height)
+        box = (0.0, r0 / factor, width / factor, r1 / factor)
+        if double:
+            half = pil.resize(((width + 1) // 2, (r1 - r0 + 1) // 2), Image.Resampling.BILINEAR, box=box)
+            band = np.asarray(half.resize((half.width * 2, half.height * 2), Image.Resampling.NEAREST))
+            band = band[: r1 - r0, :width]
+        else:
+            band = np.asarray(pil.resize((width, r1 - r0), Image.Resampling.BILINEAR, box=box))
+        for c0 in range(0, width, tile):
+            piece = band[:, c0 : c0 + tile]
+            if piece.shape[:2] != (tile, tile):
+                piece = np.pad(piece, ((0, tile - piece.shape[0]), (0, tile - piece.shape[1]), (0, 0)),
+                               constant_values=255)
+            yield piece
 
 
-def _aperio_description(width: int, height: int, level: np.ndarray, tile: int, quality: int,
+def _aperio_description(width: int, height: int, level_size: tuple[int, int], tile: int, quality: int,
                         mpp: float | None, objective_power: float | None) -> str:
-    lh, lw = level.shape[:2]
+    lh, lw = level_size
     if (lw, lh) == (width, height):
         head = f"{_APERIO_HEADER}\r\n{width}x{height} [0,0 {width}x{height}] ({tile}x{tile}) JPEG/RGB Q={quality}"
     else:
@@ -100,23 +121,64 @@ def write_pyramidal_tiff(
         ValueError: On a wrong image dtype/shape, bad downsamples, tile size or quality.
     """
     ds = _check_image(image, downsamples, tile, quality)
+    return write_levels(path, np.ascontiguousarray(image), 1, image.shape[:2], mpp=mpp,
+                        objective_power=objective_power, downsamples=ds, tile=tile, quality=quality)
+
+
+def write_levels(
+    path: str | Path,
+    base: np.ndarray,
+    base_downsample: int,
+    size: tuple[int, int],
+    *,
+    mpp: float | None,
+    objective_power: float | None,
+    downsamples: Sequence[int],
+    tile: int,
+    quality: int,
+) -> Path:
+    """Write a pyramid whose pixels come from ``base``, an image at downsample ``base_downsample``.
+
+    Levels at or below the base resolution are box-reduced from it; finer levels (e.g. level 0 of a
+    slide painted at 10x) are upsampled bilinearly tile row by tile row while they are encoded.
+
+    Args:
+        path: Output file.
+        base: RGB uint8 [h, w, 3] with h, w >= size / base_downsample.
+        base_downsample: Downsample of ``base`` relative to level 0.
+        size: Level-0 (H, W).
+        mpp, objective_power, downsamples, tile, quality: As in :func:`write_pyramidal_tiff`.
+
+    Returns:
+        The written path.
+    """
     if mpp is not None and not mpp > 0:
         raise ValueError(f"mpp must be positive or None, got {mpp}")
     if objective_power is not None and not objective_power > 0:
         raise ValueError(f"objective_power must be positive or None, got {objective_power}")
     path = Path(path)
-    levels = _pyramid(np.ascontiguousarray(image), ds)
-    height, width = image.shape[:2]
+    height, width = (int(v) for v in size)
     aperio = mpp is not None or objective_power is not None
-    with tifffile.TiffWriter(path, bigtiff=image.nbytes > 2**31) as writer:
-        for i, level in enumerate(levels):
+    with tifffile.TiffWriter(path, bigtiff=height * width * 3 > 2**31) as writer:
+        for i, d in enumerate(downsamples):
+            level_size = (height // d, width // d)  # floor, like scanners: exact when divisible
+            if d >= base_downsample and d % base_downsample == 0:
+                data = _reduced(base, d // base_downsample, level_size)
+                shape = None
+            else:
+                if base_downsample % d:
+                    raise ValueError(f"downsample {d} is not a divisor of the base downsample {base_downsample}")
+                data = _upsampled_tiles(base, base_downsample // d, level_size, tile)
+                shape = (*level_size, 3)
             description = (
-                _aperio_description(width, height, level, tile, quality, mpp, objective_power)
+                _aperio_description(width, height, level_size, tile, quality, mpp, objective_power)
                 if aperio
                 else None
             )
             writer.write(
-                level,
+                data,
+                shape=shape,
+                dtype=np.uint8,
                 photometric="rgb",
                 tile=(tile, tile),
                 compression="jpeg",

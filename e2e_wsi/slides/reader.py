@@ -86,7 +86,9 @@ def resolve_resolution(
     """
     for name, value in (("per-slide mpp", slide_mpp), ("--mpp", global_mpp)):
         if value is not None and _positive_float(value) is None:
-            raise SlideError(path, f"{name} override {value!r} is not a positive number of micrometres per pixel")
+            raise SlideError(
+                path, f"{name} override {value!r} is not a positive number of micrometres per pixel"
+            )
     if slide_mpp is not None:
         mpp = float(slide_mpp)
         return Resolution(mpp, 10.0 / mpp, "slide override")
@@ -109,6 +111,15 @@ def resolve_resolution(
     return Resolution(mpp_meta, power, "metadata")
 
 
+def _unsupported_reason(path: Path) -> str:
+    """Tell a damaged TIFF-based slide from a file that is not a slide at all."""
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if magic in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "TIFF file OpenSlide cannot open: truncated or corrupt (re-copy it), or an unsupported layout"
+    return "not a slide format OpenSlide can read (unsupported or not an image)"
+
+
 class Slide:
     """An open whole-slide image with its resolved resolution.
 
@@ -121,17 +132,21 @@ class Slide:
         SlideError: If the file is missing, unreadable, unsupported, or has no usable magnification.
     """
 
-    def __init__(self, path: str | Path, *, slide_mpp: float | None = None, global_mpp: float | None = None) -> None:
+    def __init__(
+        self, path: str | Path, *, slide_mpp: float | None = None, global_mpp: float | None = None
+    ) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise SlideError(path, "file not found (check the path column / slides folder)")
         try:
             self._osr = openslide.OpenSlide(str(self.path))
         except openslide.OpenSlideUnsupportedFormatError:
-            raise SlideError(path, "not a slide format OpenSlide can read (unsupported or not an image)") from None
+            raise SlideError(path, _unsupported_reason(self.path)) from None
         except (openslide.OpenSlideError, OSError) as err:
             raise SlideError(path, f"corrupt or unreadable slide: {err}") from None
-        self.resolution = resolve_resolution(self._osr.properties, path, slide_mpp=slide_mpp, global_mpp=global_mpp)
+        self.resolution = resolve_resolution(
+            self._osr.properties, path, slide_mpp=slide_mpp, global_mpp=global_mpp
+        )
 
     @property
     def dimensions(self) -> tuple[int, int]:
@@ -174,7 +189,9 @@ class Slide:
             rgba = self._osr.read_region(location, level, size)
         except openslide.OpenSlideError as err:
             raise SlideError(self.path, f"corrupt or truncated slide data: {err}") from None
-        if rgba.getextrema()[3][0] < 255:  # some pixels transparent (outside scanned area)
+        if (
+            rgba.getchannel("A").getextrema()[0] < 255
+        ):  # transparent pixels (outside the scan); 4x cheaper than all bands
             white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             rgba = Image.alpha_composite(white, rgba)
         return rgba.convert("RGB")

@@ -92,7 +92,9 @@ def _filter_regions(mask: np.ndarray, min_region_px: float, min_hole_px: float) 
     background, n_bg = ndimage.label(~mask)
     if n_bg:
         areas = np.bincount(background.ravel())
-        border = np.unique(np.concatenate([background[0], background[-1], background[:, 0], background[:, -1]]))
+        border = np.unique(
+            np.concatenate([background[0], background[-1], background[:, 0], background[:, -1]])
+        )
         small = areas < min_hole_px
         small[0] = False
         small[border] = False

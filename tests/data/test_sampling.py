@@ -10,8 +10,15 @@ from e2e_wsi.data.sampling import allocate_counts, check_ratios, mris_sample, sa
 
 @pytest.mark.parametrize(
     ("s", "ratios"),
-    [(512, [0.5, 0.25, 0.25]), (10, [0.25, 0.25, 0.5]), (7, [1 / 3, 1 / 3, 1 / 3]), (10, [0.7, 0.3]), (1, [0.5, 0.5]),
-     (128, [0.6, 0.2, 0.2]), (33, [1.0])],
+    [
+        (512, [0.5, 0.25, 0.25]),
+        (10, [0.25, 0.25, 0.5]),
+        (7, [1 / 3, 1 / 3, 1 / 3]),
+        (10, [0.7, 0.3]),
+        (1, [0.5, 0.5]),
+        (128, [0.6, 0.2, 0.2]),
+        (33, [1.0]),
+    ],
 )
 def test_allocate_counts_sum_to_s_and_stay_within_one_of_ceil(s: int, ratios: list[float]) -> None:
     counts = allocate_counts(s, ratios)
@@ -32,7 +39,9 @@ def test_bad_ratios_are_rejected(ratios: list[float]) -> None:
         check_ratios(ratios, 3)
 
 
-@pytest.mark.parametrize(("s", "ratios"), [(512, [0.5, 0.25, 0.25]), (100, [0.6, 0.4]), (64, [0.2, 0.3, 0.5])])
+@pytest.mark.parametrize(
+    ("s", "ratios"), [(512, [0.5, 0.25, 0.25]), (100, [0.6, 0.4]), (64, [0.2, 0.3, 0.5])]
+)
 def test_sample_counts_per_scale_and_no_duplicates(s: int, ratios: list[float]) -> None:
     counts = [5000, 1300, 400][: len(ratios)]
     scale, index, valid = mris_sample(counts, s, ratios, sample_rng(0, 0, 0, 3))

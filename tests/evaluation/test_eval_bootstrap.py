@@ -7,7 +7,6 @@ import pandas as pd
 import pytest
 from lifelines.utils import concordance_index
 
-from e2e_wsi.evaluation import metrics as M
 from e2e_wsi.evaluation.bootstrap import (
     bootstrap_report,
     bootstrap_values,
@@ -21,7 +20,9 @@ from e2e_wsi.evaluation.report import validate_predictions
 METRIC_KEYS = {"point", "mean", "std", "ci_low", "ci_high", "n_valid"}
 
 
-def classification_frame(n_cases: int, k: int = 2, seed: int = 0, skill: float = 1.5, slides: int = 1) -> pd.DataFrame:
+def classification_frame(
+    n_cases: int, k: int = 2, seed: int = 0, skill: float = 1.5, slides: int = 1
+) -> pd.DataFrame:
     """``slides`` slides per case with the case's label; probabilities from noisy logits."""
     rng = np.random.default_rng(seed)
     case_labels = rng.integers(0, k, n_cases)
@@ -30,8 +31,15 @@ def classification_frame(n_cases: int, k: int = 2, seed: int = 0, skill: float =
         for s in range(slides):
             logits = rng.normal(size=k) + skill * np.eye(k)[y]
             p = np.exp(logits) / np.exp(logits).sum()
-            rows.append({"case_id": f"case-{c}", "slide_id": f"case-{c}_s{s}", "label": int(y), "pred": int(p.argmax()),
-                         **{f"prob_{j}": float(p[j]) for j in range(k)}})
+            rows.append(
+                {
+                    "case_id": f"case-{c}",
+                    "slide_id": f"case-{c}_s{s}",
+                    "label": int(y),
+                    "pred": int(p.argmax()),
+                    **{f"prob_{j}": float(p[j]) for j in range(k)},
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -39,18 +47,30 @@ def survival_frame(n: int, seed: int = 0) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     risk = rng.normal(size=n)
     time = np.round(rng.exponential(np.exp(-risk) * 10) + 0.1, 1)
-    return pd.DataFrame({"case_id": [f"p{i}" for i in range(n)], "time": time,
-                         "event": rng.integers(0, 2, n), "risk": risk + rng.normal(scale=0.5, size=n)})
+    return pd.DataFrame(
+        {
+            "case_id": [f"p{i}" for i in range(n)],
+            "time": time,
+            "event": rng.integers(0, 2, n),
+            "risk": risk + rng.normal(scale=0.5, size=n),
+        }
+    )
 
 
 @pytest.mark.parametrize(
     ("task", "names"),
-    [("classification", ["auroc", "accuracy", "balanced_accuracy", "f1_macro"]),
-     ("grading", ["accuracy", "qwk", "balanced_accuracy"]),
-     ("survival", ["c_index"])],
+    [
+        ("classification", ["auroc", "accuracy", "balanced_accuracy", "f1_macro"]),
+        ("grading", ["accuracy", "qwk", "balanced_accuracy"]),
+        ("survival", ["c_index"]),
+    ],
 )
 def test_report_layout_and_ci_covers_point(task: str, names: list[str]) -> None:
-    df = survival_frame(200) if task == "survival" else classification_frame(200, k=4 if task == "grading" else 2)
+    df = (
+        survival_frame(200)
+        if task == "survival"
+        else classification_frame(200, k=4 if task == "grading" else 2)
+    )
     report = bootstrap_report(df, task, n_resamples=300, seed=1)
     assert report["task"] == task and report["n"] == 200 and report["n_cases"] == 200
     assert report["bootstrap"] == {"n_resamples": 300, "seed": 1, "ci": 0.95, "unit": "case"}
@@ -165,15 +185,20 @@ def test_paired_comparison_detects_a_better_run() -> None:
     assert d["point"] == pytest.approx(cmp["a"]["point"] - cmp["b"]["point"])
     assert d["ci_low"] > 0 and d["share_le_0"] < 0.01 and d["p_value"] < 0.02
     # Paired: the difference's spread is that of the per-resample differences of the two runs.
-    values = {k: bootstrap_values(validate_predictions(f, "classification"), {"auroc": metric_functions("classification")["auroc"]}, 300, 2)["auroc"] for k, f in (("a", good), ("b", weak))}
-    assert d["std"] == pytest.approx(np.std(values["a"] - values["b"], ddof=1))
+    fns = {"auroc": metric_functions("classification")["auroc"]}
+    va, vb = (
+        bootstrap_values(validate_predictions(f, "classification"), fns, 300, 2)["auroc"]
+        for f in (good, weak)
+    )
+    assert d["std"] == pytest.approx(np.std(va - vb, ddof=1))
 
 
 def test_paired_comparison_uses_accuracy_for_grading_and_c_index_for_survival() -> None:
     grading = classification_frame(40, k=4, seed=1)
     assert paired_comparison(grading, grading, "grading", n_resamples=10)["metric"] == "accuracy"
     surv = survival_frame(40)
-    assert paired_comparison(surv, surv.assign(risk=-surv["risk"]), "survival", n_resamples=50)["difference"]["point"] > 0
+    reversed_risk = paired_comparison(surv, surv.assign(risk=-surv["risk"]), "survival", n_resamples=50)
+    assert reversed_risk["metric"] == "c_index" and reversed_risk["difference"]["point"] > 0
 
 
 def test_paired_comparison_rejects_different_units_or_truth() -> None:
@@ -187,4 +212,3 @@ def test_paired_comparison_rejects_different_units_or_truth() -> None:
     surv = survival_frame(10)
     with pytest.raises(ValueError, match="disagree on time"):
         paired_comparison(surv, surv.assign(time=surv["time"] + 1), "survival", n_resamples=10)
-    assert M.c_index(surv["time"], surv["event"], surv["risk"]).shape == (1,)

@@ -29,7 +29,7 @@ def _pairwise_auroc(positive: np.ndarray, scores: np.ndarray) -> float:
 
 def _qwk_by_formula(labels: np.ndarray, preds: np.ndarray, k: int) -> float:
     observed = np.zeros((k, k))
-    for y, p in zip(labels, preds):
+    for y, p in zip(labels, preds, strict=True):
         observed[y, p] += 1
     expected = np.outer(observed.sum(1), observed.sum(0)) / observed.sum()
     w = np.array([[(i - j) ** 2 / (k - 1) ** 2 for j in range(k)] for i in range(k)])
@@ -81,7 +81,9 @@ def test_count_weights_equal_duplicated_rows(k: int) -> None:
     weights = rng.integers(0, 4, size=(3, 60))
     for r in range(3):
         rows = np.repeat(np.arange(60), weights[r])
-        assert M.auroc(labels, probs, weights)[r] == pytest.approx(M.auroc(labels[rows], probs[rows])[0], abs=1e-12)
+        assert M.auroc(labels, probs, weights)[r] == pytest.approx(
+            M.auroc(labels[rows], probs[rows])[0], abs=1e-12
+        )
         for fn in (M.accuracy, M.balanced_accuracy, M.f1_macro, M.quadratic_weighted_kappa):
             batched = fn(labels, preds, k, weights)[r]
             assert batched == pytest.approx(fn(labels[rows], preds[rows], k)[0], abs=1e-12), fn.__name__
@@ -118,7 +120,9 @@ def test_qwk_matches_confusion_matrix_formula(seed: int) -> None:
     preds = np.clip(labels + rng.integers(-2, 3, 150), 0, k - 1)
     got = M.quadratic_weighted_kappa(labels, preds, k)[0]
     assert got == pytest.approx(_qwk_by_formula(labels, preds, k), abs=1e-12)
-    ref = multiclass_cohen_kappa(torch.tensor(preds), torch.tensor(labels), num_classes=k, weights="quadratic")
+    ref = multiclass_cohen_kappa(
+        torch.tensor(preds), torch.tensor(labels), num_classes=k, weights="quadratic"
+    )
     assert got == pytest.approx(ref.item(), abs=1e-5)
 
 

@@ -39,7 +39,9 @@ def validate_bag(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | N
     if mask.dtype != torch.bool:
         raise ValueError(f"mask must be a bool tensor (True = real instance), got dtype {mask.dtype}")
     if mask.shape != x.shape[:2]:
-        raise ValueError(f"mask shape {tuple(mask.shape)} does not match the bag's [B, N] = {tuple(x.shape[:2])}")
+        raise ValueError(
+            f"mask shape {tuple(mask.shape)} does not match the bag's [B, N] = {tuple(x.shape[:2])}"
+        )
     valid_per_bag = mask.any(dim=1)
     if not bool(valid_per_bag.all()):
         empty = torch.nonzero(~valid_per_bag).flatten().tolist()

@@ -58,9 +58,7 @@ class ABMIL(nn.Module):
         self.attn_w = nn.Linear(attn_dim, 1, bias=attn_bias)
         self.apply(init_weights)
 
-    def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Pool a bag.
 
         Args:

@@ -103,9 +103,7 @@ class ABMILX(nn.Module):
         # Registered after init so the xavier pass cannot touch it.
         self.alpha = nn.Parameter(torch.tensor(float(alpha_init))) if attn_plus else None
 
-    def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Aggregate a bag with the memory-efficient SDPA path.
 
         Args:
@@ -141,7 +139,9 @@ class ABMILX(nn.Module):
         heads = self.split_heads(x, mask)
         logits = self.local_logits(heads)
         if self.attn_plus:
-            propagated = self._propagate_naive(heads, logits, mask) if naive else self._propagate(heads, logits, mask)
+            propagated = (
+                self._propagate_naive(heads, logits, mask) if naive else self._propagate(heads, logits, mask)
+            )
             logits = logits + self.alpha * propagated
         attention = masked_softmax(logits, None if mask is None else mask[:, None, :])
         pooled = torch.einsum("bhn,bhnd->bhd", attention, heads).reshape(b, self.out_dim)
@@ -154,7 +154,9 @@ class ABMILX(nn.Module):
         q, k = self.qk(self.plus_norm(heads)).chunk(2, dim=-1)
         return q, k
 
-    def _propagate(self, heads: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def _propagate(
+        self, heads: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         """U A via fused SDPA: [B, H, N] logits -> [B, H, N], never forming U."""
         q, k = self._query_key(heads)
         # Zero-padding the value to the head width selects the fused (O(N) memory) CPU kernel.

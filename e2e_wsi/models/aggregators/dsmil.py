@@ -71,9 +71,7 @@ class DSMIL(nn.Module):
         self.value = nn.Sequential(nn.Linear(inner_dim, inner_dim, bias=False), nn.ReLU())
         self.apply(init_weights)
 
-    def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Aggregate a bag; see the class docstring for shapes."""
         mask = validate_bag(x, mask)
         h = masked_fill_padding(self.stem(x), mask)

@@ -38,9 +38,7 @@ class MeanPool(_Pool):
         the mean actually uses.
     """
 
-    def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean-pool a bag; see the class docstring for shapes."""
         mask = validate_bag(x, mask)
         b, n, _ = x.shape
@@ -64,9 +62,7 @@ class MaxPool(_Pool):
         argmax share); it sums to 1 and is 0 on padding.
     """
 
-    def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Max-pool a bag; see the class docstring for shapes."""
         mask = validate_bag(x, mask)
         h = self.stem(x)

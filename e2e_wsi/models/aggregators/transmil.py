@@ -117,7 +117,9 @@ class TransMIL(nn.Module):
         nn.init.normal_(self.cls_token, std=1e-6)
 
     @staticmethod
-    def grid_sources(mask: torch.Tensor | None, batch: int, n: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    def grid_sources(
+        mask: torch.Tensor | None, batch: int, n: int, device: torch.device
+    ) -> tuple[torch.Tensor, int]:
         """Index of the instance behind each grid token.
 
         Args:
@@ -140,9 +142,7 @@ class TransMIL(nn.Module):
         positions = torch.arange(side * side, device=device).unsqueeze(0) % counts.unsqueeze(1)
         return torch.gather(order, 1, positions), side
 
-    def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Aggregate a bag; see the class docstring for shapes."""
         mask = validate_bag(x, mask)
         b, n, _ = x.shape

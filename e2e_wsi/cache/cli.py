@@ -1,0 +1,87 @@
+"""``e2e-wsi cache info CACHE_DIR``: what a patch cache holds (slides, patches per magnification, size)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from e2e_wsi.cache.store import PatchCache
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+        size /= 1024
+    return f"{size:.1f} TiB"  # pragma: no cover - loop always returns
+
+
+def _failures(paths: list[Path]) -> list[dict]:
+    """Failed slides listed in the summary files next to the LMDBs."""
+    rows: list[dict] = []
+    for folder in sorted({p.parent for p in paths}):
+        for summary in sorted(folder.glob("summary*.json")):
+            try:
+                data = json.loads(summary.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            rows += [r for r in data.get("slides", []) if r.get("status") == "failed"]
+    return rows
+
+
+def info(path: str | Path) -> int:
+    """Print a table of the cache at ``path``; returns the exit status."""
+    from rich.console import Console
+    from rich.table import Table
+
+    cache = PatchCache(path)
+    ids = cache.slide_ids()
+    mags = sorted({m for s in ids for m in cache.magnifications(s)}, reverse=True)
+    table = Table(title=f"patch cache {path}")
+    table.add_column("slide_id", style="bold")
+    for mag in mags:
+        table.add_column(f"{mag:g}x", justify="right")
+    table.add_column("mpp", justify="right")
+    table.add_column("tissue", justify="right")
+    totals = dict.fromkeys(mags, 0)
+    for slide_id in ids:
+        meta = cache.meta(slide_id)
+        cells = []
+        for mag in mags:
+            n = cache.count(slide_id, mag) if mag in cache.magnifications(slide_id) else 0
+            totals[mag] += n
+            cells.append(str(n))
+        table.add_row(slide_id, *cells, f"{meta['mpp']:.3f}", f"{meta['tissue_fraction']:.1%}")
+    table.add_section()
+    table.add_row(f"total: {len(ids)} slides", *(str(totals[m]) for m in mags), "", "")
+    console = Console()
+    console.print(table)
+    disk = sum(f.stat().st_size for p in cache.paths for f in p.glob("*.mdb"))
+    n_patches = sum(totals.values())
+    console.print(
+        f"{len(cache.paths)} LMDB file(s): {', '.join(p.name for p in cache.paths)}; {n_patches} patches; "
+        f"{_human(disk)} on disk ({_human(disk / max(n_patches, 1))} per patch)"
+    )
+    failed = _failures(cache.paths)
+    if failed:
+        console.print(f"[red]{len(failed)} slide(s) failed in the last run(s):[/red]")
+        for row in failed:
+            console.print(f"  {row.get('slide_id')}: {row.get('reason')}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``e2e-wsi cache``; the only sub-command is ``info``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="e2e-wsi cache", description="Inspect a patch cache.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    info_parser = sub.add_parser("info", help="slides, patches per magnification and size of a cache")
+    info_parser.add_argument("path", type=Path, help="cache directory, an .lmdb directory")
+    args = parser.parse_args(argv)
+    try:
+        return info(args.path)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"e2e-wsi cache: error: {err}", file=sys.stderr)
+        return 2

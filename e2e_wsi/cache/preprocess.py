@@ -1,0 +1,405 @@
+"""``e2e-wsi preprocess``: tissue detection, multi-magnification tiling, and the LMDB patch cache.
+
+Worker processes read and encode slides (see :mod:`e2e_wsi.cache._worker`); the main process is the
+single LMDB writer and commits each slide in one transaction, so killing the run at any moment loses at
+most the slides in flight and a re-run resumes exactly (complete slides with the same parameters are
+skipped). ``--shard i/n`` keeps the slides whose CRC32 of the id is ``i`` mod ``n`` and writes
+``shard-i-of-n.lmdb``, so shards can run on separate machines into one cache directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+import zlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from e2e_wsi.cache._worker import PreprocessConfig, SlideJob, process_slide
+from e2e_wsi.cache.store import LMDB_SUFFIX, CacheWriter, read_staged
+
+SLIDE_EXTENSIONS = (
+    ".svs",
+    ".tif",
+    ".tiff",
+    ".ndpi",
+    ".mrxs",
+    ".scn",
+    ".vms",
+    ".vmu",
+    ".bif",
+    ".svslide",
+    ".dcm",
+)
+
+# Worker state set by the pool initializer (one per worker process).
+_WORKER: dict[str, Any] = {}
+
+
+def jobs_from_manifest(manifest: str | Path) -> list[SlideJob]:
+    """Slides listed in a manifest CSV (columns ``slide_id`` and ``path``; optional ``mpp``).
+
+    Paths are relative to the manifest's folder unless absolute. Other columns (labels) are ignored.
+
+    Raises:
+        FileNotFoundError: If the manifest is missing.
+        ValueError: If a required column is missing, a row has an empty path or a bad ``mpp``, or a
+            slide id repeats; the message names the row.
+    """
+    manifest = Path(manifest)
+    if not manifest.is_file():
+        raise FileNotFoundError(f"manifest {manifest} not found")
+    with open(manifest, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        missing = {"slide_id", "path"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(
+                f"{manifest}: missing column(s) {sorted(missing)}; expected at least slide_id,path"
+            )
+        jobs: list[SlideJob] = []
+        seen: dict[str, int] = {}
+        for row_no, row in enumerate(reader, start=2):  # row 1 is the header
+            origin = f"{manifest.name} row {row_no}"
+            slide_id, rel = (row.get("slide_id") or "").strip(), (row.get("path") or "").strip()
+            if not rel:
+                raise ValueError(f"{manifest} row {row_no}: empty path for slide {slide_id!r}")
+            if slide_id in seen:
+                raise ValueError(
+                    f"{manifest} row {row_no}: slide_id {slide_id!r} repeats row {seen[slide_id]}"
+                )
+            seen[slide_id] = row_no
+            mpp_text = (row.get("mpp") or "").strip()
+            try:
+                mpp = float(mpp_text) if mpp_text else None
+            except ValueError:
+                raise ValueError(f"{manifest} row {row_no}: mpp {mpp_text!r} is not a number") from None
+            path = Path(rel) if Path(rel).is_absolute() else manifest.parent / rel
+            jobs.append(SlideJob(slide_id, path, mpp, origin))
+    return jobs
+
+
+def jobs_from_dir(slides_dir: str | Path) -> list[SlideJob]:
+    """One job per slide file in a folder (not recursive); the id is the file name without extension."""
+    slides_dir = Path(slides_dir)
+    if not slides_dir.is_dir():
+        raise FileNotFoundError(f"slides folder {slides_dir} not found")
+    files = sorted(p for p in slides_dir.iterdir() if p.is_file() and p.suffix.lower() in SLIDE_EXTENSIONS)
+    return [SlideJob(p.stem, p, None, str(p)) for p in files]
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """``"1/4"`` -> ``(1, 4)``; ``None`` -> ``(0, 1)``."""
+    if text is None:
+        return 0, 1
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from None
+    if not (count >= 1 and 0 <= index < count):
+        raise ValueError(f"--shard {text}: need n >= 1 and 0 <= i < n")
+    return index, count
+
+
+def shard_name(shard: tuple[int, int]) -> str:
+    """LMDB directory name of a shard: ``patches.lmdb`` or ``shard-01-of-04.lmdb``."""
+    index, count = shard
+    return f"patches{LMDB_SUFFIX}" if count == 1 else f"shard-{index:02d}-of-{count:02d}{LMDB_SUFFIX}"
+
+
+def summary_name(shard: tuple[int, int]) -> str:
+    """Summary file of a shard: ``summary.json`` or ``summary-shard-01-of-04.json``."""
+    index, count = shard
+    return "summary.json" if count == 1 else f"summary-shard-{index:02d}-of-{count:02d}.json"
+
+
+def in_shard(slide_id: str, shard: tuple[int, int]) -> bool:
+    """Deterministic, order-independent shard membership (stable when slides are added)."""
+    return zlib.crc32(slide_id.encode()) % shard[1] == shard[0]
+
+
+def _init_worker(config: PreprocessConfig, staging: Path, qc_dir: Path | None, queue: Any) -> None:
+    _WORKER.update(config=config, staging=staging, qc_dir=qc_dir, queue=queue)
+
+
+def _run_in_worker(job: SlideJob) -> dict[str, Any]:
+    return process_slide(job, _WORKER["config"], _WORKER["staging"], _WORKER["qc_dir"], _WORKER["queue"])
+
+
+def _params_mismatch(jobs: list[SlideJob], existing: dict[str, dict], config: PreprocessConfig) -> list[str]:
+    lines = []
+    for job in jobs:
+        old = existing.get(job.slide_id)
+        if old is not None and old.get("params") != config.params(job.mpp):
+            diff = sorted(
+                k
+                for k in set(old.get("params", {})) | set(config.params(job.mpp))
+                if old.get("params", {}).get(k) != config.params(job.mpp).get(k)
+            )
+            lines.append(f"{job.slide_id} (differs in {', '.join(diff)})")
+    return lines
+
+
+def preprocess(
+    jobs: Sequence[SlideJob],
+    out_dir: str | Path,
+    config: PreprocessConfig,
+    *,
+    workers: int = 1,
+    shard: tuple[int, int] = (0, 1),
+    overwrite: bool = False,
+    qc: bool = True,
+    progress: bool = True,
+    map_size: int = 1 << 30,
+) -> list[dict[str, Any]]:
+    """Preprocess slides into ``out_dir`` (LMDB + ``summary.json`` + ``qc/``) and return the summary rows.
+
+    Args:
+        jobs: Slides (see :func:`jobs_from_manifest`, :func:`jobs_from_dir`).
+        out_dir: Cache directory (created).
+        config: What to cut and how.
+        workers: Reader/encoder processes; 0 runs everything in this process.
+        shard: ``(i, n)``: process only this shard's slides into its own LMDB.
+        overwrite: Re-do slides cached with different parameters instead of raising.
+        qc: Write ``qc/<slide_id>.png``.
+        progress: Show a tqdm progress bar (stderr).
+        map_size: Initial LMDB map size in bytes (grows by doubling).
+
+    Returns:
+        One dict per slide of the shard: ``slide_id``, ``path``, ``status`` ('ok'/'failed'), ``reason``
+        (failed), ``patches`` {mag: n} and ``cached`` (True if skipped because already complete).
+
+    Raises:
+        ValueError: If slides are already cached with different parameters and ``overwrite`` is False.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jobs = [j for j in jobs if in_shard(j.slide_id, shard)]
+    if dupes := sorted({j.slide_id for j in jobs if sum(k.slide_id == j.slide_id for k in jobs) > 1}):
+        raise ValueError(f"slide ids repeat: {dupes[:5]}; give each slide file a unique id")
+    writer = CacheWriter(out_dir / shard_name(shard), map_size=map_size)
+    try:
+        existing = writer.all_meta()
+        if not overwrite and (bad := _params_mismatch(jobs, existing, config)):
+            raise ValueError(
+                f"{len(bad)} slide(s) in {writer.path} were cached with different parameters: "
+                + "; ".join(bad[:5])
+                + ("; ..." if len(bad) > 5 else "")
+                + ". Re-run with --overwrite to replace them, or use another --out."
+            )
+        rows: dict[str, dict[str, Any]] = {}
+        todo = []
+        for job in jobs:
+            old = existing.get(job.slide_id)
+            if old is not None and old.get("params") == config.params(job.mpp):
+                rows[job.slide_id] = _ok_row(job, old, cached=True)
+            else:
+                todo.append(job)
+        staging = out_dir / ".staging" / shard_name(shard)
+        shutil.rmtree(staging, ignore_errors=True)  # leftovers of a killed run are never committed
+        staging.mkdir(parents=True)
+        qc_dir = out_dir / "qc" if qc else None
+        if qc_dir is not None:
+            qc_dir.mkdir(exist_ok=True)
+        for record in _run(todo, config, staging, qc_dir, workers, progress):
+            rows[record["slide_id"]] = _commit(writer, record)
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            staging.parent.rmdir()  # only if no other shard is staging here right now
+        except OSError:
+            pass
+    finally:
+        writer.close()
+    ordered = [rows[j.slide_id] for j in jobs if j.slide_id in rows]
+    _write_summary(out_dir / summary_name(shard), ordered, config, shard)
+    return ordered
+
+
+def _ok_row(job: SlideJob, meta: dict, *, cached: bool) -> dict[str, Any]:
+    patches = {m: info["count"] for m, info in meta["magnifications"].items()}
+    return {
+        "slide_id": job.slide_id,
+        "path": str(job.path),
+        "status": "ok",
+        "patches": patches,
+        "cached": cached,
+    }
+
+
+def _commit(writer: CacheWriter, record: dict[str, Any]) -> dict[str, Any]:
+    if record["status"] != "ok":
+        return {k: record[k] for k in ("slide_id", "path", "status", "reason")}
+    meta, staging = record["meta"], Path(record["staging"])
+
+    def patches() -> Iterator[
+        tuple[float, int, bytes]
+    ]:  # re-iterable for the writer's retry after growing the map
+        data = read_staged(staging)
+        for mag, info in meta["magnifications"].items():
+            for index in range(info["count"]):
+                yield float(mag), index, next(data)
+
+    writer.commit_slide(meta, patches)
+    staging.unlink()
+    job = SlideJob(record["slide_id"], Path(record["path"]))
+    return _ok_row(job, meta, cached=False)
+
+
+def _run(
+    todo: list[SlideJob],
+    config: PreprocessConfig,
+    staging: Path,
+    qc_dir: Path | None,
+    workers: int,
+    progress: bool,
+) -> Iterator[dict[str, Any]]:
+    """Yield worker records as slides finish, updating a progress bar."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(todo), unit="slide", desc="preprocess", disable=not progress, dynamic_ncols=True)
+    start, patches = time.perf_counter(), 0
+
+    def tick(n: int) -> None:
+        nonlocal patches
+        patches += n
+        bar.set_postfix_str(
+            f"{patches} patches, {patches / max(time.perf_counter() - start, 1e-9):.0f} patches/s"
+        )
+
+    try:
+        if workers <= 0:
+            sink = type("Sink", (), {"put": staticmethod(tick)})()
+            for job in todo:
+                yield process_slide(job, config, staging, qc_dir, sink)
+                bar.update()
+            return
+        ctx = mp.get_context("spawn")  # no fork: the parent holds an LMDB write handle
+        queue = ctx.Queue()
+        with ctx.Pool(
+            min(workers, max(len(todo), 1)), _init_worker, (config, staging, qc_dir, queue)
+        ) as pool:
+            results = pool.imap_unordered(_run_in_worker, todo, chunksize=1)
+            done = 0
+            while done < len(todo):
+                while not queue.empty():
+                    tick(queue.get())
+                try:
+                    record = results.next(timeout=0.2)
+                except mp.TimeoutError:
+                    continue
+                done += 1
+                bar.update()
+                yield record
+    finally:
+        bar.close()
+
+
+def _write_summary(
+    path: Path, rows: list[dict[str, Any]], config: PreprocessConfig, shard: tuple[int, int]
+) -> None:
+    summary = {
+        "shard": list(shard),
+        "params": config.params(None),
+        "counts": {s: sum(r["status"] == s for r in rows) for s in ("ok", "failed")},
+        "slides": rows,
+    }
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, path)  # readers never see a half-written summary
+
+
+def _print_failures(rows: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=True)
+    failed = [r for r in rows if r["status"] == "failed"]
+    ok = len(rows) - len(failed)
+    cached = sum(bool(r.get("cached")) for r in rows)
+    console.print(f"preprocess: {ok} slide(s) ok ({cached} already cached), {len(failed)} failed")
+    if failed:
+        table = Table(title="failed slides", show_lines=False)
+        table.add_column("slide_id", style="bold")
+        table.add_column("path")
+        table.add_column("reason", style="red")
+        for row in failed:
+            table.add_row(row["slide_id"], row["path"], row["reason"])
+        console.print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``e2e-wsi preprocess``; returns the exit status."""
+    import argparse
+
+    from e2e_wsi.slides.tissue import TissueParams
+
+    parser = argparse.ArgumentParser(
+        prog="e2e-wsi preprocess",
+        description="Detect tissue, tile slides at several magnifications and cache the patches in LMDB.",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--manifest", type=Path, help="CSV with slide_id,path[,mpp] (paths relative to its folder)"
+    )
+    source.add_argument(
+        "--slides-dir", type=Path, help="folder of slide files (id = file name without extension)"
+    )
+    parser.add_argument("--out", type=Path, required=True, help="cache directory (LMDB, summary.json, qc/)")
+    parser.add_argument("--magnifications", type=float, nargs="+", required=True, help="e.g. 10 5 20")
+    parser.add_argument("--patch-size", type=int, default=256)
+    parser.add_argument(
+        "--workers", type=int, default=min(4, os.cpu_count() or 1), help="0 = no subprocesses"
+    )
+    parser.add_argument("--mpp", type=float, default=None, help="um/px for slides without an mpp column")
+    parser.add_argument("--shard", default=None, help="i/n: process only shard i of n")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace slides cached with other parameters"
+    )
+    parser.add_argument("--allow-failures", action="store_true", help="exit 0 even if some slides failed")
+    parser.add_argument("--jpeg-quality", type=int, default=90)
+    parser.add_argument(
+        "--tissue-threshold", type=float, default=0.5, help="min tissue fraction of a kept patch"
+    )
+    parser.add_argument(
+        "--saturation-threshold", default="8", help="HSV saturation threshold 0-255, or 'otsu'"
+    )
+    parser.add_argument("--no-qc", action="store_true", help="do not write qc/<slide_id>.png")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    try:
+        otsu = args.saturation_threshold.lower() == "otsu"
+        tissue = TissueParams(
+            use_otsu=otsu, **({} if otsu else {"saturation_threshold": int(args.saturation_threshold)})
+        )
+        config = PreprocessConfig(
+            magnifications=tuple(args.magnifications),
+            patch_size=args.patch_size,
+            jpeg_quality=args.jpeg_quality,
+            tissue_threshold=args.tissue_threshold,
+            tissue=tissue,
+            mpp=args.mpp,
+        )
+        jobs = jobs_from_manifest(args.manifest) if args.manifest else jobs_from_dir(args.slides_dir)
+        if not jobs:
+            raise ValueError(f"no slides found in {args.manifest or args.slides_dir}")
+        rows = preprocess(
+            jobs,
+            args.out,
+            config,
+            workers=args.workers,
+            shard=parse_shard(args.shard),
+            overwrite=args.overwrite,
+            qc=not args.no_qc,
+            progress=not args.quiet,
+        )
+    except (ValueError, FileNotFoundError) as err:
+        print(f"e2e-wsi preprocess: error: {err}", file=sys.stderr)
+        return 2
+    _print_failures(rows)
+    failed = any(r["status"] == "failed" for r in rows)
+    return 1 if failed and not args.allow_failures else 0

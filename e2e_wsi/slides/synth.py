@@ -1,0 +1,331 @@
+"""Synthetic cohorts of real pyramidal slides with known lesions (``e2e-wsi synth``).
+
+Every slide is an Aperio-SVS-like tiled JPEG TIFF (or a generic tiled TIFF) that OpenSlide opens like a
+scanner's output, with a ground-truth mask at downsample 16 and a manifest in the usual
+``case_id,slide_id,path,label`` convention. Output is deterministic for a seed whatever the number of
+workers: each slide draws from its own ``SeedSequence(seed, spawn_key=(i + 1,))`` stream.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from e2e_wsi.slides._render import GRID, TASKS, lesion_burden, paint_slide, render_slide
+from e2e_wsi.slides._tiff import write_levels, write_pyramidal_tiff
+from e2e_wsi.utils import validate_slide_id
+
+__all__ = ["TASKS", "SlideJob", "render_slide", "synthesize_cohort", "write_pyramidal_tiff"]
+
+DOWNSAMPLES = (1, 4, 16)
+_OUTPUTS = ("slides", "masks", "manifest.csv", "synth.json")
+
+
+@dataclass(frozen=True)
+class SlideJob:
+    """Everything one worker needs to paint and write one slide (plain values only)."""
+
+    case_id: str
+    slide_id: str
+    label: float  # class / grade / 0-1 diagnosis, or the survival risk in [0, 1]
+    seed: int
+    index: int
+    size: tuple[int, int]
+    task: str
+    lesion_fraction: float
+    num_classes: int
+    num_grades: int
+    pen_marks: bool
+    mpp: float | None
+    objective_power: float | None
+    quality: int
+    scale: int
+    suffix: str
+
+
+def _check_params(task: str, num_slides: int, size: tuple[int, int], lesion_fraction: float,
+                  num_classes: int, num_grades: int, slides_per_case: int,
+                  negative_fraction: float | None, workers: int, scale: int, quality: int) -> None:
+    """Reject impossible parameters before anything touches the disk."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    if isinstance(num_slides, bool) or int(num_slides) != num_slides or num_slides < 1:
+        raise ValueError(f"num_slides must be a positive integer, got {num_slides!r}")
+    if isinstance(lesion_fraction, bool) or not 0.0 <= float(lesion_fraction) <= 1.0:  # NaN fails too
+        raise ValueError(f"lesion_fraction is the share of tissue covered by lesion and must be in [0, 1], "
+                         f"got {lesion_fraction!r}")
+    if any(s < 512 or s % GRID for s in size):
+        raise ValueError(f"slide size must be at least 512 px and a multiple of {GRID} (the mask is at "
+                         f"downsample {GRID}), got {size[0]}x{size[1]}")
+    if task == "subtype" and num_classes < 2:
+        raise ValueError(f"task 'subtype' needs num_classes >= 2, got {num_classes}")
+    if task == "grade" and num_grades < 2:
+        raise ValueError(f"task 'grade' needs num_grades >= 2, got {num_grades}")
+    if slides_per_case < 1:
+        raise ValueError(f"slides_per_case must be >= 1, got {slides_per_case}")
+    if negative_fraction is not None:
+        if task != "diagnosis":
+            raise ValueError("negative_fraction applies to task 'diagnosis' only")
+        if not 0.0 <= negative_fraction <= 1.0:
+            raise ValueError(f"negative_fraction must be in [0, 1], got {negative_fraction}")
+    if not 1 <= quality <= 100:
+        raise ValueError(f"quality is the JPEG quality and must be in [1, 100], got {quality}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if scale not in (1, 2, 4):
+        raise ValueError(f"render_scale must be 1, 2 or 4, got {scale}")
+
+
+def _balanced(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
+    """n labels in 0..k-1 with counts differing by at most one, in a seeded random order."""
+    return rng.permutation(np.arange(n) % k)
+
+
+def _case_labels(rng: np.random.Generator, task: str, num_cases: int, num_classes: int, num_grades: int,
+                 negative_fraction: float) -> np.ndarray:
+    """Per-case label: class, grade, 0/1 diagnosis, or the survival risk in [0, 1] (stratified)."""
+    if task == "subtype":
+        return _balanced(rng, num_cases, num_classes).astype(np.float64)
+    if task == "grade":
+        return _balanced(rng, num_cases, num_grades).astype(np.float64)
+    if task == "diagnosis":
+        negatives = int(round(negative_fraction * num_cases))
+        return rng.permutation(np.r_[np.zeros(negatives), np.ones(num_cases - negatives)])
+    # survival: risks spread evenly over [0, 1] so every cohort spans low to high burden
+    return (rng.permutation(num_cases) + rng.random(num_cases)) / num_cases
+
+
+def _survival(rng: np.random.Generator, risk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Weibull event times whose hazard grows with risk, with independent censoring.
+
+    Returns:
+        ``(time, event)``: months > 0 rounded to 0.01, and 1 = event observed, 0 = censored.
+    """
+    scale = 60.0 * np.exp(-2.0 * risk)  # proportional hazards: log-hazard linear in risk
+    event_time = scale * rng.weibull(1.5, risk.size)
+    censor_time = np.minimum(rng.exponential(90.0, risk.size), 120.0)  # dropout + end of study
+    time = np.maximum(np.round(np.minimum(event_time, censor_time), 2), 0.01)
+    return time, (event_time <= censor_time).astype(np.int64)
+
+
+def _write_slide(job: SlideJob, root: str) -> dict[str, object]:
+    """Paint one slide, write its pyramid and mask under ``root``; return its summary (worker)."""
+    rng = np.random.default_rng(np.random.SeedSequence(job.seed, spawn_key=(job.index + 1,)))
+    small, truth = paint_slide(rng, job.size, job.task, job.label, job.lesion_fraction,
+                               num_classes=job.num_classes, num_grades=job.num_grades,
+                               pen_marks=job.pen_marks, scale=job.scale)
+    slide_path = Path(root, "slides", job.slide_id + job.suffix)
+    write_levels(slide_path, small, job.scale, job.size, mpp=job.mpp, objective_power=job.objective_power,
+                 downsamples=DOWNSAMPLES, tile=256, quality=job.quality)
+    Image.fromarray(truth).save(Path(root, "masks", job.slide_id + ".png"), optimize=False)
+    tissue = int((truth > 0).sum())
+    return {"slide_id": job.slide_id, "tissue_fraction": round(tissue / truth.size, 4),
+            "lesion_fraction": round(int((truth == 255).sum()) / max(tissue, 1), 4)}
+
+
+def _run_jobs(jobs: list[SlideJob], root: Path, workers: int) -> list[dict[str, object]]:
+    """Write all slides, in worker processes when ``workers > 1``; the first error is re-raised."""
+    if workers == 1 or len(jobs) == 1:
+        return [_write_slide(job, str(root)) for job in jobs]
+    # forkserver: no fork of a parent that may hold threads (torch, pytest plugins)
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)),
+                             mp_context=multiprocessing.get_context(method)) as pool:
+        futures = [pool.submit(_write_slide, job, str(root)) for job in jobs]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+
+def _manifest_text(task: str, jobs: list[SlideJob], survival: dict[str, tuple[float, int]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    extra = ["time", "event"] if task == "survival" else ["label"]
+    writer.writerow(["case_id", "slide_id", "path", *extra])
+    for job in jobs:
+        path = f"slides/{job.slide_id}{job.suffix}"
+        if task == "survival":
+            time, event = survival[job.case_id]
+            writer.writerow([job.case_id, job.slide_id, path, f"{time:.2f}", event])
+        else:
+            writer.writerow([job.case_id, job.slide_id, path, int(job.label)])
+    return buffer.getvalue()
+
+
+def _prepare_out_dir(out_dir: Path, overwrite: bool) -> list[Path]:
+    """Create ``out_dir`` if needed; return the directories created here (to remove on failure)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"output path {out_dir} exists and is not a directory; choose another --out")
+    if out_dir.is_dir() and not overwrite:
+        taken = [name for name in _OUTPUTS if (out_dir / name).exists()]
+        if taken:
+            raise ValueError(f"output directory {out_dir} already holds {', '.join(taken)}; "
+                             "choose an empty directory or pass overwrite=True (--overwrite)")
+    created = [p for p in (out_dir, *out_dir.parents) if not p.exists()]
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create output directory {out_dir}: {err}; choose a writable --out") from err
+    return created
+
+
+def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    """Move the finished outputs from ``tmp`` into ``out_dir``, manifest last; undo on failure."""
+    moved: list[Path] = []
+    try:
+        for name in _OUTPUTS:
+            target = out_dir / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif target.exists() or target.is_symlink():
+                target.unlink()
+            os.replace(tmp / name, target)
+            moved.append(target)
+    except BaseException:
+        for target in moved:
+            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+        raise
+
+
+def synthesize_cohort(
+    out_dir: str | Path,
+    task: str = "subtype",
+    num_slides: int = 24,
+    seed: int = 0,
+    size: int | Sequence[int] = 8192,
+    lesion_fraction: float = 0.03,
+    num_classes: int = 2,
+    num_grades: int = 6,
+    slides_per_case: int = 1,
+    negative_fraction: float | None = None,
+    with_metadata: bool = True,
+    pen_marks: bool = False,
+    workers: int = 2,
+    *,
+    mpp: float = 0.25,
+    objective_power: float = 40,
+    quality: int = 90,
+    render_scale: int = 4,
+    overwrite: bool = False,
+) -> Path:
+    """Write a synthetic cohort: slides, ground-truth masks and a manifest.
+
+    Writes ``out_dir/slides/<slide_id>.svs`` (``.tif`` without metadata), ``out_dir/masks/<slide_id>.png``
+    (uint8 at downsample 16: 0 background, 128 tissue, 255 lesion), ``out_dir/manifest.csv`` with
+    ``case_id,slide_id,path,label`` (``case_id,slide_id,path,time,event`` for survival; ``path``
+    relative to the manifest) and ``out_dir/synth.json`` (parameters and per-slide lesion fraction).
+    Everything is written into a temporary directory first, so a failure leaves no partial cohort.
+
+    Args:
+        out_dir: Output directory (created if missing).
+        task: ``subtype`` (classes differ in lesion morphology), ``grade`` (ordinal; grade 0 has no
+            lesion, higher grades more burden and more solid high-grade morphology), ``survival``
+            (hazard grows with lesion burden, independent censoring) or ``diagnosis`` (label 0 slides
+            have no lesion).
+        num_slides: Number of slides (>= 1).
+        seed: Seed; the same seed gives a byte-identical manifest and identical pixels.
+        size: Level-0 side (or (H, W)), a multiple of 16 and >= 512.
+        lesion_fraction: Base share of tissue area covered by lesion, in [0, 1].
+        num_classes: Subtype classes (labels 0..K-1, balanced over cases).
+        num_grades: Grades K for ``grade`` (labels 0..K-1, balanced over cases).
+        slides_per_case: Slides per case (they share the case's label / outcome).
+        negative_fraction: Share of lesion-free cases for ``diagnosis`` (default 0.5).
+        with_metadata: Aperio-style metadata (objective power, MPP); False writes generic TIFFs.
+        pen_marks: Draw a marker stroke on each slide.
+        workers: Processes painting slides in parallel.
+        mpp: Microns per level-0 pixel stated in the metadata.
+        objective_power: Magnification stated in the metadata.
+        quality: JPEG quality of the tiles.
+        render_scale: Level-0 px per painted px (4 paints at 10x and upsamples level 0).
+        overwrite: Replace an existing cohort in ``out_dir``.
+
+    Returns:
+        Path of the manifest CSV.
+
+    Raises:
+        ValueError: On impossible parameters, or an output directory that cannot be written.
+    """
+    hw = (int(size), int(size)) if isinstance(size, int | np.integer) else tuple(int(s) for s in size)
+    if len(hw) != 2:
+        raise ValueError(f"size must be an int or (H, W), got {size!r}")
+    _check_params(task, num_slides, hw, lesion_fraction, num_classes, num_grades, slides_per_case,
+                  negative_fraction, workers, render_scale, quality)
+    out_dir = Path(out_dir)
+    plan_rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0,)))
+    num_cases = math.ceil(num_slides / slides_per_case)
+    labels = _case_labels(plan_rng, task, num_cases, num_classes, num_grades,
+                          0.5 if negative_fraction is None else negative_fraction)
+    jobs = []
+    for i in range(num_slides):
+        case = i // slides_per_case
+        case_id = validate_slide_id(f"case{case:04d}")
+        jobs.append(SlideJob(
+            case_id=case_id, slide_id=validate_slide_id(f"{case_id}-s{i % slides_per_case}"),
+            label=float(labels[case]), seed=int(seed), index=i, size=hw, task=task,
+            lesion_fraction=float(lesion_fraction), num_classes=num_classes, num_grades=num_grades,
+            pen_marks=pen_marks, mpp=mpp if with_metadata else None,
+            objective_power=objective_power if with_metadata else None, quality=quality,
+            scale=render_scale, suffix=".svs" if with_metadata else ".tif"))
+    survival = {}
+    if task == "survival":
+        times, events = _survival(plan_rng, labels)
+        survival = {f"case{c:04d}": (float(times[c]), int(events[c])) for c in range(num_cases)}
+
+    created = _prepare_out_dir(out_dir, overwrite)
+    tmp = None
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=".synth-tmp-", dir=out_dir))
+        (tmp / "slides").mkdir()
+        (tmp / "masks").mkdir()
+        summaries = _run_jobs(jobs, tmp, workers)
+        (tmp / "manifest.csv").write_text(_manifest_text(task, jobs, survival), encoding="utf-8")
+        info = {"format_version": 1, "task": task, "seed": seed, "num_slides": num_slides,
+                "size": list(hw), "downsamples": list(DOWNSAMPLES), "mask_downsample": GRID,
+                "params": {k: v for k, v in asdict(jobs[0]).items()
+                           if k not in {"case_id", "slide_id", "label", "index", "size"}},
+                "slides": [dict(s, case_id=job.case_id,
+                                label=job.label if task == "survival" else int(job.label),
+                                target_lesion_fraction=round(lesion_burden(
+                                    task, job.label, lesion_fraction, num_grades), 4))
+                           for s, job in zip(summaries, jobs, strict=True)]}
+        (tmp / "synth.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+        _move_into_place(tmp, out_dir)
+    except OSError as err:
+        _cleanup(tmp, created)
+        raise ValueError(f"could not write the cohort to {out_dir}: {err}; check the directory is "
+                         "writable and has free space") from err
+    except BaseException:
+        _cleanup(tmp, created)
+        raise
+    _cleanup(tmp, [])
+    return out_dir / "manifest.csv"
+
+
+def _cleanup(tmp: Path | None, created: list[Path]) -> None:
+    """Remove the temporary directory and the directories this call created (deepest first)."""
+    if tmp is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for path in created:
+        if not path.exists():
+            continue
+        try:
+            path.rmdir()
+        except OSError:
+            print(f"e2e-wsi synth: could not remove {path}", file=sys.stderr)

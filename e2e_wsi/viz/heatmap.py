@@ -1,0 +1,226 @@
+"""Attention heatmaps on slide thumbnails, top-attention mosaics, and localisation scores.
+
+Everything here works on plain arrays (attention per patch, level-0 coordinates, a thumbnail), so the
+same functions serve the CLI, the notebook and the tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: heatmaps are written to files, never shown
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib import colormaps  # noqa: E402
+from matplotlib.colors import Normalize  # noqa: E402
+from scipy.stats import rankdata  # noqa: E402
+
+from e2e_wsi.evaluation.metrics import binary_auroc  # noqa: E402
+
+
+@dataclass
+class SlideAttention:
+    """Attention of one slide's patches.
+
+    Attributes:
+        slide_id: The slide.
+        attention: [H, N] attention per head (each row sums to 1 over the N patches).
+        coords: [N, 2] level-0 (x, y) of each patch's top-left corner.
+        size_level0: Side of a patch in level-0 pixels.
+        dimensions: Level-0 (width, height) of the slide.
+    """
+
+    slide_id: str
+    attention: np.ndarray
+    coords: np.ndarray
+    size_level0: int
+    dimensions: tuple[int, int]
+
+    @property
+    def merged(self) -> np.ndarray:
+        """[N] attention averaged over heads."""
+        return self.attention.mean(axis=0)
+
+
+def normalize_scores(scores: np.ndarray, method: str = "rank") -> np.ndarray:
+    """Map raw attention to [0, 1] for display.
+
+    Raw attention is extremely skewed (a few patches hold most of it), so a linear colour scale shows
+    one bright dot. ``rank`` gives each patch its percentile rank (uniform colours over the slide);
+    ``percentile`` clips to the 1st-99th percentile and rescales linearly.
+
+    Args:
+        scores: [N] attention values.
+        method: ``rank`` or ``percentile``.
+
+    Returns:
+        [N] values in [0, 1].
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.size == 0:
+        return scores
+    if method == "rank":
+        if scores.size == 1:
+            return np.ones(1)
+        return (rankdata(scores, method="average") - 1) / (scores.size - 1)
+    if method == "percentile":
+        lo, hi = np.percentile(scores, [1, 99])
+        return np.clip((scores - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
+    raise ValueError(f"unknown normalisation {method!r}: use 'rank' or 'percentile'")
+
+
+def overlay_grid(att: SlideAttention, values: np.ndarray, thumb_shape: tuple[int, int]) -> np.ndarray:
+    """Rasterise per-patch values onto the thumbnail grid.
+
+    Args:
+        att: The slide's attention (coordinates, patch size, dimensions).
+        values: [N] values in [0, 1].
+        thumb_shape: (height, width) of the thumbnail.
+
+    Returns:
+        [h, w] float array, NaN where no patch lies (shown transparent).
+    """
+    h, w = thumb_shape
+    sx, sy = w / att.dimensions[0], h / att.dimensions[1]
+    grid = np.full((h, w), np.nan)
+    for (x, y), v in zip(att.coords, values, strict=True):
+        x0, y0 = int(x * sx), int(y * sy)
+        x1 = max(x0 + 1, int(round((x + att.size_level0) * sx)))
+        y1 = max(y0 + 1, int(round((y + att.size_level0) * sy)))
+        region = grid[y0:y1, x0:x1]
+        # Overlapping patches (several scales) keep the highest value.
+        grid[y0:y1, x0:x1] = np.fmax(region, v)
+    return grid
+
+
+def patch_lesion_labels(
+    coords: np.ndarray, size_level0: int, truth: np.ndarray, dimensions: tuple[int, int], min_fraction: float = 0.25
+) -> np.ndarray:
+    """Label each patch as lesion when at least ``min_fraction`` of its area is lesion in the truth mask.
+
+    Args:
+        coords: [N, 2] level-0 (x, y).
+        size_level0: Patch side in level-0 pixels.
+        truth: [h, w] uint8 ground truth (255 = lesion), covering the whole slide.
+        dimensions: Level-0 (width, height).
+        min_fraction: Share of lesion pixels that makes a patch a lesion patch.
+
+    Returns:
+        [N] bool.
+    """
+    lesion = truth == 255
+    sx, sy = truth.shape[1] / dimensions[0], truth.shape[0] / dimensions[1]
+    labels = np.zeros(len(coords), dtype=bool)
+    for i, (x, y) in enumerate(coords):
+        x0, y0 = int(x * sx), int(y * sy)
+        x1, y1 = max(x0 + 1, int((x + size_level0) * sx)), max(y0 + 1, int((y + size_level0) * sy))
+        box = lesion[y0:y1, x0:x1]
+        labels[i] = box.size > 0 and box.mean() >= min_fraction
+    return labels
+
+
+def localization_summary(att: SlideAttention, labels: np.ndarray) -> dict:
+    """How well attention finds lesion patches.
+
+    Returns:
+        ``auroc`` (merged attention vs patch lesion labels; ``None`` if only one kind of patch),
+        ``auroc_per_head``, ``attention_on_lesion`` (share of merged attention on lesion patches),
+        ``lesion_share`` (share of patches that are lesion: the chance level of the previous number),
+        counts.
+    """
+    merged = att.merged
+    n_lesion = int(labels.sum())
+    defined = 0 < n_lesion < len(labels)
+
+    def _auc(scores: np.ndarray) -> float | None:
+        return float(binary_auroc(labels, scores)[0]) if defined else None
+
+    return {
+        "slide_id": att.slide_id,
+        "n_patches": int(len(labels)),
+        "n_lesion_patches": n_lesion,
+        "auroc": _auc(merged),
+        "auroc_per_head": [_auc(a) for a in att.attention],
+        "attention_on_lesion": float(merged[labels].sum() / max(merged.sum(), 1e-12)),
+        "lesion_share": float(n_lesion / max(len(labels), 1)),
+    }
+
+
+def render_heatmap(
+    att: SlideAttention,
+    thumbnail: np.ndarray,
+    top_patches: np.ndarray,
+    out_path: str | Path,
+    *,
+    method: str = "rank",
+    per_head: bool = False,
+    caption: str = "",
+    cmap: str = "jet",
+    alpha: float = 0.45,
+) -> Path:
+    """Write the heatmap figure: thumbnail + overlay + colour bar, top-k mosaic, optional per-head maps.
+
+    Args:
+        att: The slide's attention.
+        thumbnail: [h, w, 3] uint8 RGB thumbnail of the whole slide.
+        top_patches: [k, p, p, 3] uint8 patches with the highest merged attention, best first.
+        out_path: PNG path.
+        method: Display normalisation (``rank`` or ``percentile``), stated in the colour bar label.
+        per_head: Add one small map per head.
+        caption: Text under the title (e.g. the localisation AUROC).
+        cmap: Matplotlib colour map.
+        alpha: Overlay opacity.
+
+    Returns:
+        The PNG path.
+    """
+    heads = att.attention.shape[0] if per_head else 0
+    rows = 2 if heads else 1
+    fig = plt.figure(figsize=(14, 6.5 + (2.5 if heads else 0)), dpi=100)
+    grid = fig.add_gridspec(rows, 2, width_ratios=[3, 2], height_ratios=[3, 1] if heads else [1])
+    ax = fig.add_subplot(grid[0, 0])
+    ax.imshow(thumbnail)
+    values = overlay_grid(att, normalize_scores(att.merged, method), thumbnail.shape[:2])
+    image = ax.imshow(values, cmap=cmap, alpha=alpha, norm=Normalize(0, 1), interpolation="nearest")
+    ax.set_title(f"{att.slide_id}: attention (mean over {att.attention.shape[0]} heads)")
+    ax.axis("off")
+    label = "attention percentile rank" if method == "rank" else "attention (1st-99th percentile, linear)"
+    fig.colorbar(image, ax=ax, fraction=0.035, pad=0.01, label=label)
+    _mosaic(fig.add_subplot(grid[0, 1]), top_patches)
+    if heads:
+        sub = grid[1, :].subgridspec(1, heads)
+        for j in range(heads):
+            hax = fig.add_subplot(sub[0, j])
+            hax.imshow(thumbnail)
+            hv = overlay_grid(att, normalize_scores(att.attention[j], method), thumbnail.shape[:2])
+            hax.imshow(hv, cmap=cmap, alpha=alpha, norm=Normalize(0, 1), interpolation="nearest")
+            hax.set_title(f"head {j}", fontsize=9)
+            hax.axis("off")
+    if caption:
+        fig.suptitle(caption, fontsize=11, y=0.02, va="bottom")
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, bbox_inches="tight")
+    plt.close(fig)
+    return out_path
+
+
+def _mosaic(ax, patches: np.ndarray) -> None:
+    """Top-k patches in a square grid, best first (row-major)."""
+    ax.axis("off")
+    k = len(patches)
+    if k == 0:
+        return
+    cols = int(np.ceil(np.sqrt(k)))
+    rows = int(np.ceil(k / cols))
+    p = patches.shape[1]
+    canvas = np.full((rows * (p + 4), cols * (p + 4), 3), 255, dtype=np.uint8)
+    for i, patch in enumerate(patches):
+        r, c = divmod(i, cols)
+        canvas[r * (p + 4) : r * (p + 4) + p, c * (p + 4) : c * (p + 4) + p] = patch
+    ax.imshow(canvas)
+    ax.set_title(f"top {k} patches by attention")

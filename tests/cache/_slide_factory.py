@@ -1,0 +1,87 @@
+"""Synthetic test slides with an exactly known tissue mask, written with the project's TIFF writer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+try:  # the public API; fall back to the writer module while synth.py is being written
+    from e2e_wsi.slides.synth import write_pyramidal_tiff
+except ImportError:  # pragma: no cover
+    from e2e_wsi.slides._tiff import write_pyramidal_tiff
+
+MASK_DS = 16  # truth masks are given at downsample 16 (as synth's masks/<id>.png)
+
+
+@dataclass(frozen=True)
+class TestSlide:
+    """A written slide and its truth.
+
+    Attributes:
+        path: The .svs file.
+        mask: bool [H / 16, W / 16] tissue truth at downsample 16.
+        mpp: Level-0 um/px written in the file (None for a slide without metadata).
+    """
+
+    path: Path
+    mask: np.ndarray
+    mpp: float | None
+
+
+def tissue_image(size: int = 4096, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """An H&E-like RGB image: an ellipse of textured pink/purple tissue with a round hole, and a square
+    of tissue, on noisy white glass. Returns (image uint8 [size, size, 3], truth mask bool [size/16]*2)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    ellipse = ((xx - 0.4) / 0.28) ** 2 + ((yy - 0.45) / 0.35) ** 2 < 1.0
+    hole = ((xx - 0.4) / 0.08) ** 2 + ((yy - 0.45) / 0.08) ** 2 < 1.0
+    square = (xx > 0.75) & (xx < 0.92) & (yy > 0.70) & (yy < 0.90)
+    tissue = (ellipse & ~hole) | square
+    image = np.empty((size, size, 3), np.uint8)
+    image[...] = (242, 242, 244)
+    texture = (np.sin(xx * 300) * np.cos(yy * 260) * 40).astype(np.int16)
+    pink = np.array([205, 120, 170], np.int16) + texture[..., None] * np.array([1, 1, 0.5]).astype(np.int16)
+    image[tissue] = np.clip(pink[tissue], 0, 255).astype(np.uint8)
+    image = np.clip(image.astype(np.int16) + rng.integers(-4, 5, image.shape, dtype=np.int16), 0, 255).astype(
+        np.uint8
+    )
+    small = tissue.reshape(size // MASK_DS, MASK_DS, size // MASK_DS, MASK_DS).mean(axis=(1, 3)) > 0.5
+    return image, small
+
+
+def make_tissue_slide(path: Path, size: int = 4096, seed: int = 0, mpp: float | None = 0.5) -> TestSlide:
+    """Write the tissue image as a 20x pyramidal slide (levels 1, 4, 16)."""
+    image, mask = tissue_image(size, seed)
+    write_pyramidal_tiff(
+        path, image, mpp=mpp, objective_power=None if mpp is None else 10 / mpp, downsamples=(1, 4, 16)
+    )
+    return TestSlide(path, mask, mpp)
+
+
+def make_white_slide(path: Path, size: int = 2048) -> Path:
+    """A slide of blank glass (noise only): no tissue."""
+    rng = np.random.default_rng(1)
+    image = np.clip(240 + rng.integers(-4, 5, (size, size, 3)), 0, 255).astype(np.uint8)
+    return write_pyramidal_tiff(path, image, mpp=0.5, objective_power=20, downsamples=(1, 4, 16))
+
+
+# Fixtures shared by tests/slides/test_{reader,tissue,tiling}.py (imported there by name), kept here
+# rather than in tests/slides/conftest.py, which other parts' tests share.
+import pytest  # noqa: E402
+
+CMU = Path(__file__).resolve().parents[1] / "data" / "CMU-1-Small-Region.svs"
+
+
+@pytest.fixture(scope="session")
+def cmu_slide() -> Path:
+    """The real 20x Aperio slide (CC0, OpenSlide test data)."""
+    assert CMU.is_file(), "tests/data/CMU-1-Small-Region.svs is part of the repository"
+    return CMU
+
+
+@pytest.fixture(scope="session")
+def tissue_slide(tmp_path_factory: pytest.TempPathFactory) -> TestSlide:
+    """A 4096 px, 20x (0.5 um/px) slide with an ellipse of tissue holding a hole, plus its truth mask."""
+    return make_tissue_slide(tmp_path_factory.mktemp("slides") / "tissue.svs")
