@@ -37,11 +37,11 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -107,9 +107,14 @@ def bench_loading(args: argparse.Namespace) -> None:
             next(batches)
             times.append(time.perf_counter() - start)
         mean = statistics.fmean(times)
-        report(bench="loading", workers=workers, batches=len(times), mean_s=mean,
-               median_s=statistics.median(times),
-               patches_per_s=args.batch_size * args.sample_size / mean)
+        report(
+            bench="loading",
+            workers=workers,
+            batches=len(times),
+            mean_s=mean,
+            median_s=statistics.median(times),
+            patches_per_s=args.batch_size * args.sample_size / mean,
+        )
         del batches
 
 
@@ -140,11 +145,11 @@ def bench_breakdown(args: argparse.Namespace) -> None:
     batches, k = preload(args, 4)
     model = build_module(k)
     opt = adamw(model)
-    parts: dict[str, list[float]] = {}
+    parts: dict[str, list[tuple[float, float]]] = {}
 
-    def tick(name: str, start: float) -> float:
-        now = time.perf_counter()
-        parts.setdefault(name, []).append(now - start)
+    def tick(name: str, start: tuple[float, float]) -> tuple[float, float]:
+        now = clocks()
+        parts.setdefault(name, []).append((now[0] - start[0], now[1] - start[1]))
         return now
 
     for it in range(args.warmup + args.steps):
@@ -153,7 +158,7 @@ def bench_breakdown(args: argparse.Namespace) -> None:
         batch = batches[it % len(batches)]
         images, mask = batch["images"], batch["mask"]
         b, n = images.shape[:2]
-        t = time.perf_counter()
+        t = clocks()
         feats = model.encoder(normalize_images(images.flatten(0, 1)))
         t = tick("encoder_fwd", t)
         leaf = feats.detach().requires_grad_()
@@ -170,32 +175,59 @@ def bench_breakdown(args: argparse.Namespace) -> None:
         t = tick("optimizer_step", t)
         model.task.update_metrics(model.train_metrics, outputs.detach(), batch)
         tick("metrics_update", t)
-    medians = {name: statistics.median(v) for name, v in parts.items()}
+    medians = {name: statistics.median(w for w, _ in v) for name, v in parts.items()}
+    cpu = {name: statistics.median(c for _, c in v) for name, v in parts.items()}
     total = sum(v for name, v in medians.items() if name != "metrics_update")
+    cpu_total = sum(v for name, v in cpu.items() if name != "metrics_update")
     for name, value in medians.items():
-        report(bench="breakdown", part=name, median_s=value, share_of_compute=value / total)
+        report(
+            bench="breakdown",
+            part=name,
+            median_s=value,
+            share_of_compute=value / total,
+            cpu_s=cpu[name],
+            cpu_share=cpu[name] / cpu_total,
+        )
 
     fused = []
     for it in range(args.steps):
         batch = batches[it % len(batches)]
-        start = time.perf_counter()
+        start = clocks()
         out = model(batch["images"], batch["mask"])
         model.task.loss(model.loss_fn, out["outputs"], batch).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        fused.append(time.perf_counter() - start)
-    report(bench="breakdown", part="sum_of_parts_excl_metrics", median_s=total)
-    report(bench="breakdown", part="fused_step", median_s=statistics.median(fused))
+        end = clocks()
+        fused.append((end[0] - start[0], end[1] - start[1]))
+    report(bench="breakdown", part="sum_of_parts_excl_metrics", median_s=total, cpu_s=cpu_total)
+    report(
+        bench="breakdown",
+        part="fused_step",
+        median_s=statistics.median(w for w, _ in fused),
+        cpu_s=statistics.median(c for _, c in fused),
+    )
 
 
 # ------------------------------------------------------------------------------------- lightning
-def steps_per_s(ends: list[float], warmup: int) -> float:
-    """Steps/s between the end of step ``warmup`` and the end of the last step."""
+def clocks() -> tuple[float, float]:
+    """(wall, process CPU) seconds; CPU time is less distorted by other jobs on a shared machine."""
+    return time.perf_counter(), time.process_time()
+
+
+def steps_per_s(ends: list[tuple[float, float]], warmup: int) -> tuple[float, float, float]:
+    """Rates after ``warmup`` steps, from the clock readings at each step's end.
+
+    Returns:
+        (1 / median wall step, 1 / median CPU step, overall steps per wall second). The median step
+        is robust to the spikes that other jobs on a shared machine cause; the overall rate is not.
+    """
     timed = ends[warmup - 1 :] if warmup > 0 else ends
-    return (len(timed) - 1) / (timed[-1] - timed[0])
+    wall = [b[0] - a[0] for a, b in pairwise(timed)]
+    cpu = [b[1] - a[1] for a, b in pairwise(timed)]
+    return 1 / statistics.median(wall), 1 / statistics.median(cpu), len(wall) / sum(wall)
 
 
-def bare_loop(batches: list[dict], num_classes: int, steps: int) -> list[float]:
+def bare_loop(batches: list[dict], num_classes: int, steps: int) -> list[tuple[float, float]]:
     model = build_module(num_classes)
     opt = adamw(model)
     ends = []
@@ -206,7 +238,7 @@ def bare_loop(batches: list[dict], num_classes: int, steps: int) -> list[float]:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        ends.append(time.perf_counter())
+        ends.append(clocks())
     return ends
 
 
@@ -223,21 +255,30 @@ class _Batches(torch.utils.data.Dataset):
         return self.batches[i % len(self.batches)]
 
 
-def lightning_loop(batches: list[dict], num_classes: int, steps: int) -> tuple[list[float], float]:
+def lightning_loop(
+    batches: list[dict], num_classes: int, steps: int
+) -> tuple[list[tuple[float, float]], float]:
     import lightning as L
 
-    ends: list[float] = []
+    ends: list[tuple[float, float]] = []
 
     class StepEnds(L.Callback):
         def on_train_batch_end(self, *args: Any) -> None:
-            ends.append(time.perf_counter())
+            ends.append(clocks())
 
     model = build_module(num_classes)
     loader = torch.utils.data.DataLoader(_Batches(batches, steps), batch_size=None, shuffle=False)
     trainer = L.Trainer(
-        max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[StepEnds()],
-        num_sanity_val_steps=0, limit_val_batches=0,
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[StepEnds()],
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
     )
     start = time.perf_counter()
     trainer.fit(model, train_dataloaders=loader)
@@ -255,23 +296,35 @@ def bench_lightning(args: argparse.Namespace) -> None:
         assert len(ends) == total, f"Lightning ran {len(ends)} steps, expected {total}"
         light.append(steps_per_s(ends, args.warmup))
         fits.append(fit_s)
-        report(bench="lightning_rep", rep=rep, bare_steps_per_s=bare[-1], lightning_steps_per_s=light[-1],
-               lightning_fit_wall_s=fit_s)
-    b, lt = statistics.median(bare), statistics.median(light)
-    report(bench="lightning", steps=args.steps, warmup=args.warmup, repeats=args.repeats,
-           bare_steps_per_s=b, lightning_steps_per_s=lt, overhead_pct=100.0 * (b / lt - 1.0),
-           lightning_fit_wall_s_median=statistics.median(fits))
+        report(
+            bench="lightning_rep",
+            rep=rep,
+            bare_steps_per_s=bare[-1][0],
+            lightning_steps_per_s=light[-1][0],
+            bare_steps_per_cpu_s=bare[-1][1],
+            lightning_steps_per_cpu_s=light[-1][1],
+            bare_overall_steps_per_s=bare[-1][2],
+            lightning_overall_steps_per_s=light[-1][2],
+            lightning_fit_wall_s=fit_s,
+        )
+    row: dict[str, Any] = {"steps": args.steps, "warmup": args.warmup, "repeats": args.repeats}
+    for i, kind in enumerate(("steps_per_s", "steps_per_cpu_s", "overall_steps_per_s")):
+        rb, rl = statistics.median(r[i] for r in bare), statistics.median(r[i] for r in light)
+        row |= {f"bare_{kind}": rb, f"lightning_{kind}": rl, f"overhead_pct_{kind}": 100.0 * (rb / rl - 1.0)}
+    report(bench="lightning", **row, lightning_fit_wall_s_median=statistics.median(fits))
 
 
 # --------------------------------------------------------------------------------------- encoder
-def time_runs(step: Callable[[], None], repeats: int) -> float:
-    step()  # warm-up (oneDNN primitive creation)
+def time_runs(step: Callable[[], None], repeats: int) -> tuple[float, float]:
+    """Median (wall, CPU) seconds of ``repeats`` calls after one warm-up (oneDNN primitive creation)."""
+    step()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clocks()
         step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        end = clocks()
+        times.append((end[0] - start[0], end[1] - start[1]))
+    return statistics.median(w for w, _ in times), statistics.median(c for _, c in times)
 
 
 def encoder_step(mode: str, size: int, batch: int, channels_last: bool, bf16: bool) -> Callable[[], None]:
@@ -292,20 +345,32 @@ def encoder_step(mode: str, size: int, batch: int, channels_last: bool, bf16: bo
         def step() -> None:
             with torch.no_grad(), autocast:
                 enc(x)
+
     return step
 
 
 def bench_encoder(args: argparse.Namespace, bf16: bool) -> None:
+    """fp32 grid over sizes x modes x layouts; with ``bf16``, bf16 autocast vs fp32 at 128 px, same batch."""
     sizes = [128] if bf16 else args.encoder_sizes
-    layouts = [True] if bf16 else [True, False]
+    variants = [(True, False), (True, True)] if bf16 else [(True, False), (False, False)]
     for size in sizes:
         for mode in ("train", "inference"):
             batch = (args.bf16_batch if bf16 else args.encoder_batch) * (2 if mode == "inference" else 1)
-            for channels_last in layouts:
-                seconds = time_runs(encoder_step(mode, size, batch, channels_last, bf16), args.encoder_repeats)
-                report(bench="encoder", dtype="bf16-autocast" if bf16 else "fp32", size=size, mode=mode,
-                       batch=batch, channels_last=channels_last, median_s=seconds,
-                       patches_per_s=batch / seconds)
+            for channels_last, autocast in variants:
+                step = encoder_step(mode, size, batch, channels_last, autocast)
+                wall, cpu = time_runs(step, args.encoder_repeats)
+                report(
+                    bench="encoder",
+                    dtype="bf16-autocast" if autocast else "fp32",
+                    size=size,
+                    mode=mode,
+                    batch=batch,
+                    channels_last=channels_last,
+                    median_s=wall,
+                    cpu_s=cpu,
+                    patches_per_s=batch / wall,
+                    patches_per_cpu_s=batch / cpu,
+                )
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -326,15 +391,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--encoder-batch", type=int, default=16, help="train batch; inference uses 2x")
     parser.add_argument("--encoder-repeats", type=int, default=3)
     parser.add_argument("--bf16-batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--json", type=Path, help="also write all figures to this JSON file")
     args = parser.parse_args(argv)
     needs_data = {"loading", "breakdown", "lightning"} & set(args.only)
     if needs_data and not (args.cache and args.manifest):
         parser.error(f"--cache and --manifest are needed for {sorted(needs_data)}")
 
-    report(bench="config", torch=torch.__version__, threads=torch.get_num_threads(),
-           sample_size=args.sample_size, patch_size=args.patch_size, batch_size=args.batch_size,
-           steps=args.steps, warmup=args.warmup, repeats=args.repeats)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report(
+        bench="config",
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        sample_size=args.sample_size,
+        patch_size=args.patch_size,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        warmup=args.warmup,
+        repeats=args.repeats,
+    )
     runners = {
         "loading": lambda: bench_loading(args),
         "breakdown": lambda: bench_breakdown(args),

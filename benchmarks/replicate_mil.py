@@ -96,16 +96,18 @@ def analyse_attention(run_dir: Path, ckpt: Path, test_ids: list[str], masks_dir:
             truth = np.asarray(Image.open(masks_dir / f"{validate_slide_id(slide_id)}.png").convert("L"))
             labels = patch_lesion_labels(att.coords, att.size_level0, truth, att.dimensions)
             loc = localization_summary(att, labels)
-            rows.append({
-                "slide_id": slide_id,
-                "n_patches": loc["n_patches"],
-                "n_lesion_patches": loc["n_lesion_patches"],
-                "top90_head": float(np.mean([top_mass_share(a) for a in att.attention])),
-                "top90_merged": top_mass_share(att.merged),
-                "loc_auroc": loc["auroc"],
-                "att_on_lesion": loc["attention_on_lesion"],
-                "lesion_share": loc["lesion_share"],
-            })
+            rows.append(
+                {
+                    "slide_id": slide_id,
+                    "n_patches": loc["n_patches"],
+                    "n_lesion_patches": loc["n_lesion_patches"],
+                    "top90_head": float(np.mean([top_mass_share(a) for a in att.attention])),
+                    "top90_merged": top_mass_share(att.merged),
+                    "loc_auroc": loc["auroc"],
+                    "att_on_lesion": loc["attention_on_lesion"],
+                    "lesion_share": loc["lesion_share"],
+                }
+            )
     aucs = [r["loc_auroc"] for r in rows if r["loc_auroc"] is not None]
     return {
         "top90_head": float(np.mean([r["top90_head"] for r in rows])),
@@ -133,23 +135,50 @@ def run_one(out: Path, agg: str, seed: int, overrides: list[str]) -> dict:
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     t0 = time.perf_counter()
     if not (run_dir / "fit.done").is_file():
-        fit = ["fit", "--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / f"{agg}.yaml"),
-               "--seed_everything", str(seed), "--data.seed", str(seed), "--run_dir", str(run_dir),
-               *data, *overrides]
+        fit = [
+            "fit",
+            "--config",
+            str(CONFIGS / "base.yaml"),
+            "--config",
+            str(CONFIGS / f"{agg}.yaml"),
+            "--seed_everything",
+            str(seed),
+            "--data.seed",
+            str(seed),
+            "--run_dir",
+            str(run_dir),
+            *data,
+            *overrides,
+        ]
         if ckpt.is_file():
             fit += ["--ckpt_path", "last"]  # resume an interrupted run
         cli(fit)
         (run_dir / "fit.done").write_text("")
     fit_s = time.perf_counter() - t0
-    cli(["test", "--config", str(run_dir / "config.yaml"), "--ckpt_path", str(ckpt), "--run_dir", str(run_dir),
-         "--bootstrap", "1000"])
+    cli(
+        [
+            "test",
+            "--config",
+            str(run_dir / "config.yaml"),
+            "--ckpt_path",
+            str(ckpt),
+            "--run_dir",
+            str(run_dir),
+            "--bootstrap",
+            "1000",
+        ]
+    )
     report = json.loads((run_dir / "metrics.json").read_text())
     splits = pd.read_csv(run_dir / "splits.csv")
     test_ids = splits.loc[splits["split"] == "test", "slide_id"].tolist()
     attention = analyse_attention(run_dir, ckpt, test_ids, out / "cohort" / "masks")
     result = {
-        "aggregator": agg, "seed": seed, "auroc": report["metrics"]["auroc"],
-        "fit_s": fit_s, "total_s": time.perf_counter() - t0, **attention,
+        "aggregator": agg,
+        "seed": seed,
+        "auroc": report["metrics"]["auroc"],
+        "fit_s": fit_s,
+        "total_s": time.perf_counter() - t0,
+        **attention,
     }
     result_path.write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -160,60 +189,156 @@ def prepare(args: argparse.Namespace) -> None:
     out = Path(args.out)
     cohort = out / "cohort"
     if not (cohort / "manifest.csv").is_file():
-        cli(["synth", "--task", "subtype", "--num-slides", str(args.num_slides), "--seed", str(args.cohort_seed),
-             "--size", str(args.size), "--lesion-fraction", str(args.lesion_fraction), "--workers", "2",
-             "--out", str(cohort)])
-    cli(["preprocess", "--manifest", str(cohort / "manifest.csv"), "--out", str(out / "cache"),
-         "--magnifications", "10", "5", "--patch-size", str(args.patch_size), "--workers", "2", "--quiet"])
+        cli(
+            [
+                "synth",
+                "--task",
+                "subtype",
+                "--num-slides",
+                str(args.num_slides),
+                "--seed",
+                str(args.cohort_seed),
+                "--size",
+                str(args.size),
+                "--lesion-fraction",
+                str(args.lesion_fraction),
+                "--workers",
+                "2",
+                "--out",
+                str(cohort),
+            ]
+        )
+    cli(
+        [
+            "preprocess",
+            "--manifest",
+            str(cohort / "manifest.csv"),
+            "--out",
+            str(out / "cache"),
+            "--magnifications",
+            "10",
+            "5",
+            "--patch-size",
+            str(args.patch_size),
+            "--workers",
+            "2",
+            "--quiet",
+        ]
+    )
 
 
 def launch(args: argparse.Namespace, agg: str, seed: int) -> subprocess.Popen:
     """Start one run as a niced, single-threaded subprocess logging to ``OUT/logs``."""
     log_dir = Path(args.out) / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--out", args.out, "--one", f"{agg}:{seed}",
-           "--max-epochs", str(args.max_epochs), "--sample-size", str(args.sample_size)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--out",
+        args.out,
+        "--one",
+        f"{agg}:{seed}",
+        "--max-epochs",
+        str(args.max_epochs),
+        "--sample-size",
+        str(args.sample_size),
+        "--input-size",
+        str(args.input_size),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     log = open(log_dir / f"{agg}_s{seed}.log", "a")  # noqa: SIM115 - closed when the process ends
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def test_nll(run_dir: Path) -> float:
+    """Mean cross-entropy of the test predictions (``predictions.csv``); unlike AUROC it does not saturate."""
+    import pandas as pd
+
+    frame = pd.read_csv(run_dir / "predictions.csv")
+    p_true = frame.apply(lambda row: row[f"prob_{int(row['label'])}"], axis=1).to_numpy(dtype=np.float64)
+    return float(-np.log(np.clip(p_true, 1e-7, 1.0)).mean())
+
+
+def train_curve(run_dir: Path) -> dict[str, list[float]]:
+    """Per-epoch ``train/loss_epoch`` and ``train/auroc`` from the run's TensorBoard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    return {
+        tag: [float(e.value) for e in events.Scalars(tag)] if tag in tags else []
+        for tag in ("train/loss_epoch", "train/auroc")
+    }
+
+
+def _aggregate_runs(out: Path, agg: str, runs: list[dict]) -> dict:
+    """Means over seeds of one aggregator's finished runs."""
+    aucs = np.array([r["auroc"]["point"] for r in runs])
+    locs = [r["loc_auroc"] for r in runs if r["loc_auroc"] is not None]
+    curves = [train_curve(out / "runs" / f"{agg}_s{r['seed']}") for r in runs]
+    reach = [next((i + 1 for i, a in enumerate(c["train/auroc"]) if a >= 0.9), None) for c in curves]
+    return {
+        "name": AGGREGATORS[agg],
+        "seeds": [r["seed"] for r in runs],
+        "auroc_per_seed": aucs.round(4).tolist(),
+        "auroc_mean": float(aucs.mean()),
+        "auroc_sd": float(aucs.std(ddof=1)) if len(aucs) > 1 else 0.0,
+        "nll_per_seed": [round(test_nll(out / "runs" / f"{agg}_s{r['seed']}"), 4) for r in runs],
+        "top90_head": float(np.mean([r["top90_head"] for r in runs])),
+        "top90_merged": float(np.mean([r["top90_merged"] for r in runs])),
+        "loc_auroc": float(np.mean(locs)) if locs else None,
+        "att_on_lesion": float(np.mean([r["att_on_lesion"] for r in runs])),
+        "lesion_share": float(np.mean([r["lesion_share"] for r in runs])),
+        "mean_patches": float(np.mean([r["mean_patches"] for r in runs])),
+        "fit_min": float(np.mean([r["fit_s"] for r in runs]) / 60),
+        "train_loss_curves": [[round(v, 4) for v in c["train/loss_epoch"]] for c in curves],
+        "mean_train_loss": float(
+            np.mean([np.mean(c["train/loss_epoch"]) for c in curves if c["train/loss_epoch"]])
+        ),
+        "epoch_train_auroc_0.9": reach,
+    }
 
 
 def summarise(out: Path, aggs: list[str], seeds: list[int]) -> dict:
     """Collect every finished run into per-aggregator means and spreads; write summary.json/.md."""
     table: dict[str, dict] = {}
     for agg in aggs:
-        runs = [json.loads(p.read_text()) for s in seeds if (p := out / "runs" / f"{agg}_s{s}" / "result.json").is_file()]
-        if not runs:
-            continue
-        aucs = np.array([r["auroc"]["point"] for r in runs])
-        locs = [r["loc_auroc"] for r in runs if r["loc_auroc"] is not None]
-        table[agg] = {
-            "name": AGGREGATORS[agg],
-            "seeds": [r["seed"] for r in runs],
-            "auroc_per_seed": aucs.round(4).tolist(),
-            "auroc_mean": float(aucs.mean()),
-            "auroc_sd": float(aucs.std(ddof=1)) if len(aucs) > 1 else 0.0,
-            "top90_head": float(np.mean([r["top90_head"] for r in runs])),
-            "top90_merged": float(np.mean([r["top90_merged"] for r in runs])),
-            "loc_auroc": float(np.mean(locs)) if locs else None,
-            "att_on_lesion": float(np.mean([r["att_on_lesion"] for r in runs])),
-            "lesion_share": float(np.mean([r["lesion_share"] for r in runs])),
-            "mean_patches": float(np.mean([r["mean_patches"] for r in runs])),
-            "fit_min": float(np.mean([r["fit_s"] for r in runs]) / 60),
-        }
+        paths = [out / "runs" / f"{agg}_s{s}" / "result.json" for s in seeds]
+        runs = [json.loads(p.read_text()) for p in paths if p.is_file()]
+        if runs:
+            table[agg] = _aggregate_runs(out, agg, runs)
+    ref = table.get("abmilx", {})
+    ref_auc = dict(zip(ref.get("seeds", []), ref.get("auroc_per_seed", []), strict=True))
+    for t in table.values():
+        # Paired by seed: same split, initialisation seed and MRIS draws, only the aggregator differs.
+        diffs = [a - ref_auc[s] for s, a in zip(t["seeds"], t["auroc_per_seed"], strict=True) if s in ref_auc]
+        t["delta_vs_abmilx"] = float(np.mean(diffs)) if diffs else None
     (out / "summary.json").write_text(json.dumps(table, indent=2) + "\n")
     lines = [
-        "| aggregator | test AUROC mean ± sd | per seed | top-90% patch share (per head / merged) "
-        "| localisation AUROC | attention on lesion (chance) | fit min/run |",
+        "| aggregator | test AUROC mean ± sd | per seed | paired Δ vs ABMILX | test NLL per seed |",
+        "|---|---|---|---|---|",
+    ]
+    for t in table.values():
+        delta = "n/a" if t["delta_vs_abmilx"] is None else f"{t['delta_vs_abmilx']:+.3f}"
+        lines.append(
+            f"| {t['name']} | {t['auroc_mean']:.3f} ± {t['auroc_sd']:.3f} | "
+            f"{', '.join(f'{a:.3f}' for a in t['auroc_per_seed'])} | {delta} | "
+            f"{', '.join(f'{v:.3f}' for v in t['nll_per_seed'])} |"
+        )
+    lines += [
+        "",
+        "| aggregator | top-90% patch share (per head / merged) | localisation AUROC "
+        "| attention on lesion (chance) | mean train loss | epoch train AUROC >= 0.9 | fit min/run |",
         "|---|---|---|---|---|---|---|",
     ]
     for t in table.values():
         loc = "n/a" if t["loc_auroc"] is None else f"{t['loc_auroc']:.3f}"
+        reach = ", ".join("-" if e is None else str(e) for e in t["epoch_train_auroc_0.9"])
         lines.append(
-            f"| {t['name']} | {t['auroc_mean']:.3f} ± {t['auroc_sd']:.3f} | "
-            f"{', '.join(f'{a:.3f}' for a in t['auroc_per_seed'])} | "
-            f"{100 * t['top90_head']:.1f}% / {100 * t['top90_merged']:.1f}% | {loc} | "
-            f"{100 * t['att_on_lesion']:.1f}% ({100 * t['lesion_share']:.1f}%) | {t['fit_min']:.1f} |"
+            f"| {t['name']} | {100 * t['top90_head']:.1f}% / {100 * t['top90_merged']:.1f}% | {loc} | "
+            f"{100 * t['att_on_lesion']:.1f}% ({100 * t['lesion_share']:.1f}%) | {t['mean_train_loss']:.3f} | "
+            f"{reach} | {t['fit_min']:.1f} |"
         )
     text = "\n".join(lines)
     (out / "summary.md").write_text(text + "\n")
@@ -228,12 +353,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cohort-seed", type=int, default=7)
     p.add_argument("--size", type=int, default=8192, help="slide side in level-0 px (40x)")
     p.add_argument("--lesion-fraction", type=float, default=0.03, help="share of tissue that is lesion")
-    p.add_argument("--patch-size", type=int, default=128, help="cached patch side at 10x and 5x")
+    p.add_argument("--patch-size", type=int, default=96, help="cached patch side at 10x and 5x")
     p.add_argument("--aggregators", nargs="+", default=list(AGGREGATORS), choices=list(AGGREGATORS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--max-epochs", type=int, default=8)
+    p.add_argument("--max-epochs", type=int, default=12)
+    p.add_argument("--input-size", type=int, default=64, help="train and eval patch side fed to the encoder")
     p.add_argument("--sample-size", type=int, default=32, help="patches per training bag (MRIS)")
-    p.add_argument("--jobs", type=int, default=1, help="runs at once (each one torch thread)")
+    p.add_argument("--jobs", type=int, default=2, help="runs at once (each one torch thread)")
+    p.add_argument("--summarise", action="store_true", help="only print the table of the finished runs")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # AGG:SEED, the worker entry point
     return p
 
@@ -241,12 +368,27 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     out = Path(args.out)
-    overrides = ["--trainer.max_epochs", str(args.max_epochs), "--data.sample_size", str(args.sample_size)]
+    overrides = [
+        "--trainer.max_epochs",
+        str(args.max_epochs),
+        "--data.sample_size",
+        str(args.sample_size),
+        "--data.train_patch_size",
+        str(args.input_size),
+        "--data.eval_patch_size",
+        str(args.input_size),
+    ]
     if args.one:
         agg, seed = args.one.split(":")
         result = run_one(out, agg, int(seed), overrides)
-        print(f"replicate: {agg} seed {seed}: test AUROC {result['auroc']['point']:.3f}, "
-              f"loc AUROC {result['loc_auroc']}, {result['total_s']:.0f} s", flush=True)
+        print(
+            f"replicate: {agg} seed {seed}: test AUROC {result['auroc']['point']:.3f}, "
+            f"loc AUROC {result['loc_auroc']}, {result['total_s']:.0f} s",
+            flush=True,
+        )
+        return 0
+    if args.summarise:
+        summarise(out, args.aggregators, args.seeds)
         return 0
     start = time.perf_counter()
     prepare(args)
@@ -264,8 +406,10 @@ def main(argv: list[str] | None = None) -> int:
             if proc.poll() is not None:
                 running.remove(item)
                 state = "done" if proc.returncode == 0 else f"FAILED ({proc.returncode}), see logs/"
-                print(f"replicate: {agg} seed {seed} {state} at {(time.perf_counter() - start) / 60:.1f} min",
-                      flush=True)
+                print(
+                    f"replicate: {agg} seed {seed} {state} at {(time.perf_counter() - start) / 60:.1f} min",
+                    flush=True,
+                )
     summarise(out, args.aggregators, args.seeds)
     print(f"replicate: total wall time {(time.perf_counter() - start) / 60:.1f} min", flush=True)
     return 0

@@ -7,6 +7,7 @@ given ``--ckpt_path RUN/checkpoints/x.ckpt`` default to that checkpoint's run fo
 
 from __future__ import annotations
 
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -17,7 +18,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from e2e_wsi.data.datamodule import WSIDataModule
 from e2e_wsi.models.module import SlideModule
-from e2e_wsi.training.callbacks import NoValidationFallback, PredictionWriter, TestReportWriter
+from e2e_wsi.training.callbacks import LastCheckpoint, NoValidationFallback, PredictionWriter, TestReportWriter
 
 DEFAULT_RUN_DIR = "runs/default"
 
@@ -52,7 +53,10 @@ class E2ECLI(LightningCLI):
         run_dir = resolve_run_dir(cfg.get("run_dir"), cfg.get("ckpt_path"))
         cfg.run_dir = str(run_dir)
         cfg.trainer.default_root_dir = str(run_dir)
-        if cfg.trainer.get("logger") in (None, True):
+        logger = cfg.trainer.get("logger")
+        # A saved run config carries the TensorBoard logger of the folder it was written in; re-aim
+        # it (and a fresh config's default logger) at this run folder so events and checkpoints land here.
+        if logger in (None, True) or str(getattr(logger, "class_path", "")).endswith("TensorBoardLogger"):
             cfg.trainer.logger = Namespace(
                 class_path="lightning.pytorch.loggers.TensorBoardLogger",
                 init_args=Namespace(save_dir=str(run_dir), name="", version=""),
@@ -65,6 +69,8 @@ class E2ECLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         cfg = self.config_init[self.subcommand] if self.subcommand else self.config_init
         extra = [NoValidationFallback()]
+        if self.subcommand == "fit":
+            extra.append(LastCheckpoint())
         if self.subcommand == "test":
             extra.append(TestReportWriter(n_resamples=cfg.bootstrap, seed=cfg.bootstrap_seed))
         if self.subcommand == "predict":
@@ -84,6 +90,19 @@ class E2ECLI(LightningCLI):
         if best:
             print(f"e2e-wsi: best checkpoint {best}")
         print(f"e2e-wsi: tensorboard --logdir {run}", flush=True)
+
+    def after_validate(self) -> None:
+        _write_metrics(self.trainer, "validate")
+
+
+def _write_metrics(trainer, stage: str) -> None:
+    """``RUN/<stage>_metrics.json``: the epoch metrics as logged (gathered over ranks), rank 0 only."""
+    if not trainer.is_global_zero:
+        return
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    path = Path(trainer.default_root_dir) / f"{stage}_metrics.json"
+    path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    print(f"e2e-wsi: {stage} metrics {path.resolve()}", flush=True)
 
 
 def resolve_run_dir(run_dir: str | None, ckpt_path: str | None) -> Path:

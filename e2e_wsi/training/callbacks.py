@@ -24,6 +24,21 @@ def run_dir_of(trainer: L.Trainer) -> Path:
     return Path(trainer.default_root_dir)
 
 
+class LastCheckpoint(ModelCheckpoint):
+    """Keeps ``RUN/checkpoints/last.ckpt`` equal to the state after the latest epoch, for resuming.
+
+    Lightning 2.6's ``save_last`` only rewrites ``last.ckpt`` when a top-k checkpoint was saved in the
+    same step, so after an epoch that did not improve the monitored metric ``last.ckpt`` would be stale
+    and ``--ckpt_path last`` would silently repeat epochs. This callback saves every epoch instead.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(
+            filename=self.CHECKPOINT_NAME_LAST, monitor=None, save_top_k=1, save_last=False,
+            enable_version_counter=False, every_n_epochs=1,
+        )
+
+
 class NoValidationFallback(Callback):
     """Selects checkpoints on ``train/loss`` when the split has no validation slides.
 

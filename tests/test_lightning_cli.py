@@ -1,0 +1,153 @@
+"""`e2e-wsi fit / test / predict / validate` in-process on a real synthetic cohort (CPU, fp32)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from e2e_wsi.cli import main
+from e2e_wsi.evaluation.report import read_predictions
+
+DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo_subtype.yaml"
+
+# Tiny but real: 8 patches of 32 px per bag, two bags per step.
+TINY = [
+    "--trainer.max_epochs", "2",
+    "--trainer.log_every_n_steps", "1",
+    "--data.sample_size", "8",
+    "--data.train_patch_size", "32",
+    "--data.eval_patch_size", "32",
+    "--data.batch_size", "2",
+    "--data.num_workers", "0",
+    "--data.persistent_workers", "false",
+    "--data.split_ratios", "[0.5, 0.25, 0.25]",
+    "--model.eval_chunk_size", "16",
+]
+
+
+def _fit(manifest: Path, cache: Path, run: Path, *extra: str) -> int:
+    args = ["fit", "--config", str(DEMO), "--run_dir", str(run), "--data.manifest", str(manifest),
+            "--data.cache_dir", str(cache), *TINY, *extra]
+    return main(args)
+
+
+@pytest.fixture(scope="module")
+def trained_run(synth_cache: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    manifest, cache = synth_cache
+    run = tmp_path_factory.mktemp("cli") / "run"
+    assert _fit(manifest, cache, run) == 0
+    return run
+
+
+def test_fit_fills_the_run_folder(trained_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ckpts = trained_run / "checkpoints"
+    assert (ckpts / "last.ckpt").is_file() and list(ckpts.glob("best-*.ckpt"))
+    assert (trained_run / "config.yaml").is_file() and (trained_run / "splits.csv").is_file()
+    assert list(trained_run.glob("events.out.tfevents.*"))
+    splits = pd.read_csv(trained_run / "splits.csv")
+    assert set(splits["split"]) == {"train", "val", "test"}
+    # Checkpoints are plain data: they load with weights_only=True (no pickled objects).
+    ckpt = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 1 and any(k.startswith("aggregator.") for k in ckpt["state_dict"])
+    tags = _tensorboard_tags(trained_run)
+    assert {"train/loss_epoch", "val/auroc", "val/accuracy", "val/loss"} <= tags
+
+
+def _tensorboard_tags(run: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags: set[str] = set()
+    for events in run.glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    return tags
+
+
+def test_resume_from_last_continues_epochs(trained_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    run = tmp_path / "resumed"
+    shutil.copytree(trained_run, run)
+    before = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert main(["fit", "--config", str(run / "config.yaml"), "--run_dir", str(run), "--ckpt_path", "last",
+                 "--trainer.max_epochs", "3"]) == 0
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 2  # epochs 0 and 1 came from the first run, epoch 2 from the resume
+    assert ckpt["global_step"] == before["global_step"] * 3 // 2  # exactly one more epoch of steps
+    # The original run folder is untouched: the resumed run writes into its own folder.
+    assert torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == before["global_step"]
+    # The resumed run evaluates the split it was trained with.
+    assert pd.read_csv(run / "splits.csv").equals(pd.read_csv(trained_run / "splits.csv"))
+
+
+def test_fresh_fit_refuses_a_used_run_folder(trained_run: Path, synth_cache: tuple[Path, Path]) -> None:
+    manifest, cache = synth_cache
+    with pytest.raises(SystemExit, match="already holds checkpoints"):
+        _fit(manifest, cache, trained_run)
+
+
+def test_test_writes_predictions_and_bootstrap_report(trained_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    assert main(["test", "--config", str(trained_run / "config.yaml"), "--ckpt_path", str(ckpt),
+                 "--bootstrap", "200"]) == 0
+    out = capsys.readouterr().out
+    assert "95% CI" in out and str((trained_run / "metrics.json").resolve()) in out
+    df, task = read_predictions(trained_run / "predictions.csv")
+    assert task == "classification"
+    test_ids = pd.read_csv(trained_run / "splits.csv").query("split == 'test'")["slide_id"]
+    assert sorted(df["slide_id"]) == sorted(test_ids)
+    assert list(df.columns[:6]) == ["case_id", "slide_id", "label", "pred", "prob_0", "prob_1"]
+    assert (df[["prob_0", "prob_1"]].sum(axis=1) - 1).abs().max() < 1e-5
+    import json
+
+    report = json.loads((trained_run / "metrics.json").read_text())
+    assert report["bootstrap"]["n_resamples"] == 200
+    assert set(report["metrics"]) == {"auroc", "accuracy", "balanced_accuracy", "f1_macro"}
+
+
+def test_predict_writes_attention_per_slide(trained_run: Path) -> None:
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    assert main(["predict", "--config", str(trained_run / "config.yaml"), "--ckpt_path", str(ckpt)]) == 0
+    preds = pd.read_csv(trained_run / "predict" / "predictions.csv")
+    assert len(preds) == len(pd.read_csv(trained_run / "splits.csv"))
+    files = sorted((trained_run / "predict" / "attention").glob("*.pt"))
+    assert len(files) == len(preds)
+    item = torch.load(files[0], map_location="cpu", weights_only=True)
+    heads, n = item["attention"].shape
+    assert heads == 8 and item["coords"].shape == (n, 2)
+    torch.testing.assert_close(item["attention"].sum(-1), torch.ones(heads), atol=1e-4, rtol=0)
+
+
+def test_fit_without_validation_split_selects_on_training_loss(
+    synth_cache: tuple[Path, Path], tmp_path: Path
+) -> None:
+    manifest, cache = synth_cache
+    run = tmp_path / "noval"
+    with pytest.warns(UserWarning, match="no validation split"):
+        assert _fit(manifest, cache, run, "--trainer.max_epochs", "1", "--data.split_ratios", "[0.6, 0.0, 0.4]") == 0
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    callbacks = {k: v for k, v in ckpt["callbacks"].items() if k.startswith("ModelCheckpoint")}  # not LastCheckpoint
+    assert [v["monitor"] for v in callbacks.values()] == ["train/loss_epoch"]
+
+
+def test_survival_fit_and_test_report_c_index(survival_cache: tuple[Path, Path], tmp_path: Path) -> None:
+    manifest, cache = survival_cache
+    run = tmp_path / "surv"
+    args = [
+        "--model.task", "e2e_wsi.models.tasks.DiscreteSurvivalTask", "--model.task.num_bins", "2",
+        "--data.task", "survival", "--data.num_classes", "2", "--data.split_ratios", "[0.6, 0.0, 0.4]",
+        "--trainer.max_epochs", "1",
+    ]
+    with pytest.warns(UserWarning, match="no validation split"):
+        assert _fit(manifest, cache, run, *args) == 0
+    assert main(["test", "--config", str(run / "config.yaml"), "--ckpt_path",
+                 str(run / "checkpoints" / "last.ckpt"), "--bootstrap", "50"]) == 0
+    df, task = read_predictions(run / "predictions.csv")
+    assert task == "survival" and list(df.columns) == ["case_id", "time", "event", "risk"]
+    import json
+
+    assert set(json.loads((run / "metrics.json").read_text())["metrics"]) == {"c_index"}
