@@ -31,7 +31,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from e2e_wsi.cache.preprocess import jobs_from_dir, preprocess
-from e2e_wsi.data.datasets import Bag, TrainBagDataset, collate_bags, open_cache, worker_init
+from e2e_wsi.cache.store import PatchCache
+from e2e_wsi.data.datasets import Bag, TrainBagDataset, collate_bags
 from e2e_wsi.data.transforms import TrainTransform
 from e2e_wsi.slides.reader import Slide
 from e2e_wsi.slides.tiling import grid_spec, read_patch
@@ -92,7 +93,6 @@ def _rate(dataset: TrainBagDataset, workers: int, epochs: int) -> float:
         shuffle=False,
         num_workers=workers,
         collate_fn=collate_bags,
-        worker_init_fn=worker_init if workers else None,
         persistent_workers=workers > 0,
     )
     patches, start = 0, None
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         preprocess(jobs, cache_dir, config, workers=0, qc=False, progress=False)
         print(f"preprocess: {time.perf_counter() - t0:.1f} s for {len(jobs)} slide(s)")
-    cache = open_cache(cache_dir)
+    cache = PatchCache(cache_dir)
     ids = [j.slide_id for j in jobs if j.slide_id in cache]
     bags = [Bag(s, (s,), {"target": 0}) for s in ids]
     counts = {s: {m: cache.count(s, m) for m in args.magnifications} for s in ids}

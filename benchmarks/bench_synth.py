@@ -27,8 +27,17 @@ def _single_slide(size: int) -> tuple[float, float]:
     small, _ = paint_slide(rng, (size, size), "subtype", 0, 0.03, scale=4)
     painted = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        write_levels(Path(tmp, "s.svs"), small, 4, (size, size), mpp=0.25, objective_power=40,
-                     downsamples=(1, 4, 16), tile=256, quality=90)
+        write_levels(
+            Path(tmp, "s.svs"),
+            small,
+            4,
+            (size, size),
+            mpp=0.25,
+            objective_power=40,
+            downsamples=(1, 4, 16),
+            tile=256,
+            quality=90,
+        )
     return painted - start, time.perf_counter() - painted
 
 
@@ -53,8 +62,10 @@ def main() -> None:
             disk = sum(p.stat().st_size for p in (root / "cohort").rglob("*") if p.is_file())
             # with 1 worker everything runs in this process, so its CPU time is the cohort's CPU cost
             cpu_note = f", CPU {cpu:.1f} s" if workers == 1 else ""
-            print(f"workers={workers}: {wall:.1f} s wall{cpu_note}  ({args.num_slides / wall:.2f} slides/s, "
-                  f"{disk / 2**20:.0f} MiB on disk, load avg before {load:.2f})")
+            print(
+                f"workers={workers}: {wall:.1f} s wall{cpu_note}  ({args.num_slides / wall:.2f} slides/s, "
+                f"{disk / 2**20:.0f} MiB on disk, load avg before {load:.2f})"
+            )
         finally:
             shutil.rmtree(root, ignore_errors=True)
 

@@ -13,14 +13,23 @@ from collections.abc import Sequence
 
 # verb -> ("module:function", one-line help). Order is the order shown in --help.
 VERBS: dict[str, tuple[str, str]] = {
-    "synth": ("e2e_wsi.slides.synth_cli:main", "write a synthetic cohort of pyramidal slides with known lesions"),
-    "preprocess": ("e2e_wsi.cache.preprocess:main", "detect tissue, tile at several magnifications, cache patches in LMDB"),
+    "synth": (
+        "e2e_wsi.slides.synth_cli:main",
+        "write a synthetic cohort of pyramidal slides with known lesions",
+    ),
+    "preprocess": (
+        "e2e_wsi.cache.preprocess:main",
+        "detect tissue, tile at several magnifications, cache patches in LMDB",
+    ),
     "cache": ("e2e_wsi.cache.cli:main", "inspect a patch cache (`cache info CACHE_DIR`)"),
     "fit": ("e2e_wsi.lightning_cli:fit_main", "train encoder + aggregator + head end to end (LightningCLI)"),
     "validate": ("e2e_wsi.lightning_cli:validate_main", "evaluate a checkpoint on the validation split"),
     "test": ("e2e_wsi.lightning_cli:test_main", "evaluate on the test split with a bootstrap report"),
     "predict": ("e2e_wsi.lightning_cli:predict_main", "write per-slide predictions and attention"),
-    "evaluate": ("e2e_wsi.evaluation.cli:main", "bootstrap report from a saved predictions.csv, or compare two runs"),
+    "evaluate": (
+        "e2e_wsi.evaluation.cli:main",
+        "bootstrap report from a saved predictions.csv, or compare two runs",
+    ),
     "heatmap": ("e2e_wsi.viz.cli:main", "attention heatmap of a slide from a checkpoint"),
 }
 

@@ -18,7 +18,12 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from e2e_wsi.data.datamodule import WSIDataModule
 from e2e_wsi.models.module import SlideModule
-from e2e_wsi.training.callbacks import LastCheckpoint, NoValidationFallback, PredictionWriter, TestReportWriter
+from e2e_wsi.training.callbacks import (
+    LastCheckpoint,
+    NoValidationFallback,
+    PredictionWriter,
+    TestReportWriter,
+)
 
 DEFAULT_RUN_DIR = "runs/default"
 
@@ -45,7 +50,9 @@ class E2ECLI(LightningCLI):
             help="Run folder for config, splits, checkpoints, logs and reports "
             f"(default: the checkpoint's run folder for test/predict, else {DEFAULT_RUN_DIR}).",
         )
-        parser.add_argument("--bootstrap", type=int, default=1000, help="Bootstrap resamples in the test report.")
+        parser.add_argument(
+            "--bootstrap", type=int, default=1000, help="Bootstrap resamples in the test report."
+        )
         parser.add_argument("--bootstrap_seed", type=int, default=0, help="Seed of the bootstrap resampling.")
 
     def before_instantiate_classes(self) -> None:

@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", default="demo", help="demo folder (cohort, cache, run)")
     p.add_argument("--num-slides", type=int, default=72)
-    p.add_argument("--size", type=int, default=8192, help="slide side in level-0 pixels")
+    p.add_argument("--size", type=int, default=6144, help="slide side in level-0 pixels")
+    p.add_argument("--lesion-fraction", type=float, default=0.06, help="share of tissue covered by lesions")
     p.add_argument("--max-epochs", type=int, default=None, help="override the config's epochs")
     p.add_argument("--heatmaps", type=int, default=3, help="test slides to draw")
     args = p.parse_args(argv)
@@ -49,18 +50,54 @@ def main(argv: list[str] | None = None) -> int:
     if (cohort / "manifest.csv").is_file():
         print(f"reusing {cohort}")
     else:
-        run(["synth", "--task", "subtype", "--num-slides", str(args.num_slides), "--seed", "0",
-             "--size", str(args.size), "--out", str(cohort)])
+        run(
+            [
+                "synth",
+                "--task",
+                "subtype",
+                "--num-slides",
+                str(args.num_slides),
+                "--seed",
+                "0",
+                "--size",
+                str(args.size),
+                "--lesion-fraction",
+                str(args.lesion_fraction),
+                "--out",
+                str(cohort),
+            ]
+        )
     done(t0, "cohort")
 
     t0 = stage("preprocess (10x and 5x, resumable)")
-    run(["preprocess", "--manifest", str(cohort / "manifest.csv"), "--out", str(cache),
-         "--magnifications", "10", "5", "--workers", "2"])
+    run(
+        [
+            "preprocess",
+            "--manifest",
+            str(cohort / "manifest.csv"),
+            "--out",
+            str(cache),
+            "--magnifications",
+            "10",
+            "5",
+            "--workers",
+            "2",
+        ]
+    )
     done(t0, "cache")
 
     t0 = stage("fit (ResNet-18 to layer3 + ABMILX, random init, CPU fp32)")
-    fit = ["fit", "--config", CONFIG, "--run_dir", str(run_dir), "--data.manifest", str(cohort / "manifest.csv"),
-           "--data.cache_dir", str(cache)]
+    fit = [
+        "fit",
+        "--config",
+        CONFIG,
+        "--run_dir",
+        str(run_dir),
+        "--data.manifest",
+        str(cohort / "manifest.csv"),
+        "--data.cache_dir",
+        str(cache),
+    ]
     if args.max_epochs is not None:
         fit += ["--trainer.max_epochs", str(args.max_epochs)]
     if (run_dir / "checkpoints" / "last.ckpt").is_file():
@@ -72,7 +109,17 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     best = sorted((run_dir / "checkpoints").glob("best*.ckpt"))
     ckpt = best[-1] if best else ckpt
-    run(["test", "--config", str(run_dir / "config.yaml"), "--ckpt_path", str(ckpt), "--run_dir", str(run_dir)])
+    run(
+        [
+            "test",
+            "--config",
+            str(run_dir / "config.yaml"),
+            "--ckpt_path",
+            str(ckpt),
+            "--run_dir",
+            str(run_dir),
+        ]
+    )
     done(t0, "test")
 
     t0 = stage("heatmaps")
@@ -85,12 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     auroc = report["metrics"]["auroc"]
     locs = [json.loads(p.read_text()) for p in sorted((run_dir / "heatmaps").glob("*.localization.json"))]
     loc_aucs = [f"{loc['slide_id']}: {loc['auroc']:.3f}" for loc in locs if loc["auroc"] is not None]
-    print("\n=== demo finished in {:.0f} s ===".format(time.perf_counter() - start))
+    print(f"\n=== demo finished in {time.perf_counter() - start:.0f} s ===")
     print(f"run folder:   {run_dir.resolve()}")
     print(f"tensorboard:  tensorboard --logdir {run_dir.resolve()}")
     print(f"report:       {(run_dir / 'metrics.md').resolve()}")
-    print(f"test AUROC:   {auroc['point']:.3f} (bootstrap mean {auroc['mean']:.3f}, "
-          f"95% CI {auroc['ci_low']:.3f}-{auroc['ci_high']:.3f})")
+    print(
+        f"test AUROC:   {auroc['point']:.3f} (bootstrap mean {auroc['mean']:.3f}, "
+        f"95% CI {auroc['ci_low']:.3f}-{auroc['ci_high']:.3f})"
+    )
     print(f"heatmaps:     {(run_dir / 'heatmaps').resolve()}")
     print(f"lesion localisation AUROC of attention: {', '.join(loc_aucs) or 'n/a'}")
     return 0

@@ -17,7 +17,9 @@ from e2e_wsi.slides.synth import synthesize_cohort
 
 
 def _cohort_and_cache(root: Path, task: str, num_slides: int, **synth) -> tuple[Path, Path]:
-    manifest = synthesize_cohort(root / "cohort", task=task, num_slides=num_slides, seed=0, size=2048, workers=1, **synth)
+    manifest = synthesize_cohort(
+        root / "cohort", task=task, num_slides=num_slides, seed=0, size=2048, workers=1, **synth
+    )
     config = PreprocessConfig(magnifications=(10.0, 5.0), patch_size=64)
     preprocess(jobs_from_manifest(manifest), root / "cache", config, workers=0, qc=False, progress=False)
     return manifest, root / "cache"

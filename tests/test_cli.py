@@ -18,7 +18,17 @@ def test_help_lists_every_verb(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     for verb in ("synth", "preprocess", "cache", "fit", "validate", "test", "predict", "evaluate", "heatmap"):
         assert f"  {verb} " in out, verb
-    assert set(VERBS) == {"synth", "preprocess", "cache", "fit", "validate", "test", "predict", "evaluate", "heatmap"}
+    assert set(VERBS) == {
+        "synth",
+        "preprocess",
+        "cache",
+        "fit",
+        "validate",
+        "test",
+        "predict",
+        "evaluate",
+        "heatmap",
+    }
 
 
 def test_no_arguments_prints_usage(capsys: pytest.CaptureFixture[str]) -> None:
@@ -41,9 +51,13 @@ def test_every_verb_resolves_to_a_callable() -> None:
 
 
 def test_console_script_runs() -> None:
-    exe = shutil.which("e2e-wsi", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
+    exe = shutil.which(
+        "e2e-wsi", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+    )
     assert exe is not None, "the e2e-wsi console script is not installed"
     result = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "preprocess" in result.stdout
-    result = subprocess.run([sys.executable, "-m", "e2e_wsi", "--version"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "e2e_wsi", "--version"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0 and result.stdout.startswith("e2e-wsi ")

@@ -10,8 +10,15 @@ import yaml
 from e2e_wsi.cli import main
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
-PAPER = {"brca_subtype", "nsclc_subtype", "panda_grade", "camelyon_diagnosis", "luad_survival", "brca_survival",
-         "blca_survival"}
+PAPER = {
+    "brca_subtype",
+    "nsclc_subtype",
+    "panda_grade",
+    "camelyon_diagnosis",
+    "luad_survival",
+    "brca_survival",
+    "blca_survival",
+}
 
 
 def test_paper_task_configs_exist() -> None:
@@ -29,10 +36,16 @@ def test_config_parses(config: Path, capsys: pytest.CaptureFixture[str]) -> None
     model, data = resolved["model"], resolved["data"]
     assert model["aggregator"]["class_path"].endswith("ABMILX")
     assert model["encoder"]["init_args"]["arch"] == "resnet18"
-    assert abs(sum(data["mag_ratios"]) - 1.0) < 1e-6 and len(data["mag_ratios"]) == len(data["magnifications"])
+    assert abs(sum(data["mag_ratios"]) - 1.0) < 1e-6 and len(data["mag_ratios"]) == len(
+        data["magnifications"]
+    )
     task = model["task"]["class_path"].rsplit(".", 1)[-1]
-    kind = {"ClassificationTask": "classification", "GradingTask": "grading",
-            "DiscreteSurvivalTask": "survival", "CoxSurvivalTask": "survival"}[task]
+    kind = {
+        "ClassificationTask": "classification",
+        "GradingTask": "grading",
+        "DiscreteSurvivalTask": "survival",
+        "CoxSurvivalTask": "survival",
+    }[task]
     assert data["task"] == kind, "model task and data task disagree"
     if config.stem in PAPER:
         assert resolved["trainer"]["precision"] == "16-mixed"  # GPU configs; the CLI falls back on CPU
@@ -49,7 +62,10 @@ def test_paper_settings_follow_appendix_b3() -> None:
     assert brca["trainer"]["max_epochs"] == 75 and brca["data"]["oversample"] == {0: 2, 1: 1}
     panda = cfg["panda_grade"]
     assert panda["model"]["optimizer"]["class_path"] == "torch.optim.Adam"
-    assert panda["model"]["optimizer"]["init_args"] == {"lr": pytest.approx(2e-4), "weight_decay": pytest.approx(1e-5)}
+    assert panda["model"]["optimizer"]["init_args"] == {
+        "lr": pytest.approx(2e-4),
+        "weight_decay": pytest.approx(1e-5),
+    }
     assert panda["trainer"]["max_epochs"] == 200 and panda["data"]["split_ratios"] == [0.7, 0.1, 0.2]
     for name in ("luad_survival", "brca_survival", "blca_survival"):
         surv = cfg[name]

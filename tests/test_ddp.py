@@ -16,8 +16,9 @@ DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo_subtype.yaml"
 
 def _cli(*args: str, timeout: int = 600) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run([sys.executable, "-m", "e2e_wsi", *args], capture_output=True, text=True,
-                            timeout=timeout, env=env)
+    result = subprocess.run(
+        [sys.executable, "-m", "e2e_wsi", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
@@ -25,19 +26,71 @@ def _cli(*args: str, timeout: int = 600) -> None:
 def test_ddp_two_processes_match_single_process(synth_cache: tuple[Path, Path], tmp_path: Path) -> None:
     manifest, cache = synth_cache
     run = tmp_path / "ddp"
-    common = ["--data.sample_size", "8", "--data.train_patch_size", "32", "--data.eval_patch_size", "32",
-              "--data.num_workers", "0", "--data.persistent_workers", "false", "--data.batch_size", "1",
-              "--data.split_ratios", "[0.25, 0.5, 0.25]", "--trainer.accelerator", "cpu"]
-    _cli("fit", "--config", str(DEMO), "--run_dir", str(run), "--data.manifest", str(manifest),
-         "--data.cache_dir", str(cache), "--trainer.max_epochs", "1", "--trainer.devices", "2",
-         "--trainer.strategy", "ddp", *common)
+    common = [
+        "--data.sample_size",
+        "8",
+        "--data.train_patch_size",
+        "32",
+        "--data.eval_patch_size",
+        "32",
+        "--data.num_workers",
+        "0",
+        "--data.persistent_workers",
+        "false",
+        "--data.batch_size",
+        "1",
+        "--data.split_ratios",
+        "[0.25, 0.5, 0.25]",
+        "--trainer.accelerator",
+        "cpu",
+    ]
+    _cli(
+        "fit",
+        "--config",
+        str(DEMO),
+        "--run_dir",
+        str(run),
+        "--data.manifest",
+        str(manifest),
+        "--data.cache_dir",
+        str(cache),
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        *common,
+    )
     ckpt = run / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
     # 4 validation slides over 2 ranks, then the same checkpoint on 1 process.
-    _cli("validate", "--config", str(run / "config.yaml"), "--ckpt_path", str(ckpt), "--run_dir", str(run / "v2"),
-         "--trainer.devices", "2", "--trainer.strategy", "ddp")
-    _cli("validate", "--config", str(run / "config.yaml"), "--ckpt_path", str(ckpt), "--run_dir", str(run / "v1"),
-         "--trainer.devices", "1", "--trainer.strategy", "auto")
+    _cli(
+        "validate",
+        "--config",
+        str(run / "config.yaml"),
+        "--ckpt_path",
+        str(ckpt),
+        "--run_dir",
+        str(run / "v2"),
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+    )
+    _cli(
+        "validate",
+        "--config",
+        str(run / "config.yaml"),
+        "--ckpt_path",
+        str(ckpt),
+        "--run_dir",
+        str(run / "v1"),
+        "--trainer.devices",
+        "1",
+        "--trainer.strategy",
+        "auto",
+    )
     two = json.loads((run / "v2" / "validate_metrics.json").read_text())
     one = json.loads((run / "v1" / "validate_metrics.json").read_text())
     for key in ("val/auroc", "val/accuracy", "val/balanced_accuracy", "val/f1_macro"):

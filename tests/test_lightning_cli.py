@@ -15,22 +15,43 @@ DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo_subtype.yaml"
 
 # Tiny but real: 8 patches of 32 px per bag, two bags per step.
 TINY = [
-    "--trainer.max_epochs", "2",
-    "--trainer.log_every_n_steps", "1",
-    "--data.sample_size", "8",
-    "--data.train_patch_size", "32",
-    "--data.eval_patch_size", "32",
-    "--data.batch_size", "2",
-    "--data.num_workers", "0",
-    "--data.persistent_workers", "false",
-    "--data.split_ratios", "[0.5, 0.25, 0.25]",
-    "--model.eval_chunk_size", "16",
+    "--trainer.max_epochs",
+    "2",
+    "--trainer.log_every_n_steps",
+    "1",
+    "--data.sample_size",
+    "8",
+    "--data.train_patch_size",
+    "32",
+    "--data.eval_patch_size",
+    "32",
+    "--data.batch_size",
+    "2",
+    "--data.num_workers",
+    "0",
+    "--data.persistent_workers",
+    "false",
+    "--data.split_ratios",
+    "[0.5, 0.25, 0.25]",
+    "--model.eval_chunk_size",
+    "16",
 ]
 
 
 def _fit(manifest: Path, cache: Path, run: Path, *extra: str) -> int:
-    args = ["fit", "--config", str(DEMO), "--run_dir", str(run), "--data.manifest", str(manifest),
-            "--data.cache_dir", str(cache), *TINY, *extra]
+    args = [
+        "fit",
+        "--config",
+        str(DEMO),
+        "--run_dir",
+        str(run),
+        "--data.manifest",
+        str(manifest),
+        "--data.cache_dir",
+        str(cache),
+        *TINY,
+        *extra,
+    ]
     return main(args)
 
 
@@ -73,13 +94,30 @@ def test_resume_from_last_continues_epochs(trained_run: Path, tmp_path: Path) ->
     run = tmp_path / "resumed"
     shutil.copytree(trained_run, run)
     before = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert main(["fit", "--config", str(run / "config.yaml"), "--run_dir", str(run), "--ckpt_path", "last",
-                 "--trainer.max_epochs", "3"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--config",
+                str(run / "config.yaml"),
+                "--run_dir",
+                str(run),
+                "--ckpt_path",
+                "last",
+                "--trainer.max_epochs",
+                "3",
+            ]
+        )
+        == 0
+    )
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == 2  # epochs 0 and 1 came from the first run, epoch 2 from the resume
     assert ckpt["global_step"] == before["global_step"] * 3 // 2  # exactly one more epoch of steps
     # The original run folder is untouched: the resumed run writes into its own folder.
-    assert torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == before["global_step"]
+    assert (
+        torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+        == before["global_step"]
+    )
     # The resumed run evaluates the split it was trained with.
     assert pd.read_csv(run / "splits.csv").equals(pd.read_csv(trained_run / "splits.csv"))
 
@@ -90,10 +128,24 @@ def test_fresh_fit_refuses_a_used_run_folder(trained_run: Path, synth_cache: tup
         _fit(manifest, cache, trained_run)
 
 
-def test_test_writes_predictions_and_bootstrap_report(trained_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_test_writes_predictions_and_bootstrap_report(
+    trained_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     ckpt = trained_run / "checkpoints" / "last.ckpt"
-    assert main(["test", "--config", str(trained_run / "config.yaml"), "--ckpt_path", str(ckpt),
-                 "--bootstrap", "200"]) == 0
+    assert (
+        main(
+            [
+                "test",
+                "--config",
+                str(trained_run / "config.yaml"),
+                "--ckpt_path",
+                str(ckpt),
+                "--bootstrap",
+                "200",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "95% CI" in out and str((trained_run / "metrics.json").resolve()) in out
     df, task = read_predictions(trained_run / "predictions.csv")
@@ -128,9 +180,14 @@ def test_fit_without_validation_split_selects_on_training_loss(
     manifest, cache = synth_cache
     run = tmp_path / "noval"
     with pytest.warns(UserWarning, match="no validation split"):
-        assert _fit(manifest, cache, run, "--trainer.max_epochs", "1", "--data.split_ratios", "[0.6, 0.0, 0.4]") == 0
+        assert (
+            _fit(manifest, cache, run, "--trainer.max_epochs", "1", "--data.split_ratios", "[0.6, 0.0, 0.4]")
+            == 0
+        )
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    callbacks = {k: v for k, v in ckpt["callbacks"].items() if k.startswith("ModelCheckpoint")}  # not LastCheckpoint
+    callbacks = {
+        k: v for k, v in ckpt["callbacks"].items() if k.startswith("ModelCheckpoint")
+    }  # not LastCheckpoint
     assert [v["monitor"] for v in callbacks.values()] == ["train/loss_epoch"]
 
 
@@ -138,14 +195,35 @@ def test_survival_fit_and_test_report_c_index(survival_cache: tuple[Path, Path],
     manifest, cache = survival_cache
     run = tmp_path / "surv"
     args = [
-        "--model.task", "e2e_wsi.models.tasks.DiscreteSurvivalTask", "--model.task.num_bins", "2",
-        "--data.task", "survival", "--data.num_classes", "2", "--data.split_ratios", "[0.6, 0.0, 0.4]",
-        "--trainer.max_epochs", "1",
+        "--model.task",
+        "e2e_wsi.models.tasks.DiscreteSurvivalTask",
+        "--model.task.num_bins",
+        "2",
+        "--data.task",
+        "survival",
+        "--data.num_classes",
+        "2",
+        "--data.split_ratios",
+        "[0.6, 0.0, 0.4]",
+        "--trainer.max_epochs",
+        "1",
     ]
     with pytest.warns(UserWarning, match="no validation split"):
         assert _fit(manifest, cache, run, *args) == 0
-    assert main(["test", "--config", str(run / "config.yaml"), "--ckpt_path",
-                 str(run / "checkpoints" / "last.ckpt"), "--bootstrap", "50"]) == 0
+    assert (
+        main(
+            [
+                "test",
+                "--config",
+                str(run / "config.yaml"),
+                "--ckpt_path",
+                str(run / "checkpoints" / "last.ckpt"),
+                "--bootstrap",
+                "50",
+            ]
+        )
+        == 0
+    )
     df, task = read_predictions(run / "predictions.csv")
     assert task == "survival" and list(df.columns) == ["case_id", "time", "event", "risk"]
     import json

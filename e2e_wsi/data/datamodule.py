@@ -29,7 +29,8 @@ import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, DistributedSampler
 
-from e2e_wsi.data.datasets import Bag, EvalBagDataset, TrainBagDataset, collate_bags, open_cache, worker_init
+from e2e_wsi.cache.store import PatchCache
+from e2e_wsi.data.datasets import Bag, EvalBagDataset, TrainBagDataset, collate_bags
 from e2e_wsi.data.manifest import Task, load_manifest
 from e2e_wsi.data.sampling import check_ratios
 from e2e_wsi.data.splits import apply_splits, load_splits, make_splits, save_splits
@@ -171,7 +172,7 @@ class WSIDataModule(pl.LightningDataModule):
         if self.table is not None:
             return
         hp = self.hparams
-        self.cache = open_cache(self.cache_dir)
+        self.cache = PatchCache(self.cache_dir)
         df = load_manifest(
             self.manifest_path,
             self.task,
@@ -285,7 +286,6 @@ class WSIDataModule(pl.LightningDataModule):
             "num_workers": workers,
             "pin_memory": hp.pin_memory,
             "collate_fn": collate_bags,
-            "worker_init_fn": worker_init if workers > 0 else None,
             "persistent_workers": bool(hp.persistent_workers and workers > 0),
         }
 
@@ -333,7 +333,11 @@ class WSIDataModule(pl.LightningDataModule):
         rank, world = self._rank_world()
         # Under DDP, Lightning's default DistributedSampler pads by repeating bags, which would count
         # some slides twice in gathered metrics; this sampler gives each rank a disjoint share instead.
-        sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False) if world > 1 else None
+        sampler = (
+            UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
+            if world > 1
+            else None
+        )
         return DataLoader(dataset, batch_size=1, shuffle=False, sampler=sampler, **self._loader_kwargs())
 
     def _eval_bags(self, stage: str) -> list[Bag]:
@@ -368,8 +372,14 @@ class WSIDataModule(pl.LightningDataModule):
         for bag in self._eval_bags(stage):
             case_id = str(table.loc[bag.slide_ids[0], "case_id"])
             if self.task == "survival":
-                rows.append({"case_id": case_id, "slide_id": bag.bag_id, "time": bag.targets["time"],
-                             "event": int(bag.targets["event"])})
+                rows.append(
+                    {
+                        "case_id": case_id,
+                        "slide_id": bag.bag_id,
+                        "time": bag.targets["time"],
+                        "event": int(bag.targets["event"]),
+                    }
+                )
             else:
                 rows.append({"case_id": case_id, "slide_id": bag.bag_id, "label": int(bag.targets["target"])})
         return pd.DataFrame(rows)

@@ -15,10 +15,8 @@ bags with masked zeros.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -28,47 +26,6 @@ from torch.utils.data import Dataset
 from e2e_wsi.data.sampling import check_ratios, mris_sample, sample_rng
 
 PatchTransform = Callable[..., torch.Tensor]  # (uint8 [N,3,H,W], seed) -> [N,3,h,w]
-
-_CACHES: dict[tuple[str, ...], Any] = {}
-
-
-def open_cache(paths: str | Path | Sequence[str | Path]) -> Any:
-    """One shared :class:`~e2e_wsi.cache.store.PatchCache` per cache location and process.
-
-    py-lmdb refuses to open the same environment twice in one process, so every part of a run (the
-    datamodule's stages, a second datamodule in a test, a predict after fit) must share one reader.
-
-    Args:
-        paths: A cache dir, an ``.lmdb`` dir, or a list of them (shards).
-
-    Returns:
-        The PatchCache (it re-opens its environments by itself inside forked/spawned workers).
-    """
-    from e2e_wsi.cache.store import PatchCache, find_lmdbs
-
-    key = tuple(str(p.resolve()) for p in find_lmdbs(paths))
-    if key not in _CACHES:
-        _CACHES[key] = PatchCache(paths)
-    return _CACHES[key]
-
-
-def worker_init(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: drop LMDB handles inherited through ``fork``.
-
-    py-lmdb records open environments per process and the record survives ``fork``, so a forked worker
-    cannot open its own handle to a cache the parent has open (``lmdb.Error: ... already open in this
-    process``), and LMDB handles must not be used across fork anyway. Closing the inherited copies in
-    the child releases only the child's mapping; the cache then re-opens lazily in the worker.
-    """
-    del worker_id
-    info = torch.utils.data.get_worker_info()
-    reader = getattr(info.dataset, "reader", None) if info is not None else None
-    cache = getattr(reader, "cache", None)
-    envs = getattr(cache, "_envs", None)
-    if envs and getattr(cache, "_pid", None) != os.getpid():
-        for env in envs:
-            env.close()
-        cache._envs = []  # type: ignore[union-attr]
 
 
 class PatchSource(Protocol):

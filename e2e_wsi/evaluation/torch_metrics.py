@@ -55,4 +55,6 @@ class ConcordanceIndex(Metric):
         self.event.append(event.detach().flatten().float())
 
     def compute(self) -> Tensor:
-        return harrell_c_index(dim_zero_cat(self.risk), dim_zero_cat(self.time), dim_zero_cat(self.event)).float()
+        return harrell_c_index(
+            dim_zero_cat(self.risk), dim_zero_cat(self.time), dim_zero_cat(self.event)
+        ).float()

@@ -7,7 +7,6 @@ from contextlib import contextmanager
 
 import lightning as L
 import torch
-from jsonargparse import lazy_instance
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -28,8 +27,9 @@ class SlideModule(L.LightningModule):
     """End-to-end slide model: patches -> encoder -> aggregator -> task head.
 
     Args:
-        task: What to predict; builds the head, loss and metrics (e.g. ``ClassificationTask``).
+        task: What to predict; builds the head, loss and metrics. ``None``: ``ClassificationTask()``.
         encoder: Patch encoder mapping [N, 3, h, w] to [N, D], with an ``out_dim`` attribute.
+            ``None``: a randomly initialised ``ResNetEncoder()`` (ResNet-18 to layer3).
         aggregator: Factory called with the encoder's ``out_dim`` (YAML: ``class_path`` + ``init_args``
             without ``in_dim``); returns a module ``(x [B, N, D], mask [B, N]) -> (slide, attention)``.
         optimizer: Factory called with the parameter groups (encoder group scaled by
@@ -43,8 +43,8 @@ class SlideModule(L.LightningModule):
 
     def __init__(
         self,
-        task: Task = lazy_instance(ClassificationTask),
-        encoder: nn.Module = lazy_instance(ResNetEncoder),
+        task: Task | None = None,
+        encoder: nn.Module | None = None,
         aggregator: AggregatorFactory = ABMILX,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: SchedulerFactory | None = WarmupCosineLR,
@@ -53,6 +53,9 @@ class SlideModule(L.LightningModule):
         eval_chunk_size: int = 256,
     ) -> None:
         super().__init__()
+        # Built here, not as default arguments, so two modules never share one default instance.
+        task = task if task is not None else ClassificationTask()
+        encoder = encoder if encoder is not None else ResNetEncoder()
         if not hasattr(encoder, "out_dim"):
             raise ValueError(f"encoder {type(encoder).__name__} must expose `out_dim`")
         if ema_decay is not None and not 0.0 < ema_decay < 1.0:
@@ -138,7 +141,15 @@ class SlideModule(L.LightningModule):
         metrics = getattr(self, f"{stage}_metrics")
         self.task.update_metrics(metrics, out["outputs"].detach(), batch)
         on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=bsz, sync_dist=not on_step)
+        self.log(
+            f"{stage}/loss",
+            loss,
+            on_step=on_step,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=bsz,
+            sync_dist=not on_step,
+        )
         self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=bsz)
         out["loss"] = loss
         return out
@@ -155,7 +166,11 @@ class SlideModule(L.LightningModule):
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         out = self.step(batch, "predict")
-        return {"index": batch["index"], "preds": self.task.predict(out["outputs"]), "attention": out["attention"]}
+        return {
+            "index": batch["index"],
+            "preds": self.task.predict(out["outputs"]),
+            "attention": out["attention"],
+        }
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.ema is not None:
@@ -164,7 +179,9 @@ class SlideModule(L.LightningModule):
     # ------------------------------------------------------------------------------ test collection
     def _collect(self, batch: dict, out: dict[str, Tensor]) -> None:
         preds = self.task.predict(out["outputs"].detach())
-        self._collected.append({"index": batch["index"].detach(), **{k: v.detach() for k, v in preds.items()}})
+        self._collected.append(
+            {"index": batch["index"].detach(), **{k: v.detach() for k, v in preds.items()}}
+        )
 
     def on_test_epoch_start(self) -> None:
         self._collected = []

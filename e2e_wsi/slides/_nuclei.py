@@ -33,12 +33,14 @@ class Nuclei:
         return Nuclei(*(np.concatenate([getattr(p, f) for p in parts]).astype(np.float32) for f in fields))
 
     def select(self, keep: np.ndarray) -> Nuclei:
-        return Nuclei(self.y[keep], self.x[keep], self.long[keep], self.short[keep], self.theta[keep],
-                      self.dark[keep])
+        return Nuclei(
+            self.y[keep], self.x[keep], self.long[keep], self.short[keep], self.theta[keep], self.dark[keep]
+        )
 
 
-def stamp_ellipses(canvas: np.ndarray, nuc: Nuclei, rng: np.random.Generator, texture: float = 0.3,
-                   chunk: int = 4096) -> None:
+def stamp_ellipses(
+    canvas: np.ndarray, nuc: Nuclei, rng: np.random.Generator, texture: float = 0.3, chunk: int = 4096
+) -> None:
     """Draw soft ellipses into ``canvas`` (uint8 [h, w], 255 = full stain) keeping the maximum.
 
     Args:
@@ -76,8 +78,9 @@ def stamp_ellipses(canvas: np.ndarray, nuc: Nuclei, rng: np.random.Generator, te
         canvas[ys, xs] = np.maximum(canvas[ys, xs], val)
 
 
-def _jittered_grid(rng: np.random.Generator, box: tuple[int, int, int, int], spacing: float,
-                   jitter: float = 0.35) -> tuple[np.ndarray, np.ndarray]:
+def _jittered_grid(
+    rng: np.random.Generator, box: tuple[int, int, int, int], spacing: float, jitter: float = 0.35
+) -> tuple[np.ndarray, np.ndarray]:
     """Points on a square grid of ``spacing`` over ``box`` (y0, x0, y1, x1), each moved at random."""
     y0, x0, y1, x1 = box
     gy = np.arange(y0 + spacing / 2, y1, spacing, dtype=np.float32)
@@ -88,15 +91,22 @@ def _jittered_grid(rng: np.random.Generator, box: tuple[int, int, int, int], spa
     return yy, xx
 
 
-def _make(y: np.ndarray, x: np.ndarray, long: np.ndarray | float, short: np.ndarray | float,
-          theta: np.ndarray | float, dark: np.ndarray | float) -> Nuclei:
+def _make(
+    y: np.ndarray,
+    x: np.ndarray,
+    long: np.ndarray | float,
+    short: np.ndarray | float,
+    theta: np.ndarray | float,
+    dark: np.ndarray | float,
+) -> Nuclei:
     n = len(y)
     full = [np.broadcast_to(np.asarray(v, np.float32), (n,)).copy() for v in (long, short, theta, dark)]
     return Nuclei(np.asarray(y, np.float32), np.asarray(x, np.float32), *full)
 
 
-def glands(rng: np.random.Generator, box: tuple[int, int, int, int], scale: float,
-           size: float = 1.0) -> tuple[Nuclei, np.ndarray]:
+def glands(
+    rng: np.random.Generator, box: tuple[int, int, int, int], scale: float, size: float = 1.0
+) -> tuple[Nuclei, np.ndarray]:
     """Gland-like rings of large, round, dark nuclei around a pale lumen.
 
     Returns:
@@ -119,8 +129,9 @@ def glands(rng: np.random.Generator, box: tuple[int, int, int, int], scale: floa
     return nuc, lumens
 
 
-def chains(rng: np.random.Generator, box: tuple[int, int, int, int], scale: float,
-           size: float = 1.0) -> Nuclei:
+def chains(
+    rng: np.random.Generator, box: tuple[int, int, int, int], scale: float, size: float = 1.0
+) -> Nuclei:
     """Single-file chains of smaller elongated nuclei, roughly parallel within a region."""
     spacing = 90.0 * size / scale
     sy, sx = _jittered_grid(rng, box, spacing=spacing, jitter=0.5)
@@ -133,32 +144,43 @@ def chains(rng: np.random.Generator, box: tuple[int, int, int, int], scale: floa
     x = sx[:, None] + np.cumsum(step * np.cos(heading), 1) - step * steps / 2 * np.cos(main)
     n = y.size
     long = rng.uniform(30, 38, n) * size / scale
-    return _make(y.ravel(), x.ravel(), long, long * rng.uniform(0.35, 0.45, n), heading.ravel(),
-                 rng.uniform(0.8, 0.95, n))
+    return _make(
+        y.ravel(),
+        x.ravel(),
+        long,
+        long * rng.uniform(0.35, 0.45, n),
+        heading.ravel(),
+        rng.uniform(0.8, 0.95, n),
+    )
 
 
-def sheet(rng: np.random.Generator, box: tuple[int, int, int, int], scale: float,
-          size: float = 1.0) -> Nuclei:
+def sheet(
+    rng: np.random.Generator, box: tuple[int, int, int, int], scale: float, size: float = 1.0
+) -> Nuclei:
     """Solid sheet of crowded, pleomorphic nuclei (variable size, shape, darkness)."""
     y, x = _jittered_grid(rng, box, spacing=50.0 * size / scale, jitter=0.3)
     n = y.size
     long = rng.uniform(34, 54, n) * size / scale
-    return _make(y, x, long, long / rng.uniform(1.0, 1.6, n), rng.uniform(0, np.pi, n),
-                 rng.uniform(0.55, 1.0, n))
+    return _make(
+        y, x, long, long / rng.uniform(1.0, 1.6, n), rng.uniform(0, np.pi, n), rng.uniform(0.55, 1.0, n)
+    )
 
 
-def lymphoid(rng: np.random.Generator, box: tuple[int, int, int, int], scale: float,
-             size: float = 1.0) -> Nuclei:
+def lymphoid(
+    rng: np.random.Generator, box: tuple[int, int, int, int], scale: float, size: float = 1.0
+) -> Nuclei:
     """Densely packed small round very dark nuclei."""
     y, x = _jittered_grid(rng, box, spacing=28.0 * size / scale, jitter=0.3)
     n = y.size
     long = rng.uniform(20, 25, n) * size / scale
-    return _make(y, x, long, long * rng.uniform(0.85, 1.0, n), rng.uniform(0, np.pi, n),
-                 rng.uniform(0.9, 1.0, n))
+    return _make(
+        y, x, long, long * rng.uniform(0.85, 1.0, n), rng.uniform(0, np.pi, n), rng.uniform(0.9, 1.0, n)
+    )
 
 
-def arrangement(name: str, rng: np.random.Generator, box: tuple[int, int, int, int], scale: float,
-                size: float = 1.0) -> tuple[Nuclei, np.ndarray]:
+def arrangement(
+    name: str, rng: np.random.Generator, box: tuple[int, int, int, int], scale: float, size: float = 1.0
+) -> tuple[Nuclei, np.ndarray]:
     """Nuclei (and lumens, empty unless glands) of one named arrangement over a render-pixel box."""
     if name == "glands":
         return glands(rng, box, scale, size)
@@ -166,8 +188,9 @@ def arrangement(name: str, rng: np.random.Generator, box: tuple[int, int, int, i
     return fn(rng, box, scale, size), np.zeros((0, 3), np.float32)
 
 
-def stroma_nuclei(rng: np.random.Generator, shape: tuple[int, int], scale: float,
-                  density: float = 1.0) -> Nuclei:
+def stroma_nuclei(
+    rng: np.random.Generator, shape: tuple[int, int], scale: float, density: float = 1.0
+) -> Nuclei:
     """Sparse background cells everywhere: spindle fibroblasts and a few round lymphocytes."""
     height, width = shape
     n = int(height * width * scale * scale / (130.0**2) * density)

@@ -23,7 +23,9 @@ _HEMA = np.array([62.0, 30.0, 118.0], np.float32)  # RGB at full haematoxylin st
 _PENS = np.array([[20, 120, 60], [25, 45, 150], [30, 30, 30]], np.float32)  # green, blue, black
 
 
-def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float | tuple[float, float]) -> np.ndarray:
+def _smooth_noise(
+    rng: np.random.Generator, shape: tuple[int, int], sigma: float | tuple[float, float]
+) -> np.ndarray:
     """Gaussian-filtered white noise with zero mean and unit std, float32 [*shape]."""
     field = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), sigma, mode="wrap")
     return (field - field.mean()) / (field.std() + 1e-8)
@@ -87,8 +89,9 @@ def lesion_grid(rng: np.random.Generator, tissue: np.ndarray, fraction: float) -
     return (field > thresh) & tissue
 
 
-def lesion_plan(task: str, label: float, num_classes: int, num_grades: int,
-                rng: np.random.Generator) -> tuple[str, str, float, float]:
+def lesion_plan(
+    task: str, label: float, num_classes: int, num_grades: int, rng: np.random.Generator
+) -> tuple[str, str, float, float]:
     """Morphology of a slide's lesions: (arrangement A, arrangement B, share of B, nucleus size scale).
 
     subtype: class c uses one arrangement (glands, chains, sheet, lymphoid, then repeating at a larger
@@ -123,8 +126,9 @@ def lesion_burden(task: str, label: float, lesion_fraction: float, num_grades: i
     return lesion_fraction
 
 
-def _lesion_nuclei(rng: np.random.Generator, lesion: np.ndarray, plan: tuple[str, str, float, float],
-                   scale: int) -> tuple[Nuclei, np.ndarray]:
+def _lesion_nuclei(
+    rng: np.random.Generator, lesion: np.ndarray, plan: tuple[str, str, float, float], scale: int
+) -> tuple[Nuclei, np.ndarray]:
     """Nuclei and lumens (render px) of the lesion, kept only where the grid says lesion."""
     ys, xs = np.nonzero(lesion)
     if ys.size == 0:
@@ -176,13 +180,19 @@ def _pen_mask(rng: np.random.Generator, shape: tuple[int, int], scale: int) -> n
     """A marker stroke like a pathologist's annotation: uint8 [h, w] opacity (255 = opaque)."""
     height, width = shape
     t = np.linspace(0, 1, 200)
-    y = height * (rng.uniform(0.15, 0.85) + 0.25 * np.sin(2 * np.pi * (rng.uniform(0.3, 0.8) * t + rng.random())))
+    y = height * (
+        rng.uniform(0.15, 0.85) + 0.25 * np.sin(2 * np.pi * (rng.uniform(0.3, 0.8) * t + rng.random()))
+    )
     x = width * (0.1 + 0.8 * t)
     if rng.random() < 0.5:
         y, x = x * height / width, y * width / height
     canvas = Image.new("L", (width, height), 0)
-    ImageDraw.Draw(canvas).line(list(zip(x.tolist(), y.tolist(), strict=True)), fill=190,
-                                width=max(int(160 / scale), 2), joint="curve")
+    ImageDraw.Draw(canvas).line(
+        list(zip(x.tolist(), y.tolist(), strict=True)),
+        fill=190,
+        width=max(int(160 / scale), 2),
+        joint="curve",
+    )
     return np.asarray(canvas)
 
 
@@ -193,8 +203,16 @@ def _band(field: Image.Image, factor: float, rows: tuple[int, int], width: int) 
     return np.asarray(field.resize((width, r1 - r0), Image.Resampling.BILINEAR, box=box))
 
 
-def _compose(rng: np.random.Generator, tfield: np.ndarray, ramp: float, stroma: np.ndarray,
-             hema: np.ndarray, lumen: np.ndarray, pen: np.ndarray | None, scale: int) -> np.ndarray:
+def _compose(
+    rng: np.random.Generator,
+    tfield: np.ndarray,
+    ramp: float,
+    stroma: np.ndarray,
+    hema: np.ndarray,
+    lumen: np.ndarray,
+    pen: np.ndarray | None,
+    scale: int,
+) -> np.ndarray:
     """Blend stains into RGB uint8 [h, w, 3] band by band (temporaries stay small and in cache).
 
     Args:
@@ -222,7 +240,12 @@ def _compose(rng: np.random.Generator, tfield: np.ndarray, ramp: float, stroma: 
         p = None if pen is None else inv * pen[rows[0] : rows[1]]
         for c in range(3):
             # white light minus eosin absorption, then haematoxylin laid over it
-            plane = grain - e * (255.0 - eosin_rgb[c]) - h * (255.0 - hema_rgb[c]) + (e * h) * (255.0 - eosin_rgb[c])
+            plane = (
+                grain
+                - e * (255.0 - eosin_rgb[c])
+                - h * (255.0 - hema_rgb[c])
+                + (e * h) * (255.0 - eosin_rgb[c])
+            )
             if p is not None:
                 plane += p * (pen_rgb[c] - plane)
             out[rows[0] : rows[1], :, c] = np.clip(plane, 0, 255)
@@ -283,10 +306,22 @@ def paint_slide(
         n = len(lumens)
         # epithelium: a faintly basophilic cytoplasm ring under the nuclei, around an empty lumen
         epi = 2 * lumens[:, 2] * 1.8  # out to the nuclear ring at ~1.1 ring radius
-        _nuclei.stamp_ellipses(hema, Nuclei(lumens[:, 0], lumens[:, 1], epi, epi, np.zeros(n, np.float32),
-                                            np.full(n, 0.38, np.float32)), lesion_rng, texture=0.15)
-        disc = Nuclei(lumens[:, 0], lumens[:, 1], 2 * lumens[:, 2], 2 * lumens[:, 2],
-                      np.zeros(n, np.float32), np.ones(n, np.float32))
+        _nuclei.stamp_ellipses(
+            hema,
+            Nuclei(
+                lumens[:, 0], lumens[:, 1], epi, epi, np.zeros(n, np.float32), np.full(n, 0.38, np.float32)
+            ),
+            lesion_rng,
+            texture=0.15,
+        )
+        disc = Nuclei(
+            lumens[:, 0],
+            lumens[:, 1],
+            2 * lumens[:, 2],
+            2 * lumens[:, 2],
+            np.zeros(n, np.float32),
+            np.ones(n, np.float32),
+        )
         _nuclei.stamp_ellipses(lumen, disc, lesion_rng, texture=0.05)
     _nuclei.stamp_ellipses(hema, lesion_nuc, lesion_rng)
     pen = _pen_mask(pen_rng, render, scale) if pen_marks else None
@@ -332,8 +367,17 @@ def render_slide(
     Raises:
         ValueError: On a size that is not a multiple of 16, an unknown task or a bad fraction/scale.
     """
-    small, truth = paint_slide(rng, size, task, label, lesion_fraction, num_classes=num_classes,
-                               num_grades=num_grades, pen_marks=pen_marks, scale=scale)
+    small, truth = paint_slide(
+        rng,
+        size,
+        task,
+        label,
+        lesion_fraction,
+        num_classes=num_classes,
+        num_grades=num_grades,
+        pen_marks=pen_marks,
+        scale=scale,
+    )
     if scale == 1:
         return small, truth
     image = Image.fromarray(small).resize((int(size[1]), int(size[0])), Image.Resampling.BILINEAR)

@@ -66,13 +66,23 @@ def _upsampled_tiles(base: np.ndarray, factor: int, size: tuple[int, int], tile:
         for c0 in range(0, width, tile):
             piece = band[:, c0 : c0 + tile]
             if piece.shape[:2] != (tile, tile):
-                piece = np.pad(piece, ((0, tile - piece.shape[0]), (0, tile - piece.shape[1]), (0, 0)),
-                               constant_values=255)
+                piece = np.pad(
+                    piece,
+                    ((0, tile - piece.shape[0]), (0, tile - piece.shape[1]), (0, 0)),
+                    constant_values=255,
+                )
             yield piece
 
 
-def _aperio_description(width: int, height: int, level_size: tuple[int, int], tile: int, quality: int,
-                        mpp: float | None, objective_power: float | None) -> str:
+def _aperio_description(
+    width: int,
+    height: int,
+    level_size: tuple[int, int],
+    tile: int,
+    quality: int,
+    mpp: float | None,
+    objective_power: float | None,
+) -> str:
     lh, lw = level_size
     if (lw, lh) == (width, height):
         head = f"{_APERIO_HEADER}\r\n{width}x{height} [0,0 {width}x{height}] ({tile}x{tile}) JPEG/RGB Q={quality}"
@@ -121,8 +131,17 @@ def write_pyramidal_tiff(
         ValueError: On a wrong image dtype/shape, bad downsamples, tile size or quality.
     """
     ds = _check_image(image, downsamples, tile, quality)
-    return write_levels(path, np.ascontiguousarray(image), 1, image.shape[:2], mpp=mpp,
-                        objective_power=objective_power, downsamples=ds, tile=tile, quality=quality)
+    return write_levels(
+        path,
+        np.ascontiguousarray(image),
+        1,
+        image.shape[:2],
+        mpp=mpp,
+        objective_power=objective_power,
+        downsamples=ds,
+        tile=tile,
+        quality=quality,
+    )
 
 
 def write_levels(
@@ -167,7 +186,9 @@ def write_levels(
                 shape = None
             else:
                 if base_downsample % d:
-                    raise ValueError(f"downsample {d} is not a divisor of the base downsample {base_downsample}")
+                    raise ValueError(
+                        f"downsample {d} is not a divisor of the base downsample {base_downsample}"
+                    )
                 data = _upsampled_tiles(base, base_downsample // d, level_size, tile)
                 shape = (*level_size, 3)
             description = (

@@ -57,20 +57,34 @@ class SlideJob:
     suffix: str
 
 
-def _check_params(task: str, num_slides: int, size: tuple[int, int], lesion_fraction: float,
-                  num_classes: int, num_grades: int, slides_per_case: int,
-                  negative_fraction: float | None, workers: int, scale: int, quality: int) -> None:
+def _check_params(
+    task: str,
+    num_slides: int,
+    size: tuple[int, int],
+    lesion_fraction: float,
+    num_classes: int,
+    num_grades: int,
+    slides_per_case: int,
+    negative_fraction: float | None,
+    workers: int,
+    scale: int,
+    quality: int,
+) -> None:
     """Reject impossible parameters before anything touches the disk."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     if isinstance(num_slides, bool) or int(num_slides) != num_slides or num_slides < 1:
         raise ValueError(f"num_slides must be a positive integer, got {num_slides!r}")
     if isinstance(lesion_fraction, bool) or not 0.0 <= float(lesion_fraction) <= 1.0:  # NaN fails too
-        raise ValueError(f"lesion_fraction is the share of tissue covered by lesion and must be in [0, 1], "
-                         f"got {lesion_fraction!r}")
+        raise ValueError(
+            f"lesion_fraction is the share of tissue covered by lesion and must be in [0, 1], "
+            f"got {lesion_fraction!r}"
+        )
     if any(s < 512 or s % GRID for s in size):
-        raise ValueError(f"slide size must be at least 512 px and a multiple of {GRID} (the mask is at "
-                         f"downsample {GRID}), got {size[0]}x{size[1]}")
+        raise ValueError(
+            f"slide size must be at least 512 px and a multiple of {GRID} (the mask is at "
+            f"downsample {GRID}), got {size[0]}x{size[1]}"
+        )
     if task == "subtype" and num_classes < 2:
         raise ValueError(f"task 'subtype' needs num_classes >= 2, got {num_classes}")
     if task == "grade" and num_grades < 2:
@@ -95,8 +109,14 @@ def _balanced(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
     return rng.permutation(np.arange(n) % k)
 
 
-def _case_labels(rng: np.random.Generator, task: str, num_cases: int, num_classes: int, num_grades: int,
-                 negative_fraction: float) -> np.ndarray:
+def _case_labels(
+    rng: np.random.Generator,
+    task: str,
+    num_cases: int,
+    num_classes: int,
+    num_grades: int,
+    negative_fraction: float,
+) -> np.ndarray:
     """Per-case label: class, grade, 0/1 diagnosis, or the survival risk in [0, 1] (stratified)."""
     if task == "subtype":
         return _balanced(rng, num_cases, num_classes).astype(np.float64)
@@ -125,16 +145,36 @@ def _survival(rng: np.random.Generator, risk: np.ndarray) -> tuple[np.ndarray, n
 def _write_slide(job: SlideJob, root: str) -> dict[str, object]:
     """Paint one slide, write its pyramid and mask under ``root``; return its summary (worker)."""
     rng = np.random.default_rng(np.random.SeedSequence(job.seed, spawn_key=(job.index + 1,)))
-    small, truth = paint_slide(rng, job.size, job.task, job.label, job.lesion_fraction,
-                               num_classes=job.num_classes, num_grades=job.num_grades,
-                               pen_marks=job.pen_marks, scale=job.scale)
+    small, truth = paint_slide(
+        rng,
+        job.size,
+        job.task,
+        job.label,
+        job.lesion_fraction,
+        num_classes=job.num_classes,
+        num_grades=job.num_grades,
+        pen_marks=job.pen_marks,
+        scale=job.scale,
+    )
     slide_path = Path(root, "slides", job.slide_id + job.suffix)
-    write_levels(slide_path, small, job.scale, job.size, mpp=job.mpp, objective_power=job.objective_power,
-                 downsamples=DOWNSAMPLES, tile=256, quality=job.quality)
+    write_levels(
+        slide_path,
+        small,
+        job.scale,
+        job.size,
+        mpp=job.mpp,
+        objective_power=job.objective_power,
+        downsamples=DOWNSAMPLES,
+        tile=256,
+        quality=job.quality,
+    )
     Image.fromarray(truth).save(Path(root, "masks", job.slide_id + ".png"), optimize=False)
     tissue = int((truth > 0).sum())
-    return {"slide_id": job.slide_id, "tissue_fraction": round(tissue / truth.size, 4),
-            "lesion_fraction": round(int((truth == 255).sum()) / max(tissue, 1), 4)}
+    return {
+        "slide_id": job.slide_id,
+        "tissue_fraction": round(tissue / truth.size, 4),
+        "lesion_fraction": round(int((truth == 255).sum()) / max(tissue, 1), 4),
+    }
 
 
 def _run_jobs(jobs: list[SlideJob], root: Path, workers: int) -> list[dict[str, object]]:
@@ -143,8 +183,9 @@ def _run_jobs(jobs: list[SlideJob], root: Path, workers: int) -> list[dict[str, 
         return [_write_slide(job, str(root)) for job in jobs]
     # forkserver: no fork of a parent that may hold threads (torch, pytest plugins)
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)),
-                             mp_context=multiprocessing.get_context(method)) as pool:
+    with ProcessPoolExecutor(
+        max_workers=min(workers, len(jobs)), mp_context=multiprocessing.get_context(method)
+    ) as pool:
         futures = [pool.submit(_write_slide, job, str(root)) for job in jobs]
         try:
             return [f.result() for f in futures]
@@ -176,8 +217,10 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> list[Path]:
     if out_dir.is_dir() and not overwrite:
         taken = [name for name in _OUTPUTS if (out_dir / name).exists()]
         if taken:
-            raise ValueError(f"output directory {out_dir} already holds {', '.join(taken)}; "
-                             "choose an empty directory or pass overwrite=True (--overwrite)")
+            raise ValueError(
+                f"output directory {out_dir} already holds {', '.join(taken)}; "
+                "choose an empty directory or pass overwrite=True (--overwrite)"
+            )
     created = [p for p in (out_dir, *out_dir.parents) if not p.exists()]
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -265,24 +308,54 @@ def synthesize_cohort(
     hw = (int(size), int(size)) if isinstance(size, int | np.integer) else tuple(int(s) for s in size)
     if len(hw) != 2:
         raise ValueError(f"size must be an int or (H, W), got {size!r}")
-    _check_params(task, num_slides, hw, lesion_fraction, num_classes, num_grades, slides_per_case,
-                  negative_fraction, workers, render_scale, quality)
+    _check_params(
+        task,
+        num_slides,
+        hw,
+        lesion_fraction,
+        num_classes,
+        num_grades,
+        slides_per_case,
+        negative_fraction,
+        workers,
+        render_scale,
+        quality,
+    )
     out_dir = Path(out_dir)
     plan_rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0,)))
     num_cases = math.ceil(num_slides / slides_per_case)
-    labels = _case_labels(plan_rng, task, num_cases, num_classes, num_grades,
-                          0.5 if negative_fraction is None else negative_fraction)
+    labels = _case_labels(
+        plan_rng,
+        task,
+        num_cases,
+        num_classes,
+        num_grades,
+        0.5 if negative_fraction is None else negative_fraction,
+    )
     jobs = []
     for i in range(num_slides):
         case = i // slides_per_case
         case_id = validate_slide_id(f"case{case:04d}")
-        jobs.append(SlideJob(
-            case_id=case_id, slide_id=validate_slide_id(f"{case_id}-s{i % slides_per_case}"),
-            label=float(labels[case]), seed=int(seed), index=i, size=hw, task=task,
-            lesion_fraction=float(lesion_fraction), num_classes=num_classes, num_grades=num_grades,
-            pen_marks=pen_marks, mpp=mpp if with_metadata else None,
-            objective_power=objective_power if with_metadata else None, quality=quality,
-            scale=render_scale, suffix=".svs" if with_metadata else ".tif"))
+        jobs.append(
+            SlideJob(
+                case_id=case_id,
+                slide_id=validate_slide_id(f"{case_id}-s{i % slides_per_case}"),
+                label=float(labels[case]),
+                seed=int(seed),
+                index=i,
+                size=hw,
+                task=task,
+                lesion_fraction=float(lesion_fraction),
+                num_classes=num_classes,
+                num_grades=num_grades,
+                pen_marks=pen_marks,
+                mpp=mpp if with_metadata else None,
+                objective_power=objective_power if with_metadata else None,
+                quality=quality,
+                scale=render_scale,
+                suffix=".svs" if with_metadata else ".tif",
+            )
+        )
     survival = {}
     if task == "survival":
         times, events = _survival(plan_rng, labels)
@@ -296,21 +369,39 @@ def synthesize_cohort(
         (tmp / "masks").mkdir()
         summaries = _run_jobs(jobs, tmp, workers)
         (tmp / "manifest.csv").write_text(_manifest_text(task, jobs, survival), encoding="utf-8")
-        info = {"format_version": 1, "task": task, "seed": seed, "num_slides": num_slides,
-                "size": list(hw), "downsamples": list(DOWNSAMPLES), "mask_downsample": GRID,
-                "params": {k: v for k, v in asdict(jobs[0]).items()
-                           if k not in {"case_id", "slide_id", "label", "index", "size"}},
-                "slides": [dict(s, case_id=job.case_id,
-                                label=job.label if task == "survival" else int(job.label),
-                                target_lesion_fraction=round(lesion_burden(
-                                    task, job.label, lesion_fraction, num_grades), 4))
-                           for s, job in zip(summaries, jobs, strict=True)]}
+        info = {
+            "format_version": 1,
+            "task": task,
+            "seed": seed,
+            "num_slides": num_slides,
+            "size": list(hw),
+            "downsamples": list(DOWNSAMPLES),
+            "mask_downsample": GRID,
+            "params": {
+                k: v
+                for k, v in asdict(jobs[0]).items()
+                if k not in {"case_id", "slide_id", "label", "index", "size"}
+            },
+            "slides": [
+                dict(
+                    s,
+                    case_id=job.case_id,
+                    label=job.label if task == "survival" else int(job.label),
+                    target_lesion_fraction=round(
+                        lesion_burden(task, job.label, lesion_fraction, num_grades), 4
+                    ),
+                )
+                for s, job in zip(summaries, jobs, strict=True)
+            ],
+        }
         (tmp / "synth.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
         _move_into_place(tmp, out_dir)
     except OSError as err:
         _cleanup(tmp, created)
-        raise ValueError(f"could not write the cohort to {out_dir}: {err}; check the directory is "
-                         "writable and has free space") from err
+        raise ValueError(
+            f"could not write the cohort to {out_dir}: {err}; check the directory is "
+            "writable and has free space"
+        ) from err
     except BaseException:
         _cleanup(tmp, created)
         raise

@@ -19,15 +19,24 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed; the same seed gives the same cohort")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--size", type=int, default=8192, help="level-0 side in px, multiple of 16")
-    parser.add_argument("--lesion-fraction", type=float, default=0.03,
-                        help="share of tissue covered by lesion, in [0, 1] (default 0.03)")
+    parser.add_argument(
+        "--lesion-fraction",
+        type=float,
+        default=0.03,
+        help="share of tissue covered by lesion, in [0, 1] (default 0.03)",
+    )
     parser.add_argument("--num-classes", type=int, default=2, help="subtype classes (default 2)")
     parser.add_argument("--num-grades", type=int, default=6, help="grades for --task grade (default 6)")
     parser.add_argument("--slides-per-case", type=int, default=1)
-    parser.add_argument("--negative-fraction", type=float, default=None,
-                        help="share of lesion-free cases for --task diagnosis (default 0.5)")
-    parser.add_argument("--no-metadata", action="store_true",
-                        help="write generic tiled TIFFs without objective power / MPP")
+    parser.add_argument(
+        "--negative-fraction",
+        type=float,
+        default=None,
+        help="share of lesion-free cases for --task diagnosis (default 0.5)",
+    )
+    parser.add_argument(
+        "--no-metadata", action="store_true", help="write generic tiled TIFFs without objective power / MPP"
+    )
     parser.add_argument("--pen-marks", action="store_true", help="draw a marker stroke on each slide")
     parser.add_argument("--workers", type=int, default=2, help="parallel processes (default 2)")
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality of the tiles")
@@ -50,16 +59,27 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         manifest = synthesize_cohort(
-            args.out, task=args.task, num_slides=args.num_slides, seed=args.seed, size=args.size,
-            lesion_fraction=args.lesion_fraction, num_classes=args.num_classes,
-            num_grades=args.num_grades, slides_per_case=args.slides_per_case,
-            negative_fraction=args.negative_fraction, with_metadata=not args.no_metadata,
-            pen_marks=args.pen_marks, workers=args.workers, quality=args.quality,
+            args.out,
+            task=args.task,
+            num_slides=args.num_slides,
+            seed=args.seed,
+            size=args.size,
+            lesion_fraction=args.lesion_fraction,
+            num_classes=args.num_classes,
+            num_grades=args.num_grades,
+            slides_per_case=args.slides_per_case,
+            negative_fraction=args.negative_fraction,
+            with_metadata=not args.no_metadata,
+            pen_marks=args.pen_marks,
+            workers=args.workers,
+            quality=args.quality,
             overwrite=args.overwrite,
         )
     except ValueError as err:
         print(f"e2e-wsi synth: error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {args.num_slides} {args.task} slides in {time.perf_counter() - start:.1f} s; "
-          f"manifest: {manifest}")
+    print(
+        f"wrote {args.num_slides} {args.task} slides in {time.perf_counter() - start:.1f} s; "
+        f"manifest: {manifest}"
+    )
     return 0

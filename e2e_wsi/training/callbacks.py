@@ -34,8 +34,12 @@ class LastCheckpoint(ModelCheckpoint):
 
     def __init__(self) -> None:
         super().__init__(
-            filename=self.CHECKPOINT_NAME_LAST, monitor=None, save_top_k=1, save_last=False,
-            enable_version_counter=False, every_n_epochs=1,
+            filename=self.CHECKPOINT_NAME_LAST,
+            monitor=None,
+            save_top_k=1,
+            save_last=False,
+            enable_version_counter=False,
+            every_n_epochs=1,
         )
 
 

@@ -73,7 +73,9 @@ def slide_attention(
     validate_slide_id(slide_id)
     if slide_id not in cache:
         raise ValueError(f"slide {slide_id!r} is not in the cache; `e2e-wsi cache info` lists the slides")
-    item = EvalBagDataset(cache, [Bag(slide_id, (slide_id,), {})], magnifications, EvalTransform(patch_size))[0]
+    item = EvalBagDataset(cache, [Bag(slide_id, (slide_id,), {})], magnifications, EvalTransform(patch_size))[
+        0
+    ]
     with model.evaluating():
         out = model(item["images"][None], item["mask"][None])
     meta = cache.meta(slide_id)
@@ -135,7 +137,9 @@ def make_heatmap(
     att, out = slide_attention(model, cache, slide_id, magnifications, patch_size)
     meta = cache.meta(slide_id)
     order = np.argsort(-att.merged)[:top_k]
-    top = cache.get_many(slide_id, magnifications[0], order.tolist()) if len(order) else np.zeros((0, 1, 1, 3))
+    top = (
+        cache.get_many(slide_id, magnifications[0], order.tolist()) if len(order) else np.zeros((0, 1, 1, 3))
+    )
     pred = model.task.predict(out["outputs"])
     pred_text = ", ".join(f"{k}={np.round(v[0].numpy(), 3).tolist()}" for k, v in pred.items())
     truth = find_truth_mask(meta, mask_path)
@@ -152,7 +156,13 @@ def make_heatmap(
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     png = render_heatmap(
-        att, thumbnail_of(meta), top, out_dir / f"{slide_id}.png", method=method, per_head=per_head, caption=caption
+        att,
+        thumbnail_of(meta),
+        top,
+        out_dir / f"{slide_id}.png",
+        method=method,
+        per_head=per_head,
+        caption=caption,
     )
     if loc is not None:
         (out_dir / f"{slide_id}.localization.json").write_text(json.dumps(loc, indent=2) + "\n")
@@ -169,8 +179,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top_k", type=int, default=16, help="patches in the top-attention mosaic")
     p.add_argument("--normalize", choices=["rank", "percentile"], default="rank", help="colour scaling")
     p.add_argument("--per_head", action="store_true", help="also draw one map per attention head")
-    p.add_argument("--all_scales", action="store_true", help="use every training magnification, not only the main one")
-    p.add_argument("--mask", default=None, help="ground-truth lesion mask PNG (255 = lesion) for localisation")
+    p.add_argument(
+        "--all_scales", action="store_true", help="use every training magnification, not only the main one"
+    )
+    p.add_argument(
+        "--mask", default=None, help="ground-truth lesion mask PNG (255 = lesion) for localisation"
+    )
     return p
 
 
@@ -184,9 +198,16 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out) if args.out else run_dir_of_checkpoint(args.ckpt_path) / "heatmaps"
     for slide_id in args.slide:
         summary = make_heatmap(
-            model, cache, slide_id, out_dir, magnifications=[float(m) for m in mags],
-            patch_size=int(data_cfg.get("eval_patch_size", 224)), top_k=args.top_k, method=args.normalize,
-            per_head=args.per_head, mask_path=args.mask,
+            model,
+            cache,
+            slide_id,
+            out_dir,
+            magnifications=[float(m) for m in mags],
+            patch_size=int(data_cfg.get("eval_patch_size", 224)),
+            top_k=args.top_k,
+            method=args.normalize,
+            per_head=args.per_head,
+            mask_path=args.mask,
         )
         print(f"e2e-wsi: heatmap {summary['png']} ({summary['prediction']})")
         if summary["localization"] is not None:

@@ -15,7 +15,6 @@ matplotlib.use("Agg")  # headless: heatmaps are written to files, never shown
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib import colormaps  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
 from scipy.stats import rankdata  # noqa: E402
 
@@ -98,7 +97,11 @@ def overlay_grid(att: SlideAttention, values: np.ndarray, thumb_shape: tuple[int
 
 
 def patch_lesion_labels(
-    coords: np.ndarray, size_level0: int, truth: np.ndarray, dimensions: tuple[int, int], min_fraction: float = 0.25
+    coords: np.ndarray,
+    size_level0: int,
+    truth: np.ndarray,
+    dimensions: tuple[int, int],
+    min_fraction: float = 0.25,
 ) -> np.ndarray:
     """Label each patch as lesion when at least ``min_fraction`` of its area is lesion in the truth mask.
 

@@ -8,7 +8,8 @@ import torch
 from conftest import PATCH, CodedCache, patch_colour
 from torch.utils.data import DataLoader
 
-from e2e_wsi.data.datasets import Bag, EvalBagDataset, TrainBagDataset, collate_bags, open_cache, worker_init
+from e2e_wsi.cache.store import PatchCache
+from e2e_wsi.data.datasets import Bag, EvalBagDataset, TrainBagDataset, collate_bags
 from e2e_wsi.data.sampling import allocate_counts
 from e2e_wsi.data.transforms import EvalTransform, TrainTransform
 
@@ -20,7 +21,7 @@ def _identity(images: torch.Tensor, seed: int | None = None) -> torch.Tensor:
 def _train(
     cache: CodedCache, bags: list[Bag], s: int = 24, transform=_identity, seed: int = 0
 ) -> TrainBagDataset:
-    return TrainBagDataset(open_cache(cache.path), bags, s, [10.0, 5.0], [0.75, 0.25], transform, seed=seed)
+    return TrainBagDataset(PatchCache(cache.path), bags, s, [10.0, 5.0], [0.75, 0.25], transform, seed=seed)
 
 
 def _bag(slide_id: str, label: int = 0) -> Bag:
@@ -39,7 +40,7 @@ def test_train_item_reads_the_drawn_patches(coded_cache: CodedCache) -> None:
     for k in range(24):
         expected = torch.tensor(patch_colour(slide_pos, int(scale[k]), int(index[k])))
         assert (centre[k] - expected).abs().max() <= 3, (k, centre[k], expected)  # JPEG tolerance
-    cache = open_cache(coded_cache.path)
+    cache = PatchCache(coded_cache.path)
     for k in range(24):
         mag = [10.0, 5.0][scale[k]]
         assert item["magnification"][k].item() == mag
@@ -81,7 +82,6 @@ def test_workers_do_not_change_the_draws(coded_cache: CodedCache) -> None:
             batch_size=2,
             num_workers=workers,
             collate_fn=collate_bags,
-            worker_init_fn=worker_init if workers else None,
         )
         return [b["images"] for b in loader]
 
@@ -90,12 +90,12 @@ def test_workers_do_not_change_the_draws(coded_cache: CodedCache) -> None:
 
 
 def test_eval_dataset_returns_all_main_patches(coded_cache: CodedCache) -> None:
-    ds = EvalBagDataset(open_cache(coded_cache.path), [_bag("s31")], [10.0], EvalTransform(16))
+    ds = EvalBagDataset(PatchCache(coded_cache.path), [_bag("s31")], [10.0], EvalTransform(16))
     item = ds[0]
     n = coded_cache.slides["s31"][10.0]
     assert item["images"].shape == (n, 3, 16, 16) and item["mask"].all()
-    assert torch.equal(item["coords"], torch.from_numpy(open_cache(coded_cache.path).coords("s31", 10.0)))
-    both = EvalBagDataset(open_cache(coded_cache.path), [_bag("s31")], [10.0, 5.0], EvalTransform(16))[0]
+    assert torch.equal(item["coords"], torch.from_numpy(PatchCache(coded_cache.path).coords("s31", 10.0)))
+    both = EvalBagDataset(PatchCache(coded_cache.path), [_bag("s31")], [10.0, 5.0], EvalTransform(16))[0]
     assert both["images"].shape[0] == n + coded_cache.slides["s31"][5.0]
     assert sorted(set(both["magnification"].tolist())) == [5.0, 10.0]
 

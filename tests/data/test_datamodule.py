@@ -8,12 +8,11 @@ import lightning.pytorch as pl
 import pandas as pd
 import pytest
 import torch
-
-from e2e_wsi.data.transforms import normalize_images
 from conftest import CodedCache
 
 from e2e_wsi.data.datamodule import OversampleMap, WSIDataModule
 from e2e_wsi.data.splits import load_splits
+from e2e_wsi.data.transforms import normalize_images
 
 
 def _dm(cache: CodedCache, manifest: Path, **kwargs) -> WSIDataModule:

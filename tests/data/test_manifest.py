@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e_wsi.data.datasets import open_cache
+from e2e_wsi.cache.store import PatchCache
 from e2e_wsi.data.manifest import load_manifest
 
 
@@ -18,7 +18,7 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 def test_valid_classification_manifest(tmp_path: Path, coded_cache) -> None:
     path = _write(tmp_path, "case_id,slide_id,label,path\nA,s00,0,x.svs\nA,s01,1,y.svs\nB,s10,1,z.svs\n")
-    df = load_manifest(path, "classification", num_classes=2, cache=open_cache(coded_cache.path))
+    df = load_manifest(path, "classification", num_classes=2, cache=PatchCache(coded_cache.path))
     assert df["label"].tolist() == [0, 1, 1] and str(df["label"].dtype) == "int64"
     assert df["line"].tolist() == [2, 3, 4] and df["path"].tolist() == ["x.svs", "y.svs", "z.svs"]
 
@@ -53,7 +53,7 @@ def test_classification_errors_name_the_row(tmp_path: Path, body: str, line: int
 def test_slide_missing_from_cache_names_the_row(tmp_path: Path, coded_cache) -> None:
     path = _write(tmp_path, "case_id,slide_id,label\nA,s00,0\nB,zz9,1\n")
     with pytest.raises(ValueError, match=r"line 3 \(slide_id 'zz9'\): slide is not in the patch cache"):
-        load_manifest(path, "classification", num_classes=2, cache=open_cache(coded_cache.path))
+        load_manifest(path, "classification", num_classes=2, cache=PatchCache(coded_cache.path))
 
 
 def test_empty_class_is_reported(tmp_path: Path) -> None:

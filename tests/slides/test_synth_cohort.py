@@ -22,16 +22,18 @@ SYNTH_SIZE = 2048
 def subtype_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Manifest of a 4-slide subtype cohort written by 2 worker processes."""
     out = tmp_path_factory.mktemp("subtype") / "cohort"
-    return synthesize_cohort(out, task="subtype", num_slides=4, seed=3, size=SYNTH_SIZE,
-                             lesion_fraction=0.05, workers=2)
+    return synthesize_cohort(
+        out, task="subtype", num_slides=4, seed=3, size=SYNTH_SIZE, lesion_fraction=0.05, workers=2
+    )
 
 
 @pytest.fixture(scope="module")
 def survival_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Manifest of a 6-slide survival cohort, 2 slides per case."""
     out = tmp_path_factory.mktemp("survival") / "cohort"
-    return synthesize_cohort(out, task="survival", num_slides=6, seed=1, size=1024, slides_per_case=2,
-                             workers=1)
+    return synthesize_cohort(
+        out, task="survival", num_slides=6, seed=1, size=1024, slides_per_case=2, workers=1
+    )
 
 
 TASK_COLUMNS = {
@@ -100,7 +102,9 @@ def test_lesion_reads_darker_and_more_purple(subtype_cohort: Path) -> None:
         assert background.min() > 235, row["slide_id"]
         assert lesion.mean() < stroma.mean() - 5, row["slide_id"]
         assert lesion[2] - lesion[0] > stroma[2] - stroma[0], row["slide_id"]  # more purple
-        assert inside.mean() < stroma.mean() and inside[2] - inside[0] > stroma[2] - stroma[0], row["slide_id"]
+        assert inside.mean() < stroma.mean() and inside[2] - inside[0] > stroma[2] - stroma[0], row[
+            "slide_id"
+        ]
 
 
 def test_lesion_fraction_recorded(subtype_cohort: Path) -> None:
@@ -129,14 +133,18 @@ def test_survival_manifest(survival_cohort: Path) -> None:
         assert all(r["slide_id"].startswith(r["case_id"]) for r in case_rows)
 
 
-@pytest.mark.parametrize(("task", "kwargs", "labels"), [
-    ("grade", {"num_grades": 3}, [0, 0, 1, 1, 2, 2]),
-    ("diagnosis", {"negative_fraction": 0.5}, [0, 0, 0, 1, 1, 1]),
-    ("subtype", {"num_classes": 3}, [0, 0, 1, 1, 2, 2]),
-])
+@pytest.mark.parametrize(
+    ("task", "kwargs", "labels"),
+    [
+        ("grade", {"num_grades": 3}, [0, 0, 1, 1, 2, 2]),
+        ("diagnosis", {"negative_fraction": 0.5}, [0, 0, 0, 1, 1, 1]),
+        ("subtype", {"num_classes": 3}, [0, 0, 1, 1, 2, 2]),
+    ],
+)
 def test_labels_balanced_and_typed(tmp_path: Path, task: str, kwargs: dict, labels: list[int]) -> None:
-    manifest = synthesize_cohort(tmp_path / task, task=task, num_slides=6, seed=2, size=512, workers=1,
-                                 lesion_fraction=0.1, **kwargs)
+    manifest = synthesize_cohort(
+        tmp_path / task, task=task, num_slides=6, seed=2, size=512, workers=1, lesion_fraction=0.1, **kwargs
+    )
     columns, rows = _rows(manifest)
     assert columns == TASK_COLUMNS[task]
     assert sorted(int(r["label"]) for r in rows) == labels
@@ -148,8 +156,9 @@ def test_labels_balanced_and_typed(tmp_path: Path, task: str, kwargs: dict, labe
 
 def test_same_seed_identical_other_seed_different(tmp_path: Path) -> None:
     def cohort(name: str, seed: int, workers: int) -> Path:
-        return synthesize_cohort(tmp_path / name, task="survival", num_slides=3, seed=seed, size=1024,
-                                 workers=workers)
+        return synthesize_cohort(
+            tmp_path / name, task="survival", num_slides=3, seed=seed, size=1024, workers=workers
+        )
 
     a, b, c = cohort("a", 11, 2), cohort("b", 11, 1), cohort("c", 12, 1)
     assert a.read_bytes() == b.read_bytes()
@@ -163,7 +172,8 @@ def test_same_seed_identical_other_seed_different(tmp_path: Path) -> None:
         assert np.array_equal(pixels[0], pixels[1])
         assert not np.array_equal(pixels[0], pixels[2])
         assert (a.parent / "masks" / f"{row['slide_id']}.png").read_bytes() == (
-            b.parent / "masks" / f"{row['slide_id']}.png").read_bytes()
+            b.parent / "masks" / f"{row['slide_id']}.png"
+        ).read_bytes()
 
 
 def test_generic_tiff_cohort_has_no_magnification(tmp_path: Path) -> None:
@@ -192,8 +202,9 @@ def test_survival_hazard_grows_with_lesion_burden(tmp_path: Path) -> None:
     """Cases with more lesion (measured from the masks) die sooner: concordance well above 0.5."""
     from lifelines.utils import concordance_index
 
-    manifest = synthesize_cohort(tmp_path / "s", task="survival", num_slides=40, seed=9, size=512, workers=1,
-                                 lesion_fraction=0.1)
+    manifest = synthesize_cohort(
+        tmp_path / "s", task="survival", num_slides=40, seed=9, size=512, workers=1, lesion_fraction=0.1
+    )
     _, rows = _rows(manifest)
     masks = [_mask(manifest, r["slide_id"]) for r in rows]
     burden = [float((m == 255).sum() / (m > 0).sum()) for m in masks]  # lesion share of tissue

@@ -84,8 +84,23 @@ def test_crash_midway_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 def test_cli_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli"
-    status = cli.main(["synth", "--task", "diagnosis", "--num-slides", "2", "--seed", "4", "--size", "512",
-                       "--workers", "1", "--out", str(out)])
+    status = cli.main(
+        [
+            "synth",
+            "--task",
+            "diagnosis",
+            "--num-slides",
+            "2",
+            "--seed",
+            "4",
+            "--size",
+            "512",
+            "--workers",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     assert status == 0
     assert "manifest" in capsys.readouterr().out
     lines = (out / "manifest.csv").read_text().splitlines()
@@ -100,8 +115,9 @@ def test_cli_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
         (["--lesion-fraction", "2"], "lesion_fraction"),
     ],
 )
-def test_cli_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str],
-                       message: str) -> None:
+def test_cli_bad_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
     out = tmp_path / "bad"
     status = cli.main(["synth", "--out", str(out), "--size", "512", *argv])
     assert status == 2

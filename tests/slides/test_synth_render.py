@@ -70,11 +70,18 @@ def test_same_rng_same_pixels_and_pen_marks() -> None:
     assert np.array_equal(a, b) and np.array_equal(ta, tb)
     assert not np.array_equal(a, c)
     pen, _ = render_slide(np.random.default_rng(7), (1024, 1024), "diagnosis", 1, 0.05, pen_marks=True)
+
     # a marker stroke adds saturated green/blue/black pixels that H&E never has (G not the lowest)
     def dark_or_green(image: np.ndarray) -> float:
         px = image.reshape(-1, 3).astype(int)
-        return float(((px.max(1) < 60) | ((px[:, 1] > px[:, 0]) & (px[:, 1] > 60))
-                      | ((px[:, 2] > px[:, 0] + 60) & (px[:, 1] < 90))).mean())
+        return float(
+            (
+                (px.max(1) < 60)
+                | ((px[:, 1] > px[:, 0]) & (px[:, 1] > 60))
+                | ((px[:, 2] > px[:, 0] + 60) & (px[:, 1] < 90))
+            ).mean()
+        )
+
     assert dark_or_green(pen) > dark_or_green(a) + 0.01
 
 

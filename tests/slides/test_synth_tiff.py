@@ -38,8 +38,9 @@ def test_aperio_metadata_levels_and_pixels(tmp_path: Path) -> None:
 
 
 def test_custom_metadata_is_reported(tmp_path: Path) -> None:
-    path = write_pyramidal_tiff(tmp_path / "b.svs", _image(512, 512), mpp=0.5, objective_power=20,
-                                downsamples=(1, 2, 8), tile=128)
+    path = write_pyramidal_tiff(
+        tmp_path / "b.svs", _image(512, 512), mpp=0.5, objective_power=20, downsamples=(1, 2, 8), tile=128
+    )
     with openslide.OpenSlide(str(path)) as slide:
         assert float(slide.properties[openslide.PROPERTY_NAME_OBJECTIVE_POWER]) == 20
         assert float(slide.properties[openslide.PROPERTY_NAME_MPP_X]) == pytest.approx(0.5)

@@ -1,0 +1,36 @@
+"""The `make demo` pipeline end to end, scaled down, through the CLI (slow: a few minutes)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _demo_main():
+    spec = importlib.util.spec_from_file_location("e2e_demo", ROOT / "scripts" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_demo_pipeline_scaled_down(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.chdir(ROOT)  # the demo reads configs/ relative to the repository
+    out = tmp_path / "demo"
+    args = ["--out", str(out), "--num-slides", "12", "--size", "4096", "--max-epochs", "2", "--heatmaps", "2"]
+    assert _demo_main()(args) == 0
+    run = out / "run"
+    report = json.loads((run / "metrics.json").read_text())
+    assert report["task"] == "classification" and 0.0 <= report["metrics"]["auroc"]["point"] <= 1.0
+    assert len(list((run / "heatmaps").glob("*.png"))) == 2
+    printed = capsys.readouterr().out
+    assert "test AUROC" in printed and "tensorboard --logdir" in printed
+    # Re-running reuses every finished stage (cohort, cache, training) instead of redoing it.
+    assert _demo_main()(args) == 0
+    assert "reusing" in capsys.readouterr().out
