@@ -16,6 +16,7 @@ matplotlib.use("Agg")  # headless: heatmaps are written to files, never shown
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
+from PIL import Image  # noqa: E402
 from scipy.stats import rankdata  # noqa: E402
 
 from e2e_wsi.evaluation.metrics import binary_auroc  # noqa: E402
@@ -196,10 +197,13 @@ def render_heatmap(
     _mosaic(fig.add_subplot(grid[0, 1]), top_patches)
     if heads:
         sub = grid[1, :].subgridspec(1, heads)
+        # Each head's panel is a couple of hundred pixels wide: resampling the full thumbnail for every
+        # head made per-head figures ~5x slower to save, so they get a box-reduced copy.
+        small = _reduce(thumbnail, max_side=320)
         for j in range(heads):
             hax = fig.add_subplot(sub[0, j])
-            hax.imshow(thumbnail)
-            hv = overlay_grid(att, normalize_scores(att.attention[j], method), thumbnail.shape[:2])
+            hax.imshow(small)
+            hv = overlay_grid(att, normalize_scores(att.attention[j], method), small.shape[:2])
             hax.imshow(hv, cmap=cmap, alpha=alpha, norm=Normalize(0, 1), interpolation="nearest")
             hax.set_title(f"head {j}", fontsize=9)
             hax.axis("off")
@@ -210,6 +214,12 @@ def render_heatmap(
     fig.savefig(out_path, bbox_inches="tight")
     plt.close(fig)
     return out_path
+
+
+def _reduce(image: np.ndarray, max_side: int) -> np.ndarray:
+    """[h, w, 3] uint8 image box-averaged by an integer factor so its longer side is about ``max_side``."""
+    factor = max(1, max(image.shape[:2]) // max_side)
+    return image if factor == 1 else np.asarray(Image.fromarray(image).reduce(factor))
 
 
 def _mosaic(ax, patches: np.ndarray) -> None:
