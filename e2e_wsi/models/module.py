@@ -130,6 +130,23 @@ class SlideModule(L.LightningModule):
         slide, attention = aggregator(feats, mask)
         return {"outputs": head(slide), "slide": slide, "attention": attention}
 
+    def setup(self, stage: str) -> None:
+        """Fail early when the model's task and the data's task disagree (a YAML slip, not a bug)."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None:
+            return
+        data_task, data_k = getattr(dm, "task", None), getattr(dm, "num_classes", None)
+        if data_task is not None and data_task != self.task.kind:
+            raise ValueError(
+                f"model.task is a {self.task.kind} task but data.task is {data_task!r}: make them agree in the config"
+            )
+        model_k = getattr(self.task, "num_classes", getattr(self.task, "num_bins", None))
+        if data_k is not None and model_k is not None and int(data_k) != int(model_k):
+            what = "num_bins" if self.task.kind == "survival" else "num_classes"
+            raise ValueError(
+                f"model.task.{what}={model_k} but data.num_classes={data_k}: set both to the same number"
+            )
+
     # -------------------------------------------------------------------------------------- training
     def step(self, batch: dict, stage: str) -> dict[str, Tensor]:
         """The one step shared by train, val, test and predict: forward, loss, metrics, logging."""
