@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo_subtype.yaml"
-
 
 def _cli(*args: str, timeout: int = 600) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -23,74 +21,21 @@ def _cli(*args: str, timeout: int = 600) -> None:
 
 
 @pytest.mark.timeout(900)
-def test_ddp_two_processes_match_single_process(synth_cache: tuple[Path, Path], tmp_path: Path) -> None:
+def test_ddp_two_processes_match_single_process(
+    synth_cache: tuple[Path, Path], tmp_path: Path, tiny_args
+) -> None:
     manifest, cache = synth_cache
     run = tmp_path / "ddp"
-    common = [
-        "--data.sample_size",
-        "8",
-        "--data.train_patch_size",
-        "32",
-        "--data.eval_patch_size",
-        "32",
-        "--data.num_workers",
-        "0",
-        "--data.persistent_workers",
-        "false",
-        "--data.batch_size",
-        "1",
-        "--data.split_ratios",
-        "[0.25, 0.5, 0.25]",
-        "--trainer.accelerator",
-        "cpu",
-    ]
-    _cli(
-        "fit",
-        "--config",
-        str(DEMO),
-        "--run_dir",
-        str(run),
-        "--data.manifest",
-        str(manifest),
-        "--data.cache_dir",
-        str(cache),
-        "--trainer.max_epochs",
-        "1",
-        "--trainer.devices",
-        "2",
-        "--trainer.strategy",
-        "ddp",
-        *common,
-    )
+    # 4 validation slides, one bag per step, one epoch, two gloo processes on the CPU.
+    ddp = ["--data.batch_size", "1", "--data.split_ratios", "[0.25, 0.5, 0.25]", "--trainer.max_epochs", "1",
+           "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]  # fmt: skip
+    _cli(*tiny_args(manifest, cache, run, *ddp))
     ckpt = run / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
     # 4 validation slides over 2 ranks, then the same checkpoint on 1 process.
-    _cli(
-        "validate",
-        "--config",
-        str(run / "config.yaml"),
-        "--ckpt_path",
-        str(ckpt),
-        "--run_dir",
-        str(run / "v2"),
-        "--trainer.devices",
-        "2",
-        "--trainer.strategy",
-        "ddp",
-    )
-    _cli(
-        "validate",
-        "--config",
-        str(run / "config.yaml"),
-        "--ckpt_path",
-        str(ckpt),
-        "--run_dir",
-        str(run / "v1"),
-        "--trainer.devices",
-        "1",
-        "--trainer.strategy",
-        "auto",
-    )
+    validate = ["validate", "--config", str(run / "config.yaml"), "--ckpt_path", str(ckpt)]
+    _cli(*validate, "--run_dir", str(run / "v2"), "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    _cli(*validate, "--run_dir", str(run / "v1"), "--trainer.devices", "1", "--trainer.strategy", "auto")
     two = json.loads((run / "v2" / "validate_metrics.json").read_text())
     one = json.loads((run / "v1" / "validate_metrics.json").read_text())
     for key in ("val/auroc", "val/accuracy", "val/balanced_accuracy", "val/f1_macro"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -11,56 +12,18 @@ import torch
 from e2e_wsi.cli import main
 from e2e_wsi.evaluation.report import read_predictions
 
-DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo_subtype.yaml"
 
-# Tiny but real: 8 patches of 32 px per bag, two bags per step.
-TINY = [
-    "--trainer.max_epochs",
-    "2",
-    "--trainer.log_every_n_steps",
-    "1",
-    "--data.sample_size",
-    "8",
-    "--data.train_patch_size",
-    "32",
-    "--data.eval_patch_size",
-    "32",
-    "--data.batch_size",
-    "2",
-    "--data.num_workers",
-    "0",
-    "--data.persistent_workers",
-    "false",
-    "--data.split_ratios",
-    "[0.5, 0.25, 0.25]",
-    "--model.eval_chunk_size",
-    "16",
-]
+@pytest.fixture
+def fit(tiny_args) -> Callable[..., int]:
+    def run_fit(manifest: Path, cache: Path, run: Path, *extra: str) -> int:
+        return main(tiny_args(manifest, cache, run, *extra))
+
+    return run_fit
 
 
-def _fit(manifest: Path, cache: Path, run: Path, *extra: str) -> int:
-    args = [
-        "fit",
-        "--config",
-        str(DEMO),
-        "--run_dir",
-        str(run),
-        "--data.manifest",
-        str(manifest),
-        "--data.cache_dir",
-        str(cache),
-        *TINY,
-        *extra,
-    ]
-    return main(args)
-
-
-@pytest.fixture(scope="module")
-def trained_run(synth_cache: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    manifest, cache = synth_cache
-    run = tmp_path_factory.mktemp("cli") / "run"
-    assert _fit(manifest, cache, run) == 0
-    return run
+@pytest.fixture
+def trained_run(tiny_run: Path) -> Path:
+    return tiny_run
 
 
 def test_fit_fills_the_run_folder(trained_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -122,10 +85,10 @@ def test_resume_from_last_continues_epochs(trained_run: Path, tmp_path: Path) ->
     assert pd.read_csv(run / "splits.csv").equals(pd.read_csv(trained_run / "splits.csv"))
 
 
-def test_fresh_fit_refuses_a_used_run_folder(trained_run: Path, synth_cache: tuple[Path, Path]) -> None:
+def test_fresh_fit_refuses_a_used_run_folder(trained_run: Path, synth_cache: tuple[Path, Path], fit) -> None:
     manifest, cache = synth_cache
     with pytest.raises(SystemExit, match="already holds checkpoints"):
-        _fit(manifest, cache, trained_run)
+        fit(manifest, cache, trained_run)
 
 
 def test_test_writes_predictions_and_bootstrap_report(
@@ -175,13 +138,13 @@ def test_predict_writes_attention_per_slide(trained_run: Path) -> None:
 
 
 def test_fit_without_validation_split_selects_on_training_loss(
-    synth_cache: tuple[Path, Path], tmp_path: Path
+    synth_cache: tuple[Path, Path], tmp_path: Path, fit
 ) -> None:
     manifest, cache = synth_cache
     run = tmp_path / "noval"
     with pytest.warns(UserWarning, match="no validation split"):
         assert (
-            _fit(manifest, cache, run, "--trainer.max_epochs", "1", "--data.split_ratios", "[0.6, 0.0, 0.4]")
+            fit(manifest, cache, run, "--trainer.max_epochs", "1", "--data.split_ratios", "[0.6, 0.0, 0.4]")
             == 0
         )
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
@@ -191,7 +154,7 @@ def test_fit_without_validation_split_selects_on_training_loss(
     assert [v["monitor"] for v in callbacks.values()] == ["train/loss_epoch"]
 
 
-def test_survival_fit_and_test_report_c_index(survival_cache: tuple[Path, Path], tmp_path: Path) -> None:
+def test_survival_fit_and_test_report_c_index(survival_cache: tuple[Path, Path], tmp_path: Path, fit) -> None:
     manifest, cache = survival_cache
     run = tmp_path / "surv"
     args = [
@@ -209,7 +172,7 @@ def test_survival_fit_and_test_report_c_index(survival_cache: tuple[Path, Path],
         "1",
     ]
     with pytest.warns(UserWarning, match="no validation split"):
-        assert _fit(manifest, cache, run, *args) == 0
+        assert fit(manifest, cache, run, *args) == 0
     assert (
         main(
             [
@@ -231,7 +194,7 @@ def test_survival_fit_and_test_report_c_index(survival_cache: tuple[Path, Path],
     assert set(json.loads((run / "metrics.json").read_text())["metrics"]) == {"c_index"}
 
 
-def test_model_and_data_task_must_agree(synth_cache: tuple[Path, Path], tmp_path: Path) -> None:
+def test_model_and_data_task_must_agree(synth_cache: tuple[Path, Path], tmp_path: Path, fit) -> None:
     manifest, cache = synth_cache
     with pytest.raises(ValueError, match="num_classes=3 but data.num_classes=2"):
-        _fit(manifest, cache, tmp_path / "mismatch", "--model.task.num_classes", "3")
+        fit(manifest, cache, tmp_path / "mismatch", "--model.task.num_classes", "3")
