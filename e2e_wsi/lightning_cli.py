@@ -161,6 +161,9 @@ def _run(subcommand: str, argv: list[str] | None) -> int:
         WSIDataModule,
         args=args,
         save_config_callback=RunConfigSaver,
+        # The optimizer and schedule are SlideModule arguments (model.optimizer, model.lr_scheduler);
+        # LightningCLI's own top-level --optimizer would silently bypass the encoder lr multiplier.
+        auto_configure_optimizers=False,
     )
     return 0
 
