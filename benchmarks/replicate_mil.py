@@ -14,7 +14,8 @@ synthetic two-class subtyping cohort with sparse lesions and many patches per sl
 4. for every test slide, the attention of the trained model over all its 10x patches (the heatmap API)
    gives the attention sparsity and the lesion localisation AUROC against the cohort's masks.
 
-Prints one table per aggregator and writes ``OUT/summary.json`` and ``OUT/summary.md``.
+Prints two tables (AUROC; attention and training), one row per aggregator, and writes
+``OUT/summary.json`` and ``OUT/summary.md``.
 
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/replicate_mil.py --out /tmp/replicate
 """
@@ -316,7 +317,7 @@ def summarise(out: Path, aggs: list[str], seeds: list[int]) -> dict:
         t["delta_vs_abmilx"] = float(np.mean(diffs)) if diffs else None
     (out / "summary.json").write_text(json.dumps(table, indent=2) + "\n")
     lines = [
-        "| aggregator | test AUROC mean ± sd | per seed | paired Δ vs ABMILX | test NLL per seed |",
+        "| aggregator | test AUROC mean ± sd | per seed | paired Δ AUROC (this − ABMILX) | test NLL per seed |",
         "|---|---|---|---|---|",
     ]
     for t in table.values():
