@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = jobs_from_dir(slides_dir)
     cache_dir = args.cache
     if cache_dir is None:
-        from e2e_wsi.cache._worker import PreprocessConfig
+        from e2e_wsi.cache.worker import PreprocessConfig
 
         cache_dir = Path(tmp.name) / "cache"
         config = PreprocessConfig(magnifications=tuple(args.magnifications), patch_size=args.patch_size)

@@ -19,8 +19,8 @@ import numpy as np
 
 
 def _single_slide(size: int) -> tuple[float, float]:
-    from e2e_wsi.slides._render import paint_slide
-    from e2e_wsi.slides._tiff import write_levels
+    from e2e_wsi.synth.render import paint_slide
+    from e2e_wsi.slides.writer import write_levels
 
     rng = np.random.default_rng(0)
     start = time.perf_counter()
@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=8192)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args()
-    from e2e_wsi.slides.synth import synthesize_cohort
+    from e2e_wsi.synth.cohort import synthesize_cohort
 
     print(f"cpus: {os.cpu_count()}  slides: {args.num_slides} x {args.size}^2 px  task: subtype")
     paint, write = _single_slide(args.size)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 # verb -> ("module:function", one-line help). Order is the order shown in --help.
 VERBS: dict[str, tuple[str, str]] = {
     "synth": (
-        "e2e_wsi.slides.synth_cli:main",
+        "e2e_wsi.synth.cli:main",
         "write a synthetic cohort of pyramidal slides with known lesions",
     ),
     "preprocess": (
@@ -22,10 +22,10 @@ VERBS: dict[str, tuple[str, str]] = {
         "detect tissue, tile at several magnifications, cache patches in LMDB",
     ),
     "cache": ("e2e_wsi.cache.cli:main", "inspect a patch cache (`cache info CACHE_DIR`)"),
-    "fit": ("e2e_wsi.lightning_cli:fit_main", "train encoder + aggregator + head end to end (LightningCLI)"),
-    "validate": ("e2e_wsi.lightning_cli:validate_main", "evaluate a checkpoint on the validation split"),
-    "test": ("e2e_wsi.lightning_cli:test_main", "evaluate on the test split with a bootstrap report"),
-    "predict": ("e2e_wsi.lightning_cli:predict_main", "write per-slide predictions and attention"),
+    "fit": ("e2e_wsi.training.cli:fit_main", "train encoder + aggregator + head end to end (LightningCLI)"),
+    "validate": ("e2e_wsi.training.cli:validate_main", "evaluate a checkpoint on the validation split"),
+    "test": ("e2e_wsi.training.cli:test_main", "evaluate on the test split with a bootstrap report"),
+    "predict": ("e2e_wsi.training.cli:predict_main", "write per-slide predictions and attention"),
     "evaluate": (
         "e2e_wsi.evaluation.cli:main",
         "bootstrap report from a saved predictions.csv, or compare two runs",

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from e2e_wsi.cache._worker import PreprocessConfig
+from e2e_wsi.cache.worker import PreprocessConfig
 from e2e_wsi.cache.preprocess import jobs_from_manifest, preprocess
 from e2e_wsi.cli import main
-from e2e_wsi.slides.synth import synthesize_cohort
+from e2e_wsi.synth.cohort import synthesize_cohort
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo_subtype.yaml"
 

@@ -1,6 +1,6 @@
 """``e2e-wsi preprocess``: tissue detection, multi-magnification tiling, and the LMDB patch cache.
 
-Worker processes read and encode slides (see :mod:`e2e_wsi.cache._worker`); the main process is the
+Worker processes read and encode slides (see :mod:`e2e_wsi.cache.worker`); the main process is the
 single LMDB writer and commits each slide in one transaction, so killing the run at any moment loses at
 most the slides in flight and a re-run resumes exactly (complete slides with the same parameters are
 skipped). ``--shard i/n`` keeps the slides whose CRC32 of the id is ``i`` mod ``n`` and writes
@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from e2e_wsi.cache._worker import PreprocessConfig, SlideJob, process_slide
+from e2e_wsi.cache.worker import PreprocessConfig, SlideJob, process_slide
 from e2e_wsi.cache.store import LMDB_SUFFIX, CacheWriter, read_staged
 
 SLIDE_EXTENSIONS = (

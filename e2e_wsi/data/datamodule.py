@@ -1,18 +1,7 @@
 """``WSIDataModule``: manifest + split + MRIS bags + loaders, built by LightningCLI from YAML.
 
-Epoch handling (MRIS re-draws every epoch): the training loader uses :class:`EpochSampler`, a
-``DistributedSampler`` subclass. Lightning calls ``sampler.set_epoch(epoch)`` before every training
-epoch (and leaves DistributedSampler subclasses alone under DDP, so no wrapping), and our
-``set_epoch`` also writes the epoch into the dataset's shared-memory counter, which persistent workers
-read in ``__getitem__``. No ``reload_dataloaders_every_n_epochs`` is needed. Outside Lightning, call
-``loader.sampler.set_epoch(e)`` yourself.
-
-Oversampling (``oversample={0: 2, 1: 1}`` = class 0 : class 1 = 2 : 1 per epoch): an explicit index list.
-Each class c gets ``t_c`` positions, ``t_c = round(f * w_c)`` with the smallest ``f`` that does not drop
-any slide of a weighted class (classes without a weight keep their count). Position p of class c maps to
-slide ``perm_epoch[p mod n_c]``, with a fresh permutation per epoch, so every slide appears
-``floor(t_c / n_c)`` or ``ceil`` times and the extra copies change each epoch; the sampler then shuffles
-and shards the positions across ranks.
+Epoch handling and class oversampling live in :mod:`e2e_wsi.data.sampling` (``EpochSampler``,
+``OversampleMap``).
 """
 
 from __future__ import annotations
@@ -27,62 +16,16 @@ import numpy as np
 import pandas as pd
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from e2e_wsi.cache.store import PatchCache
 from e2e_wsi.data.datasets import Bag, EvalBagDataset, TrainBagDataset, collate_bags
 from e2e_wsi.data.manifest import Task, load_manifest
-from e2e_wsi.data.sampling import check_ratios
+from e2e_wsi.data.sampling import EpochSampler, OversampleMap, check_ratios
 from e2e_wsi.data.splits import apply_splits, load_splits, make_splits, save_splits
 from e2e_wsi.data.transforms import EvalTransform, TrainTransform
 
 log = logging.getLogger(__name__)
-
-
-class EpochSampler(DistributedSampler):
-    """Shuffling, rank-sharding sampler whose ``set_epoch`` also advances the dataset's MRIS epoch."""
-
-    def __init__(
-        self, dataset: TrainBagDataset, num_replicas: int, rank: int, seed: int, shuffle: bool = True
-    ) -> None:
-        super().__init__(
-            dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False
-        )
-        self.bag_dataset = dataset
-
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        self.bag_dataset.set_epoch(epoch)
-
-
-class OversampleMap:
-    """Position -> bag index for class oversampling, re-permuted per epoch (see module doc)."""
-
-    def __init__(self, labels: np.ndarray, weights: dict[int, float], seed: int) -> None:
-        self.seed = seed
-        self.groups: list[np.ndarray] = []
-        weighted = {int(c): float(w) for c, w in weights.items()}
-        present = {int(c): int((labels == c).sum()) for c in np.unique(labels)}
-        if any(w <= 0 for w in weighted.values()) or not set(weighted) <= set(present):
-            raise ValueError(
-                f"oversample {weights}: weights must be positive and name classes present in the training "
-                f"split (classes there: {sorted(present)})"
-            )
-        factor = max(present[c] / w for c, w in weighted.items())
-        self.targets: list[int] = []
-        for c in sorted(present):
-            self.groups.append(np.flatnonzero(labels == c))
-            self.targets.append(max(1, round(factor * weighted[c])) if c in weighted else present[c])
-        self.offsets = np.cumsum([0, *self.targets])
-
-    def __len__(self) -> int:
-        return int(self.offsets[-1])
-
-    def __call__(self, position: int, epoch: int) -> int:
-        g = int(np.searchsorted(self.offsets, position, side="right") - 1)
-        members = self.groups[g]
-        perm = np.random.default_rng([self.seed, epoch, g, 0x0DD]).permutation(len(members))
-        return int(members[perm[(position - self.offsets[g]) % len(members)]])
 
 
 class WSIDataModule(pl.LightningDataModule):

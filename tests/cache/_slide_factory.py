@@ -7,10 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-try:  # the public API; fall back to the writer module while synth.py is being written
-    from e2e_wsi.slides.synth import write_pyramidal_tiff
-except ImportError:  # pragma: no cover
-    from e2e_wsi.slides._tiff import write_pyramidal_tiff
+from e2e_wsi.slides.writer import write_pyramidal_tiff
 
 MASK_DS = 16  # truth masks are given at downsample 16 (as synth's masks/<id>.png)
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import MAGS, lmdb_contents
 from PIL import Image
 
-from e2e_wsi.cache._worker import PreprocessConfig
+from e2e_wsi.cache.worker import PreprocessConfig
 from e2e_wsi.cache.preprocess import jobs_from_manifest, main, preprocess
 from e2e_wsi.cache.store import PatchCache, open_readonly
 from e2e_wsi.slides.reader import Slide

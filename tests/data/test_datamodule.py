@@ -10,7 +10,8 @@ import pytest
 import torch
 from conftest import CodedCache
 
-from e2e_wsi.data.datamodule import OversampleMap, WSIDataModule
+from e2e_wsi.data.datamodule import WSIDataModule
+from e2e_wsi.data.sampling import OversampleMap
 from e2e_wsi.data.splits import load_splits
 from e2e_wsi.data.transforms import normalize_images
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from e2e_wsi import cli
-from e2e_wsi.slides import synth
-from e2e_wsi.slides.synth import synthesize_cohort
+from e2e_wsi.synth import cohort as synth
+from e2e_wsi.synth.cohort import synthesize_cohort
 
 
 def _leftovers(root: Path) -> list[str]:
@@ -67,7 +67,7 @@ def test_crash_midway_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
     """A failure after the first slide was written removes the temporary cohort and the new dir."""
     real = synth._write_slide
 
-    def fail_on_second(job: synth.SlideJob, root: str) -> dict[str, object]:
+    def fail_on_second(job: synth.SynthJob, root: str) -> dict[str, object]:
         if job.index == 1:
             raise RuntimeError("disk on fire")
         return real(job, root)

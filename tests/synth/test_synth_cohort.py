@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from e2e_wsi.slides.synth import synthesize_cohort
+from e2e_wsi.synth.cohort import synthesize_cohort
 
 SYNTH_SIZE = 2048
 

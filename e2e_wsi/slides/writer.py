@@ -1,4 +1,4 @@
-"""Pyramidal TIFF writer for synthetic slides (Aperio-SVS-like or generic tiled TIFF).
+"""Pyramidal TIFF writer (Aperio-SVS-like or generic tiled TIFF): synthetic slides and heatmap overlays.
 
 OpenSlide detects the Aperio vendor from the first page's ImageDescription starting with
 ``Aperio``; it then treats every tiled top-level page as a pyramid level (level 0 first) and reads

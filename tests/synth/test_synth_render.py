@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from e2e_wsi.slides.synth import render_slide
+from e2e_wsi.synth.cohort import render_slide
 
 SIZE = (2048, 2048)
 

@@ -25,18 +25,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from e2e_wsi.slides._render import GRID, TASKS, lesion_burden, paint_slide, render_slide
-from e2e_wsi.slides._tiff import write_levels, write_pyramidal_tiff
+from e2e_wsi.synth.render import GRID, TASKS, lesion_burden, paint_slide, render_slide
+from e2e_wsi.slides.writer import write_levels, write_pyramidal_tiff
 from e2e_wsi.utils import validate_slide_id
 
-__all__ = ["TASKS", "SlideJob", "render_slide", "synthesize_cohort", "write_pyramidal_tiff"]
+__all__ = ["TASKS", "SynthJob", "render_slide", "synthesize_cohort"]
 
 DOWNSAMPLES = (1, 4, 16)
 _OUTPUTS = ("slides", "masks", "manifest.csv", "synth.json")
 
 
 @dataclass(frozen=True)
-class SlideJob:
+class SynthJob:
     """Everything one worker needs to paint and write one slide (plain values only)."""
 
     case_id: str
@@ -142,7 +142,7 @@ def _survival(rng: np.random.Generator, risk: np.ndarray) -> tuple[np.ndarray, n
     return time, (event_time <= censor_time).astype(np.int64)
 
 
-def _write_slide(job: SlideJob, root: str) -> dict[str, object]:
+def _write_slide(job: SynthJob, root: str) -> dict[str, object]:
     """Paint one slide, write its pyramid and mask under ``root``; return its summary (worker)."""
     rng = np.random.default_rng(np.random.SeedSequence(job.seed, spawn_key=(job.index + 1,)))
     small, truth = paint_slide(
@@ -177,7 +177,7 @@ def _write_slide(job: SlideJob, root: str) -> dict[str, object]:
     }
 
 
-def _run_jobs(jobs: list[SlideJob], root: Path, workers: int) -> list[dict[str, object]]:
+def _run_jobs(jobs: list[SynthJob], root: Path, workers: int) -> list[dict[str, object]]:
     """Write all slides, in worker processes when ``workers > 1``; the first error is re-raised."""
     if workers == 1 or len(jobs) == 1:
         return [_write_slide(job, str(root)) for job in jobs]
@@ -195,7 +195,7 @@ def _run_jobs(jobs: list[SlideJob], root: Path, workers: int) -> list[dict[str, 
             raise
 
 
-def _manifest_text(task: str, jobs: list[SlideJob], survival: dict[str, tuple[float, int]]) -> str:
+def _manifest_text(task: str, jobs: list[SynthJob], survival: dict[str, tuple[float, int]]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     extra = ["time", "event"] if task == "survival" else ["label"]
@@ -337,7 +337,7 @@ def synthesize_cohort(
         case = i // slides_per_case
         case_id = validate_slide_id(f"case{case:04d}")
         jobs.append(
-            SlideJob(
+            SynthJob(
                 case_id=case_id,
                 slide_id=validate_slide_id(f"{case_id}-s{i % slides_per_case}"),
                 label=float(labels[case]),

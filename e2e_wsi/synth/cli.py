@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         0 on success, 2 on bad input (the error is printed to stderr).
     """
     args = _parser().parse_args(sys.argv[2:] if argv is None else argv)
-    from e2e_wsi.slides.synth import synthesize_cohort
+    from e2e_wsi.synth.cohort import synthesize_cohort
 
     start = time.perf_counter()
     try:

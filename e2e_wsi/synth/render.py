@@ -13,8 +13,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from e2e_wsi.slides import _nuclei
-from e2e_wsi.slides._nuclei import ARRANGEMENTS, Nuclei
+from e2e_wsi.synth import nuclei as _nuclei
+from e2e_wsi.synth.nuclei import ARRANGEMENTS, Nuclei
 
 GRID = 16  # level-0 pixels per ground-truth pixel (the mask is at downsample 16)
 TASKS = ("subtype", "grade", "survival", "diagnosis")

@@ -8,7 +8,7 @@ import numpy as np
 import openslide
 import pytest
 
-from e2e_wsi.slides.synth import write_pyramidal_tiff
+from e2e_wsi.slides.writer import write_pyramidal_tiff
 
 
 def _image(height: int = 1024, width: int = 1536) -> np.ndarray:
