@@ -24,8 +24,7 @@ from e2e_wsi.training.callbacks import (
     PredictionWriter,
     TestReportWriter,
 )
-
-DEFAULT_RUN_DIR = "runs/default"
+from e2e_wsi.training.run import DEFAULT_RUN_DIR, RunFolder
 
 
 class RunConfigSaver(SaveConfigCallback):
@@ -114,13 +113,7 @@ def _write_metrics(trainer, stage: str) -> None:
 
 def resolve_run_dir(run_dir: str | None, ckpt_path: str | None) -> Path:
     """The run folder: explicit, else the folder holding ``checkpoints/`` of ``ckpt_path``, else default."""
-    if run_dir:
-        return Path(run_dir)
-    if ckpt_path and ckpt_path not in {"last", "best", "hpc"}:
-        ckpt = Path(ckpt_path)
-        if ckpt.parent.name == "checkpoints":
-            return ckpt.parent.parent
-    return Path(DEFAULT_RUN_DIR)
+    return RunFolder.resolve(run_dir, ckpt_path).root
 
 
 def _cpu_safe_precision(trainer_cfg: Namespace) -> None:

@@ -15,14 +15,14 @@ from e2e_wsi.cache.store import PatchCache, mag_key
 from e2e_wsi.data.datasets import Bag, EvalBagDataset
 from e2e_wsi.data.transforms import EvalTransform
 from e2e_wsi.models.module import SlideModule
+from e2e_wsi.training.run import RunFolder
 from e2e_wsi.utils import validate_slide_id
 from e2e_wsi.viz.heatmap import SlideAttention, localization_summary, patch_lesion_labels, render_heatmap
 
 
 def run_dir_of_checkpoint(ckpt_path: str | Path) -> Path:
     """``RUN/checkpoints/x.ckpt`` -> ``RUN``; a checkpoint elsewhere -> its own folder."""
-    ckpt = Path(ckpt_path)
-    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    return RunFolder.of_checkpoint(ckpt_path).root
 
 
 def load_run(ckpt_path: str | Path, config_path: str | Path | None = None) -> tuple[SlideModule, dict]:
