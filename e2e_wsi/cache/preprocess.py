@@ -9,7 +9,6 @@ skipped). ``--shard i/n`` keeps the slides whose CRC32 of the id is ``i`` mod ``
 
 from __future__ import annotations
 
-import csv
 import json
 import multiprocessing as mp
 import os
@@ -21,8 +20,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from e2e_wsi.cache.worker import PreprocessConfig, SlideJob, process_slide
+from e2e_wsi.cache.lock import CacheLock, CacheLockedError
 from e2e_wsi.cache.store import LMDB_SUFFIX, CacheWriter, read_staged
+from e2e_wsi.cache.worker import DEFAULT_MAX_PIXELS, PreprocessConfig, SlideJob, process_slide
+from e2e_wsi.slides.tiling import GRID_ANCHORS
 
 SLIDE_EXTENSIONS = (
     ".svs",
@@ -45,42 +46,40 @@ _WORKER: dict[str, Any] = {}
 def jobs_from_manifest(manifest: str | Path) -> list[SlideJob]:
     """Slides listed in a manifest CSV (columns ``slide_id`` and ``path``; optional ``mpp``).
 
-    Paths are relative to the manifest's folder unless absolute. Other columns (labels) are ignored.
+    Read with the same reader as every other verb (:func:`e2e_wsi.data.manifest.read_table`: a BOM or
+    spaces around column names are fine). Paths are relative to the manifest's folder unless absolute.
+    Other columns (labels) are ignored.
 
     Raises:
         FileNotFoundError: If the manifest is missing.
-        ValueError: If a required column is missing, a row has an empty path or a bad ``mpp``, or a
-            slide id repeats; the message names the row.
+        ValueError: If the file is empty, a required column is missing, a row has an empty path or a bad
+            ``mpp``, or a slide id repeats; the message names the line.
     """
+    from e2e_wsi.data.manifest import read_table  # pandas: imported here, not in every worker process
+
     manifest = Path(manifest)
-    if not manifest.is_file():
-        raise FileNotFoundError(f"manifest {manifest} not found")
-    with open(manifest, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        missing = {"slide_id", "path"} - set(reader.fieldnames or [])
-        if missing:
-            raise ValueError(
-                f"{manifest}: missing column(s) {sorted(missing)}; expected at least slide_id,path"
-            )
-        jobs: list[SlideJob] = []
-        seen: dict[str, int] = {}
-        for row_no, row in enumerate(reader, start=2):  # row 1 is the header
-            origin = f"{manifest.name} row {row_no}"
-            slide_id, rel = (row.get("slide_id") or "").strip(), (row.get("path") or "").strip()
-            if not rel:
-                raise ValueError(f"{manifest} row {row_no}: empty path for slide {slide_id!r}")
-            if slide_id in seen:
-                raise ValueError(
-                    f"{manifest} row {row_no}: slide_id {slide_id!r} repeats row {seen[slide_id]}"
-                )
-            seen[slide_id] = row_no
-            mpp_text = (row.get("mpp") or "").strip()
-            try:
-                mpp = float(mpp_text) if mpp_text else None
-            except ValueError:
-                raise ValueError(f"{manifest} row {row_no}: mpp {mpp_text!r} is not a number") from None
-            path = Path(rel) if Path(rel).is_absolute() else manifest.parent / rel
-            jobs.append(SlideJob(slide_id, path, mpp, origin))
+    table = read_table(manifest)
+    missing = {"slide_id", "path"} - set(table.columns)
+    if missing:
+        raise ValueError(f"{manifest}: missing column(s) {sorted(missing)}; expected at least slide_id,path")
+    jobs: list[SlideJob] = []
+    seen: dict[str, int] = {}
+    for row in table.to_dict("records"):
+        line = int(row["line"])
+        slide_id = row["slide_id"] if isinstance(row["slide_id"], str) else ""
+        rel = row["path"] if isinstance(row["path"], str) else ""
+        if not rel:
+            raise ValueError(f"{manifest} line {line}: empty path for slide {slide_id!r}")
+        if slide_id in seen:
+            raise ValueError(f"{manifest} line {line}: slide_id {slide_id!r} repeats line {seen[slide_id]}")
+        seen[slide_id] = line
+        mpp_text = row.get("mpp") if isinstance(row.get("mpp"), str) else ""
+        try:
+            mpp = float(mpp_text) if mpp_text else None
+        except ValueError:
+            raise ValueError(f"{manifest} line {line}: mpp {mpp_text!r} is not a number") from None
+        path = Path(rel) if Path(rel).is_absolute() else manifest.parent / rel
+        jobs.append(SlideJob(slide_id, path, mpp, f"{manifest.name} line {line}"))
     return jobs
 
 
@@ -172,17 +171,42 @@ def preprocess(
 
     Returns:
         One dict per slide of the shard: ``slide_id``, ``path``, ``status`` ('ok'/'failed'), ``reason``
-        (failed), ``patches`` {mag: n} and ``cached`` (True if skipped because already complete).
+        (failed), ``patches``, ``tissue_coverage`` and ``background_share`` {mag: value} and ``cached``
+        (True if skipped because already complete).
 
     Raises:
         ValueError: If slides are already cached with different parameters and ``overwrite`` is False.
+        CacheLockedError: If another run is writing the same shard of ``out_dir``.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = [j for j in jobs if in_shard(j.slide_id, shard)]
     if dupes := sorted({j.slide_id for j in jobs if sum(k.slide_id == j.slide_id for k in jobs) > 1}):
         raise ValueError(f"slide ids repeat: {dupes[:5]}; give each slide file a unique id")
-    writer = CacheWriter(out_dir / shard_name(shard), map_size=map_size)
+    lmdb_path = out_dir / shard_name(shard)
+    with CacheLock(out_dir / f".{shard_name(shard)}.lock", what=f"cache {lmdb_path}"):
+        rows = _preprocess_locked(
+            jobs, out_dir, lmdb_path, config, workers, shard, overwrite, qc, progress, map_size
+        )
+        ordered = [rows[j.slide_id] for j in jobs if j.slide_id in rows]
+        _write_summary(out_dir / summary_name(shard), ordered, config, shard)
+    return ordered
+
+
+def _preprocess_locked(
+    jobs: list[SlideJob],
+    out_dir: Path,
+    lmdb_path: Path,
+    config: PreprocessConfig,
+    workers: int,
+    shard: tuple[int, int],
+    overwrite: bool,
+    qc: bool,
+    progress: bool,
+    map_size: int,
+) -> dict[str, dict[str, Any]]:
+    """The body of :func:`preprocess`, run while holding the shard's lock: skip, tile, commit."""
+    writer = CacheWriter(lmdb_path, map_size=map_size)
     try:
         existing = writer.all_meta()
         if not overwrite and (bad := _params_mismatch(jobs, existing, config)):
@@ -215,18 +239,19 @@ def preprocess(
             pass
     finally:
         writer.close()
-    ordered = [rows[j.slide_id] for j in jobs if j.slide_id in rows]
-    _write_summary(out_dir / summary_name(shard), ordered, config, shard)
-    return ordered
+    return rows
 
 
 def _ok_row(job: SlideJob, meta: dict, *, cached: bool) -> dict[str, Any]:
-    patches = {m: info["count"] for m, info in meta["magnifications"].items()}
+    mags = meta["magnifications"]
     return {
         "slide_id": job.slide_id,
         "path": str(job.path),
         "status": "ok",
-        "patches": patches,
+        "patches": {m: info["count"] for m, info in mags.items()},
+        # Share of the detected tissue inside kept patches, and of their area that is not tissue.
+        "tissue_coverage": {m: info.get("tissue_coverage") for m, info in mags.items()},
+        "background_share": {m: info.get("background_share") for m, info in mags.items()},
         "cached": cached,
     }
 
@@ -332,11 +357,8 @@ def _print_failures(rows: list[dict[str, Any]]) -> None:
         console.print(table)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``e2e-wsi preprocess``; returns the exit status."""
+def _parser() -> Any:
     import argparse
-
-    from e2e_wsi.slides.tissue import TissueParams
 
     parser = argparse.ArgumentParser(
         prog="e2e-wsi preprocess",
@@ -363,27 +385,66 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allow-failures", action="store_true", help="exit 0 even if some slides failed")
     parser.add_argument("--jpeg-quality", type=int, default=90)
     parser.add_argument(
-        "--tissue-threshold", type=float, default=0.5, help="min tissue fraction of a kept patch"
+        "--tissue-threshold",
+        type=float,
+        default=0.5,
+        help="patches with more tissue than this fraction are always kept",
+    )
+    parser.add_argument(
+        "--min-coverage",
+        type=float,
+        default=0.95,
+        help="kept patches cover at least this share of the tissue (0 = threshold only; docs/tiling.md)",
+    )
+    parser.add_argument(
+        "--grid-anchor",
+        choices=GRID_ANCHORS,
+        default="tissue",
+        help="centre the grid on the tissue's bounding box, or start it at the slide's corner",
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=float,
+        default=DEFAULT_MAX_PIXELS,
+        help=f"refuse slides whose level 0 has more pixels than this (default {DEFAULT_MAX_PIXELS:.0e})",
     )
     parser.add_argument(
         "--saturation-threshold", default="8", help="HSV saturation threshold 0-255, or 'otsu'"
     )
     parser.add_argument("--no-qc", action="store_true", help="do not write qc/<slide_id>.png")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _config(args: Any) -> PreprocessConfig:
+    """The run's :class:`PreprocessConfig` from parsed arguments; ``ValueError`` on a bad value."""
+    from e2e_wsi.slides.tissue import TissueParams
+
+    otsu = args.saturation_threshold.lower() == "otsu"
     try:
-        otsu = args.saturation_threshold.lower() == "otsu"
-        tissue = TissueParams(
-            use_otsu=otsu, **({} if otsu else {"saturation_threshold": int(args.saturation_threshold)})
-        )
-        config = PreprocessConfig(
-            magnifications=tuple(args.magnifications),
-            patch_size=args.patch_size,
-            jpeg_quality=args.jpeg_quality,
-            tissue_threshold=args.tissue_threshold,
-            tissue=tissue,
-            mpp=args.mpp,
-        )
+        saturation = {} if otsu else {"saturation_threshold": int(args.saturation_threshold)}
+    except ValueError:
+        raise ValueError(
+            f"--saturation-threshold must be 0-255 or 'otsu', got {args.saturation_threshold!r}"
+        ) from None
+    return PreprocessConfig(
+        magnifications=tuple(args.magnifications),
+        patch_size=args.patch_size,
+        jpeg_quality=args.jpeg_quality,
+        tissue_threshold=args.tissue_threshold,
+        min_coverage=args.min_coverage,
+        grid_anchor=args.grid_anchor,
+        tissue=TissueParams(use_otsu=otsu, **saturation),
+        mpp=args.mpp,
+        max_pixels=args.max_pixels,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``e2e-wsi preprocess``; returns the exit status (2 for a usage error or a lock)."""
+    args = _parser().parse_args(argv)
+    try:
+        config = _config(args)
         jobs = jobs_from_manifest(args.manifest) if args.manifest else jobs_from_dir(args.slides_dir)
         if not jobs:
             raise ValueError(f"no slides found in {args.manifest or args.slides_dir}")
@@ -397,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
             qc=not args.no_qc,
             progress=not args.quiet,
         )
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, CacheLockedError) as err:
         print(f"e2e-wsi preprocess: error: {err}", file=sys.stderr)
         return 2
     _print_failures(rows)

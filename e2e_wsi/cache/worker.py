@@ -17,9 +17,23 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from e2e_wsi.cache.store import FORMAT_VERSION, append_staged, mag_key
-from e2e_wsi.slides.reader import Slide, SlideError
-from e2e_wsi.slides.tiling import encode_jpeg, grid_spec, read_patch, tissue_grid
-from e2e_wsi.slides.tissue import TissueParams, contour_overlay, segment_tissue, segmentation_downsample
+from e2e_wsi.slides.reader import DEFAULT_MAX_PIXELS, Slide, SlideError
+from e2e_wsi.slides.tiling import (
+    GRID_ANCHORS,
+    GridSpec,
+    coverage_stats,
+    encode_jpeg,
+    grid_spec,
+    read_patch,
+    tissue_grid,
+)
+from e2e_wsi.slides.tissue import (
+    TissueMask,
+    TissueParams,
+    contour_overlay,
+    segment_tissue,
+    segmentation_downsample,
+)
 from e2e_wsi.utils import validate_slide_id
 
 _PROGRESS_EVERY = 64  # patches between progress messages (keeps queue traffic negligible)
@@ -40,17 +54,26 @@ class PreprocessConfig:
         magnifications: Target magnifications, e.g. ``(10.0, 5.0)``.
         patch_size: Patch side in pixels at every magnification.
         jpeg_quality: JPEG quality 1-100 of stored patches.
-        tissue_threshold: A patch is kept when its tissue fraction exceeds this (0-1).
+        tissue_threshold: A patch is always kept when its tissue fraction exceeds this (0-1).
+        min_coverage: Kept patches must cover at least this share of the detected tissue; patches with
+            less tissue are added, most tissue first, until they do (0 disables). See docs/tiling.md.
+        grid_anchor: ``"tissue"`` centres each grid on the tissue's bounding box, ``"origin"`` starts it
+            at the slide's corner.
         tissue: Tissue-detection parameters.
         mpp: Run-wide MPP override (``--mpp``), or ``None``.
+        max_pixels: Slides whose level 0 has more pixels fail at once (``--max-pixels``). It decides
+            which slides are cached, not what is cached, so it is not part of ``params``.
     """
 
     magnifications: tuple[float, ...]
     patch_size: int = 256
     jpeg_quality: int = 90
     tissue_threshold: float = 0.5
+    min_coverage: float = 0.95
+    grid_anchor: str = "tissue"
     tissue: TissueParams = field(default_factory=TissueParams)
     mpp: float | None = None
+    max_pixels: float | None = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
         if not self.magnifications:
@@ -64,6 +87,10 @@ class PreprocessConfig:
             raise ValueError(f"JPEG quality must be in 1..100, got {self.jpeg_quality}")
         if not 0.0 <= self.tissue_threshold < 1.0:
             raise ValueError(f"tissue threshold must be in [0, 1), got {self.tissue_threshold}")
+        if not 0.0 <= self.min_coverage <= 1.0:
+            raise ValueError(f"min coverage must be in [0, 1], got {self.min_coverage}")
+        if self.grid_anchor not in GRID_ANCHORS:
+            raise ValueError(f"grid anchor must be one of {list(GRID_ANCHORS)}, got {self.grid_anchor!r}")
 
     def params(self, slide_mpp: float | None) -> dict[str, Any]:
         """JSON-ready parameters for one slide; equal dicts mean an identical cache entry."""
@@ -73,6 +100,8 @@ class PreprocessConfig:
             "magnifications": [mag_key(m) for m in self.magnifications],
             "jpeg_quality": self.jpeg_quality,
             "tissue_threshold": self.tissue_threshold,
+            "min_coverage": self.min_coverage,
+            "grid_anchor": self.grid_anchor,
             "tissue": self.tissue.to_dict(),
             "mpp_override": slide_mpp if slide_mpp is not None else self.mpp,
         }
@@ -119,7 +148,7 @@ def process_slide(
     record: dict[str, Any] = {"slide_id": job.slide_id, "path": str(job.path)}
     try:
         slide_id = validate_slide_id(job.slide_id)
-        with Slide(job.path, slide_mpp=job.mpp, global_mpp=config.mpp) as slide:
+        with Slide(job.path, slide_mpp=job.mpp, global_mpp=config.mpp, max_pixels=config.max_pixels) as slide:
             meta, staging = _tile_slide(slide, slide_id, job, config, staging_dir, qc_dir, progress)
         record.update(status="ok", meta=meta, staging=str(staging))
     except SlideError as err:
@@ -134,6 +163,9 @@ def process_slide(
     return record
 
 
+Grid = tuple[np.ndarray, np.ndarray]  # (coords int64 [n, 2], tissue fractions float64 [n])
+
+
 def _tile_slide(
     slide: Slide,
     slide_id: str,
@@ -143,24 +175,67 @@ def _tile_slide(
     qc_dir: Path | None,
     progress: ProgressSink | None,
 ) -> tuple[dict[str, Any], Path]:
-    res = slide.resolution
-    seg_ds = segmentation_downsample(slide.dimensions, config.tissue)
-    tissue = segment_tissue(slide.read_downsampled(seg_ds), seg_ds, res.mpp, config.tissue)
+    """Detect tissue, plan the grids, stage the patches and draw the QC image of one open slide."""
+    tissue = detect_tissue(slide, config.tissue)
+    specs = [grid_spec(slide, m, config.patch_size) for m in config.magnifications]
+    grids = plan_grids(slide, specs, tissue, config)
+    stats = [
+        coverage_stats(tissue, coords, spec.size_level0)
+        for spec, (coords, _) in zip(specs, grids, strict=True)
+    ]
+    staging = staging_dir / f"{slide_id}.bin"
+    _stage_patches(slide, specs, grids, config, staging, progress)
+    if qc_dir is not None:
+        _write_qc(qc_dir / f"{slide_id}.png", tissue, grids[0][0], specs[0], stats[0])
+    return _slide_meta(slide, slide_id, job, config, tissue, specs, grids, stats), staging
+
+
+def detect_tissue(slide: Slide, params: TissueParams) -> TissueMask:
+    """The slide's tissue mask; raises :class:`SlideError` when there is none."""
+    seg_ds = segmentation_downsample(slide.dimensions, params)
+    tissue = segment_tissue(slide.read_downsampled(seg_ds), seg_ds, slide.resolution.mpp, params)
     if not tissue.mask.any():
         raise SlideError(
             slide.path,
             f"no tissue found (HSV saturation never above {tissue.threshold:g}); check the slide or "
             "lower --saturation-threshold",
         )
-    specs = [grid_spec(slide, m, config.patch_size) for m in config.magnifications]
-    grids = [tissue_grid(slide.dimensions, spec, tissue, config.tissue_threshold) for spec in specs]
+    return tissue
+
+
+def plan_grids(
+    slide: Slide, specs: list[GridSpec], tissue: TissueMask, config: PreprocessConfig
+) -> list[Grid]:
+    """Kept patches of each magnification; raises :class:`SlideError` when none is kept at all."""
+    grids = [
+        tissue_grid(
+            slide.dimensions,
+            spec,
+            tissue,
+            config.tissue_threshold,
+            min_coverage=config.min_coverage,
+            anchor=config.grid_anchor,  # type: ignore[arg-type]  # validated by PreprocessConfig
+        )
+        for spec in specs
+    ]
     if sum(len(coords) for coords, _ in grids) == 0:
         raise SlideError(
             slide.path,
             f"no patch has a tissue fraction above {config.tissue_threshold:g} (tissue covers "
             f"{tissue.fraction:.2%} of the slide); lower --tissue-threshold if this is expected",
         )
-    staging = staging_dir / f"{slide_id}.bin"
+    return grids
+
+
+def _stage_patches(
+    slide: Slide,
+    specs: list[GridSpec],
+    grids: list[Grid],
+    config: PreprocessConfig,
+    staging: Path,
+    progress: ProgressSink | None,
+) -> None:
+    """Read and JPEG-encode every kept patch into the staging file, magnification by magnification."""
     pending = 0
     with open(staging, "wb") as handle:
         for spec, (coords, _) in zip(specs, grids, strict=True):
@@ -174,19 +249,25 @@ def _tile_slide(
                     pending = 0
     if progress is not None and pending:
         progress.put(pending)
-    if qc_dir is not None:
-        _write_qc(
-            qc_dir / f"{slide_id}.png",
-            tissue.thumbnail,
-            tissue.mask,
-            tissue.downsample,
-            grids[0][0],
-            specs[0].size_level0,
-        )
-    meta = {
+
+
+def _slide_meta(
+    slide: Slide,
+    slide_id: str,
+    job: SlideJob,
+    config: PreprocessConfig,
+    tissue: TissueMask,
+    specs: list[GridSpec],
+    grids: list[Grid],
+    stats: list[tuple[float, float]],
+) -> dict[str, Any]:
+    """The slide's JSON metadata (see docs/architecture.md)."""
+    res = slide.resolution
+    return {
         "format_version": FORMAT_VERSION,
         "slide_id": slide_id,
-        "source_path": str(job.path),
+        # Absolute, so heatmaps and QC find the slide from any working directory.
+        "source_path": str(Path(job.path).resolve()),
         "mpp": res.mpp,
         "objective_power": res.objective_power,
         "resolution_source": res.source,
@@ -198,37 +279,45 @@ def _tile_slide(
                 "size_level0": spec.size_level0,
                 "downsample": spec.downsample,
                 "level": spec.level,
+                "tissue_coverage": round(coverage, 4),
+                "background_share": round(background, 4),
                 "coords": coords.tolist(),
                 "tissue_fractions": np.round(fractions, 4).tolist(),
             }
-            for spec, (coords, fractions) in zip(specs, grids, strict=True)
+            for spec, (coords, fractions), (coverage, background) in zip(specs, grids, stats, strict=True)
         },
         "tissue_fraction": round(tissue.fraction, 6),
         "params": config.params(job.mpp),
     }
-    return meta, staging
 
 
 def _write_qc(
-    path: Path,
-    thumbnail: np.ndarray,
-    mask: np.ndarray,
-    downsample: float,
-    coords: np.ndarray,
-    size_level0: int,
+    path: Path, tissue: TissueMask, coords: np.ndarray, spec: GridSpec, stats: tuple[float, float]
 ) -> None:
-    """Thumbnail with tissue outlines (green) and the first magnification's kept patches (blue)."""
+    """Thumbnail with tissue outlines (green), the first magnification's kept patches (blue) and its
+    coverage figures written in the top-left corner."""
+    thumbnail = tissue.thumbnail
     scale = max(1, math.ceil(_QC_MIN_SIDE / max(thumbnail.shape[:2])))
     image = Image.fromarray(thumbnail).resize(
         (thumbnail.shape[1] * scale, thumbnail.shape[0] * scale), Image.Resampling.NEAREST
     )
-    outline = np.asarray(Image.fromarray(contour_overlay(mask)).resize(image.size, Image.Resampling.NEAREST))
+    outline = np.asarray(
+        Image.fromarray(contour_overlay(tissue.mask)).resize(image.size, Image.Resampling.NEAREST)
+    )
     pixels = np.array(image)
     pixels[outline] = (0, 200, 0)
     image = Image.fromarray(pixels)
     draw = ImageDraw.Draw(image)
-    factor = scale / downsample
-    side = size_level0 * factor
+    factor = scale / tissue.downsample
+    side = spec.size_level0 * factor
     for x, y in coords:
         draw.rectangle([x * factor, y * factor, x * factor + side, y * factor + side], outline=(30, 60, 220))
+    coverage, background = stats
+    text = (
+        f"{mag_key(spec.magnification)}x: {len(coords)} patches, tissue covered {coverage:.1%}, "
+        f"background {background:.1%}"
+    )
+    box = draw.textbbox((6, 6), text)
+    draw.rectangle([box[0] - 3, box[1] - 3, box[2] + 3, box[3] + 3], fill=(255, 255, 255))
+    draw.text((6, 6), text, fill=(0, 0, 0))
     image.save(path)

@@ -12,6 +12,7 @@ line (the header is line 1) and slide id, so a user fixes the file in one pass.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,15 +54,36 @@ def _parse_float(value: object) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
+def read_table(path: str | Path) -> pd.DataFrame:
+    """Read a manifest CSV as strings, the one reader every verb uses (``preprocess``, ``fit``, ...).
+
+    Column names are stripped of spaces and of a UTF-8 byte-order mark (Excel writes one), cells of
+    surrounding spaces, and rows that are entirely blank are dropped. A ``line`` column holds each row's
+    line number in the file (the header is line 1), for messages.
+
+    Raises:
+        FileNotFoundError: If the file is missing.
+        ValueError: If the file is empty or not a readable CSV.
+    """
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"manifest {path} does not exist: pass the CSV written by `e2e-wsi synth` or your own"
         )
-    # Strings everywhere so that e.g. slide id "001" keeps its zeros; blank lines are kept so the line
-    # numbers in our messages are the ones an editor shows.
-    df = pd.read_csv(path, dtype=str, skip_blank_lines=False, keep_default_na=True)
-    df.columns = [str(c).strip() for c in df.columns]
+    try:
+        # Strings everywhere so that e.g. slide id "001" keeps its zeros; blank lines are kept so the
+        # line numbers in our messages are the ones an editor shows. utf-8-sig drops a BOM.
+        df = pd.read_csv(path, dtype=str, skip_blank_lines=False, keep_default_na=True, encoding="utf-8-sig")
+    except pd.errors.EmptyDataError:
+        raise ValueError(
+            f"manifest {path} is empty: it needs a header line (e.g. case_id,slide_id,label) and one row per "
+            "slide"
+        ) from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise ValueError(
+            f"manifest {path} is not a readable UTF-8 CSV: {' '.join(str(exc).split())}"
+        ) from None
+    df.columns = [str(c).replace("\ufeff", "").strip() for c in df.columns]
     df["line"] = np.arange(2, len(df) + 2)
     df = df[df.drop(columns="line").notna().any(axis=1)].reset_index(drop=True)
     for column in df.columns:
@@ -81,6 +103,8 @@ def _check_ids(df: pd.DataFrame, errors: list[str], cache: _SlideLister | None) 
         slide_id, case_id = row["slide_id"], row["case_id"]
         if not isinstance(case_id, str) or not case_id:
             errors.append(f"{_where(row)}: empty case_id")
+        elif problem := _case_id_problem(case_id):
+            errors.append(f"{_where(row)}: case_id {case_id!r} {problem}")
         if not isinstance(slide_id, str):
             errors.append(f"{_where(row)}: empty slide_id")
             continue
@@ -95,6 +119,84 @@ def _check_ids(df: pd.DataFrame, errors: list[str], cache: _SlideLister | None) 
             first_line[slide_id] = int(row["line"])
         if cached is not None and slide_id not in cached:
             errors.append(f"{_where(row)}: slide is not in the patch cache (run `e2e-wsi preprocess` on it)")
+
+
+def _case_id_problem(case_id: str) -> str | None:
+    """Why a case id cannot be used (it names prediction rows and survival bags), or ``None``."""
+    if any(ch.isspace() for ch in case_id):
+        return "contains white space; use letters, digits, '-', '_' or '.'"
+    if any(ch in case_id for ch in '/\\,"'):
+        return "contains '/', '\\', ',' or '\"'; use letters, digits, '-', '_' or '.'"
+    if not case_id.isprintable():
+        return "contains control characters"
+    return None
+
+
+def _file_fingerprint(path: Path, chunk: int = 1 << 20) -> tuple[int, str]:
+    """Size and a hash of the first and last MiB: equal for copies of one slide, cheap for huge files."""
+    size = path.stat().st_size
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as handle:
+        digest.update(handle.read(chunk))
+        if size > chunk:
+            handle.seek(max(chunk, size - chunk))
+            digest.update(handle.read(chunk))
+    return size, digest.hexdigest()
+
+
+def _slide_files(df: pd.DataFrame, base: Path, cache: _SlideLister | None) -> dict[int, Path]:
+    """Row position -> slide file, from the ``path`` column (relative to the manifest) or the cache."""
+    meta = getattr(cache, "meta", None)
+    cached = set(cache.slide_ids()) if cache is not None and callable(meta) else set()
+    files: dict[int, Path] = {}
+    for pos, row in enumerate(df.to_dict("records")):
+        raw = row.get("path")
+        if isinstance(raw, str) and raw:
+            files[pos] = Path(raw) if Path(raw).is_absolute() else base / raw
+        elif row.get("slide_id") in cached and (source := meta(row["slide_id"]).get("source_path")):  # type: ignore[misc]
+            files[pos] = Path(source)
+    return files
+
+
+def check_duplicate_files(df: pd.DataFrame, base: Path, cache: _SlideLister | None = None) -> list[str]:
+    """Rows that list one slide file twice (a leak between splits when the ids differ).
+
+    Files are compared by resolved path, then, among existing files of equal size, by a hash of their
+    first and last MiB, so a copy under another name is found too without reading every slide.
+
+    Args:
+        df: Manifest rows with ``slide_id``, ``line`` and optionally ``path`` and ``case_id``.
+        base: Folder relative paths are resolved against (the manifest's).
+        cache: Gives ``source_path`` of rows without a path, when it has ``meta()``.
+
+    Returns:
+        One message per duplicate pair, naming both lines.
+    """
+    files = _slide_files(df, base, cache)
+    sizes: dict[int, int] = {pos: f.stat().st_size for pos, f in files.items() if f.is_file()}
+    size_count = pd.Series(list(sizes.values()), dtype="int64").value_counts().to_dict() if sizes else {}
+    errors: list[str] = []
+    first_of: dict[object, int] = {}
+    for pos, file in files.items():
+        keys: list[tuple[str, object]] = [("the same file", file.resolve())]
+        if size_count.get(sizes.get(pos, -1), 0) > 1:
+            keys.append(("identical files", _file_fingerprint(file)))
+        for how, key in keys:
+            if (how, key) in first_of:
+                errors.append(_duplicate_message(df.iloc[pos], df.iloc[first_of[(how, key)]], how, file))
+                break
+            first_of[(how, key)] = pos
+    return errors
+
+
+def _duplicate_message(row: pd.Series, first: pd.Series, how: str, file: Path) -> str:
+    def who(r: pd.Series) -> str:
+        return f"line {r['line']} (slide_id {r['slide_id']!r}, case_id {r.get('case_id')!r})"
+
+    return (
+        f"{who(row)} and {who(first)} are {how} ({file}): one slide under two ids would leak between "
+        "training and test; list it once"
+    )
 
 
 def _check_labels(
@@ -198,7 +300,7 @@ def load_manifest(
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}: use one of {list(TASKS)}")
     path = Path(path)
-    df = _read_csv(path)
+    df = read_table(path)
     needed = ["case_id", "slide_id"] + (["time", "event"] if task == "survival" else ["label"])
     missing = [c for c in needed if c not in df.columns]
     if missing:
@@ -210,6 +312,7 @@ def load_manifest(
         raise ValueError(f"manifest {path} has no rows")
     errors: list[str] = []
     _check_ids(df, errors, cache)
+    errors += check_duplicate_files(df, path.parent, cache)
     if task == "survival":
         _check_survival(df, errors)
     else:

@@ -22,6 +22,17 @@ from PIL import Image
 # "4x" level is often 3.998x or 4.002x, and we want it picked for a 4x request.
 _LEVEL_SLACK = 0.01
 
+# Refuse slides whose level 0 has more pixels than this (``--max-pixels``): the largest scans we know of
+# are about 2e10 px (200,000 x 100,000); a larger claim is a damaged or hostile header.
+DEFAULT_MAX_PIXELS = 3e10
+# Even a level-0 of blank glass stored as JPEG tiles takes about 1 byte per 200 px (a 256 x 256 white
+# tile is ~300 B at quality 50+), plus the pyramid. Ten times fewer bytes than that means the file
+# cannot hold the pixels it claims (e.g. a sparse TIFF with a forged size), and reading it would decode
+# a huge, empty level 0 for nothing.
+_MAX_PIXELS_PER_BYTE = 2000
+# Formats whose pixels live in one file (MIRAX, VMS and DICOM keep them in sibling files).
+_SINGLE_FILE_FORMATS = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".svslide")
+
 
 class SlideError(Exception):
     """A slide that cannot be used, with a one-line reason.
@@ -120,6 +131,37 @@ def _unsupported_reason(path: Path) -> str:
     return "not a slide format OpenSlide can read (unsupported or not an image)"
 
 
+def check_dimensions(path: Path, dimensions: tuple[int, int], max_pixels: float | None) -> None:
+    """Fail fast on a slide whose claimed size is absurd, before anything reads its pixels.
+
+    Args:
+        path: The slide file.
+        dimensions: Level-0 (width, height) the file claims.
+        max_pixels: Largest accepted ``width * height`` (``None``: no limit).
+
+    Raises:
+        SlideError: If the level 0 is larger than ``max_pixels``, or a single-file slide is far too small
+            to hold that many pixels.
+    """
+    width, height = dimensions
+    pixels = float(width) * float(height)
+    if max_pixels is not None and pixels > max_pixels:
+        raise SlideError(
+            path,
+            f"claims {width:,} x {height:,} px ({pixels:.2g} px), more than --max-pixels {max_pixels:.2g}; "
+            "if the slide is genuine, raise --max-pixels",
+        )
+    if path.suffix.lower() in _SINGLE_FILE_FORMATS:
+        size = path.stat().st_size
+        if pixels > _MAX_PIXELS_PER_BYTE * max(size, 1):
+            raise SlideError(
+                path,
+                f"claims {width:,} x {height:,} px but the file has only {size / 1e6:.1f} MB "
+                f"({pixels / max(size, 1):,.0f} px per byte; real slides need far more bytes): a damaged or "
+                "forged header, or a sparse file; re-export the slide",
+            )
+
+
 class Slide:
     """An open whole-slide image with its resolved resolution.
 
@@ -127,13 +169,21 @@ class Slide:
         path: Slide file (any format OpenSlide reads).
         slide_mpp: Per-slide MPP override, or ``None``.
         global_mpp: Run-wide MPP override, or ``None``.
+        max_pixels: Refuse a level 0 with more pixels than this (``None``: no limit on the size; the
+            check of the size against the file's bytes still runs).
 
     Raises:
-        SlideError: If the file is missing, unreadable, unsupported, or has no usable magnification.
+        SlideError: If the file is missing, unreadable, unsupported, claims implausible dimensions, or
+            has no usable magnification.
     """
 
     def __init__(
-        self, path: str | Path, *, slide_mpp: float | None = None, global_mpp: float | None = None
+        self,
+        path: str | Path,
+        *,
+        slide_mpp: float | None = None,
+        global_mpp: float | None = None,
+        max_pixels: float | None = DEFAULT_MAX_PIXELS,
     ) -> None:
         self.path = Path(path)
         if not self.path.is_file():
@@ -144,6 +194,11 @@ class Slide:
             raise SlideError(path, _unsupported_reason(self.path)) from None
         except (openslide.OpenSlideError, OSError) as err:
             raise SlideError(path, f"corrupt or unreadable slide: {err}") from None
+        try:
+            check_dimensions(self.path, self._osr.dimensions, max_pixels)
+        except SlideError:
+            self._osr.close()
+            raise
         self.resolution = resolve_resolution(
             self._osr.properties, path, slide_mpp=slide_mpp, global_mpp=global_mpp
         )

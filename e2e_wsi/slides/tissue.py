@@ -143,17 +143,20 @@ def tissue_fractions(mask: TissueMask, coords: np.ndarray, size_level0: int) -> 
         size_level0: Window side in level-0 pixels.
 
     Returns:
-        float64 [n], each in [0, 1]. Window edges are rounded to whole mask pixels.
+        float64 [n], each in [0, 1]. Window edges are rounded to whole mask pixels; the part of a window
+        beyond the slide's edge counts as glass.
     """
     h, w = mask.mask.shape
     integral = np.zeros((h + 1, w + 1), dtype=np.int64)
     integral[1:, 1:] = np.cumsum(np.cumsum(mask.mask, axis=0, dtype=np.int64), axis=1)
     ds = mask.downsample
-    x0 = np.clip(np.floor(coords[:, 0] / ds).astype(np.int64), 0, w)
-    y0 = np.clip(np.floor(coords[:, 1] / ds).astype(np.int64), 0, h)
-    x1 = np.clip(np.maximum(np.ceil((coords[:, 0] + size_level0) / ds).astype(np.int64), x0 + 1), 0, w)
-    y1 = np.clip(np.maximum(np.ceil((coords[:, 1] + size_level0) / ds).astype(np.int64), y0 + 1), 0, h)
-    area = np.maximum((x1 - x0) * (y1 - y0), 1)
+    x0 = np.floor(coords[:, 0] / ds).astype(np.int64)
+    y0 = np.floor(coords[:, 1] / ds).astype(np.int64)
+    x1 = np.maximum(np.ceil((coords[:, 0] + size_level0) / ds).astype(np.int64), x0 + 1)
+    y1 = np.maximum(np.ceil((coords[:, 1] + size_level0) / ds).astype(np.int64), y0 + 1)
+    area = (x1 - x0) * (y1 - y0)  # the whole window, also where it overhangs the slide
+    x0, x1 = np.clip(x0, 0, w), np.clip(x1, 0, w)
+    y0, y1 = np.clip(y0, 0, h), np.clip(y1, 0, h)
     inside = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
     return inside / area
 

@@ -10,8 +10,19 @@ import numpy as np
 import pytest
 
 from e2e_wsi.slides.reader import Slide, SlideError
-from e2e_wsi.slides.tiling import decode_jpeg, encode_jpeg, full_grid, grid_spec, read_patch, tissue_grid
-from e2e_wsi.slides.tissue import TissueParams, segment_tissue
+from e2e_wsi.slides.tiling import (
+    candidate_grid,
+    coverage_stats,
+    decode_jpeg,
+    encode_jpeg,
+    full_grid,
+    grid_spec,
+    read_patch,
+    select_patches,
+    tissue_bbox,
+    tissue_grid,
+)
+from e2e_wsi.slides.tissue import TissueMask, TissueParams, segment_tissue, tissue_fractions
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cache"))
 from _slide_factory import cmu_slide, tissue_slide  # noqa: E402,F401  (fixtures)
@@ -98,3 +109,81 @@ def test_jpeg_roundtrip(cmu_slide: Path) -> None:
     decoded = decode_jpeg(data)
     assert decoded.shape == (256, 256, 3) and decoded.dtype == np.uint8
     assert np.abs(decoded.astype(int) - np.asarray(img)).mean() < 8  # q90 with 4:2:0 chroma on real H&E
+
+
+def _default_grid(slide: Slide, mask, mag: float):
+    from e2e_wsi.cache.worker import PreprocessConfig
+
+    config = PreprocessConfig((mag,))
+    spec = grid_spec(slide, mag, config.patch_size)
+    coords, fractions = tissue_grid(
+        slide.dimensions,
+        spec,
+        mask,
+        config.tissue_threshold,
+        min_coverage=config.min_coverage,
+        anchor=config.grid_anchor,
+    )
+    return spec, coords, fractions
+
+
+@pytest.mark.parametrize("mag", [20.0, 10.0, 5.0])
+def test_defaults_cover_95_percent_of_real_tissue(cmu_slide: Path, mag: float) -> None:
+    with Slide(cmu_slide) as slide:
+        mask = segment_tissue(slide.read_downsampled(16.0), 16.0, slide.resolution.mpp, TissueParams())
+        spec, coords, _ = _default_grid(slide, mask, mag)
+        coverage, background = coverage_stats(mask, coords, spec.size_level0)
+        assert coverage >= 0.95
+        # The old rule (origin grid, > 0.5 tissue) lost much of this slide's tissue at 10x and 5x.
+        old, _ = tissue_grid(slide.dimensions, spec, mask, 0.5)
+        if mag <= 10:
+            assert coverage_stats(mask, old, spec.size_level0)[0] < 0.9
+        # Least background for that coverage: dropping the emptiest kept patch breaks the 95%.
+        emptiest = np.argmin(tissue_fractions(mask, coords, spec.size_level0))
+        assert coverage_stats(mask, np.delete(coords, emptiest, axis=0), spec.size_level0)[0] < 0.95
+        assert background < 0.65
+
+
+@pytest.mark.parametrize("mag", [20.0, 10.0, 5.0])
+def test_defaults_cover_95_percent_of_synthetic_tissue(opened, mag: float) -> None:
+    slide, mask, truth = opened
+    spec, coords, fractions = _default_grid(slide, mask, mag)
+    coverage, background = coverage_stats(mask, coords, spec.size_level0)
+    assert coverage >= 0.95 and background < 0.5
+    s = spec.size_level0 // 16
+    covered = np.zeros_like(truth.mask)
+    for x, y in coords:
+        covered[y // 16 : y // 16 + s, x // 16 : x // 16 + s] = True
+    assert (covered & truth.mask).sum() / truth.mask.sum() >= 0.93  # against the true tissue too
+    assert (fractions > 0).all()
+
+
+def test_tissue_anchored_grid_spans_the_tissue_box(opened) -> None:
+    slide, mask, _ = opened
+    x0, y0, x1, y1 = tissue_bbox(mask, slide.dimensions)
+    grid = candidate_grid(slide.dimensions, 1000, mask, "tissue")
+    assert grid[:, 0].min() <= x0 and grid[:, 0].max() + 1000 >= x1
+    assert grid[:, 1].min() <= y0 and grid[:, 1].max() + 1000 >= y1
+    assert (grid >= 0).all() and len(np.unique(grid, axis=0)) == len(grid)
+    with pytest.raises(ValueError, match="grid anchor"):
+        candidate_grid(slide.dimensions, 1000, mask, "centre")  # type: ignore[arg-type]
+
+
+def test_select_patches_adds_most_tissue_first_until_covered() -> None:
+    fractions = np.array([0.9, 0.4, 0.1, 0.3, 0.0])
+    pixels = fractions * 100
+    total = pixels.sum()
+    keep = select_patches(fractions, pixels, 0.5, 0.0, total)
+    assert keep.tolist() == [True, False, False, False, False]
+    keep = select_patches(fractions, pixels, 0.5, 0.8, total)  # 90 + 40 = 130 of 170 < 80%: add 0.3 too
+    assert keep.tolist() == [True, True, False, True, False]
+    keep = select_patches(fractions, pixels, 0.5, 1.0, total)
+    assert keep.tolist() == [True, True, True, True, False]  # a patch without tissue is never added
+
+
+def test_fraction_counts_the_part_beyond_the_slide_as_glass(opened) -> None:
+    slide, mask, _ = opened
+    full = TissueMask(np.ones_like(mask.mask), mask.downsample, mask.thumbnail, 0)
+    w, h = slide.dimensions
+    inside, overhang = tissue_fractions(full, np.array([[0, 0], [w - 512, 0]]), 1024)
+    assert inside == 1.0 and overhang == pytest.approx(0.5, abs=0.02)
