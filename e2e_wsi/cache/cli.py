@@ -1,4 +1,8 @@
-"""``e2e-wsi cache info CACHE_DIR``: what a patch cache holds (slides, patches per magnification, size)."""
+"""``e2e-wsi cache info CACHE_DIR``: what a patch cache holds (slides, patches per magnification, size).
+
+``e2e-wsi cache verify CACHE_DIR``: check every patch against its checksum and list damaged ones by slide
+(exit 1 when any is damaged).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from e2e_wsi.cache.store import PatchCache
+from e2e_wsi.cache.store import CacheCorruptedError, PatchCache, verify_cache
 
 
 def _human(size: float) -> str:
@@ -71,17 +75,46 @@ def info(path: str | Path) -> int:
     return 0
 
 
+def verify(path: str | Path, decode: bool = False, max_listed: int = 20) -> int:
+    """Print the damaged patches of the cache at ``path`` by slide; returns 0 if intact, 1 if not."""
+    report = verify_cache(path, decode=decode)
+    for lmdb_path, message in report.corrupted.items():
+        print(f"DAMAGED LMDB {lmdb_path}: {message}")
+    for slide_id, bad in sorted(report.damaged.items()):
+        print(f"slide {slide_id}: {len(bad)} damaged patch(es)")
+        for key, why in bad[:max_listed]:
+            print(f"  {key}: {why}")
+        if len(bad) > max_listed:
+            print(f"  ... and {len(bad) - max_listed} more")
+    if report.unchecked:
+        print(
+            f"{len(report.unchecked)} slide(s) have no checksums (cache format 1): their patches were decoded "
+            "instead; re-run preprocess into a new --out to add checksums"
+        )
+    n_bad = sum(len(v) for v in report.damaged.values())
+    verdict = "OK" if report.ok else "DAMAGED"
+    print(
+        f"{verdict}: {report.patches} patches checked, {n_bad} damaged in {len(report.damaged)} slide(s)"
+        + (f", {len(report.corrupted)} unreadable LMDB(s)" if report.corrupted else "")
+        + ("" if report.ok else "; re-run `e2e-wsi preprocess --overwrite` on those slides into a new --out")
+    )
+    return 0 if report.ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``e2e-wsi cache``; the only sub-command is ``info``."""
+    """Entry point of ``e2e-wsi cache`` (``info``, ``verify``); returns the exit status."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="e2e-wsi cache", description="Inspect a patch cache.")
+    parser = argparse.ArgumentParser(prog="e2e-wsi cache", description="Inspect or verify a patch cache.")
     sub = parser.add_subparsers(dest="command", required=True)
     info_parser = sub.add_parser("info", help="slides, patches per magnification and size of a cache")
     info_parser.add_argument("path", type=Path, help="cache directory, an .lmdb directory")
+    verify_parser = sub.add_parser("verify", help="check every patch's checksum; exit 1 if any is damaged")
+    verify_parser.add_argument("path", type=Path, help="cache directory, an .lmdb directory")
+    verify_parser.add_argument("--decode", action="store_true", help="also decode every JPEG (slower)")
     args = parser.parse_args(argv)
     try:
-        return info(args.path)
-    except (FileNotFoundError, ValueError) as err:
+        return info(args.path) if args.command == "info" else verify(args.path, decode=args.decode)
+    except (FileNotFoundError, ValueError, CacheCorruptedError) as err:
         print(f"e2e-wsi cache: error: {err}", file=sys.stderr)
         return 2

@@ -9,7 +9,9 @@ Layout of one LMDB (``CACHE_DIR/patches.lmdb`` or one shard ``CACHE_DIR/shard-00
 * ``F/format`` -> JSON ``{"format_version": ...}``.
 
 Nothing is pickled. The meta key is written in the same transaction as the slide's patches, so a slide
-is either complete or absent.
+is either complete or absent. Since format 2 the metadata holds the CRC32 of every patch's bytes
+(``magnifications.<mag>.crc32``, a list in index order); reads check it, ``e2e-wsi cache verify`` checks
+all of them. Format-1 caches (no checksums) are still read, without that check.
 """
 
 from __future__ import annotations
@@ -17,8 +19,12 @@ from __future__ import annotations
 import io
 import json
 import os
+import warnings
+import zlib
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import lmdb
 import numpy as np
@@ -26,9 +32,32 @@ import numpy as np
 from e2e_wsi.slides.tiling import decode_jpeg
 from e2e_wsi.utils import validate_slide_id
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-patch CRC32 in the metadata
 LMDB_SUFFIX = ".lmdb"
 _FORMAT_KEY = b"F/format"
+OnDamaged = Literal["error", "skip"]
+ON_DAMAGED: tuple[str, ...] = ("error", "skip")
+
+
+class DamagedPatchError(ValueError):
+    """A cached patch whose bytes fail their checksum or cannot be decoded; names the slide and key."""
+
+
+class CacheCorruptedError(RuntimeError):
+    """The LMDB itself is damaged (``lmdb.CorruptedError`` and kin); names the cache."""
+
+
+def corrupted(path: str | Path, err: lmdb.Error) -> CacheCorruptedError:
+    """One-line error for a damaged LMDB file, saying what to do."""
+    return CacheCorruptedError(
+        f"patch cache {path} is damaged ({type(err).__name__}: {' '.join(str(err).split())}); "
+        f"run `e2e-wsi cache verify {Path(path).parent}` and re-run `e2e-wsi preprocess` into a new --out"
+    )
+
+
+def checksum(data: bytes | memoryview) -> int:
+    """CRC32 of a stored value (zlib: fast, and enough to catch flipped bits)."""
+    return zlib.crc32(data)
 
 
 def mag_key(magnification: float) -> str:
@@ -140,23 +169,30 @@ class PatchCache:
 
     Args:
         paths: A cache dir, an ``.lmdb`` dir, or a list of them.
+        on_damaged: What reading a damaged patch (checksum mismatch, undecodable JPEG) does: ``"error"``
+            raises :class:`DamagedPatchError` naming the slide and key; ``"skip"`` warns once per patch
+            and returns the nearest intact patch of the same slide in its place.
 
     Raises:
         FileNotFoundError: If no LMDB is found.
     """
 
-    def __init__(self, paths: str | Path | Sequence[str | Path]) -> None:
+    def __init__(self, paths: str | Path | Sequence[str | Path], on_damaged: OnDamaged = "error") -> None:
+        if on_damaged not in ON_DAMAGED:
+            raise ValueError(f"on_damaged must be one of {list(ON_DAMAGED)}, got {on_damaged!r}")
         self.paths = find_lmdbs(paths)
+        self.on_damaged = on_damaged
+        self._warned: set[bytes] = set()
         self._pid: int | None = None
         self._where: dict[str, int] = {}
         self._meta: dict[str, dict] = {}
         self._coords: dict[tuple[str, str], np.ndarray] = {}
 
     def __getstate__(self) -> dict:
-        return {"paths": self.paths}
+        return {"paths": self.paths, "on_damaged": self.on_damaged}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["paths"])  # type: ignore[misc]
+        self.__init__(state["paths"], state.get("on_damaged", "error"))  # type: ignore[misc]
 
     def _open(self) -> None:
         if self._pid == os.getpid():
@@ -167,16 +203,33 @@ class PatchCache:
 
     def _index(self) -> None:
         for i, path in enumerate(self.paths):
-            with open_readonly(path).begin() as txn:
-                for slide_id, meta in iter_meta(txn):
-                    if slide_id in self._where:
-                        other = self.paths[self._where[slide_id]]
-                        raise ValueError(
-                            f"slide {slide_id!r} is in two shards ({other} and {self.paths[i]}); "
-                            "delete one of them (was the cache sharded twice with different --shard n?)"
-                        )
-                    self._where[slide_id] = i
-                    self._meta[slide_id] = meta
+            try:
+                with open_readonly(path).begin() as txn:
+                    metas = list(iter_meta(txn))
+            except lmdb.Error as err:
+                raise corrupted(path, err) from None
+            lost: list[str] = []
+            for slide_id, meta in metas:
+                if slide_id in self._where:
+                    other = self.paths[self._where[slide_id]]
+                    raise ValueError(
+                        f"slide {slide_id!r} is in two shards ({other} and {self.paths[i]}); "
+                        "delete one of them (was the cache sharded twice with different --shard n?)"
+                    )
+                if meta.get("source_path") and not Path(meta["source_path"]).is_absolute():
+                    meta["source_path"], found = resolve_source_path(meta["source_path"], path)
+                    lost += [] if found else [slide_id]
+                self._where[slide_id] = i
+                self._meta[slide_id] = meta
+            if lost:
+                # Old caches stored paths relative to where preprocess ran; say so once per LMDB.
+                warnings.warn(
+                    f"{len(lost)} slide file(s) recorded in {path} with a relative path were not found from "
+                    f"here or near the cache (e.g. {lost[0]!r}); heatmaps of them will lack the slide image: "
+                    "run from the folder preprocess ran in, or re-run preprocess (it stores absolute paths)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
 
     def _env(self, slide_id: str) -> lmdb.Environment:
         self._open()
@@ -235,35 +288,123 @@ class PatchCache:
             )
         return patch_key(slide_id, magnification, index)
 
+    def _read(self, slide_id: str, magnification: float, indices: Sequence[int]) -> list[bytes | None]:
+        """Raw values of patches in one read transaction; ``None`` where a value is missing."""
+        keys = [self._check_index(slide_id, magnification, int(i)) for i in indices]
+        env = self._env(slide_id)
+        try:
+            with env.begin() as txn:
+                return [None if (v := txn.get(k)) is None else bytes(v) for k in keys]
+        except lmdb.Error as err:
+            raise corrupted(self.paths[self._where[slide_id]], err) from None
+
+    def damage(self, slide_id: str, magnification: float, index: int, data: bytes | None) -> str | None:
+        """Why a patch's stored bytes are damaged (missing, checksum mismatch), or ``None`` if intact.
+
+        Format-1 caches have no checksums; their patches only fail here when missing (and on decoding
+        when the JPEG is broken).
+        """
+        if data is None:
+            return "missing"
+        sums = self._mag(slide_id, magnification).get("crc32")
+        if sums is not None and sums[int(index)] is not None and checksum(data) != int(sums[int(index)]):
+            return "checksum mismatch"
+        return None
+
+    def _damaged(self, slide_id: str, magnification: float, index: int, why: str) -> DamagedPatchError:
+        key = patch_key(slide_id, magnification, index).decode()
+        return DamagedPatchError(
+            f"patch {key} of slide {slide_id!r} in {self.paths[self._where[slide_id]]} is damaged ({why}); "
+            "list all damaged patches with `e2e-wsi cache verify`, re-run preprocess with --overwrite on "
+            "that slide, or set data.on_damaged: skip to read around them"
+        )
+
     def get_bytes(self, slide_id: str, magnification: float, index: int) -> bytes:
-        """Raw JPEG bytes of one patch."""
-        key = self._check_index(slide_id, magnification, index)
-        with self._env(slide_id).begin() as txn:
-            value = txn.get(key)
-        if value is None:
-            raise KeyError(f"patch {key.decode()} missing from the cache (damaged LMDB?)")
-        return bytes(value)
+        """Raw JPEG bytes of one patch, checked against its checksum.
+
+        Raises:
+            DamagedPatchError: If the bytes are missing or fail the checksum (whatever ``on_damaged``).
+        """
+        (data,) = self._read(slide_id, magnification, [index])
+        if (why := self.damage(slide_id, magnification, index, data)) is not None:
+            raise self._damaged(slide_id, magnification, index, why)
+        assert data is not None
+        return data
 
     def get(self, slide_id: str, magnification: float, index: int) -> np.ndarray:
-        """One patch decoded, uint8 RGB [H, W, 3]."""
-        return decode_jpeg(self.get_bytes(slide_id, magnification, index))
+        """One patch decoded, uint8 RGB [H, W, 3] (damaged patches as in :meth:`get_many`)."""
+        return self.get_many(slide_id, magnification, [index])[0]
 
     def get_many(
         self, slide_id: str, magnification: float, indices: Sequence[int] | np.ndarray
     ) -> np.ndarray:
-        """Several patches decoded in one read transaction, uint8 [k, H, W, 3]."""
-        keys = [self._check_index(slide_id, magnification, int(i)) for i in indices]
-        if not keys:
+        """Several patches decoded in one read transaction, uint8 [k, H, W, 3].
+
+        A damaged patch raises :class:`DamagedPatchError` (``on_damaged="error"``) or, with ``"skip"``,
+        is replaced by the nearest intact patch of the slide at that magnification, with a warning.
+        """
+        indices = [int(i) for i in indices]
+        if not indices:
             size = int(self.meta(slide_id)["patch_size"])
             return np.zeros((0, size, size, 3), dtype=np.uint8)
-        with self._env(slide_id).begin(buffers=True) as txn:
-            arrays = []
-            for key in keys:
-                value = txn.get(key)
-                if value is None:
-                    raise KeyError(f"patch {key.decode()} missing from the cache (damaged LMDB?)")
-                arrays.append(decode_jpeg(value))  # decode while the buffer is valid
-        return np.stack(arrays)
+        values = self._read(slide_id, magnification, indices)
+        return np.stack(
+            [self._decode(slide_id, magnification, i, v) for i, v in zip(indices, values, strict=True)]
+        )
+
+    def _decode(self, slide_id: str, magnification: float, index: int, data: bytes | None) -> np.ndarray:
+        why = self.damage(slide_id, magnification, index, data)
+        if why is None:
+            try:
+                return decode_jpeg(data)  # type: ignore[arg-type]
+            except Exception as err:  # noqa: BLE001 - imagecodecs raises its own error types
+                why = f"undecodable JPEG: {type(err).__name__}"
+        if self.on_damaged == "error":
+            raise self._damaged(slide_id, magnification, index, why)
+        self._warn_skip(slide_id, magnification, index, why)
+        return self._nearest_intact(slide_id, magnification, index)
+
+    def _warn_skip(self, slide_id: str, magnification: float, index: int, why: str) -> None:
+        key = patch_key(slide_id, magnification, index)
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(
+                f"patch {key.decode()} of slide {slide_id!r} is damaged ({why}); its nearest intact "
+                "neighbour is used in its place (data.on_damaged: skip)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+    def _nearest_intact(self, slide_id: str, magnification: float, index: int) -> np.ndarray:
+        n = self.count(slide_id, magnification)
+        for step in range(1, n):
+            for other in (index - step, index + step):
+                if not 0 <= other < n:
+                    continue
+                (data,) = self._read(slide_id, magnification, [other])
+                if self.damage(slide_id, magnification, other, data) is None:
+                    try:
+                        return decode_jpeg(data)  # type: ignore[arg-type]
+                    except Exception:  # noqa: BLE001, S112 - damaged too: look further
+                        continue
+        raise self._damaged(slide_id, magnification, index, "and no intact patch is left in the slide")
+
+
+def resolve_source_path(source: str, lmdb_path: Path) -> tuple[str, bool]:
+    """An absolute slide path from a cached ``source_path``, and whether that file exists.
+
+    Caches written before format 2 stored the path as given to preprocess (often relative to the folder
+    it ran in). Such a path is tried against the working directory, then the cache folder and its
+    parents; the first that exists wins, else it is made absolute against the working directory.
+    """
+    path = Path(source)
+    if path.is_absolute():
+        return source, path.is_file()
+    cache_dir = Path(lmdb_path).resolve().parent
+    for base in (Path.cwd(), cache_dir, *list(cache_dir.parents)[:3]):
+        if (base / path).is_file():
+            return str((base / path).resolve()), True
+    return str(Path.cwd() / path), False
 
 
 # ---------------------------------------------------------------------------------------------- writer
@@ -286,6 +427,15 @@ def read_staged(path: Path) -> Iterator[bytes]:
             yield data
 
 
+def _meta_payload(meta: dict, sums: dict[str, dict[int, int]]) -> bytes:
+    """The slide's metadata as JSON, with the checksum of each written patch added per magnification."""
+    meta = {**meta, "format_version": FORMAT_VERSION, "magnifications": dict(meta["magnifications"])}
+    for mag, info in meta["magnifications"].items():
+        got = sums.get(mag, {})
+        meta["magnifications"][mag] = {**info, "crc32": [got.get(i) for i in range(int(info["count"]))]}
+    return json.dumps(meta, separators=(",", ":")).encode()
+
+
 class CacheWriter:
     """The single writer of one LMDB: commits each slide in one transaction, growing the map as needed.
 
@@ -302,10 +452,10 @@ class CacheWriter:
             raw = txn.get(_FORMAT_KEY)
             if raw is None:
                 txn.put(_FORMAT_KEY, json.dumps({"format_version": FORMAT_VERSION}).encode())
-            elif json.loads(bytes(raw)).get("format_version") != FORMAT_VERSION:
+            elif (old := json.loads(bytes(raw)).get("format_version")) != FORMAT_VERSION:
                 raise ValueError(
-                    f"{self.path} has cache format {json.loads(bytes(raw)).get('format_version')}, this version "
-                    f"writes {FORMAT_VERSION}; use a new --out directory"
+                    f"{self.path} has cache format {old}, this version writes {FORMAT_VERSION} (with a checksum "
+                    "per patch); it can still read the old cache but not add to it: use a new --out directory"
                 )
 
     def all_meta(self) -> dict[str, dict]:
@@ -322,14 +472,15 @@ class CacheWriter:
                 transaction has to be retried after growing the map.
         """
         slide_id = validate_slide_id(meta["slide_id"])
-        payload = json.dumps(meta, separators=(",", ":")).encode()
         while True:
             try:
                 with self.env.begin(write=True) as txn:
                     self._delete_slide(txn, slide_id)
+                    sums: dict[str, dict[int, int]] = {}
                     for magnification, index, data in patches():
                         txn.put(patch_key(slide_id, magnification, index), data)
-                    txn.put(meta_key(slide_id), payload)
+                        sums.setdefault(mag_key(magnification), {})[int(index)] = checksum(data)
+                    txn.put(meta_key(slide_id), _meta_payload(meta, sums))
                 return
             except lmdb.MapFullError:
                 # The aborted transaction left nothing behind; retry the whole slide with a bigger map.
@@ -349,3 +500,76 @@ class CacheWriter:
         """Flush and close the environment."""
         self.env.sync()
         self.env.close()
+
+
+# ---------------------------------------------------------------------------------------------- verify
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify_cache` found.
+
+    Attributes:
+        patches: Patches checked.
+        damaged: ``slide_id -> [(key, why), ...]`` of damaged patches.
+        unchecked: Slides without checksums (format-1 caches; only decoding could be checked).
+        corrupted: ``lmdb path -> message`` for LMDBs that could not be read at all.
+    """
+
+    patches: int = 0
+    damaged: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    unchecked: list[str] = field(default_factory=list)
+    corrupted: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing is damaged."""
+        return not self.damaged and not self.corrupted
+
+
+def verify_cache(paths: str | Path | Sequence[str | Path], decode: bool = False) -> VerifyReport:
+    """Check every patch of a cache against its checksum (and, with ``decode`` or no checksum, decode it).
+
+    Args:
+        paths: A cache dir, an ``.lmdb`` dir, or a list of them.
+        decode: Also decode each JPEG (slower; catches a patch damaged before it was checksummed).
+
+    Returns:
+        The :class:`VerifyReport`.
+    """
+    report = VerifyReport()
+    for path in find_lmdbs(paths):
+        try:
+            _verify_lmdb(path, report, decode)
+        except lmdb.Error as err:
+            report.corrupted[str(path)] = str(corrupted(path, err))
+    return report
+
+
+def _verify_lmdb(path: Path, report: VerifyReport, decode: bool) -> None:
+    with open_readonly(path).begin(buffers=True) as txn:
+        for slide_id, meta in list(iter_meta(txn)):
+            for mag, info in meta["magnifications"].items():
+                sums = info.get("crc32")
+                if sums is None and slide_id not in report.unchecked:
+                    report.unchecked.append(slide_id)
+                for index in range(int(info["count"])):
+                    key = patch_key(slide_id, float(mag), index)
+                    value = txn.get(key)
+                    report.patches += 1
+                    why = _why_damaged(value, None if sums is None else sums[index], decode or sums is None)
+                    if why is not None:
+                        report.damaged.setdefault(slide_id, []).append((key.decode(), why))
+
+
+def _why_damaged(value: memoryview | None, crc: int | None, decode: bool) -> str | None:
+    if value is None:
+        return "missing"
+    if crc is not None and checksum(value) != int(crc):
+        return "checksum mismatch"
+    if decode:
+        try:
+            decode_jpeg(value)
+        except Exception as err:  # noqa: BLE001 - imagecodecs raises its own error types
+            return f"undecodable JPEG: {type(err).__name__}"
+    return None

@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
-from e2e_wsi.cache.store import PatchCache
+from e2e_wsi.cache.store import OnDamaged, PatchCache
 from e2e_wsi.data.datasets import Bag, EvalBagDataset, TrainBagDataset, collate_bags
 from e2e_wsi.data.manifest import Task, load_manifest
 from e2e_wsi.data.sampling import EpochSampler, OversampleMap, check_ratios
@@ -59,6 +59,8 @@ class WSIDataModule(pl.LightningDataModule):
         run_dir: Where ``splits.csv`` is written; ``None`` = the trainer's log dir when attached. Can be
             set as an attribute before ``setup``.
         predict_split: Which bags ``predict`` runs on.
+        on_damaged: A cached patch that fails its checksum: ``error`` stops with the slide and key,
+            ``skip`` warns and uses the slide's nearest intact patch instead.
     """
 
     def __init__(
@@ -89,6 +91,7 @@ class WSIDataModule(pl.LightningDataModule):
         seed: int = 0,
         run_dir: str | None = None,
         predict_split: str = "all",
+        on_damaged: OnDamaged = "error",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -115,7 +118,7 @@ class WSIDataModule(pl.LightningDataModule):
         if self.table is not None:
             return
         hp = self.hparams
-        self.cache = PatchCache(self.cache_dir)
+        self.cache = PatchCache(self.cache_dir, on_damaged=self.hparams.on_damaged)
         df = load_manifest(
             self.manifest_path,
             self.task,
