@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import warnings
 import zlib
@@ -130,6 +131,8 @@ def iter_meta(txn: lmdb.Transaction) -> Iterator[tuple[str, dict]]:
 # and several PatchCache objects (train/val datasets) often share a cache. Handles inherited through
 # fork must be closed in the child (closing there does not affect the parent) and opened afresh.
 _SHARED: dict[Path, lmdb.Environment] = {}
+_LOST_WARNED: set[str] = set()
+_log = logging.getLogger(__name__)
 _SHARED_PID = os.getpid()
 
 
@@ -221,14 +224,16 @@ class PatchCache:
                     lost += [] if found else [slide_id]
                 self._where[slide_id] = i
                 self._meta[slide_id] = meta
-            if lost:
+            if lost and str(path) not in _LOST_WARNED:
                 # Old caches stored paths relative to where preprocess ran; say so once per LMDB.
-                warnings.warn(
-                    f"{len(lost)} slide file(s) recorded in {path} with a relative path were not found from "
-                    f"here or near the cache (e.g. {lost[0]!r}); heatmaps of them will lack the slide image: "
-                    "run from the folder preprocess ran in, or re-run preprocess (it stores absolute paths)",
-                    RuntimeWarning,
-                    stacklevel=3,
+                _LOST_WARNED.add(str(path))
+                _log.warning(
+                    "%d slide file(s) recorded in %s with a relative path were not found from here or near "
+                    "the cache (e.g. %r); heatmaps of them will lack the slide image: run from the folder "
+                    "preprocess ran in, or re-run preprocess (it stores absolute paths)",
+                    len(lost),
+                    path,
+                    lost[0],
                 )
 
     def _env(self, slide_id: str) -> lmdb.Environment:

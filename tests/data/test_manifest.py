@@ -109,3 +109,59 @@ def test_missing_columns_and_file(tmp_path: Path) -> None:
         load_manifest(_write(tmp_path, "case_id,slide_id,label\nA,a1,0\n"), "survival")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_manifest(tmp_path / "nope.csv", "classification")
+
+
+@pytest.mark.parametrize("case_id", ["case 1", "site/7", "a\\b", "tab\there"])
+def test_bad_case_ids_are_listed_up_front(tmp_path: Path, case_id: str) -> None:
+    path = tmp_path / "manifest.csv"
+    path.write_text(f'case_id,slide_id,label\nA,a1,0\n"{case_id}",b1,1\nC,c1,1\n')
+    with pytest.raises(ValueError, match=r"1 problem\(s\)") as info:
+        load_manifest(path, "classification")
+    assert f"line 3 (slide_id 'b1'): case_id {case_id!r}" in str(info.value)
+
+
+def test_bom_and_spaced_header_are_read(tmp_path: Path) -> None:
+    path = tmp_path / "manifest.csv"
+    path.write_bytes(b"\xef\xbb\xbf case_id , slide_id ,label\nA,a1,0\nB,b1,1\n")
+    df = load_manifest(path, "classification")
+    assert df["slide_id"].tolist() == ["a1", "b1"]
+
+
+def test_zero_byte_manifest_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "manifest.csv"
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match="is empty: it needs a header line"):
+        load_manifest(path, "classification")
+
+
+def test_one_file_under_two_slide_ids_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "slides").mkdir()
+    (tmp_path / "slides" / "x.svs").write_bytes(b"II*\x00" + bytes(range(256)) * 50)
+    (tmp_path / "slides" / "y.svs").write_bytes(b"II*\x00" + bytes(range(255, -1, -1)) * 50)
+    path = tmp_path / "manifest.csv"
+    path.write_text(
+        "case_id,slide_id,label,path\nA,a1,0,slides/x.svs\nB,b1,1,slides/y.svs\n"
+        f"C,c1,1,{tmp_path / 'slides' / '..' / 'slides' / 'x.svs'}\n"
+    )
+    with pytest.raises(ValueError, match="leak") as info:
+        load_manifest(path, "classification")
+    message = str(info.value)
+    assert (
+        "line 4 (slide_id 'c1', case_id 'C') and line 2 (slide_id 'a1', case_id 'A') are the same file"
+        in message
+    )
+
+
+def test_a_copy_of_a_slide_under_another_id_is_refused(tmp_path: Path) -> None:
+    data = b"II*\x00" + bytes(range(256)) * 20_000  # 5 MB: first and last MiB hashed
+    (tmp_path / "x.svs").write_bytes(data)
+    (tmp_path / "copy.svs").write_bytes(data)
+    (tmp_path / "other.svs").write_bytes(data[:-1] + b"\x01")  # same size, different content
+    path = tmp_path / "manifest.csv"
+    path.write_text("case_id,slide_id,label,path\nA,a1,0,x.svs\nB,b1,1,other.svs\nC,c1,1,copy.svs\n")
+    with pytest.raises(ValueError, match=r"1 problem\(s\)") as info:
+        load_manifest(path, "classification")
+    assert (
+        "line 4 (slide_id 'c1', case_id 'C') and line 2 (slide_id 'a1', case_id 'A') are identical files"
+        in str(info.value)
+    )
