@@ -208,22 +208,7 @@ def _preprocess_locked(
     """The body of :func:`preprocess`, run while holding the shard's lock: skip, tile, commit."""
     writer = CacheWriter(lmdb_path, map_size=map_size)
     try:
-        existing = writer.all_meta()
-        if not overwrite and (bad := _params_mismatch(jobs, existing, config)):
-            raise ValueError(
-                f"{len(bad)} slide(s) in {writer.path} were cached with different parameters: "
-                + "; ".join(bad[:5])
-                + ("; ..." if len(bad) > 5 else "")
-                + ". Re-run with --overwrite to replace them, or use another --out."
-            )
-        rows: dict[str, dict[str, Any]] = {}
-        todo = []
-        for job in jobs:
-            old = existing.get(job.slide_id)
-            if old is not None and old.get("params") == config.params(job.mpp):
-                rows[job.slide_id] = _ok_row(job, old, cached=True)
-            else:
-                todo.append(job)
+        rows, todo = _split_cached(jobs, writer, config, overwrite)
         staging = out_dir / ".staging" / shard_name(shard)
         shutil.rmtree(staging, ignore_errors=True)  # leftovers of a killed run are never committed
         staging.mkdir(parents=True)
@@ -240,6 +225,33 @@ def _preprocess_locked(
     finally:
         writer.close()
     return rows
+
+
+def _split_cached(
+    jobs: list[SlideJob], writer: CacheWriter, config: PreprocessConfig, overwrite: bool
+) -> tuple[dict[str, dict[str, Any]], list[SlideJob]]:
+    """Rows of slides already cached with these parameters, and the jobs still to do.
+
+    Raises:
+        ValueError: If slides are cached with other parameters and ``overwrite`` is False.
+    """
+    existing = writer.all_meta()
+    if not overwrite and (bad := _params_mismatch(jobs, existing, config)):
+        raise ValueError(
+            f"{len(bad)} slide(s) in {writer.path} were cached with different parameters: "
+            + "; ".join(bad[:5])
+            + ("; ..." if len(bad) > 5 else "")
+            + ". Re-run with --overwrite to replace them, or use another --out."
+        )
+    rows: dict[str, dict[str, Any]] = {}
+    todo = []
+    for job in jobs:
+        old = existing.get(job.slide_id)
+        if old is not None and old.get("params") == config.params(job.mpp):
+            rows[job.slide_id] = _ok_row(job, old, cached=True)
+        else:
+            todo.append(job)
+    return rows, todo
 
 
 def _ok_row(job: SlideJob, meta: dict, *, cached: bool) -> dict[str, Any]:
@@ -331,11 +343,27 @@ def _write_summary(
         "shard": list(shard),
         "params": config.params(None),
         "counts": {s: sum(r["status"] == s for r in rows) for s in ("ok", "failed")},
+        "coverage": _coverage_overview(rows),
         "slides": rows,
     }
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(summary, indent=2))
     os.replace(tmp, path)  # readers never see a half-written summary
+
+
+def _coverage_overview(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per magnification: the lowest tissue coverage and the mean background share over the ok slides."""
+    out: dict[str, dict[str, float]] = {}
+    mags = {m for r in rows for m in r.get("tissue_coverage", {})}
+    for mag in sorted(mags, key=float, reverse=True):
+        cov = [r["tissue_coverage"][mag] for r in rows if r.get("tissue_coverage", {}).get(mag) is not None]
+        bg = [r["background_share"][mag] for r in rows if r.get("background_share", {}).get(mag) is not None]
+        if cov:
+            out[mag] = {
+                "min_tissue_coverage": min(cov),
+                "mean_background_share": round(sum(bg) / max(len(bg), 1), 4),
+            }
+    return out
 
 
 def _print_failures(rows: list[dict[str, Any]]) -> None:

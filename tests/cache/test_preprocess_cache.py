@@ -167,3 +167,16 @@ def test_bad_cli_arguments(cohort: Path, tmp_path: Path, capsys) -> None:
         main(["--manifest", str(cohort), "--out", str(tmp_path), "--magnifications", "10", "--shard", "3/2"])
         == 2
     )
+
+
+def test_summary_and_qc_report_coverage(clean_cache: Path) -> None:
+    summary = json.loads((clean_cache / "summary.json").read_text())
+    for mag in ("20", "10"):
+        assert summary["coverage"][mag]["min_tissue_coverage"] >= 0.95
+        assert 0 < summary["coverage"][mag]["mean_background_share"] < 0.5
+    assert summary["params"]["min_coverage"] == 0.95 and summary["params"]["grid_anchor"] == "tissue"
+    # The QC image carries the figures in a white box at the top left (dark text on white).
+    row = summary["slides"][0]
+    qc = np.asarray(Image.open(clean_cache / "qc" / f"{row['slide_id']}.png").convert("L"))
+    box = qc[3:20, 3:200]
+    assert (box < 80).mean() > 0.05 and (box > 240).mean() > 0.5
