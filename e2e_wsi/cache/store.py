@@ -44,8 +44,11 @@ class DamagedPatchError(ValueError):
     """A cached patch whose bytes fail their checksum or cannot be decoded; names the slide and key."""
 
 
-class CacheCorruptedError(RuntimeError):
-    """The LMDB itself is damaged (``lmdb.CorruptedError`` and kin); names the cache."""
+class CacheCorruptedError(ValueError):
+    """The LMDB itself is damaged (``lmdb.CorruptedError`` and kin); names the cache.
+
+    A ``ValueError`` like every other bad-input error, so the CLIs print it as one message.
+    """
 
 
 def corrupted(path: str | Path, err: lmdb.Error) -> CacheCorruptedError:
@@ -452,21 +455,32 @@ class CacheWriter:
     def __init__(self, path: Path, map_size: int = 1 << 30) -> None:
         self.path = Path(path)
         release(self.path)  # a reader handle in this process would block opening it for writing
-        self.env = lmdb.open(str(self.path), map_size=map_size, subdir=True, readahead=False, meminit=False)
-        with self.env.begin(write=True) as txn:
-            raw = txn.get(_FORMAT_KEY)
-            if raw is None:
-                txn.put(_FORMAT_KEY, json.dumps({"format_version": FORMAT_VERSION}).encode())
-            elif (old := json.loads(bytes(raw)).get("format_version")) != FORMAT_VERSION:
-                raise ValueError(
-                    f"{self.path} has cache format {old}, this version writes {FORMAT_VERSION} (with a checksum "
-                    "per patch); it can still read the old cache but not add to it: use a new --out directory"
-                )
+        try:
+            self.env = lmdb.open(
+                str(self.path), map_size=map_size, subdir=True, readahead=False, meminit=False
+            )
+            with self.env.begin(write=True) as txn:
+                raw = txn.get(_FORMAT_KEY)
+                if raw is None:
+                    txn.put(_FORMAT_KEY, json.dumps({"format_version": FORMAT_VERSION}).encode())
+                    return
+                old = json.loads(bytes(raw)).get("format_version")
+        except lmdb.Error as err:
+            raise corrupted(self.path, err) from None
+        if old != FORMAT_VERSION:
+            self.env.close()
+            raise ValueError(
+                f"{self.path} has cache format {old}, this version writes {FORMAT_VERSION} (with a checksum per "
+                "patch); it can still read the old cache but not add to it: use a new --out directory"
+            )
 
     def all_meta(self) -> dict[str, dict]:
         """Metadata of every slide already committed."""
-        with self.env.begin() as txn:
-            return dict(iter_meta(txn))
+        try:
+            with self.env.begin() as txn:
+                return dict(iter_meta(txn))
+        except lmdb.Error as err:
+            raise corrupted(self.path, err) from None
 
     def commit_slide(self, meta: dict, patches: Callable[[], Iterator[tuple[float, int, bytes]]]) -> None:
         """Write a slide's patches and metadata in one transaction, replacing any previous version.

@@ -244,3 +244,45 @@ def test_source_paths_are_absolute_and_old_relative_ones_resolve(
     resolved = Path(PatchCache(out).meta(slide_id)["source_path"])
     assert resolved.is_absolute() and resolved.is_file() and resolved.name == f"{slide_id}.svs"
     shutil.rmtree(out)
+
+
+def test_format_1_caches_are_read_but_not_extended(
+    clean_cache: Path, cohort: Path, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "old"
+    shutil.copytree(clean_cache, out)
+    env = lmdb.open(str(out / "patches.lmdb"), subdir=True)
+    with env.begin(write=True) as txn:
+        txn.put(b"F/format", b'{"format_version": 1}')
+        for key, value in list(txn.cursor()):
+            if bytes(key).startswith(b"M/"):
+                meta = json.loads(bytes(value))
+                for info in meta["magnifications"].values():
+                    del info["crc32"]
+                txn.put(bytes(key), json.dumps(meta).encode())
+    env.close()
+    cache = PatchCache(out)
+    slide_id = cache.slide_ids()[0]
+    assert cache.get_many(slide_id, 20, [0, 1]).shape == (2, 256, 256, 3)
+    assert cache_main(["verify", str(out)]) == 0
+    assert "no checksums (cache format 1)" in capsys.readouterr().out
+    release(out / "patches.lmdb")
+    args = ["--manifest", str(cohort), "--out", str(out), "--magnifications", "20", "10", "--workers", "0"]
+    assert main([*args, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "cache format 1" in err and "new --out" in err and "Traceback" not in err
+
+
+def test_preprocess_into_a_corrupted_cache_is_one_message(
+    clean_cache: Path, cohort: Path, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "cache"
+    shutil.copytree(clean_cache, out)
+    data = out / "patches.lmdb" / "data.mdb"
+    raw = bytearray(data.read_bytes())
+    raw[4096 * 2 : 4096 * 4] = b"\xa5" * 8192
+    data.write_bytes(bytes(raw))
+    args = ["--manifest", str(cohort), "--out", str(out), "--magnifications", "20", "10", "--workers", "0"]
+    assert main([*args, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"patch cache {out / 'patches.lmdb'} is damaged" in err
