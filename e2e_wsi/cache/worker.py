@@ -20,6 +20,7 @@ from e2e_wsi.cache.store import FORMAT_VERSION, append_staged, mag_key
 from e2e_wsi.slides.reader import DEFAULT_MAX_PIXELS, Slide, SlideError
 from e2e_wsi.slides.tiling import (
     GRID_ANCHORS,
+    GridAnchor,
     GridSpec,
     coverage_stats,
     encode_jpeg,
@@ -70,7 +71,7 @@ class PreprocessConfig:
     jpeg_quality: int = 90
     tissue_threshold: float = 0.5
     min_coverage: float = 0.95
-    grid_anchor: str = "tissue"
+    grid_anchor: GridAnchor = "tissue"
     tissue: TissueParams = field(default_factory=TissueParams)
     mpp: float | None = None
     max_pixels: float | None = DEFAULT_MAX_PIXELS
@@ -214,7 +215,7 @@ def plan_grids(
             tissue,
             config.tissue_threshold,
             min_coverage=config.min_coverage,
-            anchor=config.grid_anchor,  # type: ignore[arg-type]  # validated by PreprocessConfig
+            anchor=config.grid_anchor,
         )
         for spec in specs
     ]

@@ -12,9 +12,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _slide_factory import make_tissue_slide, make_white_slide  # noqa: E402
 
-from e2e_wsi.cache.worker import PreprocessConfig  # noqa: E402
 from e2e_wsi.cache.preprocess import jobs_from_manifest, preprocess  # noqa: E402
 from e2e_wsi.cache.store import open_readonly, release  # noqa: E402
+from e2e_wsi.cache.worker import PreprocessConfig  # noqa: E402
 from e2e_wsi.synth.cohort import synthesize_cohort  # noqa: E402
 
 MAGS = (20.0, 10.0)

@@ -286,3 +286,18 @@ def test_preprocess_into_a_corrupted_cache_is_one_message(
     assert main([*args, "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"patch cache {out / 'patches.lmdb'} is damaged" in err
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--min-coverage", "1.5"], "min coverage must be in [0, 1]"),
+        (["--saturation-threshold", "high"], "--saturation-threshold must be 0-255 or 'otsu'"),
+    ],
+)
+def test_bad_tiling_flags_are_usage_errors(
+    tmp_path: Path, cohort: Path, capsys, flags: list[str], needle: str
+) -> None:
+    args = ["--manifest", str(cohort), "--out", str(tmp_path / "c"), "--magnifications", "20", *flags]
+    assert main(args) == 2
+    assert needle in capsys.readouterr().err
