@@ -180,3 +180,15 @@ def test_summary_and_qc_report_coverage(clean_cache: Path) -> None:
     qc = np.asarray(Image.open(clean_cache / "qc" / f"{row['slide_id']}.png").convert("L"))
     box = qc[3:20, 3:200]
     assert (box < 80).mean() > 0.05 and (box > 240).mean() > 0.5
+
+
+def test_cache_of_the_old_tiling_defaults_is_refused_by_the_new(cohort: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cache"
+    jobs = jobs_from_manifest(cohort)[:1]
+    old = PreprocessConfig(MAGS, min_coverage=0.0, grid_anchor="origin")
+    preprocess(jobs, out, old, workers=0, qc=False, progress=False)
+    with pytest.raises(ValueError, match=r"differs in grid_anchor, min_coverage\).*--overwrite"):
+        preprocess(jobs, out, PreprocessConfig(MAGS), workers=0, qc=False, progress=False)
+    rows = preprocess(jobs, out, PreprocessConfig(MAGS), workers=0, qc=False, progress=False, overwrite=True)
+    assert rows[0]["status"] == "ok" and not rows[0]["cached"]
+    assert PatchCache(out).meta(jobs[0].slide_id)["params"]["grid_anchor"] == "tissue"
