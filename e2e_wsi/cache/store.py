@@ -262,8 +262,13 @@ class PatchCache:
 
     def meta(self, slide_id: str) -> dict:
         """The slide's JSON metadata (a dict; do not mutate)."""
-        self._env(slide_id)
-        return self._meta[slide_id]
+        self._open()
+        try:
+            return self._meta[slide_id]
+        except KeyError:
+            raise KeyError(
+                f"slide {slide_id!r} is not in the patch cache {[str(p) for p in self.paths]}"
+            ) from None
 
     def magnifications(self, slide_id: str) -> list[float]:
         """Magnifications cached for the slide, ascending."""
@@ -288,23 +293,25 @@ class PatchCache:
             self._coords[key] = coords
         return self._coords[key]
 
-    def _check_index(self, slide_id: str, magnification: float, index: int) -> bytes:
-        n = self.count(slide_id, magnification)
-        if not 0 <= int(index) < n:
-            raise IndexError(
-                f"patch index {index} out of range for slide {slide_id!r} at {mag_key(magnification)}x (n={n})"
-            )
-        return patch_key(slide_id, magnification, index)
-
     def _read(self, slide_id: str, magnification: float, indices: Sequence[int]) -> list[bytes | None]:
         """Raw values of patches in one read transaction; ``None`` where a value is missing."""
-        keys = [self._check_index(slide_id, magnification, int(i)) for i in indices]
+        n = self.count(slide_id, magnification)
+        prefix = patch_key(slide_id, magnification, 0)[:-9]  # the fixed-width index is the last 9 bytes
+        for index in indices:
+            if not 0 <= index < n:
+                raise IndexError(
+                    f"patch index {index} out of range for slide {slide_id!r} at {mag_key(magnification)}x (n={n})"
+                )
         env = self._env(slide_id)
         try:
             with env.begin() as txn:
-                return [None if (v := txn.get(k)) is None else bytes(v) for k in keys]
+                return [None if (v := txn.get(prefix + b"%09d" % i)) is None else bytes(v) for i in indices]
         except lmdb.Error as err:
             raise corrupted(self.paths[self._where[slide_id]], err) from None
+
+    def _checksums(self, slide_id: str, magnification: float) -> list[int | None] | None:
+        """Stored CRC32 of each patch, or ``None`` for a format-1 cache."""
+        return self._mag(slide_id, magnification).get("crc32")
 
     def damage(self, slide_id: str, magnification: float, index: int, data: bytes | None) -> str | None:
         """Why a patch's stored bytes are damaged (missing, checksum mismatch), or ``None`` if intact.
@@ -312,12 +319,7 @@ class PatchCache:
         Format-1 caches have no checksums; their patches only fail here when missing (and on decoding
         when the JPEG is broken).
         """
-        if data is None:
-            return "missing"
-        sums = self._mag(slide_id, magnification).get("crc32")
-        if sums is not None and sums[int(index)] is not None and checksum(data) != int(sums[int(index)]):
-            return "checksum mismatch"
-        return None
+        return _why_damaged(data, _crc_at(self._checksums(slide_id, magnification), index), decode=False)
 
     def _damaged(self, slide_id: str, magnification: float, index: int, why: str) -> DamagedPatchError:
         key = patch_key(slide_id, magnification, index).decode()
@@ -333,9 +335,9 @@ class PatchCache:
         Raises:
             DamagedPatchError: If the bytes are missing or fail the checksum (whatever ``on_damaged``).
         """
-        (data,) = self._read(slide_id, magnification, [index])
-        if (why := self.damage(slide_id, magnification, index, data)) is not None:
-            raise self._damaged(slide_id, magnification, index, why)
+        (data,) = self._read(slide_id, magnification, [int(index)])
+        if (why := self.damage(slide_id, magnification, int(index), data)) is not None:
+            raise self._damaged(slide_id, magnification, int(index), why)
         assert data is not None
         return data
 
@@ -356,12 +358,15 @@ class PatchCache:
             size = int(self.meta(slide_id)["patch_size"])
             return np.zeros((0, size, size, 3), dtype=np.uint8)
         values = self._read(slide_id, magnification, indices)
+        sums = self._checksums(slide_id, magnification)
         return np.stack(
-            [self._decode(slide_id, magnification, i, v) for i, v in zip(indices, values, strict=True)]
+            [self._decode(slide_id, magnification, i, v, sums) for i, v in zip(indices, values, strict=True)]
         )
 
-    def _decode(self, slide_id: str, magnification: float, index: int, data: bytes | None) -> np.ndarray:
-        why = self.damage(slide_id, magnification, index, data)
+    def _decode(
+        self, slide_id: str, magnification: float, index: int, data: bytes | None, sums: list | None
+    ) -> np.ndarray:
+        why = _why_damaged(data, _crc_at(sums, index), decode=False)
         if why is None:
             try:
                 return decode_jpeg(data)  # type: ignore[arg-type]
@@ -576,12 +581,16 @@ def _verify_lmdb(path: Path, report: VerifyReport, decode: bool) -> None:
                     key = patch_key(slide_id, float(mag), index)
                     value = txn.get(key)
                     report.patches += 1
-                    why = _why_damaged(value, None if sums is None else sums[index], decode or sums is None)
+                    why = _why_damaged(value, _crc_at(sums, index), decode or sums is None)
                     if why is not None:
                         report.damaged.setdefault(slide_id, []).append((key.decode(), why))
 
 
-def _why_damaged(value: memoryview | None, crc: int | None, decode: bool) -> str | None:
+def _crc_at(sums: list[int | None] | None, index: int) -> int | None:
+    return None if sums is None else sums[index]
+
+
+def _why_damaged(value: bytes | memoryview | None, crc: int | None, decode: bool) -> str | None:
     if value is None:
         return "missing"
     if crc is not None and checksum(value) != int(crc):
