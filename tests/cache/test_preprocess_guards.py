@@ -301,3 +301,18 @@ def test_bad_tiling_flags_are_usage_errors(
     args = ["--manifest", str(cohort), "--out", str(tmp_path / "c"), "--magnifications", "20", *flags]
     assert main(args) == 2
     assert needle in capsys.readouterr().err
+
+
+def test_an_evaluation_bag_over_a_damaged_patch_names_it_or_skips_it(damaged_cache) -> None:
+    from e2e_wsi.data.datasets import Bag, EvalBagDataset
+    from e2e_wsi.data.transforms import EvalTransform
+
+    out, slide_id, key = damaged_cache
+    bags = [Bag(slide_id, (slide_id,), {"target": 0})]
+    strict = EvalBagDataset(PatchCache(out), bags, [20.0], EvalTransform(64))
+    with pytest.raises(DamagedPatchError, match=f"{key.decode()} of slide '{slide_id}'"):
+        strict[0]
+    lenient = EvalBagDataset(PatchCache(out, on_damaged="skip"), bags, [20.0], EvalTransform(64))
+    with pytest.warns(RuntimeWarning, match="nearest intact"):
+        item = lenient[0]
+    assert item["images"].shape[0] == PatchCache(out).count(slide_id, 20)
