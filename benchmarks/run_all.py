@@ -16,6 +16,7 @@ HERE = Path(__file__).resolve().parent
 SCRIPTS = [
     ["bench_synth.py"],
     ["bench_preprocess.py"],
+    ["bench_tiling_coverage.py"],
     ["bench_loading.py"],
     ["bench_models.py", "--sizes", "1000", "10000", "--naive-max", "10000"],
     ["bench_training.py"],
