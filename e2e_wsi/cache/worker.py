@@ -116,7 +116,7 @@ class SlideJob:
         slide_id: Id from the manifest or file name (validated by the worker, may be bad).
         path: Slide file.
         mpp: Per-slide MPP override, or ``None``.
-        origin: Where the job came from, for messages (e.g. ``manifest.csv row 3``).
+        origin: Where the job came from, for messages (e.g. ``manifest.csv line 3``).
     """
 
     slide_id: str
