@@ -185,7 +185,49 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--mask", default=None, help="ground-truth lesion mask PNG (255 = lesion) for localisation"
     )
+    p.add_argument(
+        "--overlap",
+        type=float,
+        default=None,
+        metavar="F",
+        help="read patches overlapping by F (0 <= F < 1, e.g. 0.5-0.9) from the slide itself and blend "
+        "their attention into a smooth map (CLAM-style); also writes SLIDE.overlay.tif, a pyramidal "
+        "TIFF overlay that OpenSlide and QuPath open",
+    )
     return p
+
+
+def _overlap_heatmap(
+    model: SlideModule,
+    cache: PatchCache,
+    slide_id: str,
+    out_dir: Path,
+    args: argparse.Namespace,
+    data_cfg: dict,
+    mags: list[float],
+) -> None:
+    """``--overlap``: caption the cached bag's prediction (as in predictions.csv), map overlapping patches."""
+    from e2e_wsi.viz.overlap import make_overlap_heatmap_from_cache_meta
+
+    patch_size = int(data_cfg.get("eval_patch_size", 224))
+    _, out = slide_attention(model, cache, slide_id, mags, patch_size)
+    meta = cache.meta(slide_id)
+    files = make_overlap_heatmap_from_cache_meta(
+        model,
+        meta,
+        out_dir,
+        magnification=mags[0],
+        eval_patch_size=patch_size,
+        overlap=args.overlap,
+        truth=find_truth_mask(meta, args.mask),
+        class_names=data_cfg.get("class_names"),
+        prediction={k: v.numpy() for k, v in model.task.predict(out["outputs"]).items()},
+        top_k=args.top_k,
+        method=args.normalize,
+        per_head=args.per_head,
+    )
+    print(f"e2e-wsi: heatmap {files.png} ({files.n_patches} overlapping patches; {files.caption})")
+    print(f"e2e-wsi: overlay {files.overlay} (pyramidal TIFF: open it in QuPath or with OpenSlide)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     mags = mags if args.all_scales else (data_cfg.get("eval_magnifications") or mags[:1])
     out_dir = Path(args.out) if args.out else run_dir_of_checkpoint(args.ckpt_path) / "heatmaps"
     for slide_id in args.slide:
+        if args.overlap is not None:
+            _overlap_heatmap(model, cache, slide_id, out_dir, args, data_cfg, [float(m) for m in mags])
+            continue
         summary = make_heatmap(
             model,
             cache,
