@@ -386,6 +386,8 @@ class OverlapHeatmapFiles:
         caption: The figure's caption (prediction, localisation AUROC).
         summary: Localisation numbers (patch- and pixel-level), or ``None``.
         n_patches: Overlapping patches scored.
+        seconds: Wall time of each step: ``read``, ``model`` (see :class:`OverlapAttention`),
+            ``figure`` (blending, thumbnail, PNG) and ``overlay`` (the TIFF).
     """
 
     png: Path
@@ -394,6 +396,7 @@ class OverlapHeatmapFiles:
     caption: str
     summary: dict | None
     n_patches: int
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def make_overlap_heatmap(
@@ -463,6 +466,7 @@ def make_overlap_heatmap(
         summary.update(overlap=overlap, stride_level0=result.stride)
         localisation = {"pixel": summary["pixel_auroc"], "patch": summary["auroc"]}
     caption = format_caption(prediction, class_names, localisation or None)
+    t0 = time.perf_counter()
     scale = thumbnail_side / max(slide.dimensions)
     thumbnail = slide.read_downsampled(1.0 / scale) if scale < 1 else slide.read_downsampled(1.0)
     order = np.argsort(-att.merged)[:top_k]
@@ -478,14 +482,16 @@ def make_overlap_heatmap(
         rasterize=lambda a, v, shape: blended_on_tissue(a, v, shape, result.tissue),
         title=f"{slide_id}: attention on {len(att.coords)} patches overlapping by {overlap:g}",
     )
+    t1 = time.perf_counter()
     overlay = write_overlay_tiff(out_dir / f"{slide_id}.overlay.tif", slide, att, values, result.tissue)
+    seconds = {**result.seconds, "figure": t1 - t0, "overlay": time.perf_counter() - t1}
     loc_path = None
     if summary is not None:
         loc_path = out_dir / f"{slide_id}.localization.json"
         tmp = loc_path.with_name(f".{loc_path.name}.tmp")
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
         os.replace(tmp, loc_path)
-    return OverlapHeatmapFiles(png, overlay, loc_path, caption, summary, len(att.coords))
+    return OverlapHeatmapFiles(png, overlay, loc_path, caption, summary, len(att.coords), seconds)
 
 
 def make_overlap_heatmap_from_cache_meta(
