@@ -207,25 +207,35 @@ def _overlap_heatmap(
     mags: list[float],
 ) -> None:
     """``--overlap``: caption the cached bag's prediction (as in predictions.csv), map overlapping patches."""
+    from tqdm import tqdm
+
     from e2e_wsi.viz.overlap import make_overlap_heatmap_from_cache_meta
 
     patch_size = int(data_cfg.get("eval_patch_size", 224))
     _, out = slide_attention(model, cache, slide_id, mags, patch_size)
     meta = cache.meta(slide_id)
-    files = make_overlap_heatmap_from_cache_meta(
-        model,
-        meta,
-        out_dir,
-        magnification=mags[0],
-        eval_patch_size=patch_size,
-        overlap=args.overlap,
-        truth=find_truth_mask(meta, args.mask),
-        class_names=data_cfg.get("class_names"),
-        prediction={k: v.numpy() for k, v in model.task.predict(out["outputs"]).items()},
-        top_k=args.top_k,
-        method=args.normalize,
-        per_head=args.per_head,
-    )
+    bar = tqdm(desc=f"{slide_id}: scoring overlapping patches", unit="patch", leave=False)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    with bar:
+        files = make_overlap_heatmap_from_cache_meta(
+            model,
+            meta,
+            out_dir,
+            magnification=mags[0],
+            eval_patch_size=patch_size,
+            overlap=args.overlap,
+            truth=find_truth_mask(meta, args.mask),
+            class_names=data_cfg.get("class_names"),
+            prediction={k: v.numpy() for k, v in model.task.predict(out["outputs"]).items()},
+            top_k=args.top_k,
+            method=args.normalize,
+            per_head=args.per_head,
+            progress=progress,
+        )
     print(f"e2e-wsi: heatmap {files.png} ({files.n_patches} overlapping patches; {files.caption})")
     print(f"e2e-wsi: overlay {files.overlay} (pyramidal TIFF: open it in QuPath or with OpenSlide)")
 

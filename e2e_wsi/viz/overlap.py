@@ -418,6 +418,7 @@ def make_overlap_heatmap(
     top_k: int = 16,
     method: str = "rank",
     per_head: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> OverlapHeatmapFiles:
     """Overlapping-patch heatmap of one slide: figure PNG, overlay TIFF and (with a truth) localisation.
 
@@ -436,6 +437,7 @@ def make_overlap_heatmap(
         top_k: Patches in the top-attention mosaic.
         method: Attention normalisation before blending (``rank``, as CLAM, or ``percentile``).
         per_head: Add one blended map per head.
+        progress: Called with (patches done, total) while patches are scored.
 
     Returns:
         The :class:`OverlapHeatmapFiles`.
@@ -452,6 +454,7 @@ def make_overlap_heatmap(
         overlap=overlap,
         tissue_params=tissue_params,
         tissue_threshold=tissue_threshold,
+        progress=progress,
     )
     att = result.attention
     values = normalize_scores(att.merged, method)
