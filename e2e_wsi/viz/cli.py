@@ -17,7 +17,13 @@ from e2e_wsi.data.transforms import EvalTransform
 from e2e_wsi.models.module import SlideModule
 from e2e_wsi.training.run import RunFolder
 from e2e_wsi.utils import validate_slide_id
-from e2e_wsi.viz.heatmap import SlideAttention, localization_summary, patch_lesion_labels, render_heatmap
+from e2e_wsi.viz.heatmap import (
+    SlideAttention,
+    format_caption,
+    localization_summary,
+    patch_lesion_labels,
+    render_heatmap,
+)
 
 
 def run_dir_of_checkpoint(ckpt_path: str | Path) -> Path:
@@ -128,6 +134,7 @@ def make_heatmap(
     method: str = "rank",
     per_head: bool = False,
     mask_path: str | None = None,
+    class_names: list[str] | None = None,
 ) -> dict:
     """Heatmap PNG (+ ``<slide>.localization.json`` when a truth mask exists) for one slide.
 
@@ -140,20 +147,14 @@ def make_heatmap(
     top = (
         cache.get_many(slide_id, magnifications[0], order.tolist()) if len(order) else np.zeros((0, 1, 1, 3))
     )
-    pred = model.task.predict(out["outputs"])
-    pred_text = ", ".join(f"{k}={np.round(v[0].numpy(), 3).tolist()}" for k, v in pred.items())
+    pred = {k: v[0].numpy() for k, v in model.task.predict(out["outputs"]).items()}
     truth = find_truth_mask(meta, mask_path)
     loc = None
-    caption = f"prediction: {pred_text}"
     if truth is not None:
         labels = patch_lesion_labels(att.coords, att.size_level0, truth, att.dimensions)
         loc = localization_summary(att, labels)
-        auc = "n/a (one kind of patch only)" if loc["auroc"] is None else f"{loc['auroc']:.3f}"
-        caption += (
-            f" | lesion localisation AUROC of attention: {auc} "
-            f"({loc['n_lesion_patches']}/{loc['n_patches']} lesion patches; "
-            f"{100 * loc['attention_on_lesion']:.1f}% of attention on lesion)"
-        )
+    caption = format_caption(pred, class_names, {"patch": loc["auroc"]} if loc is not None else None)
+    pred_text = format_caption(pred, class_names)
     out_dir.mkdir(parents=True, exist_ok=True)
     png = render_heatmap(
         att,
@@ -263,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             method=args.normalize,
             per_head=args.per_head,
             mask_path=args.mask,
+            class_names=data_cfg.get("class_names"),
         )
         print(f"e2e-wsi: heatmap {summary['png']} ({summary['prediction']})")
         if summary["localization"] is not None:
