@@ -11,7 +11,7 @@ DEMO_DIR ?= demo
 INSTALL_LOG := $(VENV)/install.log
 # pip's output (per-package "Location ... is ignored" notes from a machine's pip config, setuptools'
 # "Editable installation" notice) goes to a log shown in full only when the install fails.
-PIP := PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_WARN_SCRIPT_LOCATION=1 $(BIN)/python -m pip
+PIP := PIP_DISABLE_PIP_VERSION_CHECK=1 $(BIN)/python -m pip
 LOGGED := >>$(INSTALL_LOG) 2>&1 || { echo "make install: pip failed; its log ($(INSTALL_LOG)):"; cat $(INSTALL_LOG); exit 1; }
 
 # Re-install only when the package metadata changes; otherwise this is a no-op.
