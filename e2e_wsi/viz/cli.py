@@ -170,6 +170,17 @@ def make_heatmap(
     return {"png": str(png), "localization": loc, "prediction": pred_text}
 
 
+def _overlap_fraction(text: str) -> float:
+    """``--overlap`` value: a number in [0, 1), refused at parse time with the usage line."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (e.g. 0.5-0.9)") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{value:g} is outside [0, 1) (e.g. 0.5-0.9)")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="e2e-wsi heatmap", description=__doc__)
     p.add_argument("--ckpt_path", required=True, help="checkpoint of a run (RUN/checkpoints/*.ckpt)")
@@ -188,7 +199,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--overlap",
-        type=float,
+        type=_overlap_fraction,
         default=None,
         metavar="F",
         help="read patches overlapping by F (0 <= F < 1, e.g. 0.5-0.9) from the slide itself and blend "

@@ -212,3 +212,11 @@ def test_chunked_scoring_matches_one_chunk(tiny_run: Path, synth_cache: tuple[Pa
     np.testing.assert_array_equal(small.attention.coords, whole.attention.coords)
     np.testing.assert_allclose(small.attention.attention, whole.attention.attention, rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(small.outputs, whole.outputs, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("value", ["1", "-0.2", "half"])
+def test_cli_refuses_an_overlap_outside_0_1(value: str, capsys) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main(["heatmap", "--ckpt_path", "x.ckpt", "--slide", "s1", "--overlap", value])
+    assert stop.value.code == 2
+    assert "--overlap" in capsys.readouterr().err
