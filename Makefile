@@ -8,12 +8,21 @@ DEMO_DIR ?= demo
 
 .PHONY: install test test-all demo bench lint clean
 
+INSTALL_LOG := $(VENV)/install.log
+# pip's output (per-package "Location ... is ignored" notes from a machine's pip config, setuptools'
+# "Editable installation" notice) goes to a log shown in full only when the install fails.
+PIP := PIP_DISABLE_PIP_VERSION_CHECK=1 $(BIN)/python -m pip
+LOGGED := >>$(INSTALL_LOG) 2>&1 || { echo "make install: pip failed; its log ($(INSTALL_LOG)):"; cat $(INSTALL_LOG); exit 1; }
+
 # Re-install only when the package metadata changes; otherwise this is a no-op.
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
-	touch $(STAMP)
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "make install: installing e2e-wsi and its dependencies into $(VENV) (first time: a few minutes; log: $(INSTALL_LOG))"
+	@: >$(INSTALL_LOG)
+	@$(PIP) install -q --upgrade pip $(LOGGED)
+	@$(PIP) install -q -e '.[test]' $(LOGGED)
+	@touch $(STAMP)
+	@echo "make install: done ($$($(BIN)/e2e-wsi --version))"
 
 install: $(STAMP)
 

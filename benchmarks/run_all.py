@@ -21,6 +21,7 @@ SCRIPTS = [
     ["bench_models.py", "--sizes", "1000", "10000", "--naive-max", "10000"],
     ["bench_training.py"],
     ["bench_bootstrap.py"],
+    ["bench_heatmap_overlap.py"],
 ]
 
 

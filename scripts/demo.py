@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from fnmatch import fnmatch
 from pathlib import Path
 
 import pandas as pd
@@ -41,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lesion-fraction", type=float, default=0.06, help="share of tissue covered by lesions")
     p.add_argument("--max-epochs", type=int, default=None, help="override the config's epochs")
     p.add_argument("--heatmaps", type=int, default=3, help="test slides to draw")
+    p.add_argument(
+        "--overlap", type=float, default=0.875, help="patch overlap of the heatmaps (0 = the cache's grid)"
+    )
     args = p.parse_args(argv)
     out = Path(args.out)
     cohort, cache, run_dir = out / "cohort", out / "cache", out / "run"
@@ -125,13 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     t0 = stage("heatmaps")
     splits = pd.read_csv(run_dir / "splits.csv")
     test_ids = splits.loc[splits["split"] == "test", "slide_id"].tolist()[: args.heatmaps]
-    run(["heatmap", "--ckpt_path", str(ckpt), "--slide", *test_ids])
+    heatmap = ["heatmap", "--ckpt_path", str(ckpt), "--slide", *test_ids]
+    run(heatmap + (["--overlap", str(args.overlap)] if args.overlap > 0 else []))
     done(t0, "heatmaps")
 
     report = json.loads((run_dir / "metrics.json").read_text())
     auroc = report["metrics"]["auroc"]
     locs = [json.loads(p.read_text()) for p in sorted((run_dir / "heatmaps").glob("*.localization.json"))]
-    loc_aucs = [f"{loc['slide_id']}: {loc['auroc']:.3f}" for loc in locs if loc["auroc"] is not None]
+    loc_aucs = [_localisation_text(loc) for loc in locs]
     print(f"\n=== demo finished in {time.perf_counter() - start:.0f} s ===")
     print(f"run folder:   {run_dir.resolve()}")
     print(f"tensorboard:  tensorboard --logdir {run_dir.resolve()}")
@@ -142,7 +147,85 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"heatmaps:     {(run_dir / 'heatmaps').resolve()}")
     print(f"lesion localisation AUROC of attention: {', '.join(loc_aucs) or 'n/a'}")
+    print_outputs(out)
     return 0
+
+
+def _localisation_text(loc: dict) -> str:
+    """``slide: pixel 0.93, patch 0.90`` (AUROCs to 2 digits; ``n/a`` when undefined)."""
+
+    def fmt(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.2f}"
+
+    pixel = f"pixel {fmt(loc['pixel_auroc'])}, " if "pixel_auroc" in loc else ""
+    return f"{loc['slide_id']}: {pixel}patch {fmt(loc['auroc'])}"
+
+
+# What each file the demo writes is, by pattern relative to the demo folder; the first match wins.
+OUTPUTS: list[tuple[str, str]] = [
+    ("cohort/manifest.csv", "slide list: case_id, slide_id, path, label"),
+    ("cohort/synth.json", "settings the synthetic cohort was drawn with"),
+    ("cohort/slides/*", "synthetic slides: Aperio-like pyramidal TIFFs, 40x (open in QuPath)"),
+    ("cohort/masks/*.png", "ground truth at 1/16 scale: 0 background, 128 tissue, 255 lesion"),
+    ("cache/*.lmdb/data.mdb", "patch cache: LMDB of JPEG patches at 10x and 5x, with their coordinates"),
+    ("cache/*.lmdb/lock.mdb", "LMDB lock file of the patch cache"),
+    ("cache/summary*.json", "preprocessing summary: patches per slide, reasons for failed slides"),
+    ("cache/qc/*.png", "tissue-detection QC: tissue outline and kept 10x patches per slide"),
+    ("run/config.yaml", "complete training config (resume: e2e-wsi fit --config it --ckpt_path last)"),
+    ("run/config.*.yaml", "config of a later stage (e.g. `test`) as the CLI saved it"),
+    ("run/hparams.yaml", "hyper-parameters as Lightning recorded them"),
+    ("run/splits.csv", "train/val/test split of the slides"),
+    ("run/checkpoints/best*.ckpt", "checkpoint with the best validation AUROC"),
+    ("run/checkpoints/last.ckpt", "last checkpoint (resume point)"),
+    ("run/*events.out.tfevents.*", "TensorBoard logs: losses, metrics, learning rate"),
+    ("run/predictions.csv", "test-set prediction per slide"),
+    ("run/metrics.json", "test metrics with bootstrap 95% CIs (machine-readable)"),
+    ("run/metrics.md", "test metrics with bootstrap 95% CIs (report)"),
+    (
+        "run/heatmaps/*.overlay.tif",
+        "attention over the tissue, pyramidal TIFF: zoom in with QuPath/OpenSlide",
+    ),
+    ("run/heatmaps/*.localization.json", "how well attention finds the lesions (pixel and patch AUROC)"),
+    ("run/heatmaps/*.png", "heatmap figure: smooth attention map, top patches, prediction caption"),
+]
+
+
+def describe_outputs(out: Path, max_listed: int = 3) -> list[tuple[str, str]]:
+    """Every file under ``out`` with one line on what it is.
+
+    Files of a kind with more than ``max_listed`` members are shown as one line (pattern and count);
+    a file no pattern describes is still listed, as "other output".
+
+    Returns:
+        (path or pattern relative to ``out``, description) rows, in :data:`OUTPUTS` order.
+    """
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    groups: dict[int, list[str]] = {}
+    others = []
+    for name in files:
+        kind = next((i for i, (pattern, _) in enumerate(OUTPUTS) if fnmatch(name, pattern)), None)
+        if kind is None:
+            others.append(name)
+        else:
+            groups.setdefault(kind, []).append(name)
+    rows = []
+    for kind in sorted(groups):
+        pattern, what = OUTPUTS[kind]
+        names = groups[kind]
+        if len(names) > max_listed:
+            rows.append((f"{pattern} ({len(names)} files)", what))
+        else:
+            rows += [(name, what) for name in names]
+    return rows + [(name, "other output") for name in others]
+
+
+def print_outputs(out: Path) -> None:
+    """Print :func:`describe_outputs` as an aligned list."""
+    rows = describe_outputs(out)
+    width = min(60, max((len(name) for name, _ in rows), default=0))
+    print(f"\nfiles written under {out.resolve()}:")
+    for name, what in rows:
+        print(f"  {name:<{width}}  {what}")
 
 
 if __name__ == "__main__":

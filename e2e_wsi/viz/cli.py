@@ -17,7 +17,13 @@ from e2e_wsi.data.transforms import EvalTransform
 from e2e_wsi.models.module import SlideModule
 from e2e_wsi.training.run import RunFolder
 from e2e_wsi.utils import validate_slide_id
-from e2e_wsi.viz.heatmap import SlideAttention, localization_summary, patch_lesion_labels, render_heatmap
+from e2e_wsi.viz.heatmap import (
+    SlideAttention,
+    format_caption,
+    localization_summary,
+    patch_lesion_labels,
+    render_heatmap,
+)
 
 
 def run_dir_of_checkpoint(ckpt_path: str | Path) -> Path:
@@ -128,6 +134,7 @@ def make_heatmap(
     method: str = "rank",
     per_head: bool = False,
     mask_path: str | None = None,
+    class_names: list[str] | None = None,
 ) -> dict:
     """Heatmap PNG (+ ``<slide>.localization.json`` when a truth mask exists) for one slide.
 
@@ -140,20 +147,14 @@ def make_heatmap(
     top = (
         cache.get_many(slide_id, magnifications[0], order.tolist()) if len(order) else np.zeros((0, 1, 1, 3))
     )
-    pred = model.task.predict(out["outputs"])
-    pred_text = ", ".join(f"{k}={np.round(v[0].numpy(), 3).tolist()}" for k, v in pred.items())
+    pred = {k: v[0].numpy() for k, v in model.task.predict(out["outputs"]).items()}
     truth = find_truth_mask(meta, mask_path)
     loc = None
-    caption = f"prediction: {pred_text}"
     if truth is not None:
         labels = patch_lesion_labels(att.coords, att.size_level0, truth, att.dimensions)
         loc = localization_summary(att, labels)
-        auc = "n/a (one kind of patch only)" if loc["auroc"] is None else f"{loc['auroc']:.3f}"
-        caption += (
-            f" | lesion localisation AUROC of attention: {auc} "
-            f"({loc['n_lesion_patches']}/{loc['n_patches']} lesion patches; "
-            f"{100 * loc['attention_on_lesion']:.1f}% of attention on lesion)"
-        )
+    caption = format_caption(pred, class_names, {"patch": loc["auroc"]} if loc is not None else None)
+    pred_text = format_caption(pred, class_names)
     out_dir.mkdir(parents=True, exist_ok=True)
     png = render_heatmap(
         att,
@@ -167,6 +168,17 @@ def make_heatmap(
     if loc is not None:
         (out_dir / f"{slide_id}.localization.json").write_text(json.dumps(loc, indent=2) + "\n")
     return {"png": str(png), "localization": loc, "prediction": pred_text}
+
+
+def _overlap_fraction(text: str) -> float:
+    """``--overlap`` value: a number in [0, 1), refused at parse time with the usage line."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (e.g. 0.5-0.9)") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{value:g} is outside [0, 1) (e.g. 0.5-0.9)")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -185,7 +197,59 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--mask", default=None, help="ground-truth lesion mask PNG (255 = lesion) for localisation"
     )
+    p.add_argument(
+        "--overlap",
+        type=_overlap_fraction,
+        default=None,
+        metavar="F",
+        help="read patches overlapping by F (0 <= F < 1, e.g. 0.5-0.9) from the slide itself and blend "
+        "their attention into a smooth map (CLAM-style); also writes SLIDE.overlay.tif, a pyramidal "
+        "TIFF overlay that OpenSlide and QuPath open",
+    )
     return p
+
+
+def _overlap_heatmap(
+    model: SlideModule,
+    cache: PatchCache,
+    slide_id: str,
+    out_dir: Path,
+    args: argparse.Namespace,
+    data_cfg: dict,
+    mags: list[float],
+) -> None:
+    """``--overlap``: caption the cached bag's prediction (as in predictions.csv), map overlapping patches."""
+    from tqdm import tqdm
+
+    from e2e_wsi.viz.overlap import make_overlap_heatmap_from_cache_meta
+
+    patch_size = int(data_cfg.get("eval_patch_size", 224))
+    _, out = slide_attention(model, cache, slide_id, mags, patch_size)
+    meta = cache.meta(slide_id)
+    bar = tqdm(desc=f"{slide_id}: scoring overlapping patches", unit="patch", leave=False)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    with bar:
+        files = make_overlap_heatmap_from_cache_meta(
+            model,
+            meta,
+            out_dir,
+            magnification=mags[0],
+            eval_patch_size=patch_size,
+            overlap=args.overlap,
+            truth=find_truth_mask(meta, args.mask),
+            class_names=data_cfg.get("class_names"),
+            prediction={k: v.numpy() for k, v in model.task.predict(out["outputs"]).items()},
+            top_k=args.top_k,
+            method=args.normalize,
+            per_head=args.per_head,
+            progress=progress,
+        )
+    print(f"e2e-wsi: heatmap {files.png} ({files.n_patches} overlapping patches; {files.caption})")
+    print(f"e2e-wsi: overlay {files.overlay} (pyramidal TIFF: open it in QuPath or with OpenSlide)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     mags = mags if args.all_scales else (data_cfg.get("eval_magnifications") or mags[:1])
     out_dir = Path(args.out) if args.out else run_dir_of_checkpoint(args.ckpt_path) / "heatmaps"
     for slide_id in args.slide:
+        if args.overlap is not None:
+            _overlap_heatmap(model, cache, slide_id, out_dir, args, data_cfg, [float(m) for m in mags])
+            continue
         summary = make_heatmap(
             model,
             cache,
@@ -208,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             method=args.normalize,
             per_head=args.per_head,
             mask_path=args.mask,
+            class_names=data_cfg.get("class_names"),
         )
         print(f"e2e-wsi: heatmap {summary['png']} ({summary['prediction']})")
         if summary["localization"] is not None:

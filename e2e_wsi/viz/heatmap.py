@@ -6,6 +6,7 @@ same functions serve the CLI, the notebook and the tests.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,6 +155,42 @@ def localization_summary(att: SlideAttention, labels: np.ndarray) -> dict:
     }
 
 
+def format_caption(
+    prediction: Mapping[str, np.ndarray],
+    class_names: Sequence[str] | None = None,
+    localisation: Mapping[str, float | None] | None = None,
+) -> str:
+    """A caption people read: the predicted class and its probability, or the risk; localisation AUROCs.
+
+    Probabilities and risks get 3 digits (``0.999``; risks 3 significant digits), AUROCs 2 (``0.93``).
+
+    Args:
+        prediction: One slide's ``task.predict`` output: ``probs`` [K] or [1, K], or ``risk`` [] / [1].
+        class_names: Names of the K classes; default ``class 0`` .. ``class K-1``.
+        localisation: Label -> AUROC (``None`` when undefined), e.g. ``{"pixel": 0.93, "patch": 0.9}``.
+
+    Returns:
+        E.g. ``predicted: tumour (p = 0.999) | lesion localisation AUROC: pixel 0.93, patch 0.90``.
+    """
+    parts = []
+    if "probs" in prediction:
+        probs = np.asarray(prediction["probs"], dtype=np.float64).reshape(-1)
+        k = int(np.argmax(probs))
+        if class_names is not None and len(class_names) != len(probs):
+            raise ValueError(f"{len(class_names)} class names for {len(probs)} classes")
+        name = class_names[k] if class_names is not None else f"class {k}"
+        parts.append(f"predicted: {name} (p = {probs[k]:.3f})")
+    if "risk" in prediction:
+        risk = float(np.asarray(prediction["risk"], dtype=np.float64).reshape(-1)[0])
+        parts.append(f"predicted risk: {risk:.3g}")
+    if localisation:
+        aucs = ", ".join(
+            f"{label} {'n/a' if auc is None else f'{auc:.2f}'}" for label, auc in localisation.items()
+        )
+        parts.append(f"lesion localisation AUROC: {aucs}")
+    return " | ".join(parts)
+
+
 def render_heatmap(
     att: SlideAttention,
     thumbnail: np.ndarray,
@@ -165,6 +202,8 @@ def render_heatmap(
     caption: str = "",
     cmap: str = "jet",
     alpha: float = 0.45,
+    rasterize: Callable[[SlideAttention, np.ndarray, tuple[int, int]], np.ndarray] | None = None,
+    title: str | None = None,
 ) -> Path:
     """Write the heatmap figure: thumbnail + overlay + colour bar, top-k mosaic, optional per-head maps.
 
@@ -178,19 +217,23 @@ def render_heatmap(
         caption: Text under the title (e.g. the localisation AUROC).
         cmap: Matplotlib colour map.
         alpha: Overlay opacity.
+        rasterize: ``(att, values [N], (h, w)) -> [h, w]`` map, NaN where no patch lies; default
+            :func:`overlay_grid` (flat squares). Overlapping heatmaps pass a blending rasteriser.
+        title: Title of the main map (default: the slide id and the number of heads).
 
     Returns:
         The PNG path.
     """
+    rasterize = rasterize or overlay_grid
     heads = att.attention.shape[0] if per_head else 0
     rows = 2 if heads else 1
     fig = plt.figure(figsize=(14, 6.5 + (2.5 if heads else 0)), dpi=100)
     grid = fig.add_gridspec(rows, 2, width_ratios=[3, 2], height_ratios=[3, 1] if heads else [1])
     ax = fig.add_subplot(grid[0, 0])
     ax.imshow(thumbnail)
-    values = overlay_grid(att, normalize_scores(att.merged, method), thumbnail.shape[:2])
+    values = rasterize(att, normalize_scores(att.merged, method), thumbnail.shape[:2])
     image = ax.imshow(values, cmap=cmap, alpha=alpha, norm=Normalize(0, 1), interpolation="nearest")
-    ax.set_title(f"{att.slide_id}: attention (mean over {att.attention.shape[0]} heads)")
+    ax.set_title(title or f"{att.slide_id}: attention (mean over {att.attention.shape[0]} heads)")
     ax.axis("off")
     label = "attention percentile rank" if method == "rank" else "attention (1st-99th percentile, linear)"
     fig.colorbar(image, ax=ax, fraction=0.035, pad=0.01, label=label)
@@ -203,7 +246,7 @@ def render_heatmap(
         for j in range(heads):
             hax = fig.add_subplot(sub[0, j])
             hax.imshow(small)
-            hv = overlay_grid(att, normalize_scores(att.attention[j], method), small.shape[:2])
+            hv = rasterize(att, normalize_scores(att.attention[j], method), small.shape[:2])
             hax.imshow(hv, cmap=cmap, alpha=alpha, norm=Normalize(0, 1), interpolation="nearest")
             hax.set_title(f"head {j}", fontsize=9)
             hax.axis("off")
