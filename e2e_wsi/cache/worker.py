@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image, ImageDraw
 
+from e2e_wsi.annotations.geojson import AnnotationRules, annotate_tissue, write_tissue_geojson
 from e2e_wsi.cache.store import FORMAT_VERSION, append_staged, mag_key
 from e2e_wsi.slides.reader import Slide, SlideError
 from e2e_wsi.slides.tiling import encode_jpeg, grid_spec, read_patch, tissue_grid
@@ -43,6 +44,8 @@ class PreprocessConfig:
         tissue_threshold: A patch is kept when its tissue fraction exceeds this (0-1).
         tissue: Tissue-detection parameters.
         mpp: Run-wide MPP override (``--mpp``), or ``None``.
+        annotations: QuPath include / exclude regions applied to the tissue mask (issue 14), or ``None``.
+        geojson_dir: Folder for ``<slide_id>.geojson`` tissue contours (``--geojson``), or ``None``.
     """
 
     magnifications: tuple[float, ...]
@@ -51,6 +54,8 @@ class PreprocessConfig:
     tissue_threshold: float = 0.5
     tissue: TissueParams = field(default_factory=TissueParams)
     mpp: float | None = None
+    annotations: AnnotationRules | None = None
+    geojson_dir: str | None = None  # an output location, not a cache parameter
 
     def __post_init__(self) -> None:
         if not self.magnifications:
@@ -75,6 +80,7 @@ class PreprocessConfig:
             "tissue_threshold": self.tissue_threshold,
             "tissue": self.tissue.to_dict(),
             "mpp_override": slide_mpp if slide_mpp is not None else self.mpp,
+            **({"annotations": self.annotations.to_dict()} if self.annotations else {}),
         }
 
 
@@ -146,6 +152,12 @@ def _tile_slide(
     res = slide.resolution
     seg_ds = segmentation_downsample(slide.dimensions, config.tissue)
     tissue = segment_tissue(slide.read_downsampled(seg_ds), seg_ds, res.mpp, config.tissue)
+    # --- issue 14 hook (e2e_wsi.annotations): QuPath regions edit the mask; tissue contours as GeoJSON.
+    if config.annotations is not None:
+        tissue = annotate_tissue(tissue, slide_id, slide.dimensions, config.annotations)
+    if config.geojson_dir is not None:
+        write_tissue_geojson(tissue, Path(config.geojson_dir) / f"{slide_id}.geojson")
+    # --- end of issue 14 hook
     if not tissue.mask.any():
         raise SlideError(
             slide.path,

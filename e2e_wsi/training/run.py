@@ -8,6 +8,7 @@ A run folder (``--run_dir``) holds everything ``fit`` and later verbs write::
     RUN/predictions.csv        per-slide test predictions (owned by :mod:`e2e_wsi.evaluation.report`)
     RUN/metrics.json|.md       the bootstrap test report (owned by :mod:`e2e_wsi.evaluation.report`)
     RUN/heatmaps/              attention heatmaps
+    RUN/preprocess.json        the training cache's preprocessing parameters (tiles new slides alike)
 
 Every module that needs one of these paths asks :class:`RunFolder` instead of joining names itself.
 """
@@ -51,6 +52,11 @@ class RunFolder:
     @property
     def heatmaps_dir(self) -> Path:
         return self.root / "heatmaps"
+
+    @property
+    def preprocess(self) -> Path:
+        """``preprocess.json``: the preprocessing parameters of the training cache (written by ``fit``)."""
+        return self.root / "preprocess.json"
 
     @property
     def predictions(self) -> Path:
