@@ -19,7 +19,8 @@ from e2e_wsi.annotations.geojson import (
     read_annotations,
     region_mask,
 )
-from e2e_wsi.cache.preprocess import jobs_from_manifest, main as preprocess_main, preprocess
+from e2e_wsi.cache.preprocess import jobs_from_manifest, preprocess
+from e2e_wsi.cache.preprocess import main as preprocess_main
 from e2e_wsi.cache.store import PatchCache
 from e2e_wsi.cache.worker import PreprocessConfig
 
