@@ -169,6 +169,18 @@ def test_a_cache_that_holds_the_slide_is_reused(
     np.testing.assert_allclose(reused.loc[test_ids[0], "prob_1"], fresh.loc[test_ids[0], "prob_1"], atol=1e-6)
 
 
+def test_a_manifest_without_labels_lists_the_slides(
+    tiny_run: Path, synth_cache: tuple[Path, Path], tmp_path: Path
+) -> None:
+    manifest = pd.read_csv(synth_cache[0]).head(2)
+    manifest["path"] = [str(synth_cache[0].parent / p) for p in manifest["path"]]
+    manifest[["slide_id", "path"]].to_csv(tmp_path / "new.csv", index=False)  # no label column
+    out = tmp_path / "out"
+    args = ["predict", "--run", str(tiny_run), "--manifest", str(tmp_path / "new.csv"), "--out", str(out)]
+    assert main([*args, "--quiet", "--no_heatmaps"]) == 0
+    assert list(pd.read_csv(out / "predictions.csv")["slide_id"]) == list(manifest["slide_id"])
+
+
 def test_an_ensemble_averages_probabilities_and_attention(
     tiny_run: Path, synth_cache: tuple[Path, Path]
 ) -> None:
