@@ -70,6 +70,14 @@ def slide_jobs(slides: list[str] | None, manifest: str | None) -> list[SlideJob]
                 raise FileNotFoundError(f"slide file {path} not found")
     if not jobs:
         raise ValueError(f"no slides found in {manifest or slides}")
+    seen: dict[str, Path] = {}
+    for job in jobs:
+        if job.slide_id in seen:
+            raise ValueError(
+                f"slide id {job.slide_id!r} is given twice ({seen[job.slide_id]} and {job.path}); "
+                "ids are file names without extension: rename one, or use --manifest with unique ids"
+            )
+        seen[job.slide_id] = job.path
     return jobs
 
 

@@ -273,3 +273,28 @@ def test_a_run_folder_without_checkpoint_is_a_clear_error(
     out = tmp_path / "out"
     assert main(["predict", "--run", str(tmp_path / "run"), "--slides", str(slide), "--out", str(out)]) == 2
     assert "holds no checkpoint" in capsys.readouterr().err and not out.exists()
+
+
+def test_preprocess_params_fall_back_to_the_training_cache(tiny_run: Path, tmp_path: Path) -> None:
+    from e2e_wsi.inference.params import preprocess_config, preprocess_params
+    from e2e_wsi.training.run import RunFolder
+
+    loaded = load_model(tiny_run / "checkpoints" / "last.ckpt")
+    recorded = preprocess_params(loaded.run, loaded.data)
+    bare = RunFolder(tmp_path)  # a run folder without preprocess.json (trained before it existed)
+    assert preprocess_params(bare, loaded.data) == recorded
+    config = preprocess_config(recorded, [10.0], mpp=0.5)
+    assert config.patch_size == 64 and config.magnifications == (10.0,) and config.mpp == 0.5
+    with pytest.raises(FileNotFoundError, match="no preprocess.json"):
+        preprocess_params(bare, {"cache_dir": str(tmp_path / "gone")})
+
+
+def test_the_same_slide_id_twice_is_refused(
+    tiny_run: Path, synth_cache: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    slide = next((synth_cache[0].parent / "slides").glob("*.svs"))
+    (tmp_path / "copy").mkdir()
+    shutil.copy(slide, tmp_path / "copy" / slide.name)
+    args = ["predict", "--run", str(tiny_run), "--slides", str(slide), str(tmp_path / "copy" / slide.name)]
+    assert main([*args, "--out", str(tmp_path / "out")]) == 2
+    assert "given twice" in capsys.readouterr().err
