@@ -298,3 +298,31 @@ def test_the_same_slide_id_twice_is_refused(
     args = ["predict", "--run", str(tiny_run), "--slides", str(slide), str(tmp_path / "copy" / slide.name)]
     assert main([*args, "--out", str(tmp_path / "out")]) == 2
     assert "given twice" in capsys.readouterr().err
+
+
+def test_survival_models_write_a_risk_per_slide(
+    tiny_run: Path, synth_cache: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from e2e_wsi.inference.cli import slide_jobs
+    from e2e_wsi.inference.pipeline import PredictOptions, predict_slides
+
+    cls = load_model(tiny_run / "checkpoints" / "last.ckpt")
+    members = [
+        LoadedModel(SlideModule(task=CoxSurvivalTask()).eval(), cls.data, Path(f"cox{i}.ckpt"), cls.run)
+        for i in range(2)
+    ]
+    slides = sorted((synth_cache[0].parent / "slides").glob("*.svs"))[:2]
+    ensemble = Ensemble(members)
+    summary = predict_slides(
+        ensemble,
+        slide_jobs([str(s) for s in slides], None),
+        tmp_path,
+        PredictOptions(heatmaps=False, progress=False),
+    )
+    frame = pd.read_csv(tmp_path / "predictions.csv")
+    assert list(frame.columns) == ["slide_id", "risk"] and len(frame) == 2
+    singles = [
+        Ensemble([m]).predict_slide(PatchCache(synth_cache[1]), frame["slide_id"][0]).risk for m in members
+    ]
+    assert frame["risk"][0] == pytest.approx(np.mean(singles), rel=1e-5)
+    assert summary["task"] == "survival" and summary["checkpoints"] == ["cox0.ckpt", "cox1.ckpt"]
