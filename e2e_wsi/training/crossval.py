@@ -35,7 +35,7 @@ def fold_folder(root: str | Path, fold: int) -> RunFolder:
 
 def fold_done(run: RunFolder) -> bool:
     """A fold is finished when its test report and predictions exist."""
-    return run.predictions.is_file() and (run.root / "metrics.json").is_file()
+    return run.predictions.is_file() and run.metrics.is_file()
 
 
 def fit_args(
@@ -85,7 +85,7 @@ def pooled_predictions(root: str | Path, folds: int) -> tuple[pd.DataFrame, str]
     frames, tasks = [], set()
     for k in range(folds):
         run = fold_folder(root, k)
-        task = json.loads((run.root / "metrics.json").read_text())["task"]
+        task = json.loads(run.metrics.read_text())["task"]
         frame, task = read_predictions(run.predictions, task)
         tasks.add(task)
         frames.append(frame.assign(fold=k))
@@ -103,7 +103,7 @@ def fold_metrics(root: str | Path, folds: int) -> list[dict[str, Any]]:
     """Point estimates of every fold's test report."""
     rows = []
     for k in range(folds):
-        report = json.loads((fold_folder(root, k).root / "metrics.json").read_text())
+        report = json.loads(fold_folder(root, k).metrics.read_text())
         rows.append({"fold": k, "n": report["n"], **{m: v["point"] for m, v in report["metrics"].items()}})
     return rows
 
