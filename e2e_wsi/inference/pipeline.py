@@ -18,7 +18,7 @@ from e2e_wsi.inference.heatmaps import write_heatmap
 from e2e_wsi.inference.outputs import attention_frame, predictions_frame, write_csv, write_json
 from e2e_wsi.inference.params import preprocess_config, preprocess_params
 from e2e_wsi.inference.predict import Ensemble, SlidePrediction
-from e2e_wsi.inference.slides import tile_for_inference
+from e2e_wsi.inference.slides import TILING_KEYS, tile_for_inference
 from e2e_wsi.slides.reader import Slide, SlideError
 from e2e_wsi.slides.tissue import TissueParams, segment_tissue, segmentation_downsample
 from e2e_wsi.utils import validate_slide_id
@@ -66,7 +66,7 @@ def predict_slides(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     first = ensemble.members[0]
-    params = preprocess_params(first.run, first.data)
+    params = _shared_params(ensemble)
     config = preprocess_config(params, ensemble.magnifications, options.mpp)
     train_cache = first.data.get("cache_dir")
     tiled = tile_for_inference(
@@ -105,6 +105,25 @@ def predict_slides(
     }
     write_json(summary, out / "summary.json")
     return summary
+
+
+def _shared_params(ensemble: Ensemble) -> dict[str, Any]:
+    """The preprocessing of the ensemble's runs, which must agree (the members see the same patches).
+
+    Raises:
+        ValueError: Naming two checkpoints whose runs were trained on differently tiled caches.
+    """
+    first = ensemble.members[0]
+    params = preprocess_params(first.run, first.data)
+    for m in ensemble.members[1:]:
+        other = preprocess_params(m.run, m.data)
+        differ = sorted(k for k in TILING_KEYS if other.get(k) != params.get(k))
+        if differ:
+            raise ValueError(
+                f"checkpoints {first.checkpoint} and {m.checkpoint} were trained on caches tiled "
+                f"differently ({', '.join(differ)}); an ensemble needs one preprocessing"
+            )
+    return params
 
 
 def _one_slide(

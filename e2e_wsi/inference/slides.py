@@ -12,7 +12,7 @@ from e2e_wsi.cache.worker import PreprocessConfig, SlideJob
 
 # Parameters that must match for a cached slide to stand in for a fresh tiling (magnifications are
 # checked separately: a cache with more magnifications than inference needs is fine).
-_SAME = ("format_version", "patch_size", "jpeg_quality", "tissue_threshold", "tissue")
+TILING_KEYS = ("format_version", "patch_size", "jpeg_quality", "tissue_threshold", "tissue")
 
 
 @dataclass
@@ -41,7 +41,10 @@ def reusable(meta: dict, job: SlideJob, config: PreprocessConfig) -> bool:
         return False
     wanted = config.params(job.mpp)
     have = meta.get("params") or {}
-    same = all(have.get(k) == wanted[k] for k in _SAME) and have.get("mpp_override") == wanted["mpp_override"]
+    same = (
+        all(have.get(k) == wanted[k] for k in TILING_KEYS)
+        and have.get("mpp_override") == wanted["mpp_override"]
+    )
     mags = {mag_key(float(m)) for m in meta.get("magnifications", {})}
     return same_file and same and set(wanted["magnifications"]) <= mags
 

@@ -326,3 +326,18 @@ def test_survival_models_write_a_risk_per_slide(
     ]
     assert frame["risk"][0] == pytest.approx(np.mean(singles), rel=1e-5)
     assert summary["task"] == "survival" and summary["checkpoints"] == ["cox0.ckpt", "cox1.ckpt"]
+
+
+def test_an_ensemble_of_differently_tiled_runs_is_refused(tiny_run: Path, tmp_path: Path) -> None:
+    from e2e_wsi.inference.pipeline import predict_slides
+    from e2e_wsi.training.run import RunFolder
+
+    a = load_model(tiny_run / "checkpoints" / "last.ckpt")
+    other = RunFolder(tmp_path / "other")
+    other.root.mkdir()
+    recorded = json.loads((tiny_run / "preprocess.json").read_text())
+    recorded["params"]["patch_size"] = 128
+    other.preprocess.write_text(json.dumps(recorded))
+    b = LoadedModel(a.model, a.data, other.root / "b.ckpt", other)
+    with pytest.raises(ValueError, match="tiled differently \\(patch_size\\)"):
+        predict_slides(Ensemble([a, b]), [], tmp_path / "out")
