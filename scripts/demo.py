@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = stage("heatmaps")
     splits = pd.read_csv(run_dir / "splits.csv")
     test_ids = splits.loc[splits["split"] == "test", "slide_id"].tolist()[: args.heatmaps]
-    run(["heatmap", "--ckpt_path", str(ckpt), "--slide", *test_ids])
+    # The synthetic cohort's lesion masks are the ground truth of the localisation scores.
+    run(["heatmap", "--ckpt_path", str(ckpt), "--slide", *test_ids, "--mask_dir", str(cohort / "masks")])
     done(t0, "heatmaps")
 
     report = json.loads((run_dir / "metrics.json").read_text())
