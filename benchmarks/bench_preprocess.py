@@ -19,13 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from e2e_wsi.cache.worker import PreprocessConfig, SlideJob
 from e2e_wsi.cache.preprocess import preprocess
 from e2e_wsi.cache.store import PatchCache
+from e2e_wsi.cache.worker import PreprocessConfig, SlideJob
 from e2e_wsi.slides.reader import Slide
-from e2e_wsi.synth.cohort import synthesize_cohort
 from e2e_wsi.slides.tiling import encode_jpeg, grid_spec, pil_encode_jpeg, read_patch, tissue_grid
 from e2e_wsi.slides.tissue import segment_tissue, segmentation_downsample
+from e2e_wsi.synth.cohort import synthesize_cohort
 
 MAGS = (20.0, 10.0)
 

@@ -19,8 +19,8 @@ import numpy as np
 
 
 def _single_slide(size: int) -> tuple[float, float]:
-    from e2e_wsi.synth.render import paint_slide
     from e2e_wsi.slides.writer import write_levels
+    from e2e_wsi.synth.render import paint_slide
 
     rng = np.random.default_rng(0)
     start = time.perf_counter()

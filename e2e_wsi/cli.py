@@ -25,7 +25,14 @@ VERBS: dict[str, tuple[str, str]] = {
     "fit": ("e2e_wsi.training.cli:fit_main", "train encoder + aggregator + head end to end (LightningCLI)"),
     "validate": ("e2e_wsi.training.cli:validate_main", "evaluate a checkpoint on the validation split"),
     "test": ("e2e_wsi.training.cli:test_main", "evaluate on the test split with a bootstrap report"),
-    "predict": ("e2e_wsi.training.cli:predict_main", "write per-slide predictions and attention"),
+    "predict": (
+        "e2e_wsi.inference.cli:main",
+        "run a trained model (or an ensemble) on new slide files: predictions, heatmaps, GeoJSON",
+    ),
+    "crossval": (
+        "e2e_wsi.training.crossval_cli:main",
+        "k-fold patient-level cross-validation with pooled out-of-fold predictions",
+    ),
     "evaluate": (
         "e2e_wsi.evaluation.cli:main",
         "bootstrap report from a saved predictions.csv, or compare two runs",

@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = stage("heatmaps")
     splits = pd.read_csv(run_dir / "splits.csv")
     test_ids = splits.loc[splits["split"] == "test", "slide_id"].tolist()[: args.heatmaps]
-    heatmap = ["heatmap", "--ckpt_path", str(ckpt), "--slide", *test_ids]
+    # The synthetic cohort's lesion masks are the ground truth of the localisation scores.
+    heatmap = ["heatmap", "--ckpt_path", str(ckpt), "--slide", *test_ids, "--mask_dir", str(cohort / "masks")]
     run(heatmap + (["--overlap", str(args.overlap)] if args.overlap > 0 else []))
     done(t0, "heatmaps")
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from e2e_wsi.cache.worker import PreprocessConfig
 from e2e_wsi.cache.preprocess import jobs_from_manifest, preprocess
+from e2e_wsi.cache.worker import PreprocessConfig
 from e2e_wsi.cli import main
 from e2e_wsi.synth.cohort import synthesize_cohort
 

@@ -126,7 +126,10 @@ def test_test_writes_predictions_and_bootstrap_report(
 
 def test_predict_writes_attention_per_slide(trained_run: Path) -> None:
     ckpt = trained_run / "checkpoints" / "last.ckpt"
-    assert main(["predict", "--config", str(trained_run / "config.yaml"), "--ckpt_path", str(ckpt)]) == 0
+    # The LightningCLI predict path stays a library function; the `predict` verb runs on raw slides.
+    from e2e_wsi.training.cli import predict_main
+
+    assert predict_main(["--config", str(trained_run / "config.yaml"), "--ckpt_path", str(ckpt)]) == 0
     preds = pd.read_csv(trained_run / "predict" / "predictions.csv")
     assert len(preds) == len(pd.read_csv(trained_run / "splits.csv"))
     files = sorted((trained_run / "predict" / "attention").glob("*.pt"))

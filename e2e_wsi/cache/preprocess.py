@@ -385,6 +385,35 @@ def _print_failures(rows: list[dict[str, Any]]) -> None:
         console.print(table)
 
 
+def _add_annotation_args(parser: Any) -> None:
+    """``--annotations DIR`` (QuPath regions) and ``--geojson`` (tissue contours)."""
+    from e2e_wsi.annotations.geojson import DEFAULT_EXCLUDE, DEFAULT_INCLUDE
+
+    parser.add_argument("--annotations", type=Path, default=None, help="folder of QuPath <slide_id>.geojson")
+    parser.add_argument("--include-classes", nargs="+", default=list(DEFAULT_INCLUDE), help="classes to tile")
+    parser.add_argument("--exclude-classes", nargs="+", default=list(DEFAULT_EXCLUDE), help="classes to drop")
+    parser.add_argument("--geojson", action="store_true", help="write OUT/geojson/<slide_id>.geojson contours")
+
+
+def _with_annotations(config: PreprocessConfig, args: Any, jobs: list[SlideJob]) -> PreprocessConfig:
+    """The config with annotation rules and the GeoJSON folder the flags ask for."""
+    import dataclasses
+
+    from e2e_wsi.annotations.geojson import AnnotationRules, check_annotation_dir
+
+    rules = None
+    if args.annotations is not None:
+        check_annotation_dir(args.annotations, [j.slide_id for j in jobs])
+        rules = AnnotationRules(
+            str(args.annotations.resolve()), tuple(args.include_classes), tuple(args.exclude_classes)
+        )
+    geojson_dir = None
+    if args.geojson:
+        geojson_dir = str(Path(args.out) / "geojson")
+        Path(geojson_dir).mkdir(parents=True, exist_ok=True)
+    return dataclasses.replace(config, annotations=rules, geojson_dir=geojson_dir)
+
+
 def _parser() -> Any:
     import argparse
 
@@ -441,6 +470,7 @@ def _parser() -> Any:
     )
     parser.add_argument("--no-qc", action="store_true", help="do not write qc/<slide_id>.png")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_annotation_args(parser)
     return parser
 
 
@@ -476,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         jobs = jobs_from_manifest(args.manifest) if args.manifest else jobs_from_dir(args.slides_dir)
         if not jobs:
             raise ValueError(f"no slides found in {args.manifest or args.slides_dir}")
+        config = _with_annotations(config, args, jobs)
         rows = preprocess(
             jobs,
             args.out,

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image, ImageDraw
 
+from e2e_wsi.annotations.geojson import AnnotationRules, annotate_tissue, write_tissue_geojson
 from e2e_wsi.cache.store import FORMAT_VERSION, append_staged, mag_key
 from e2e_wsi.slides.reader import DEFAULT_MAX_PIXELS, Slide, SlideError
 from e2e_wsi.slides.tiling import (
@@ -64,6 +65,8 @@ class PreprocessConfig:
         mpp: Run-wide MPP override (``--mpp``), or ``None``.
         max_pixels: Slides whose level 0 has more pixels fail at once (``--max-pixels``). It decides
             which slides are cached, not what is cached, so it is not part of ``params``.
+        annotations: QuPath include / exclude regions applied to the tissue mask, or ``None``.
+        geojson_dir: Folder for ``<slide_id>.geojson`` tissue contours (``--geojson``), or ``None``.
     """
 
     magnifications: tuple[float, ...]
@@ -75,6 +78,8 @@ class PreprocessConfig:
     tissue: TissueParams = field(default_factory=TissueParams)
     mpp: float | None = None
     max_pixels: float | None = DEFAULT_MAX_PIXELS
+    annotations: AnnotationRules | None = None
+    geojson_dir: str | None = None  # an output location, not a cache parameter
 
     def __post_init__(self) -> None:
         if not self.magnifications:
@@ -105,6 +110,7 @@ class PreprocessConfig:
             "grid_anchor": self.grid_anchor,
             "tissue": self.tissue.to_dict(),
             "mpp_override": slide_mpp if slide_mpp is not None else self.mpp,
+            **({"annotations": self.annotations.to_dict()} if self.annotations else {}),
         }
 
 
@@ -178,6 +184,11 @@ def _tile_slide(
 ) -> tuple[dict[str, Any], Path]:
     """Detect tissue, plan the grids, stage the patches and draw the QC image of one open slide."""
     tissue = detect_tissue(slide, config.tissue)
+    # QuPath include/exclude regions edit the mask; tissue contours go out as GeoJSON (e2e_wsi.annotations).
+    if config.annotations is not None:
+        tissue = annotate_tissue(tissue, slide_id, slide.dimensions, config.annotations)
+    if config.geojson_dir is not None:
+        write_tissue_geojson(tissue, Path(config.geojson_dir) / f"{slide_id}.geojson")
     specs = [grid_spec(slide, m, config.patch_size) for m in config.magnifications]
     grids = plan_grids(slide, specs, tissue, config)
     stats = [

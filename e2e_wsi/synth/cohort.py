@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from e2e_wsi.slides.writer import write_levels
 from e2e_wsi.synth.render import GRID, TASKS, lesion_burden, paint_slide, render_slide
-from e2e_wsi.slides.writer import write_levels, write_pyramidal_tiff
 from e2e_wsi.utils import validate_slide_id
 
 __all__ = ["TASKS", "SynthJob", "render_slide", "synthesize_cohort"]

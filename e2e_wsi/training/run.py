@@ -8,8 +8,11 @@ A run folder (``--run_dir``) holds everything ``fit`` and later verbs write::
     RUN/predictions.csv        per-slide test predictions (owned by :mod:`e2e_wsi.evaluation.report`)
     RUN/metrics.json|.md       the bootstrap test report (owned by :mod:`e2e_wsi.evaluation.report`)
     RUN/heatmaps/              attention heatmaps
+    RUN/preprocess.json        the training cache's preprocessing parameters (tiles new slides alike)
 
 Every module that needs one of these paths asks :class:`RunFolder` instead of joining names itself.
+A cross-validation folder (``e2e-wsi crossval``, :mod:`e2e_wsi.training.crossval`) holds one run folder
+per fold, ``DIR/fold_<k>``, plus ``summary.json|.md`` and ``oof_predictions.csv``.
 """
 
 from __future__ import annotations
@@ -51,6 +54,16 @@ class RunFolder:
     @property
     def heatmaps_dir(self) -> Path:
         return self.root / "heatmaps"
+
+    @property
+    def metrics(self) -> Path:
+        """``metrics.json``: the bootstrap report of ``test``."""
+        return self.root / "metrics.json"
+
+    @property
+    def preprocess(self) -> Path:
+        """``preprocess.json``: the preprocessing parameters of the training cache (written by ``fit``)."""
+        return self.root / "preprocess.json"
 
     @property
     def predictions(self) -> Path:

@@ -1,173 +1,21 @@
-"""``e2e-wsi heatmap``: run a trained model on every patch of a slide and draw its attention."""
+"""``e2e-wsi heatmap``: run a trained model on every patch of a slide and draw its attention.
+
+Thin command line over :mod:`e2e_wsi.inference` (loading the run, attention, the figure).
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-import yaml
-from jsonargparse import ArgumentParser
-
-from e2e_wsi.cache.store import PatchCache, mag_key
-from e2e_wsi.data.datasets import Bag, EvalBagDataset
-from e2e_wsi.data.transforms import EvalTransform
-from e2e_wsi.models.module import SlideModule
+from e2e_wsi.cache.store import PatchCache
+from e2e_wsi.inference.heatmaps import make_heatmap
+from e2e_wsi.inference.predict import slide_attention
+from e2e_wsi.inference.run import LoadedModel, load_model, resolve_checkpoints
+from e2e_wsi.slides.reader import SlideError
 from e2e_wsi.training.run import RunFolder
-from e2e_wsi.utils import validate_slide_id
-from e2e_wsi.viz.heatmap import (
-    SlideAttention,
-    format_caption,
-    localization_summary,
-    patch_lesion_labels,
-    render_heatmap,
-)
-
-
-def run_dir_of_checkpoint(ckpt_path: str | Path) -> Path:
-    """``RUN/checkpoints/x.ckpt`` -> ``RUN``; a checkpoint elsewhere -> its own folder."""
-    return RunFolder.of_checkpoint(ckpt_path).root
-
-
-def load_run(ckpt_path: str | Path, config_path: str | Path | None = None) -> tuple[SlideModule, dict]:
-    """Rebuild the model of a run from its saved config and load the checkpoint's weights.
-
-    Args:
-        ckpt_path: A checkpoint written by ``e2e-wsi fit``.
-        config_path: The run's ``config.yaml``; default: the one in the checkpoint's run folder.
-
-    Returns:
-        (model in eval mode, the config's ``data`` section as a dict).
-
-    Raises:
-        FileNotFoundError: If the checkpoint or config is missing (the message says what to pass).
-    """
-    ckpt_path = Path(ckpt_path)
-    if not ckpt_path.is_file():
-        raise FileNotFoundError(f"checkpoint {ckpt_path} not found")
-    config_path = Path(config_path) if config_path else run_dir_of_checkpoint(ckpt_path) / "config.yaml"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"run config {config_path} not found: pass --config RUN/config.yaml")
-    config = yaml.safe_load(config_path.read_text())
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_class_arguments(SlideModule, "model", fail_untyped=False)
-    cfg = parser.parse_object({"model": config.get("model") or {}})
-    model = parser.instantiate_classes(cfg).model
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
-    model.load_state_dict(state)
-    model.eval()
-    return model, config.get("data") or {}
-
-
-def slide_attention(
-    model: SlideModule,
-    cache: PatchCache,
-    slide_id: str,
-    magnifications: list[float],
-    patch_size: int,
-) -> tuple[SlideAttention, dict[str, torch.Tensor]]:
-    """Attention of the model over every cached patch of a slide at the given magnification(s).
-
-    Patches are encoded ``model.eval_chunk_size`` at a time without gradients, so 10k+ patch slides
-    fit in memory (only uint8 patches and the [N, D] features are held whole).
-
-    Returns:
-        (the slide's attention, the model's outputs: ``outputs`` [1, K], ``attention`` [1, H, N]).
-    """
-    validate_slide_id(slide_id)
-    if slide_id not in cache:
-        raise ValueError(f"slide {slide_id!r} is not in the cache; `e2e-wsi cache info` lists the slides")
-    item = EvalBagDataset(cache, [Bag(slide_id, (slide_id,), {})], magnifications, EvalTransform(patch_size))[
-        0
-    ]
-    with model.evaluating():
-        out = model(item["images"][None], item["mask"][None])
-    meta = cache.meta(slide_id)
-    main = meta["magnifications"][mag_key(magnifications[0])]
-    att = SlideAttention(
-        slide_id=slide_id,
-        attention=out["attention"][0].float().numpy(),
-        coords=item["coords"].numpy(),
-        size_level0=int(main["size_level0"]),
-        dimensions=(int(meta["dimensions"][0]), int(meta["dimensions"][1])),
-    )
-    return att, out
-
-
-def thumbnail_of(meta: dict, max_side: int = 1400) -> np.ndarray:
-    """RGB thumbnail of the source slide, or a white canvas when the slide file is not reachable."""
-    w, h = meta["dimensions"]
-    scale = max_side / max(w, h)
-    size = (max(1, int(w * scale)), max(1, int(h * scale)))
-    source = Path(meta.get("source_path", ""))
-    if source.is_file():
-        import openslide
-
-        with openslide.OpenSlide(str(source)) as slide:
-            thumb = slide.get_thumbnail(size).convert("RGB")
-        return np.asarray(thumb.resize(size))
-    return np.full((size[1], size[0], 3), 255, dtype=np.uint8)
-
-
-def find_truth_mask(meta: dict, explicit: str | None) -> np.ndarray | None:
-    """The ground-truth mask: ``--mask``, else ``masks/<slide_id>.png`` beside a synthetic cohort's slides."""
-    from PIL import Image
-
-    if explicit:
-        return np.asarray(Image.open(explicit).convert("L"))
-    source = Path(meta.get("source_path", ""))
-    candidate = source.parent.parent / "masks" / f"{validate_slide_id(meta['slide_id'])}.png"
-    return np.asarray(Image.open(candidate).convert("L")) if candidate.is_file() else None
-
-
-def make_heatmap(
-    model: SlideModule,
-    cache: PatchCache,
-    slide_id: str,
-    out_dir: Path,
-    *,
-    magnifications: list[float],
-    patch_size: int,
-    top_k: int = 16,
-    method: str = "rank",
-    per_head: bool = False,
-    mask_path: str | None = None,
-    class_names: list[str] | None = None,
-) -> dict:
-    """Heatmap PNG (+ ``<slide>.localization.json`` when a truth mask exists) for one slide.
-
-    Returns:
-        A summary dict: ``png``, ``localization`` (or ``None``), ``prediction``.
-    """
-    att, out = slide_attention(model, cache, slide_id, magnifications, patch_size)
-    meta = cache.meta(slide_id)
-    order = np.argsort(-att.merged)[:top_k]
-    top = (
-        cache.get_many(slide_id, magnifications[0], order.tolist()) if len(order) else np.zeros((0, 1, 1, 3))
-    )
-    pred = {k: v[0].numpy() for k, v in model.task.predict(out["outputs"]).items()}
-    truth = find_truth_mask(meta, mask_path)
-    loc = None
-    if truth is not None:
-        labels = patch_lesion_labels(att.coords, att.size_level0, truth, att.dimensions)
-        loc = localization_summary(att, labels)
-    caption = format_caption(pred, class_names, {"patch": loc["auroc"]} if loc is not None else None)
-    pred_text = format_caption(pred, class_names)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    png = render_heatmap(
-        att,
-        thumbnail_of(meta),
-        top,
-        out_dir / f"{slide_id}.png",
-        method=method,
-        per_head=per_head,
-        caption=caption,
-    )
-    if loc is not None:
-        (out_dir / f"{slide_id}.localization.json").write_text(json.dumps(loc, indent=2) + "\n")
-    return {"png": str(png), "localization": loc, "prediction": pred_text}
+from e2e_wsi.viz.heatmap import find_truth_mask
 
 
 def _overlap_fraction(text: str) -> float:
@@ -183,7 +31,10 @@ def _overlap_fraction(text: str) -> float:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="e2e-wsi heatmap", description=__doc__)
-    p.add_argument("--ckpt_path", required=True, help="checkpoint of a run (RUN/checkpoints/*.ckpt)")
+    p.add_argument("--ckpt_path", default=None, help="checkpoint of a run (RUN/checkpoints/*.ckpt)")
+    p.add_argument(
+        "--run", default=None, help="run folder of `fit` (its best checkpoint), instead of --ckpt_path"
+    )
     p.add_argument("--slide", nargs="+", required=True, help="slide id(s) in the cache")
     p.add_argument("--config", default=None, help="run config (default: RUN/config.yaml)")
     p.add_argument("--cache_dir", nargs="+", default=None, help="patch cache (default: the run config's)")
@@ -197,6 +48,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--mask", default=None, help="ground-truth lesion mask PNG (255 = lesion) for localisation"
     )
+    p.add_argument("--mask_dir", default=None, help="folder of ground-truth masks <slide_id>.png")
+    p.add_argument(
+        "--annotations",
+        default=None,
+        help="folder of QuPath GeoJSON <slide_id>.geojson with lesion annotations",
+    )
     p.add_argument(
         "--overlap",
         type=_overlap_fraction,
@@ -209,13 +66,60 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``e2e-wsi heatmap``; exit status 2 with a message on bad input."""
+    args = _parser().parse_args(argv)
+    try:
+        return _heatmaps(args)
+    except (ValueError, FileNotFoundError, SlideError) as err:
+        print(f"e2e-wsi heatmap: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _heatmaps(args: argparse.Namespace) -> int:
+    if bool(args.ckpt_path) == bool(args.run):
+        raise ValueError("give exactly one of --ckpt_path CKPT or --run RUN")
+    ckpt = resolve_checkpoints(args.run, [args.ckpt_path] if args.ckpt_path else None)[0]
+    loaded = load_model(ckpt, args.config)
+    data_cfg = loaded.data
+    cache = PatchCache(args.cache_dir or data_cfg["cache_dir"])
+    mags = (
+        [float(m) for m in data_cfg.get("magnifications", [10.0])]
+        if args.all_scales
+        else loaded.eval_magnifications
+    )
+    out_dir = Path(args.out) if args.out else RunFolder.of_checkpoint(ckpt).heatmaps_dir
+    for slide_id in args.slide:
+        if args.overlap is not None:
+            _overlap_heatmap(loaded, cache, slide_id, out_dir, args, mags)
+            continue
+        summary = make_heatmap(
+            loaded.model,
+            cache,
+            slide_id,
+            out_dir,
+            magnifications=mags,
+            patch_size=loaded.eval_patch_size,
+            top_k=args.top_k,
+            method=args.normalize,
+            per_head=args.per_head,
+            mask=args.mask,
+            mask_dir=args.mask_dir,
+            annotations_dir=args.annotations,
+            class_names=data_cfg.get("class_names"),
+        )
+        print(f"e2e-wsi: heatmap {summary['png']} ({summary['prediction']})")
+        if summary["localization"] is not None:
+            print(f"e2e-wsi: localisation AUROC {summary['localization']['auroc']}")
+    return 0
+
+
 def _overlap_heatmap(
-    model: SlideModule,
+    loaded: LoadedModel,
     cache: PatchCache,
     slide_id: str,
     out_dir: Path,
     args: argparse.Namespace,
-    data_cfg: dict,
     mags: list[float],
 ) -> None:
     """``--overlap``: caption the cached bag's prediction (as in predictions.csv), map overlapping patches."""
@@ -223,9 +127,12 @@ def _overlap_heatmap(
 
     from e2e_wsi.viz.overlap import make_overlap_heatmap_from_cache_meta
 
-    patch_size = int(data_cfg.get("eval_patch_size", 224))
-    _, out = slide_attention(model, cache, slide_id, mags, patch_size)
+    model = loaded.model
+    att, out = slide_attention(model, cache, slide_id, mags, loaded.eval_patch_size)
     meta = cache.meta(slide_id)
+    truth = find_truth_mask(
+        slide_id, att.dimensions, mask=args.mask, mask_dir=args.mask_dir, annotations_dir=args.annotations
+    )
     bar = tqdm(desc=f"{slide_id}: scoring overlapping patches", unit="patch", leave=False)
 
     def progress(done: int, total: int) -> None:
@@ -238,10 +145,10 @@ def _overlap_heatmap(
             meta,
             out_dir,
             magnification=mags[0],
-            eval_patch_size=patch_size,
+            eval_patch_size=loaded.eval_patch_size,
             overlap=args.overlap,
-            truth=find_truth_mask(meta, args.mask),
-            class_names=data_cfg.get("class_names"),
+            truth=truth,
+            class_names=loaded.data.get("class_names"),
             prediction={k: v.numpy() for k, v in model.task.predict(out["outputs"]).items()},
             top_k=args.top_k,
             method=args.normalize,
@@ -250,34 +157,3 @@ def _overlap_heatmap(
         )
     print(f"e2e-wsi: heatmap {files.png} ({files.n_patches} overlapping patches; {files.caption})")
     print(f"e2e-wsi: overlay {files.overlay} (pyramidal TIFF: open it in QuPath or with OpenSlide)")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``e2e-wsi heatmap``."""
-    args = _parser().parse_args(argv)
-    model, data_cfg = load_run(args.ckpt_path, args.config)
-    cache = PatchCache(args.cache_dir or data_cfg["cache_dir"])
-    mags = [float(m) for m in data_cfg.get("magnifications", [10.0])]
-    mags = mags if args.all_scales else (data_cfg.get("eval_magnifications") or mags[:1])
-    out_dir = Path(args.out) if args.out else run_dir_of_checkpoint(args.ckpt_path) / "heatmaps"
-    for slide_id in args.slide:
-        if args.overlap is not None:
-            _overlap_heatmap(model, cache, slide_id, out_dir, args, data_cfg, [float(m) for m in mags])
-            continue
-        summary = make_heatmap(
-            model,
-            cache,
-            slide_id,
-            out_dir,
-            magnifications=[float(m) for m in mags],
-            patch_size=int(data_cfg.get("eval_patch_size", 224)),
-            top_k=args.top_k,
-            method=args.normalize,
-            per_head=args.per_head,
-            mask_path=args.mask,
-            class_names=data_cfg.get("class_names"),
-        )
-        print(f"e2e-wsi: heatmap {summary['png']} ({summary['prediction']})")
-        if summary["localization"] is not None:
-            print(f"e2e-wsi: localisation AUROC {summary['localization']['auroc']}")
-    return 0

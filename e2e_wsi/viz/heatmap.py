@@ -20,7 +20,9 @@ from matplotlib.colors import Normalize  # noqa: E402
 from PIL import Image  # noqa: E402
 from scipy.stats import rankdata  # noqa: E402
 
+from e2e_wsi.annotations.geojson import DEFAULT_LESION, lesion_mask  # noqa: E402
 from e2e_wsi.evaluation.metrics import binary_auroc  # noqa: E402
+from e2e_wsi.utils import validate_slide_id  # noqa: E402
 
 
 @dataclass
@@ -126,6 +128,48 @@ def patch_lesion_labels(
         box = lesion[y0:y1, x0:x1]
         labels[i] = box.size > 0 and box.mean() >= min_fraction
     return labels
+
+
+def find_truth_mask(
+    slide_id: str,
+    dimensions: tuple[int, int],
+    *,
+    mask: str | Path | None = None,
+    mask_dir: str | Path | None = None,
+    annotations_dir: str | Path | None = None,
+    lesion_classes: tuple[str, ...] = DEFAULT_LESION,
+) -> np.ndarray | None:
+    """The ground truth a heatmap is scored against, if the user gave one.
+
+    In order: ``mask`` (a PNG covering the slide, 255 = lesion), ``mask_dir/<slide_id>.png`` (e.g. a
+    synthetic cohort's ``masks/``), the lesion annotations of ``annotations_dir/<slide_id>.geojson``
+    (QuPath export, classes ``lesion_classes``). Nothing is guessed from the slide's location.
+
+    Args:
+        slide_id: The slide.
+        dimensions: Its level-0 (width, height) (to rasterise annotations).
+        mask: Explicit mask file.
+        mask_dir: Folder of ``<slide_id>.png`` masks.
+        annotations_dir: Folder of ``<slide_id>.geojson`` annotations.
+        lesion_classes: Annotation classes that are lesion.
+
+    Returns:
+        uint8 [h, w] or ``None`` when no ground truth exists for the slide.
+
+    Raises:
+        FileNotFoundError: If ``mask`` is given but missing.
+        ValueError: If an annotation file is invalid (names the file).
+    """
+    if mask is not None:
+        if not Path(mask).is_file():
+            raise FileNotFoundError(f"ground-truth mask {mask} not found")
+        return np.asarray(Image.open(mask).convert("L"))
+    safe = validate_slide_id(slide_id)
+    if mask_dir is not None and (Path(mask_dir) / f"{safe}.png").is_file():
+        return np.asarray(Image.open(Path(mask_dir) / f"{safe}.png").convert("L"))
+    if annotations_dir is not None and (Path(annotations_dir) / f"{safe}.geojson").is_file():
+        return lesion_mask(Path(annotations_dir) / f"{safe}.geojson", dimensions, names=lesion_classes)
+    return None
 
 
 def localization_summary(att: SlideAttention, labels: np.ndarray) -> dict:

@@ -11,7 +11,9 @@ from PIL import Image
 
 from e2e_wsi.cache.store import PatchCache, mag_key
 from e2e_wsi.cli import main
-from e2e_wsi.viz.cli import load_run, slide_attention
+from e2e_wsi.inference.heatmaps import thumbnail_of
+from e2e_wsi.inference.predict import slide_attention
+from e2e_wsi.inference.run import load_run
 from e2e_wsi.viz.heatmap import (
     SlideAttention,
     localization_summary,
@@ -177,7 +179,13 @@ def heatmap_run(tiny_run: Path, synth_cache: tuple[Path, Path]) -> tuple[Path, s
     manifest, cache_dir = synth_cache
     slide_id, labels = _lesion_slide(manifest, PatchCache(cache_dir))
     ckpt = tiny_run / "checkpoints" / "last.ckpt"
-    assert main(["heatmap", "--ckpt_path", str(ckpt), "--slide", slide_id, "--per_head"]) == 0
+    masks = manifest.parent / "masks"
+    assert (
+        main(
+            ["heatmap", "--ckpt_path", str(ckpt), "--slide", slide_id, "--per_head", "--mask_dir", str(masks)]
+        )
+        == 0
+    )
     return tiny_run, slide_id, labels
 
 
@@ -248,13 +256,74 @@ def test_slide_attention_covers_every_patch(tiny_run: Path, synth_cache: tuple[P
 @pytest.mark.parametrize(
     ("slide", "message"), [("../x", "invalid slide id"), ("no_such_slide", "not in the cache")]
 )
-def test_bad_slide_ids_get_a_clear_error(tiny_run: Path, slide: str, message: str, tmp_path: Path) -> None:
+def test_bad_slide_ids_get_a_clear_error(
+    tiny_run: Path, slide: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     ckpt = tiny_run / "checkpoints" / "last.ckpt"
-    with pytest.raises(ValueError, match=message):
-        main(["heatmap", "--ckpt_path", str(ckpt), "--slide", slide, "--out", str(tmp_path)])
+    assert main(["heatmap", "--ckpt_path", str(ckpt), "--slide", slide, "--out", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 
 
-def test_missing_checkpoint_is_named(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="missing.ckpt"):
-        main(["heatmap", "--ckpt_path", str(tmp_path / "missing.ckpt"), "--slide", "s1"])
+def test_missing_checkpoint_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["heatmap", "--ckpt_path", str(tmp_path / "missing.ckpt"), "--slide", "s1"]) == 2
+    assert "missing.ckpt" in capsys.readouterr().err
+
+
+def test_run_folder_gives_its_best_checkpoint(
+    tiny_run: Path, synth_cache: tuple[Path, Path], tmp_path: Path
+) -> None:
+    slide_id = PatchCache(synth_cache[1]).slide_ids()[0]
+    assert main(["heatmap", "--run", str(tiny_run), "--slide", slide_id, "--out", str(tmp_path)]) == 0
+    assert (tmp_path / f"{slide_id}.png").is_file()
+    assert not (tmp_path / f"{slide_id}.localization.json").exists()  # no truth given, none guessed
+
+
+def test_lesion_annotations_are_heatmap_ground_truth(
+    tiny_run: Path, synth_cache: tuple[Path, Path], tmp_path: Path
+) -> None:
+    import geojson
+
+    manifest, cache_dir = synth_cache
+    slide_id, labels = _lesion_slide(manifest, PatchCache(cache_dir))
+    truth = np.asarray(Image.open(manifest.parent / "masks" / f"{slide_id}.png").convert("L"))
+    from e2e_wsi.annotations.geojson import mask_to_geometry
+
+    lesion = mask_to_geometry(truth == 255, 2048 / truth.shape[1])
+    feature = geojson.Feature(
+        geometry=lesion.__geo_interface__, properties={"classification": {"name": "Tumor"}}
+    )
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / f"{slide_id}.geojson").write_text(geojson.dumps(geojson.FeatureCollection([feature])))
+    ckpt = tiny_run / "checkpoints" / "last.ckpt"
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "heatmap",
+                "--ckpt_path",
+                str(ckpt),
+                "--slide",
+                slide_id,
+                "--out",
+                str(out),
+                "--annotations",
+                str(notes),
+            ]
+        )
+        == 0
+    )
+    loc = json.loads((out / f"{slide_id}.localization.json").read_text())
+    # The annotation traced from the mask labels (almost) the same patches as the mask itself.
+    assert abs(loc["n_lesion_patches"] - int(labels.sum())) <= max(1, int(0.1 * labels.sum()))
+
+
+def test_thumbnail_is_read_through_the_slide(synth_cache: tuple[Path, Path]) -> None:
+    cache = PatchCache(synth_cache[1])
+    meta = cache.meta(cache.slide_ids()[0])
+    thumb = thumbnail_of(meta, max_side=256)
+    assert thumb.shape == (256, 256, 3) and thumb.dtype == np.uint8
+    assert thumb.std() > 5  # real pixels, not the white fallback
+    missing = thumbnail_of({**meta, "source_path": "/nowhere/x.svs"}, max_side=256)
+    assert (missing == 255).all()

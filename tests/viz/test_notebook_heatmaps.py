@@ -48,6 +48,7 @@ def test_notebook_runs_on_a_trained_run(
     monkeypatch.setenv("E2E_WSI_CACHE_DIR", str(synth_cache[1]))
     monkeypatch.setenv("E2E_WSI_NUM_SLIDES", "2")
     monkeypatch.setenv("E2E_WSI_HEATMAP_DIR", str(out_dir))
+    monkeypatch.setenv("E2E_WSI_MASK_DIR", str(synth_cache[0].parent / "masks"))
 
     nb = nbformat.read(NOTEBOOK, as_version=4)
     client = NotebookClient(

@@ -1,0 +1,109 @@
+"""``e2e-wsi predict``: a trained model (or an ensemble) on new, unlabelled slide files.
+
+    e2e-wsi predict --run RUN --slides a.svs b.ndpi --out OUT
+    e2e-wsi predict --run CROSSVAL_DIR --slides slides/ --out OUT        # ensemble of the folds
+    e2e-wsi predict --ckpt a.ckpt b.ckpt --manifest new.csv --out OUT    # ensemble of checkpoints
+
+Thin command line over :func:`e2e_wsi.inference.pipeline.predict_slides`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from e2e_wsi.cache.preprocess import jobs_from_dir, jobs_from_manifest
+from e2e_wsi.cache.worker import SlideJob
+from e2e_wsi.inference.pipeline import PredictOptions, predict_slides
+from e2e_wsi.inference.predict import Ensemble
+from e2e_wsi.inference.run import resolve_checkpoints
+from e2e_wsi.slides.reader import SlideError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="e2e-wsi predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--run", default=None, help="run folder of `fit` (best checkpoint) or of `crossval` (every fold)"
+    )
+    p.add_argument(
+        "--ckpt", nargs="+", default=None, help="checkpoint file(s) (names inside RUN/checkpoints with --run)"
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--slides", nargs="+", help="slide files or folders of slide files (id = file name stem)"
+    )
+    source.add_argument("--manifest", help="CSV with slide_id,path[,mpp]; no label column needed")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--mpp", type=float, default=None, help="um/px for slides without magnification metadata")
+    p.add_argument("--cache_dir", default=None, help="where new slides are tiled (default OUT/cache)")
+    p.add_argument("--workers", type=int, default=0, help="tiling processes (0 = none)")
+    p.add_argument("--no_heatmaps", action="store_true", help="skip the heatmap PNGs")
+    p.add_argument("--per_head", action="store_true", help="heatmaps also show one map per head")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--allow-failures", "--allow_failures", dest="allow_failures", action="store_true",
+        help="exit 0 even when some slides could not be read",
+    )  # fmt: skip
+    return p
+
+
+def slide_jobs(slides: list[str] | None, manifest: str | None) -> list[SlideJob]:
+    """Jobs from ``--slides`` (files or folders) or ``--manifest``.
+
+    Raises:
+        ValueError: If nothing is found or a file is missing (names it).
+    """
+    if manifest:
+        jobs = jobs_from_manifest(manifest)
+    else:
+        jobs = []
+        for item in slides or []:
+            path = Path(item)
+            if path.is_dir():
+                jobs += jobs_from_dir(path)
+            elif path.is_file():
+                jobs.append(SlideJob(path.stem, path, None, str(path)))
+            else:
+                raise FileNotFoundError(f"slide file {path} not found")
+    if not jobs:
+        raise ValueError(f"no slides found in {manifest or slides}")
+    seen: dict[str, Path] = {}
+    for job in jobs:
+        if job.slide_id in seen:
+            raise ValueError(
+                f"slide id {job.slide_id!r} is given twice ({seen[job.slide_id]} and {job.path}); "
+                "ids are file names without extension: rename one, or use --manifest with unique ids"
+            )
+        seen[job.slide_id] = job.path
+    return jobs
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``e2e-wsi predict``: 0 when every slide was predicted, 1 if some failed, 2 on bad input."""
+    args = _parser().parse_args(argv)
+    try:
+        ensemble = Ensemble.from_checkpoints(resolve_checkpoints(args.run, args.ckpt))
+        jobs = slide_jobs(args.slides, args.manifest)
+        options = PredictOptions(
+            mpp=args.mpp,
+            cache_dir=args.cache_dir,
+            workers=args.workers,
+            heatmaps=not args.no_heatmaps,
+            per_head=args.per_head,
+            progress=not args.quiet,
+        )
+        summary = predict_slides(ensemble, jobs, args.out, options)
+    except (ValueError, FileNotFoundError, SlideError) as err:
+        print(f"e2e-wsi predict: error: {err}", file=sys.stderr)
+        return 2
+    failed = [s for s in summary["slides"] if s["status"] == "failed"]
+    print(
+        f"e2e-wsi: predicted {summary['counts']['ok']} slide(s) with {len(summary['checkpoints'])} "
+        f"checkpoint(s) into {Path(args.out).resolve()}; {len(failed)} failed"
+    )
+    for s in failed:
+        print(f"e2e-wsi predict: {s['slide_id']} ({s['path']}): {s['reason']}", file=sys.stderr)
+    return 1 if failed and not args.allow_failures else 0

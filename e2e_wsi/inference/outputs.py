@@ -1,0 +1,65 @@
+"""Files ``e2e-wsi predict`` writes, each written to a temporary name and renamed (never half-written).
+
+``OUT/predictions.csv``  ``slide_id,pred,prob_0,...`` (classification, grading) or ``slide_id,risk``
+``OUT/attention/<slide_id>.csv``  one row per patch: level-0 ``x,y``, ``size_level0``, ``magnification``,
+                          ``attention`` (mean over heads), ``attention_head_<h>``
+``OUT/<slide_id>.geojson``  patches + tissue contours for QuPath (:mod:`e2e_wsi.annotations.geojson`)
+``OUT/heatmaps/<slide_id>.png``  the attention heatmap
+``OUT/summary.json``  checkpoints used, task, and every slide's status (failures with their reason)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from e2e_wsi.inference.predict import SlidePrediction
+
+
+def _replace(tmp: Path, path: Path) -> Path:
+    os.replace(tmp, path)
+    return path
+
+
+def write_csv(frame: pd.DataFrame, path: Path) -> Path:
+    """``frame`` as CSV, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    frame.to_csv(tmp, index=False)
+    return _replace(tmp, path)
+
+
+def write_json(data: dict[str, Any], path: Path) -> Path:
+    """``data`` as indented JSON, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    return _replace(tmp, path)
+
+
+def attention_frame(pred: SlidePrediction) -> pd.DataFrame:
+    """One row per patch with its level-0 square and attention (mean and per head)."""
+    att = pred.attention
+    frame = pd.DataFrame(
+        {
+            "x": att.coords[:, 0],
+            "y": att.coords[:, 1],
+            "size_level0": pred.size_level0,
+            "magnification": pred.magnification,
+            "attention": att.merged,
+        }
+    )
+    for h, values in enumerate(np.atleast_2d(att.attention)):
+        frame[f"attention_head_{h}"] = values
+    return frame
+
+
+def predictions_frame(preds: list[SlidePrediction], task_kind: str) -> pd.DataFrame:
+    """``predictions.csv`` of new slides (no truth columns: the slides have no labels)."""
+    columns = ["slide_id", "risk"] if task_kind == "survival" else ["slide_id", "pred"]
+    return pd.DataFrame([p.row() for p in preds], columns=None if preds else columns)

@@ -1,0 +1,193 @@
+"""Attention and predictions of whole slides, from one model or an ensemble of checkpoints."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from e2e_wsi.cache.store import PatchCache, mag_key
+from e2e_wsi.data.datasets import Bag, EvalBagDataset
+from e2e_wsi.data.transforms import EvalTransform
+from e2e_wsi.inference.run import LoadedModel, load_model
+from e2e_wsi.models.module import SlideModule
+from e2e_wsi.utils import validate_slide_id
+from e2e_wsi.viz.heatmap import SlideAttention
+
+
+def _bag_item(cache: PatchCache, slide_id: str, magnifications: list[float], patch_size: int) -> dict:
+    validate_slide_id(slide_id)
+    if slide_id not in cache:
+        raise ValueError(f"slide {slide_id!r} is not in the cache; `e2e-wsi cache info` lists the slides")
+    dataset = EvalBagDataset(
+        cache, [Bag(slide_id, (slide_id,), {})], magnifications, EvalTransform(patch_size)
+    )
+    return dataset[0]
+
+
+def predict_bag(model: SlideModule, images: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
+    """Run a model on one bag without gradients; patches are encoded ``model.eval_chunk_size`` at a time.
+
+    Args:
+        model: The trained model.
+        images: uint8 [N, 3, h, w] patches of the bag.
+        mask: bool [N] (False = padding), or ``None``.
+
+    Returns:
+        ``outputs`` [1, K], ``attention`` [1, H, N] and the task's predictions (``probs`` [1, K] or
+        ``risk`` [1]).
+    """
+    with model.evaluating():
+        out = model(images[None], None if mask is None else mask[None])
+    return {"outputs": out["outputs"], "attention": out["attention"], **model.task.predict(out["outputs"])}
+
+
+def slide_attention(
+    model: SlideModule,
+    cache: PatchCache,
+    slide_id: str,
+    magnifications: list[float],
+    patch_size: int,
+) -> tuple[SlideAttention, dict[str, torch.Tensor]]:
+    """Attention of the model over every cached patch of a slide at the given magnification(s).
+
+    Patches are encoded ``model.eval_chunk_size`` at a time without gradients, so 10k+ patch slides
+    fit in memory (only uint8 patches and the [N, D] features are held whole).
+
+    Returns:
+        (the slide's attention, the model's outputs: ``outputs`` [1, K], ``attention`` [1, H, N]).
+    """
+    item = _bag_item(cache, slide_id, magnifications, patch_size)
+    out = predict_bag(model, item["images"], item["mask"])
+    return _attention(cache, slide_id, magnifications, item, out["attention"][0].float().numpy()), out
+
+
+def _attention(
+    cache: PatchCache, slide_id: str, magnifications: list[float], item: dict, attention: np.ndarray
+) -> SlideAttention:
+    meta = cache.meta(slide_id)
+    main = meta["magnifications"][mag_key(magnifications[0])]
+    return SlideAttention(
+        slide_id=slide_id,
+        attention=attention,
+        coords=item["coords"].numpy(),
+        size_level0=int(main["size_level0"]),
+        dimensions=(int(meta["dimensions"][0]), int(meta["dimensions"][1])),
+    )
+
+
+@dataclass
+class SlidePrediction:
+    """What an ensemble says about one slide.
+
+    Attributes:
+        slide_id: The slide.
+        probs: [K] class probabilities (classification, grading), else ``None``.
+        risk: Risk score (survival), else ``None``.
+        attention: Attention over the slide's patches ([H, N]; [1, N] when members differ in heads).
+        magnification: [N] magnification of each patch.
+        size_level0: [N] side of each patch in level-0 pixels.
+    """
+
+    slide_id: str
+    probs: np.ndarray | None
+    risk: float | None
+    attention: SlideAttention
+    magnification: np.ndarray
+    size_level0: np.ndarray
+
+    def row(self) -> dict:
+        """The slide's ``predictions.csv`` row: ``slide_id,pred,prob_0,...`` or ``slide_id,risk``."""
+        if self.probs is None:
+            return {"slide_id": self.slide_id, "risk": float(self.risk)}  # type: ignore[arg-type]
+        row: dict = {"slide_id": self.slide_id, "pred": int(np.argmax(self.probs))}
+        row.update({f"prob_{k}": float(p) for k, p in enumerate(self.probs)})
+        return row
+
+
+class Ensemble:
+    """One or more trained models that predict together: probabilities (or risks) and attention averaged.
+
+    Args:
+        members: The loaded models (at least one).
+
+    Raises:
+        ValueError: If members differ in task, number of outputs, or evaluation magnifications / patch
+            size (they would not see the same patches); the message names the checkpoints.
+    """
+
+    def __init__(self, members: Sequence[LoadedModel]) -> None:
+        if not members:
+            raise ValueError("an ensemble needs at least one checkpoint")
+        self.members = list(members)
+        first = self.members[0]
+        for m in self.members[1:]:
+            if m.task_kind != first.task_kind:
+                raise ValueError(
+                    f"checkpoints of different tasks cannot be averaged: {first.checkpoint} is "
+                    f"{first.task_kind}, {m.checkpoint} is {m.task_kind}"
+                )
+            if _outputs(m) != _outputs(first):
+                raise ValueError(
+                    f"checkpoints predict different numbers of outputs: {first.checkpoint} "
+                    f"{_outputs(first)}, {m.checkpoint} {_outputs(m)}"
+                )
+            if (m.eval_magnifications, m.eval_patch_size) != (
+                first.eval_magnifications,
+                first.eval_patch_size,
+            ):
+                raise ValueError(
+                    f"checkpoints evaluate different patches: {first.checkpoint} "
+                    f"{first.eval_magnifications}x/{first.eval_patch_size}px, {m.checkpoint} "
+                    f"{m.eval_magnifications}x/{m.eval_patch_size}px"
+                )
+
+    @classmethod
+    def from_checkpoints(cls, checkpoints: Sequence[str | Path]) -> Ensemble:
+        """Load each checkpoint with its run folder's config."""
+        return cls([load_model(c) for c in checkpoints])
+
+    @property
+    def task_kind(self) -> str:
+        return self.members[0].task_kind
+
+    @property
+    def magnifications(self) -> list[float]:
+        return self.members[0].eval_magnifications
+
+    @property
+    def patch_size(self) -> int:
+        return self.members[0].eval_patch_size
+
+    @property
+    def checkpoints(self) -> list[Path]:
+        return [m.checkpoint for m in self.members]
+
+    def predict_slide(self, cache: PatchCache, slide_id: str) -> SlidePrediction:
+        """Average the members' predictions and attention over every patch of a cached slide.
+
+        Probabilities (or risks) are arithmetic means over members; attention is the mean of the members'
+        [H, N] maps when they have the same heads, else of their head-averaged maps ([1, N]).
+        """
+        item = _bag_item(cache, slide_id, self.magnifications, self.patch_size)
+        outs = [predict_bag(m.model, item["images"], item["mask"]) for m in self.members]
+        maps = [o["attention"][0].float().numpy() for o in outs]
+        if len({a.shape for a in maps}) > 1:
+            maps = [a.mean(axis=0, keepdims=True) for a in maps]
+        attention = _attention(cache, slide_id, self.magnifications, item, np.mean(maps, axis=0))
+        mags = item["magnification"].numpy()
+        meta = cache.meta(slide_id)["magnifications"]
+        sizes = np.array([int(meta[mag_key(float(m))]["size_level0"]) for m in mags], dtype=np.int64)
+        if "probs" in outs[0]:
+            probs = np.mean([o["probs"][0].double().numpy() for o in outs], axis=0)
+            return SlidePrediction(slide_id, probs, None, attention, mags, sizes)
+        risk = float(np.mean([float(o["risk"][0]) for o in outs]))
+        return SlidePrediction(slide_id, None, risk, attention, mags, sizes)
+
+
+def _outputs(member: LoadedModel) -> int:
+    task = member.model.task
+    return int(getattr(task, "num_classes", getattr(task, "num_bins", 1)))
