@@ -108,11 +108,24 @@ def test_a_file_naming_no_known_slide_is_refused(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def one_slide(synth_cache: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory):
-    """(job, its coords per magnification without annotations) for one synthetic slide."""
-    manifest, cache_dir = synth_cache
+    """(job, its coords per magnification without annotations) for one synthetic slide.
+
+    The grid is fixed at the slide origin and patches are kept on the tissue threshold alone, so that
+    "exactly the patches it covers" is well defined: with the default tissue-anchored grid and the 95%
+    coverage rule, editing the tissue mask may shift the grid or add low-tissue patches elsewhere.
+    """
+    manifest, _ = synth_cache
     job = jobs_from_manifest(manifest)[0]
-    cache = PatchCache(cache_dir)
+    out = tmp_path_factory.mktemp("fixed_grid")
+    preprocess([job], out, _fixed_grid_config(), workers=0, qc=False, progress=False)
+    cache = PatchCache(out)
     return job, {m: cache.coords(job.slide_id, m) for m in (10.0, 5.0)}
+
+
+def _fixed_grid_config(**kwargs) -> PreprocessConfig:
+    return PreprocessConfig(
+        magnifications=(10.0, 5.0), patch_size=64, grid_anchor="origin", min_coverage=0.0, **kwargs
+    )
 
 
 def _block(coords: np.ndarray, side: int) -> tuple[int, int]:
@@ -135,9 +148,7 @@ def test_an_exclusion_removes_exactly_the_patches_it_covers(one_slide, tmp_path:
     notes = tmp_path / "notes"
     notes.mkdir()
     _qupath(notes / f"{job.slide_id}.geojson", ("Pen", (x, y, x + 512, y + 512)))
-    config = PreprocessConfig(
-        magnifications=(10.0, 5.0), patch_size=64, annotations=AnnotationRules(str(notes))
-    )
+    config = _fixed_grid_config(annotations=AnnotationRules(str(notes)))
     rows = preprocess([job], tmp_path / "cache", config, workers=0, qc=False, progress=False)
     assert rows[0]["status"] == "ok"
     cache = PatchCache(tmp_path / "cache")
@@ -158,6 +169,7 @@ def test_an_include_region_keeps_only_its_patches(one_slide, tmp_path: Path) -> 
     out = tmp_path / "cache"
     args = ["--manifest", str(job.path.parent.parent / "manifest.csv"), "--out", str(out)]
     args += ["--magnifications", "10", "--patch-size", "64", "--workers", "0", "--quiet", "--no-qc"]
+    args += ["--grid-anchor", "origin", "--min-coverage", "0"]
     assert preprocess_main([*args, "--annotations", str(notes), "--geojson"]) == 0
     after = PatchCache(out).coords(job.slide_id, 10.0)
     np.testing.assert_array_equal(after, base[10.0][_inside(base[10.0], x, y, x + 512, y + 512)])

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import shapely
+import torch
 from PIL import Image
 from shapely.geometry import shape
 
@@ -119,18 +120,20 @@ def test_geojson_patches_land_on_tissue_pixels(
         shares = []
         for poly in polys:
             assert poly.is_valid and poly.area == 256 * 256  # 64 px at 10x of a 40x slide
-            assert poly.intersection(tissue_area).area > 0.5 * poly.area
+            # Patches above the tissue threshold, and those added to reach 95% coverage, touch tissue.
+            assert poly.intersection(tissue_area).area > 0
             shares.append(stained(*(int(v) for v in poly.bounds[:2])))
-        # Grid squares with no patch polygon are (mostly) glass.
+        # Grid squares with no patch polygon are (mostly) glass; the grid is anchored on the tissue.
+        ox, oy = (int(min(p.bounds[i] for p in polys)) % 256 for i in (0, 1))
         empty = [
             (x, y)
-            for x in range(0, 2048, 256)
-            for y in range(0, 2048, 256)
-            if not covered.contains(shapely.Point(x + 128, y + 128))
+            for x in range(ox - 256 if ox else 0, 2048 - 255, 256)
+            for y in range(oy - 256 if oy else 0, 2048 - 255, 256)
+            if x >= 0 and y >= 0 and not covered.contains(shapely.Point(x + 128, y + 128))
         ]
         assert empty
         outside = [stained(x, y) for x, y in empty]
-    assert min(shares) > 0.3 and np.median(shares) > 0.6
+    assert min(shares) > 0.02 and np.median(shares) > 0.6
     assert np.median(outside) < 0.2
 
 
@@ -181,12 +184,22 @@ def test_a_manifest_without_labels_lists_the_slides(
     assert list(pd.read_csv(out / "predictions.csv")["slide_id"]) == list(manifest["slide_id"])
 
 
+def _perturbed_copy(ckpt: Path, out: Path) -> Path:
+    """A second, different checkpoint of the same run: the aggregator's weights scaled by 1.5."""
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    for key, value in state["state_dict"].items():
+        if key.startswith("aggregator.") and value.is_floating_point():
+            state["state_dict"][key] = value * 1.5
+    torch.save(state, out)
+    return out
+
+
 def test_an_ensemble_averages_probabilities_and_attention(
-    tiny_run: Path, synth_cache: tuple[Path, Path]
+    tiny_run: Path, synth_cache: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    ckpts = sorted((tiny_run / "checkpoints").glob("*.ckpt"))
-    assert len(ckpts) == 2  # best-*.ckpt and last.ckpt
-    a, b = (load_model(c) for c in ckpts)
+    last = tiny_run / "checkpoints" / "last.ckpt"
+    other = _perturbed_copy(last, tmp_path / "other.ckpt")
+    a, b = load_model(last), load_model(other, tiny_run / "config.yaml")
     cache = PatchCache(synth_cache[1])
     slide_id = cache.slide_ids()[0]
     pa, pb = Ensemble([a]).predict_slide(cache, slide_id), Ensemble([b]).predict_slide(cache, slide_id)

@@ -13,9 +13,9 @@ from PIL import Image
 
 from e2e_wsi.cache.store import PatchCache, mag_key
 from e2e_wsi.cli import main
+from e2e_wsi.inference.run import load_run
 from e2e_wsi.slides.reader import Slide
 from e2e_wsi.slides.tissue import TissueMask
-from e2e_wsi.viz.cli import load_run
 from e2e_wsi.viz.heatmap import format_caption
 from e2e_wsi.viz.overlap import (
     blend_patch_values,
@@ -155,7 +155,7 @@ def overlap_run(tiny_run: Path, synth_cache: tuple[Path, Path], tmp_path_factory
     out = tmp_path_factory.mktemp("overlap")
     ckpt = tiny_run / "checkpoints" / "last.ckpt"
     args = ["heatmap", "--ckpt_path", str(ckpt), "--slide", slide_id, "--overlap", "0.5", "--out", str(out)]
-    assert main(args) == 0
+    assert main([*args, "--mask_dir", str(manifest.parent / "masks")]) == 0
     return out, slide_id, manifest
 
 
