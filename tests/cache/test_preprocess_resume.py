@@ -10,9 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import lmdb_contents
-
 from e2e_wsi.cache.store import PatchCache
+from tests.helpers.cache import lmdb_contents
 
 
 def _manifest_with_copies(cohort: Path, root: Path, copies: int) -> Path:

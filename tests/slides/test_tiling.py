@@ -1,9 +1,7 @@
 """Tests of patch grids per magnification and patch reading."""
-# ruff: noqa: F811  (pytest fixtures imported by name from _slide_factory)
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +10,6 @@ import pytest
 from e2e_wsi.slides.reader import Slide, SlideError
 from e2e_wsi.slides.tiling import decode_jpeg, encode_jpeg, full_grid, grid_spec, read_patch, tissue_grid
 from e2e_wsi.slides.tissue import TissueParams, segment_tissue
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cache"))
-from _slide_factory import cmu_slide, tissue_slide  # noqa: E402,F401  (fixtures)
 
 
 @pytest.fixture(scope="module")
