@@ -20,6 +20,7 @@ def _cli(*args: str, timeout: int = 600) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
+@pytest.mark.slow  # three CLI subprocesses, two of them 2-process gloo DDP
 @pytest.mark.timeout(900)
 def test_ddp_two_processes_match_single_process(
     synth_cache: tuple[Path, Path], tmp_path: Path, tiny_args
