@@ -71,6 +71,8 @@ class E2ECLI(LightningCLI):
         Lightning warns whenever ``args`` is passed while ``sys.argv`` holds more than the program name,
         to catch scripts that mix both. ``e2e-wsi VERB ...`` always passes its argv explicitly (``sys.argv``
         minus the verb), so that warning would fire on every run and say nothing a user can act on.
+        Old ``--data.task``/``--data.num_classes`` flags are taken out here and checked against
+        ``model.task`` in :meth:`before_instantiate_classes` (jsonargparse refuses flags for linked keys).
         """
         if isinstance(args, list):
             args, self._derived_flags = _pop_derived_flags(args)
@@ -188,7 +190,7 @@ def _check_derived_data_keys(cfg: Namespace, flags: dict[str, str]) -> None:
             "The data now follows model.task: delete data.task and choose the task with model.task."
         )
     k = task.num_targets
-    if "num_classes" in given and k is not None and int(given["num_classes"]) != k:
+    if "num_classes" in given and k is not None and str(given["num_classes"]).strip() != str(k):
         what = "num_bins" if task.kind == "survival" else "num_classes"
         raise SystemExit(
             f"e2e-wsi: data.num_classes={given['num_classes']} disagrees with model.task.{what}={k} ({name}). "
