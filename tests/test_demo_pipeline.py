@@ -36,8 +36,9 @@ def test_demo_pipeline_scaled_down(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     recomputed = float(auroc(preds["label"].to_numpy(), preds[prob_columns(preds)].to_numpy())[0])
     test_auroc = report["metrics"]["auroc"]["point"]
     assert test_auroc == pytest.approx(recomputed, abs=1e-9)
-    # ... and two epochs already separate the classes better than chance (measured: see MIN_TEST_AUROC).
-    assert test_auroc >= MIN_TEST_AUROC, f"test AUROC {test_auroc:.3f}: the demo no longer learns"
+    # ... and two epochs on 12 slides already rank the 4 test slides better than chance (measured 0.75 on
+    # the 2-core CPU box; the full demo, 24 slides and 12 epochs, reaches 1.0).
+    assert test_auroc > 0.5, f"test AUROC {test_auroc:.3f} is at chance: the demo no longer learns"
     assert len(list((run / "heatmaps").glob("*.png"))) == 2
     printed = capsys.readouterr().out
     assert "test AUROC" in printed and "tensorboard --logdir" in printed

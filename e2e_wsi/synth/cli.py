@@ -88,6 +88,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(
         f"wrote {args.num_slides} {args.task} slides in {time.perf_counter() - start:.1f} s; "
-        f"manifest: {manifest}"
+        f"manifest: {manifest} (train it as a {COHORT_TASK_KINDS[args.task]} task)"
     )
     return 0

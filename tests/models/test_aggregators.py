@@ -44,7 +44,7 @@ def build(name: str, seed: int = 0) -> nn.Module:
 
 
 def test_every_exported_aggregator_is_registered() -> None:
-    exported = {getattr(aggregators, n) for n in aggregators.__all__}
+    exported = [getattr(aggregators, n) for n in aggregators.__all__]
     classes = {c for c in exported if isinstance(c, type) and issubclass(c, nn.Module)}
     assert classes == set(aggregators.AGGREGATORS.values())
     with pytest.raises(ValueError, match="unknown aggregator 'nope'"):
