@@ -17,7 +17,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -346,11 +346,23 @@ def synthesize_cohort(
     jobs = _plan_jobs(template, labels, num_slides, slides_per_case)
     survival = _case_outcomes(plan_rng, labels) if task == "survival" else {}
 
+    _write_atomically(
+        out_dir, overwrite, lambda tmp: _write_cohort(tmp, jobs, survival, workers, seed, num_slides)
+    )
+    return out_dir / "manifest.csv"
+
+
+def _write_atomically(out_dir: Path, overwrite: bool, write: Callable[[Path], None]) -> None:
+    """Run ``write(tmp)`` in a temporary folder inside ``out_dir``, then move its outputs into place.
+
+    A failure removes the temporary folder and the directories created here, so no partial cohort is
+    left; an ``OSError`` becomes a ``ValueError`` that says what to check.
+    """
     created = _prepare_out_dir(out_dir, overwrite)
     tmp = None
     try:
         tmp = Path(tempfile.mkdtemp(prefix=".synth-tmp-", dir=out_dir))
-        _write_cohort(tmp, jobs, survival, workers, seed, num_slides)
+        write(tmp)
         _move_into_place(tmp, out_dir)
     except OSError as err:
         _cleanup(tmp, created)
@@ -362,7 +374,6 @@ def synthesize_cohort(
         _cleanup(tmp, created)
         raise
     _cleanup(tmp, [])
-    return out_dir / "manifest.csv"
 
 
 def _parse_size(size: int | Sequence[int]) -> tuple[int, int]:
