@@ -37,7 +37,11 @@ def check_task_kind(kind: str) -> TaskKind:
         ValueError: For anything but ``classification``, ``grading`` or ``survival``.
     """
     if kind not in TASK_KINDS:
-        hint = f" (the synthetic cohort {kind!r} trains as {COHORT_TASK_KINDS[kind]!r})" if kind in COHORT_TASK_KINDS else ""
+        hint = (
+            f" (the synthetic cohort {kind!r} trains as {COHORT_TASK_KINDS[kind]!r})"
+            if kind in COHORT_TASK_KINDS
+            else ""
+        )
         raise ValueError(f"unknown task {kind!r}: use one of {list(TASK_KINDS)}{hint}")
     return kind  # type: ignore[return-value]
 

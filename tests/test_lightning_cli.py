@@ -211,7 +211,9 @@ def test_data_task_follows_model_task(trained_run: Path) -> None:
     assert ckpt["datamodule_hyper_parameters"]["num_classes"] == 2
 
 
-def test_old_data_keys_must_agree_with_model_task(synth_cache: tuple[Path, Path], tmp_path: Path, fit) -> None:
+def test_old_data_keys_must_agree_with_model_task(
+    synth_cache: tuple[Path, Path], tmp_path: Path, fit
+) -> None:
     manifest, cache = synth_cache
     flags = ["--data.num_classes", "2", "--model.task.num_classes", "3"]
     with pytest.raises(SystemExit, match=r"data.num_classes=2 disagrees with model.task.num_classes=3"):
