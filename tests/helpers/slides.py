@@ -22,6 +22,8 @@ class TestSlide:
         mpp: Level-0 um/px written in the file (None for a slide without metadata).
     """
 
+    __test__ = False  # a data holder, not a pytest test class
+
     path: Path
     mask: np.ndarray
     mpp: float | None
