@@ -1,4 +1,5 @@
-"""Session fixtures shared across test packages: a real synthetic cohort and its real LMDB cache.
+"""Session fixtures shared across test packages: a real synthetic cohort and its real LMDB cache, a tiny
+trained run, and test slides. Builders live in the importable :mod:`tests.helpers` package.
 
 Built once per test process with the project's own APIs (``synthesize_cohort`` writes pyramidal TIFFs
 that OpenSlide reads; ``preprocess`` cuts and caches patches), so every test that trains or evaluates
@@ -16,28 +17,8 @@ from e2e_wsi.cache.preprocess import jobs_from_manifest, preprocess
 from e2e_wsi.cache.worker import PreprocessConfig
 from e2e_wsi.cli import main
 from e2e_wsi.synth.cohort import synthesize_cohort
-
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo_subtype.yaml"
-
-# Tiny but real training: 8 patches of 32 px per bag, two bags per step, two epochs.
-TINY = [
-    "--trainer.max_epochs", "2",
-    "--trainer.log_every_n_steps", "1",
-    "--data.sample_size", "8",
-    "--data.train_patch_size", "32",
-    "--data.eval_patch_size", "32",
-    "--data.batch_size", "2",
-    "--data.num_workers", "0",
-    "--data.persistent_workers", "false",
-    "--data.split_ratios", "[0.5, 0.25, 0.25]",
-    "--model.eval_chunk_size", "16",
-]  # fmt: skip
-
-
-def tiny_fit_args(manifest: Path, cache: Path, run: Path, *extra: str) -> list[str]:
-    """`e2e-wsi fit` arguments for the demo config shrunk to seconds; later ``extra`` flags win."""
-    return ["fit", "--config", str(DEMO_CONFIG), "--run_dir", str(run), "--data.manifest", str(manifest),
-            "--data.cache_dir", str(cache), *TINY, *extra]  # fmt: skip
+from tests.helpers.cli import tiny_fit_args
+from tests.helpers.slides import CMU, TestSlide, make_tissue_slide
 
 
 @pytest.fixture(scope="session")
@@ -78,3 +59,16 @@ def tiny_run(synth_cache: tuple[Path, Path], tmp_path_factory: pytest.TempPathFa
     run = tmp_path_factory.mktemp("tiny") / "run"
     assert main(tiny_fit_args(manifest, cache, run)) == 0
     return run
+
+
+@pytest.fixture(scope="session")
+def cmu_slide() -> Path:
+    """The real 20x Aperio slide (CC0, OpenSlide test data)."""
+    assert CMU.is_file(), "tests/data/CMU-1-Small-Region.svs is part of the repository"
+    return CMU
+
+
+@pytest.fixture(scope="session")
+def tissue_slide(tmp_path_factory: pytest.TempPathFactory) -> TestSlide:
+    """A 4096 px, 20x (0.5 um/px) slide with an ellipse of tissue holding a hole, plus its truth mask."""
+    return make_tissue_slide(tmp_path_factory.mktemp("slides") / "tissue.svs")

@@ -1,5 +1,5 @@
-"""DDP on CPU (gloo, 2 processes): training runs, and the gathered validation metrics equal a
-1-process evaluation of the same checkpoint (no slide dropped or counted twice)."""
+"""DDP on CPU (gloo, 2 processes): training runs, and the gathered validation metrics and test
+predictions equal a 1-process evaluation of the same checkpoint (no slide dropped or counted twice)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 
@@ -20,6 +21,7 @@ def _cli(*args: str, timeout: int = 600) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
+@pytest.mark.slow  # three CLI subprocesses, two of them 2-process gloo DDP
 @pytest.mark.timeout(900)
 def test_ddp_two_processes_match_single_process(
     synth_cache: tuple[Path, Path], tmp_path: Path, tiny_args
@@ -40,3 +42,12 @@ def test_ddp_two_processes_match_single_process(
     one = json.loads((run / "v1" / "validate_metrics.json").read_text())
     for key in ("val/auroc", "val/accuracy", "val/balanced_accuracy", "val/f1_macro"):
         assert two[key] == pytest.approx(one[key], abs=1e-6), key
+    # Test predictions gathered over 2 ranks (SlidePredictionWriter) equal a 1-process test, slide by slide.
+    test = ["test", "--config", str(run / "config.yaml"), "--ckpt_path", str(ckpt), "--bootstrap", "10"]
+    _cli(*test, "--run_dir", str(run / "t2"), "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    _cli(*test, "--run_dir", str(run / "t1"), "--trainer.devices", "1", "--trainer.strategy", "auto")
+    two_preds = pd.read_csv(run / "t2" / "predictions.csv")
+    one_preds = pd.read_csv(run / "t1" / "predictions.csv")
+    split = pd.read_csv(run / "t1" / "splits.csv")
+    assert sorted(one_preds["slide_id"]) == sorted(split.loc[split["split"] == "test", "slide_id"])
+    pd.testing.assert_frame_equal(two_preds, one_preds, atol=1e-6, rtol=0)

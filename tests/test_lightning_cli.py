@@ -152,7 +152,7 @@ def test_fit_without_validation_split_selects_on_training_loss(
         )
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     callbacks = {
-        k: v for k, v in ckpt["callbacks"].items() if k.startswith("ModelCheckpoint")
+        k: v for k, v in ckpt["callbacks"].items() if k.startswith("BestCheckpoint")
     }  # not LastCheckpoint
     assert [v["monitor"] for v in callbacks.values()] == ["train/loss_epoch"]
 
@@ -197,7 +197,44 @@ def test_survival_fit_and_test_report_c_index(survival_cache: tuple[Path, Path],
     assert set(json.loads((run / "metrics.json").read_text())["metrics"]) == {"c_index"}
 
 
-def test_model_and_data_task_must_agree(synth_cache: tuple[Path, Path], tmp_path: Path, fit) -> None:
+def test_best_checkpoint_follows_the_task_metric(trained_run: Path) -> None:
+    # The demo config names no metric: BestCheckpoint takes ClassificationTask.monitor / monitor_mode.
+    ckpt = torch.load(trained_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    best = [v for k, v in ckpt["callbacks"].items() if k.startswith("BestCheckpoint")]
+    assert len(best) == 1 and best[0]["monitor"] == "val/auroc"
+    assert "'mode': 'max'" in next(k for k in ckpt["callbacks"] if k.startswith("BestCheckpoint"))
+
+
+def test_data_task_follows_model_task(trained_run: Path) -> None:
+    # The saved config states the task once; the datamodule's hyperparameters got it from model.task.
+    config = (trained_run / "config.yaml").read_text()
+    assert "num_classes: 2" in config and "task: classification" not in config
+    ckpt = torch.load(trained_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["datamodule_hyper_parameters"]["task"] == "classification"
+    assert ckpt["datamodule_hyper_parameters"]["num_classes"] == 2
+
+
+def test_old_data_keys_must_agree_with_model_task(
+    synth_cache: tuple[Path, Path], tmp_path: Path, fit
+) -> None:
     manifest, cache = synth_cache
-    with pytest.raises(ValueError, match="num_classes=3 but data.num_classes=2"):
-        fit(manifest, cache, tmp_path / "mismatch", "--model.task.num_classes", "3")
+    flags = ["--data.num_classes", "2", "--model.task.num_classes", "3"]
+    with pytest.raises(SystemExit, match=r"data.num_classes=2 disagrees with model.task.num_classes=3"):
+        fit(manifest, cache, tmp_path / "mismatch", *flags)
+    with pytest.raises(SystemExit, match=r"delete data.task"):
+        fit(manifest, cache, tmp_path / "mismatch", "--data.task=survival")
+
+
+def test_old_config_with_data_task_keys_still_parses(synth_cache: tuple[Path, Path], tmp_path: Path) -> None:
+    from e2e_wsi.training.cli import E2ECLI, SlideModule, WSIDataModule
+
+    manifest, cache = synth_cache
+    old = tmp_path / "old.yaml"
+    old.write_text(
+        "model:\n  task:\n    class_path: e2e_wsi.models.tasks.GradingTask\n    init_args: {num_classes: 6}\n"
+        "data:\n  task: grading\n  num_classes: 6\n"
+    )
+    args = ["--config", str(old), "--data.manifest", str(manifest), "--data.cache_dir", str(cache)]
+    args += ["--run_dir", str(tmp_path / "run")]
+    cli = E2ECLI(SlideModule, WSIDataModule, args=args, run=False, auto_configure_optimizers=False)
+    assert (cli.datamodule.task, cli.datamodule.num_classes) == ("grading", 6)

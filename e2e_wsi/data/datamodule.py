@@ -20,10 +20,11 @@ from torch.utils.data import DataLoader
 
 from e2e_wsi.cache.store import OnDamaged, PatchCache
 from e2e_wsi.data.datasets import Bag, EvalBagDataset, TrainBagDataset, collate_bags
-from e2e_wsi.data.manifest import Task, load_manifest
+from e2e_wsi.data.manifest import load_manifest
 from e2e_wsi.data.sampling import EpochSampler, OversampleMap, check_ratios
 from e2e_wsi.data.splits import apply_splits, load_splits, make_splits, save_splits
 from e2e_wsi.data.transforms import EvalTransform, TrainTransform
+from e2e_wsi.task_kinds import TaskKind
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,10 @@ class WSIDataModule(pl.LightningDataModule):
     Args:
         cache_dir: Patch cache folder(s) (shards) written by ``e2e-wsi preprocess``.
         manifest: Manifest CSV (see :mod:`e2e_wsi.data.manifest`).
-        task: ``classification``, ``grading`` or ``survival``.
-        num_classes: Classes (classification/grading) or discrete time bins (survival, default 4).
+        task: ``classification``, ``grading`` or ``survival``. The CLI derives it from ``model.task``
+            (its ``kind``); a YAML never needs to give it.
+        num_classes: Classes (classification/grading) or discrete time bins (survival, default 4). The
+            CLI derives it from ``model.task`` (``num_classes`` or ``num_bins``).
         class_names: Optional label names used in the manifest.
         magnifications: Training scales; the first is the *main* magnification.
         mag_ratios: MRIS ratios per magnification (sum 1); ``None`` = uniform.
@@ -67,7 +70,7 @@ class WSIDataModule(pl.LightningDataModule):
         self,
         cache_dir: str | list[str],
         manifest: str,
-        task: Task = "classification",
+        task: TaskKind = "classification",
         num_classes: int | None = None,
         class_names: list[str] | None = None,
         magnifications: list[float] = [10.0],  # noqa: B006 - jsonargparse needs a literal default

@@ -16,15 +16,14 @@ import hashlib
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
 
+from e2e_wsi.task_kinds import TaskKind, check_task_kind
 from e2e_wsi.utils import validate_slide_id
 
-Task = Literal["classification", "grading", "survival"]
-TASKS: tuple[str, ...] = ("classification", "grading", "survival")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 _MAX_LISTED = 50  # a 10k-row broken manifest should not print 10k lines
 
@@ -273,7 +272,7 @@ def _check_split(df: pd.DataFrame, errors: list[str]) -> None:
 
 def load_manifest(
     path: str | Path,
-    task: Task,
+    task: TaskKind,
     num_classes: int | None = None,
     cache: _SlideLister | None = None,
     class_names: Sequence[str] | None = None,
@@ -297,8 +296,7 @@ def load_manifest(
         FileNotFoundError: If the file is missing.
         ValueError: Listing every offending line (and the missing columns, if any).
     """
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}: use one of {list(TASKS)}")
+    check_task_kind(task)
     path = Path(path)
     df = read_table(path)
     needed = ["case_id", "slide_id"] + (["time", "event"] if task == "survival" else ["label"])

@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 
 from e2e_wsi.evaluation import metrics as M
-from e2e_wsi.evaluation.report import Task, prob_columns, validate_predictions
+from e2e_wsi.evaluation.report import prob_columns, validate_predictions
+from e2e_wsi.task_kinds import TaskKind
 
 MetricFn = Callable[[pd.DataFrame, np.ndarray], np.ndarray]
 
@@ -168,7 +169,7 @@ def bootstrap_values(
 
 
 def bootstrap_report(
-    predictions: pd.DataFrame, task: Task, n_resamples: int = 1000, seed: int = 0, ci: float = 0.95
+    predictions: pd.DataFrame, task: TaskKind, n_resamples: int = 1000, seed: int = 0, ci: float = 0.95
 ) -> dict[str, Any]:
     """Point estimates and case-level bootstrap statistics of the task's metrics.
 
@@ -199,7 +200,7 @@ def bootstrap_report(
     }
 
 
-def align_runs(a: pd.DataFrame, b: pd.DataFrame, task: Task) -> tuple[pd.DataFrame, pd.DataFrame]:
+def align_runs(a: pd.DataFrame, b: pd.DataFrame, task: TaskKind) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Validate two runs' predictions and order ``b``'s rows like ``a``'s, unit by unit.
 
     Units are matched on ``slide_id`` (classification, grading) or ``case_id`` (survival).
@@ -235,7 +236,7 @@ def align_runs(a: pd.DataFrame, b: pd.DataFrame, task: Task) -> tuple[pd.DataFra
 def paired_comparison(
     a: pd.DataFrame,
     b: pd.DataFrame,
-    task: Task,
+    task: TaskKind,
     n_resamples: int = 1000,
     seed: int = 0,
     ci: float = 0.95,

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from e2e_wsi.evaluation.bootstrap import MAIN_METRIC, bootstrap_report, paired_comparison
-from e2e_wsi.evaluation.report import TASKS, format_table, read_predictions, write_json, write_report
+from e2e_wsi.evaluation.report import format_table, read_predictions, write_json, write_report
+from e2e_wsi.task_kinds import TASK_KINDS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--ci", type=float, default=0.95, help="percentile interval coverage (default 0.95)")
     parser.add_argument(
         "--task",
-        choices=TASKS,
+        choices=TASK_KINDS,
         default=None,
         help="task of the file; default: survival if it has time/event/risk, else the task of a "
         "metrics.json next to it, else classification (grading files look the same: pass --task grading)",

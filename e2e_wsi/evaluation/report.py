@@ -1,4 +1,7 @@
-"""Read and validate ``predictions.csv``; write and format bootstrap reports.
+"""``predictions.csv`` and the test report: this module owns both file formats.
+
+It builds the predictions frame a run writes (:func:`predictions_frame`), reads and validates one
+(:func:`read_predictions`), and writes and formats the bootstrap report.
 
 ``predictions.csv`` holds one row per evaluated unit:
 
@@ -16,21 +19,70 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from e2e_wsi.task_kinds import TASK_KINDS, TaskKind
 from e2e_wsi.utils import validate_slide_id
 
-Task = Literal["classification", "grading", "survival"]
-TASKS: tuple[str, ...] = ("classification", "grading", "survival")
 CLASSIFICATION_COLUMNS: tuple[str, ...] = ("case_id", "slide_id", "label", "pred")
 SURVIVAL_COLUMNS: tuple[str, ...] = ("case_id", "time", "event", "risk")
 # Probabilities written as CSV text with a few decimals still sum to 1 within this.
 PROB_SUM_TOLERANCE = 1e-3
 _PROB_COLUMN = re.compile(r"prob_(\d+)")
+
+
+def prediction_columns(preds: Mapping[str, np.ndarray]) -> dict[str, list]:
+    """Flatten per-unit predictions into ``predictions.csv`` columns.
+
+    Args:
+        preds: ``probs`` [M, K] (classification / grading) or ``risk`` [M] (survival), as arrays.
+
+    Returns:
+        ``pred`` (argmax) and ``prob_0 .. prob_{K-1}``, or ``risk``; each a list of M values.
+    """
+    if "probs" in preds:
+        probs = np.asarray(preds["probs"], dtype=np.float64)
+        cols: dict[str, list] = {"pred": probs.argmax(-1).tolist()}
+        for k in range(probs.shape[-1]):
+            cols[f"prob_{k}"] = probs[:, k].tolist()
+        return cols
+    if "risk" in preds:
+        return {"risk": np.asarray(preds["risk"], dtype=np.float64).tolist()}
+    raise ValueError(f"predictions hold neither 'probs' nor 'risk' (got {sorted(preds)})")
+
+
+def predictions_frame(units: pd.DataFrame, kind: TaskKind, preds: Mapping[str, np.ndarray]) -> pd.DataFrame:
+    """The ``predictions.csv`` frame: per-unit truth joined with predictions by dataset index.
+
+    Args:
+        units: One row per evaluated unit, in dataset order, with ``case_id`` and ``slide_id``
+            (classification / grading: ``label``; survival: ``time``, ``event``).
+        kind: The task kind; survival rows are cases, the others slides.
+        preds: ``index`` [M] (positions in ``units``) and ``probs`` [M, K] or ``risk`` [M].
+
+    Returns:
+        ``case_id,slide_id,label,pred,prob_0..`` or ``case_id,time,event,risk``, one row per index.
+    """
+    index = np.asarray(preds["index"], dtype=np.int64)
+    rows = units.iloc[index].reset_index(drop=True)
+    cols = prediction_columns({k: v for k, v in preds.items() if k != "index"})
+    base = rows[list(SURVIVAL_COLUMNS[:3])] if kind == "survival" else rows[list(CLASSIFICATION_COLUMNS[:3])]
+    return pd.concat([base, pd.DataFrame(cols)], axis=1)
+
+
+def write_predictions(frame: pd.DataFrame, path: str | Path) -> Path:
+    """Write a ``predictions.csv`` atomically (a temp file renamed into place) and return its path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    frame.to_csv(tmp, index=False)
+    tmp.replace(path)
+    return path
 
 
 def prob_columns(df: pd.DataFrame, source: str = "predictions") -> list[str]:
@@ -177,8 +229,8 @@ def validate_predictions(df: pd.DataFrame, task: str, source: str = "predictions
         ValueError: Naming the column and CSV line of the first problem (missing column, NaN,
             label outside ``[0, K)``, probabilities not summing to 1, duplicate unit, bad id).
     """
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; use one of {list(TASKS)}")
+    if task not in TASK_KINDS:
+        raise ValueError(f"unknown task {task!r}; use one of {list(TASK_KINDS)}")
     if len(df) == 0:
         raise ValueError(f"{source}: no rows to evaluate")
     if task == "survival":
@@ -198,10 +250,10 @@ def _sidecar_task(path: Path) -> str | None:
         task = json.loads(sidecar.read_text()).get("task")
     except (json.JSONDecodeError, AttributeError, OSError):
         return None
-    return task if task in TASKS else None
+    return task if task in TASK_KINDS else None
 
 
-def read_predictions(path: str | Path, task: str | None = None) -> tuple[pd.DataFrame, Task]:
+def read_predictions(path: str | Path, task: str | None = None) -> tuple[pd.DataFrame, TaskKind]:
     """Read and validate a ``predictions.csv`` and work out its task.
 
     The task is, in order: ``task`` if given; survival if the file has ``time``, ``event`` and

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from e2e_wsi.evaluation.report import prediction_columns
 from e2e_wsi.inference.predict import SlidePrediction
 
 
@@ -60,6 +61,12 @@ def attention_frame(pred: SlidePrediction) -> pd.DataFrame:
 
 
 def predictions_frame(preds: list[SlidePrediction], task_kind: str) -> pd.DataFrame:
-    """``predictions.csv`` of new slides (no truth columns: the slides have no labels)."""
-    columns = ["slide_id", "risk"] if task_kind == "survival" else ["slide_id", "pred"]
-    return pd.DataFrame([p.row() for p in preds], columns=None if preds else columns)
+    """``predictions.csv`` of new slides: ``slide_id`` and the prediction columns of
+    :func:`e2e_wsi.evaluation.report.prediction_columns` (no truth columns: the slides have no labels)."""
+    if not preds:
+        return pd.DataFrame(columns=["slide_id", "risk"] if task_kind == "survival" else ["slide_id", "pred"])
+    if task_kind == "survival":
+        values = {"risk": np.array([float(p.risk) for p in preds])}  # type: ignore[arg-type]
+    else:
+        values = {"probs": np.stack([np.asarray(p.probs, dtype=np.float64) for p in preds])}
+    return pd.DataFrame({"slide_id": [p.slide_id for p in preds], **prediction_columns(values)})

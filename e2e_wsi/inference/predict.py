@@ -99,14 +99,6 @@ class SlidePrediction:
     magnification: np.ndarray
     size_level0: np.ndarray
 
-    def row(self) -> dict:
-        """The slide's ``predictions.csv`` row: ``slide_id,pred,prob_0,...`` or ``slide_id,risk``."""
-        if self.probs is None:
-            return {"slide_id": self.slide_id, "risk": float(self.risk)}  # type: ignore[arg-type]
-        row: dict = {"slide_id": self.slide_id, "pred": int(np.argmax(self.probs))}
-        row.update({f"prob_{k}": float(p) for k, p in enumerate(self.probs)})
-        return row
-
 
 class Ensemble:
     """One or more trained models that predict together: probabilities (or risks) and attention averaged.

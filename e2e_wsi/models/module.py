@@ -17,7 +17,7 @@ from e2e_wsi.data.transforms import normalize_images
 from e2e_wsi.models.aggregators import ABMILX
 from e2e_wsi.models.encoders import ResNetEncoder
 from e2e_wsi.models.optim import WarmupCosineLR, apply_lr_mult, encoder_param_groups
-from e2e_wsi.models.tasks import ClassificationTask, Task
+from e2e_wsi.models.tasks import Task, default_task
 
 AggregatorFactory = Callable[[int], nn.Module]
 SchedulerFactory = Callable[[Optimizer, int], LRScheduler]
@@ -54,7 +54,7 @@ class SlideModule(L.LightningModule):
     ) -> None:
         super().__init__()
         # Built here, not as default arguments, so two modules never share one default instance.
-        task = task if task is not None else ClassificationTask()
+        task = default_task(task)
         encoder = encoder if encoder is not None else ResNetEncoder()
         if not hasattr(encoder, "out_dim"):
             raise ValueError(f"encoder {type(encoder).__name__} must expose `out_dim`")
@@ -80,7 +80,6 @@ class SlideModule(L.LightningModule):
         self.train_metrics = task.metrics().clone(prefix="train/")
         self.val_metrics = task.metrics().clone(prefix="val/")
         self.test_metrics = task.metrics().clone(prefix="test/")
-        self._collected: list[dict[str, Tensor]] = []
 
     # ----------------------------------------------------------------------------------------- model
     def _trainable(self) -> nn.ModuleList:
@@ -140,7 +139,7 @@ class SlideModule(L.LightningModule):
             raise ValueError(
                 f"model.task is a {self.task.kind} task but data.task is {data_task!r}: make them agree in the config"
             )
-        model_k = getattr(self.task, "num_classes", getattr(self.task, "num_bins", None))
+        model_k = self.task.num_targets
         if data_k is not None and model_k is not None and int(data_k) != int(model_k):
             what = "num_bins" if self.task.kind == "survival" else "num_classes"
             raise ValueError(
@@ -177,11 +176,18 @@ class SlideModule(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self.step(batch, "val")
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
+    def test_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor | dict[str, Tensor]]:
+        """Test metrics, and the per-slide predictions for the writer callbacks.
+
+        Returns:
+            ``index`` [B] (positions in the evaluation dataset) and ``preds`` (``probs`` [B, K] or
+            ``risk`` [B]); :class:`~e2e_wsi.training.callbacks.SlidePredictionWriter` collects them.
+        """
         out = self.step(batch, "test")
-        self._collect(batch, out)
+        return {"index": batch["index"], "preds": self.task.predict(out["outputs"].detach())}
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        """Like :meth:`test_step` without targets, plus ``attention`` [B, H, N]."""
         out = self.step(batch, "predict")
         return {
             "index": batch["index"],
@@ -192,43 +198,6 @@ class SlideModule(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.ema is not None:
             self.ema.update_parameters(self._trainable())
-
-    # ------------------------------------------------------------------------------ test collection
-    def _collect(self, batch: dict, out: dict[str, Tensor]) -> None:
-        preds = self.task.predict(out["outputs"].detach())
-        self._collected.append(
-            {"index": batch["index"].detach(), **{k: v.detach() for k, v in preds.items()}}
-        )
-
-    def on_test_epoch_start(self) -> None:
-        self._collected = []
-
-    def collected_predictions(self) -> dict[str, Tensor]:
-        """Per-slide test predictions of this epoch, gathered from every rank, sorted by dataset index.
-
-        Returns:
-            ``index`` [M] and ``probs`` [M, K] or ``risk`` [M]; duplicates from padded samplers removed.
-        """
-        if not self._collected:
-            return {}
-        local = {k: torch.cat([c[k] for c in self._collected]) for k in self._collected[0]}
-        if self.trainer.world_size > 1:
-            local = {k: self._gather_rows(v) for k, v in local.items()}
-        order = torch.argsort(local["index"])
-        sorted_ = {k: v[order] for k, v in local.items()}
-        keep = torch.ones_like(sorted_["index"], dtype=torch.bool)
-        keep[1:] = sorted_["index"][1:] != sorted_["index"][:-1]
-        return {k: v[keep] for k, v in sorted_.items()}
-
-    def _gather_rows(self, value: Tensor) -> Tensor:
-        """all_gather rows of unequal count per rank by padding to the largest count."""
-        count = torch.tensor([value.shape[0]], device=self.device)
-        counts = self.all_gather(count).flatten()
-        width = int(counts.max())
-        padded = torch.zeros((width, *value.shape[1:]), dtype=value.dtype, device=self.device)
-        padded[: value.shape[0]] = value
-        gathered = self.all_gather(padded)
-        return torch.cat([gathered[r, : int(c)] for r, c in enumerate(counts)])
 
     # ----------------------------------------------------------------------------------- optimizers
     def configure_optimizers(self):

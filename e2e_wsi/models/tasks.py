@@ -11,6 +11,7 @@ bin of ``time`` for survival, which also carries ``time`` [B] (float) and ``even
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Literal
 
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
@@ -24,20 +25,31 @@ from torchmetrics.classification import (
 from e2e_wsi.evaluation.torch_metrics import ConcordanceIndex
 from e2e_wsi.models.heads import ClassificationHead, SurvivalHead
 from e2e_wsi.models.losses import ClassificationLoss, CoxLoss, DiscreteTimeSurvivalLoss, hazards_to_risk
+from e2e_wsi.task_kinds import TaskKind
 
 
 class Task(ABC):
-    """Base class of the prediction tasks.
+    """Base class of the prediction tasks: the one place a run's task is stated.
+
+    The CLI derives the data side from it (``data.task`` = :attr:`kind`, ``data.num_classes`` =
+    :attr:`num_targets`) and :class:`~e2e_wsi.training.callbacks.BestCheckpoint` selects checkpoints on
+    :attr:`monitor` / :attr:`monitor_mode`.
 
     Attributes:
-        kind: ``classification``, ``grading`` or ``survival`` (the bootstrap report's task name).
+        kind: The task kind (:data:`e2e_wsi.task_kinds.TaskKind`): ``classification``, ``grading`` or
+            ``survival``; also the bootstrap report's task name.
         monitor: Validation metric key that selects checkpoints, e.g. ``val/auroc``.
         monitor_mode: ``max`` or ``min``.
     """
 
-    kind: str
+    kind: TaskKind
     monitor: str
-    monitor_mode: str = "max"
+    monitor_mode: Literal["min", "max"] = "max"
+
+    @property
+    def num_targets(self) -> int | None:
+        """Distinct targets the data must produce: classes, or survival time bins; ``None`` if unused."""
+        return getattr(self, "num_classes", None)
 
     @abstractmethod
     def build_head(self, in_dim: int) -> nn.Module:
@@ -176,6 +188,10 @@ class DiscreteSurvivalTask(_SurvivalTask):
         self.alpha = alpha
         self.dropout = dropout
 
+    @property
+    def num_targets(self) -> int:
+        return self.num_bins
+
     def build_head(self, in_dim: int) -> nn.Module:
         return SurvivalHead(in_dim=in_dim, num_bins=self.num_bins, dropout=self.dropout)
 
@@ -214,15 +230,9 @@ class CoxSurvivalTask(_SurvivalTask):
         return {"risk": outputs[:, 0].float()}
 
 
-def prediction_columns(task: Task, preds: dict[str, Tensor]) -> dict[str, list]:
-    """Flatten per-slide predictions into ``predictions.csv`` columns (``prob_k`` or ``risk``)."""
-    if "probs" in preds:
-        probs = preds["probs"].detach().cpu().double()
-        cols: dict[str, list] = {"pred": probs.argmax(-1).tolist()}
-        for k in range(probs.shape[-1]):
-            cols[f"prob_{k}"] = probs[:, k].tolist()
-        return cols
-    return {"risk": preds["risk"].detach().cpu().double().tolist()}
+def default_task(task: Task | None) -> Task:
+    """``task``, or the default of :class:`~e2e_wsi.models.module.SlideModule`: ``ClassificationTask()``."""
+    return task if task is not None else ClassificationTask()
 
 
 __all__ = [
@@ -231,5 +241,5 @@ __all__ = [
     "GradingTask",
     "DiscreteSurvivalTask",
     "CoxSurvivalTask",
-    "prediction_columns",
+    "default_task",
 ]

@@ -171,26 +171,14 @@ def write_levels(
     Returns:
         The written path.
     """
-    if mpp is not None and not mpp > 0:
-        raise ValueError(f"mpp must be positive or None, got {mpp}")
-    if objective_power is not None and not objective_power > 0:
-        raise ValueError(f"objective_power must be positive or None, got {objective_power}")
+    _check_metadata(mpp, objective_power)
     path = Path(path)
     height, width = (int(v) for v in size)
     aperio = mpp is not None or objective_power is not None
     with tifffile.TiffWriter(path, bigtiff=height * width * 3 > 2**31) as writer:
         for i, d in enumerate(downsamples):
             level_size = (height // d, width // d)  # floor, like scanners: exact when divisible
-            if d >= base_downsample and d % base_downsample == 0:
-                data = _reduced(base, d // base_downsample, level_size)
-                shape = None
-            else:
-                if base_downsample % d:
-                    raise ValueError(
-                        f"downsample {d} is not a divisor of the base downsample {base_downsample}"
-                    )
-                data = _upsampled_tiles(base, base_downsample // d, level_size, tile)
-                shape = (*level_size, 3)
+            data, shape = _level_pixels(base, base_downsample, d, level_size, tile)
             description = (
                 _aperio_description(width, height, level_size, tile, quality, mpp, objective_power)
                 if aperio
@@ -211,3 +199,25 @@ def write_levels(
                 maxworkers=1,  # slides are already written in parallel
             )
     return path
+
+
+def _check_metadata(mpp: float | None, objective_power: float | None) -> None:
+    if mpp is not None and not mpp > 0:
+        raise ValueError(f"mpp must be positive or None, got {mpp}")
+    if objective_power is not None and not objective_power > 0:
+        raise ValueError(f"objective_power must be positive or None, got {objective_power}")
+
+
+def _level_pixels(
+    base: np.ndarray, base_downsample: int, downsample: int, level_size: tuple[int, int], tile: int
+) -> tuple[np.ndarray | Iterator[np.ndarray], tuple[int, int, int] | None]:
+    """The pixels of one level for ``TiffWriter.write``: ``(data, shape)``.
+
+    A level at or below the base resolution is box-reduced into one array (``shape`` None); a finer
+    one is a generator of upsampled tile rows, so level 0 of a large slide never exists in memory.
+    """
+    if downsample >= base_downsample and downsample % base_downsample == 0:
+        return _reduced(base, downsample // base_downsample, level_size), None
+    if base_downsample % downsample:
+        raise ValueError(f"downsample {downsample} is not a divisor of the base downsample {base_downsample}")
+    return _upsampled_tiles(base, base_downsample // downsample, level_size, tile), (*level_size, 3)

@@ -6,6 +6,8 @@ import argparse
 import sys
 import time
 
+from e2e_wsi.task_kinds import COHORT_KINDS, COHORT_TASK_KINDS
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -14,7 +16,13 @@ def _parser() -> argparse.ArgumentParser:
         "Aperio-like pyramidal TIFFs (40x, 0.25 um/px, downsamples 1/4/16) with H&E-like tissue and "
         "label-carrying lesions.",
     )
-    parser.add_argument("--task", choices=("subtype", "grade", "survival", "diagnosis"), default="subtype")
+    trains = ", ".join(f"{cohort} -> {kind}" for cohort, kind in COHORT_TASK_KINDS.items())
+    parser.add_argument(
+        "--task",
+        choices=COHORT_KINDS,
+        default="subtype",
+        help=f"cohort kind; each trains as one task kind ({trains}) (default subtype)",
+    )
     parser.add_argument("--num-slides", type=int, default=24, help="number of slides (default 24)")
     parser.add_argument("--seed", type=int, default=0, help="seed; the same seed gives the same cohort")
     parser.add_argument("--out", required=True, help="output directory")
@@ -80,6 +88,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(
         f"wrote {args.num_slides} {args.task} slides in {time.perf_counter() - start:.1f} s; "
-        f"manifest: {manifest}"
+        f"manifest: {manifest} (train it as a {COHORT_TASK_KINDS[args.task]} task)"
     )
     return 0

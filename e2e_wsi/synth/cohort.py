@@ -17,9 +17,9 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -305,9 +305,7 @@ def synthesize_cohort(
     Raises:
         ValueError: On impossible parameters, or an output directory that cannot be written.
     """
-    hw = (int(size), int(size)) if isinstance(size, int | np.integer) else tuple(int(s) for s in size)
-    if len(hw) != 2:
-        raise ValueError(f"size must be an int or (H, W), got {size!r}")
+    hw = _parse_size(size)
     _check_params(
         task,
         num_slides,
@@ -322,79 +320,49 @@ def synthesize_cohort(
         quality,
     )
     out_dir = Path(out_dir)
+    # One planning stream draws, in this order, the case labels and then the survival outcomes.
     plan_rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0,)))
     num_cases = math.ceil(num_slides / slides_per_case)
-    labels = _case_labels(
-        plan_rng,
-        task,
-        num_cases,
-        num_classes,
-        num_grades,
-        0.5 if negative_fraction is None else negative_fraction,
+    negatives = 0.5 if negative_fraction is None else negative_fraction
+    labels = _case_labels(plan_rng, task, num_cases, num_classes, num_grades, negatives)
+    template = SynthJob(
+        case_id="",
+        slide_id="",
+        label=0.0,
+        seed=int(seed),
+        index=0,
+        size=hw,
+        task=task,
+        lesion_fraction=float(lesion_fraction),
+        num_classes=num_classes,
+        num_grades=num_grades,
+        pen_marks=pen_marks,
+        mpp=mpp if with_metadata else None,
+        objective_power=objective_power if with_metadata else None,
+        quality=quality,
+        scale=render_scale,
+        suffix=".svs" if with_metadata else ".tif",
     )
-    jobs = []
-    for i in range(num_slides):
-        case = i // slides_per_case
-        case_id = validate_slide_id(f"case{case:04d}")
-        jobs.append(
-            SynthJob(
-                case_id=case_id,
-                slide_id=validate_slide_id(f"{case_id}-s{i % slides_per_case}"),
-                label=float(labels[case]),
-                seed=int(seed),
-                index=i,
-                size=hw,
-                task=task,
-                lesion_fraction=float(lesion_fraction),
-                num_classes=num_classes,
-                num_grades=num_grades,
-                pen_marks=pen_marks,
-                mpp=mpp if with_metadata else None,
-                objective_power=objective_power if with_metadata else None,
-                quality=quality,
-                scale=render_scale,
-                suffix=".svs" if with_metadata else ".tif",
-            )
-        )
-    survival = {}
-    if task == "survival":
-        times, events = _survival(plan_rng, labels)
-        survival = {f"case{c:04d}": (float(times[c]), int(events[c])) for c in range(num_cases)}
+    jobs = _plan_jobs(template, labels, num_slides, slides_per_case)
+    survival = _case_outcomes(plan_rng, labels) if task == "survival" else {}
 
+    _write_atomically(
+        out_dir, overwrite, lambda tmp: _write_cohort(tmp, jobs, survival, workers, seed, num_slides)
+    )
+    return out_dir / "manifest.csv"
+
+
+def _write_atomically(out_dir: Path, overwrite: bool, write: Callable[[Path], None]) -> None:
+    """Run ``write(tmp)`` in a temporary folder inside ``out_dir``, then move its outputs into place.
+
+    A failure removes the temporary folder and the directories created here, so no partial cohort is
+    left; an ``OSError`` becomes a ``ValueError`` that says what to check.
+    """
     created = _prepare_out_dir(out_dir, overwrite)
     tmp = None
     try:
         tmp = Path(tempfile.mkdtemp(prefix=".synth-tmp-", dir=out_dir))
-        (tmp / "slides").mkdir()
-        (tmp / "masks").mkdir()
-        summaries = _run_jobs(jobs, tmp, workers)
-        (tmp / "manifest.csv").write_text(_manifest_text(task, jobs, survival), encoding="utf-8")
-        info = {
-            "format_version": 1,
-            "task": task,
-            "seed": seed,
-            "num_slides": num_slides,
-            "size": list(hw),
-            "downsamples": list(DOWNSAMPLES),
-            "mask_downsample": GRID,
-            "params": {
-                k: v
-                for k, v in asdict(jobs[0]).items()
-                if k not in {"case_id", "slide_id", "label", "index", "size"}
-            },
-            "slides": [
-                dict(
-                    s,
-                    case_id=job.case_id,
-                    label=job.label if task == "survival" else int(job.label),
-                    target_lesion_fraction=round(
-                        lesion_burden(task, job.label, lesion_fraction, num_grades), 4
-                    ),
-                )
-                for s, job in zip(summaries, jobs, strict=True)
-            ],
-        }
-        (tmp / "synth.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+        write(tmp)
         _move_into_place(tmp, out_dir)
     except OSError as err:
         _cleanup(tmp, created)
@@ -406,7 +374,84 @@ def synthesize_cohort(
         _cleanup(tmp, created)
         raise
     _cleanup(tmp, [])
-    return out_dir / "manifest.csv"
+
+
+def _parse_size(size: int | Sequence[int]) -> tuple[int, int]:
+    """``size`` as (H, W): an int is a square side."""
+    hw = (int(size), int(size)) if isinstance(size, int | np.integer) else tuple(int(s) for s in size)
+    if len(hw) != 2:
+        raise ValueError(f"size must be an int or (H, W), got {size!r}")
+    return hw  # type: ignore[return-value]
+
+
+def _plan_jobs(
+    template: SynthJob, labels: np.ndarray, num_slides: int, slides_per_case: int
+) -> list[SynthJob]:
+    """One job per slide: ``template`` with the slide's ids, index and its case's label."""
+    jobs = []
+    for i in range(num_slides):
+        case = i // slides_per_case
+        case_id = validate_slide_id(f"case{case:04d}")
+        slide_id = validate_slide_id(f"{case_id}-s{i % slides_per_case}")
+        jobs.append(replace(template, case_id=case_id, slide_id=slide_id, label=float(labels[case]), index=i))
+    return jobs
+
+
+def _case_outcomes(rng: np.random.Generator, risks: np.ndarray) -> dict[str, tuple[float, int]]:
+    """case id -> (time, event) drawn from the cases' risks."""
+    times, events = _survival(rng, risks)
+    return {f"case{c:04d}": (float(times[c]), int(events[c])) for c in range(risks.size)}
+
+
+def _write_cohort(
+    root: Path,
+    jobs: list[SynthJob],
+    survival: dict[str, tuple[float, int]],
+    workers: int,
+    seed: int,
+    num_slides: int,
+) -> None:
+    """Write slides, masks, ``manifest.csv`` and ``synth.json`` under ``root`` (a temporary folder)."""
+    (root / "slides").mkdir()
+    (root / "masks").mkdir()
+    summaries = _run_jobs(jobs, root, workers)
+    task = jobs[0].task
+    (root / "manifest.csv").write_text(_manifest_text(task, jobs, survival), encoding="utf-8")
+    info = _cohort_info(jobs, summaries, seed, num_slides)
+    (root / "synth.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+
+
+def _cohort_info(
+    jobs: list[SynthJob], summaries: list[dict[str, object]], seed: int, num_slides: int
+) -> dict[str, object]:
+    """The ``synth.json`` record: parameters and, per slide, its label and lesion fractions."""
+    first = jobs[0]
+    task = first.task
+    return {
+        "format_version": 1,
+        "task": task,
+        "seed": seed,
+        "num_slides": num_slides,
+        "size": list(first.size),
+        "downsamples": list(DOWNSAMPLES),
+        "mask_downsample": GRID,
+        "params": {
+            k: v
+            for k, v in asdict(first).items()
+            if k not in {"case_id", "slide_id", "label", "index", "size"}
+        },
+        "slides": [
+            dict(
+                s,
+                case_id=job.case_id,
+                label=job.label if task == "survival" else int(job.label),
+                target_lesion_fraction=round(
+                    lesion_burden(task, job.label, first.lesion_fraction, first.num_grades), 4
+                ),
+            )
+            for s, job in zip(summaries, jobs, strict=True)
+        ],
+    }
 
 
 def _cleanup(tmp: Path | None, created: list[Path]) -> None:

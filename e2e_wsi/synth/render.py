@@ -15,9 +15,10 @@ from scipy import ndimage
 
 from e2e_wsi.synth import nuclei as _nuclei
 from e2e_wsi.synth.nuclei import ARRANGEMENTS, Nuclei
+from e2e_wsi.task_kinds import COHORT_KINDS
 
 GRID = 16  # level-0 pixels per ground-truth pixel (the mask is at downsample 16)
-TASKS = ("subtype", "grade", "survival", "diagnosis")
+TASKS = COHORT_KINDS  # synthetic cohort kinds; COHORT_TASK_KINDS says which task kind trains each
 _EOSIN = np.array([214.0, 78.0, 150.0], np.float32)  # RGB at full eosin stain
 _HEMA = np.array([62.0, 30.0, 118.0], np.float32)  # RGB at full haematoxylin stain
 _PENS = np.array([[20, 120, 60], [25, 45, 150], [30, 30, 30]], np.float32)  # green, blue, black
@@ -280,15 +281,7 @@ def paint_slide(
         ``(small, truth)``: RGB uint8 [H/scale, W/scale, 3] and the mask uint8 [H/16, W/16].
     """
     height, width = (int(s) for s in size)
-    if height < 256 or width < 256 or height % GRID or width % GRID:
-        raise ValueError(f"slide size must be at least 256 and a multiple of {GRID}, got {height}x{width}")
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    if not 0.0 <= lesion_fraction <= 1.0:
-        raise ValueError(f"lesion_fraction must be in [0, 1], got {lesion_fraction}")
-    if scale not in (1, 2, 4):
-        raise ValueError(f"scale must be 1, 2 or 4, got {scale}")
-    _check_label(task, label, num_classes, num_grades)
+    _check_paint_args(height, width, task, label, lesion_fraction, num_classes, num_grades, scale)
     grid = (height // GRID, width // GRID)
     render = (height // scale, width // scale)
     # independent streams per layer: the label changes only the lesion content, not tissue or stain
@@ -303,26 +296,7 @@ def paint_slide(
     lesion_nuc, lumens = _lesion_nuclei(lesion_rng, lesion, plan, scale)
     lumen = np.zeros(render, np.uint8)
     if len(lumens):
-        n = len(lumens)
-        # epithelium: a faintly basophilic cytoplasm ring under the nuclei, around an empty lumen
-        epi = 2 * lumens[:, 2] * 1.8  # out to the nuclear ring at ~1.1 ring radius
-        _nuclei.stamp_ellipses(
-            hema,
-            Nuclei(
-                lumens[:, 0], lumens[:, 1], epi, epi, np.zeros(n, np.float32), np.full(n, 0.38, np.float32)
-            ),
-            lesion_rng,
-            texture=0.15,
-        )
-        disc = Nuclei(
-            lumens[:, 0],
-            lumens[:, 1],
-            2 * lumens[:, 2],
-            2 * lumens[:, 2],
-            np.zeros(n, np.float32),
-            np.ones(n, np.float32),
-        )
-        _nuclei.stamp_ellipses(lumen, disc, lesion_rng, texture=0.05)
+        _stamp_glands(hema, lumen, lumens, lesion_rng)
     _nuclei.stamp_ellipses(hema, lesion_nuc, lesion_rng)
     pen = _pen_mask(pen_rng, render, scale) if pen_marks else None
     # soft tissue edge over ~2 render px: the field falls by ~1 per piece radius (~0.18 * grid side)
@@ -331,6 +305,53 @@ def paint_slide(
     small = _compose(stain_rng, tfield, ramp, stroma, hema, lumen, pen, scale)
     truth = np.where(lesion, 255, np.where(tissue, 128, 0)).astype(np.uint8)
     return small, truth
+
+
+def _check_paint_args(
+    height: int,
+    width: int,
+    task: str,
+    label: float,
+    lesion_fraction: float,
+    num_classes: int,
+    num_grades: int,
+    scale: int,
+) -> None:
+    """Reject a size, task, label, lesion fraction or scale that :func:`paint_slide` cannot paint."""
+    if height < 256 or width < 256 or height % GRID or width % GRID:
+        raise ValueError(f"slide size must be at least 256 and a multiple of {GRID}, got {height}x{width}")
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    if not 0.0 <= lesion_fraction <= 1.0:
+        raise ValueError(f"lesion_fraction must be in [0, 1], got {lesion_fraction}")
+    if scale not in (1, 2, 4):
+        raise ValueError(f"scale must be 1, 2 or 4, got {scale}")
+    _check_label(task, label, num_classes, num_grades)
+
+
+def _stamp_glands(hema: np.ndarray, lumen: np.ndarray, lumens: np.ndarray, rng: np.random.Generator) -> None:
+    """Draw glands in place: a faint epithelial ring into ``hema`` and the empty lumen disc into ``lumen``.
+
+    Args:
+        hema: uint8 [h, w] haematoxylin density at render scale.
+        lumen: uint8 [h, w] lumen mask at render scale.
+        lumens: float [n, 3] gland centres (y, x) and lumen radius, in render px.
+        rng: The lesion stream (drawn from in a fixed order: ring, then disc).
+    """
+    n = len(lumens)
+    # epithelium: a faintly basophilic cytoplasm ring under the nuclei, around an empty lumen
+    epi = 2 * lumens[:, 2] * 1.8  # out to the nuclear ring at ~1.1 ring radius
+    _nuclei.stamp_ellipses(
+        hema,
+        Nuclei(lumens[:, 0], lumens[:, 1], epi, epi, np.zeros(n, np.float32), np.full(n, 0.38, np.float32)),
+        rng,
+        texture=0.15,
+    )
+    diameter = 2 * lumens[:, 2]
+    disc = Nuclei(
+        lumens[:, 0], lumens[:, 1], diameter, diameter, np.zeros(n, np.float32), np.ones(n, np.float32)
+    )
+    _nuclei.stamp_ellipses(lumen, disc, rng, texture=0.05)
 
 
 def render_slide(

@@ -1,27 +1,29 @@
-"""Callbacks the CLI adds to every run: checkpoint fallback without validation, test reports, predictions.
+"""Callbacks of a run: checkpoint selection, the fallback without validation, test reports, predictions.
 
 Lives beside (not inside) ``models/`` because these deal with run folders and files, not with tensors.
+
+Per-slide predictions have one owner: :class:`SlidePredictionWriter` collects what the module's
+``test_step``/``predict_step`` return, gathers it over ranks and builds the ``predictions.csv`` frame
+(format owned by :mod:`e2e_wsi.evaluation.report`); its subclasses only decide what to write.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
-from pathlib import Path
+from typing import Any, Literal
 
 import lightning as L
 import pandas as pd
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from torch import Tensor
 
 from e2e_wsi.evaluation.bootstrap import bootstrap_report
-from e2e_wsi.evaluation.report import format_table, write_report
-from e2e_wsi.models.tasks import prediction_columns
+from e2e_wsi.evaluation.report import format_table, predictions_frame, write_predictions, write_report
+from e2e_wsi.models.tasks import Task
+from e2e_wsi.training.run import RunFolder
 from e2e_wsi.utils import validate_slide_id
-
-
-def run_dir_of(trainer: L.Trainer) -> Path:
-    """The run folder (the CLI sets ``default_root_dir`` to it)."""
-    return Path(trainer.default_root_dir)
 
 
 class LastCheckpoint(ModelCheckpoint):
@@ -43,6 +45,64 @@ class LastCheckpoint(ModelCheckpoint):
         )
 
 
+class BestCheckpoint(ModelCheckpoint):
+    """Keeps the best checkpoint (``RUN/checkpoints/best-{epoch}.ckpt``), selected on the task's metric.
+
+    ``monitor`` defaults to the module's ``task.monitor`` (``val/auroc`` for classification, ``val/qwk``
+    for grading, ``val/c_index`` for survival) and ``mode`` to its ``task.monitor_mode``, so a config
+    states the task once (``model.task``) and never repeats the metric. Giving ``monitor`` overrides it;
+    ``mode`` then defaults to Lightning's ``min`` unless the metric is the task's own.
+
+    Args:
+        monitor: Logged metric to select on; ``None`` = the task's.
+        mode: ``max`` or ``min``; ``None`` = the task's for its metric, else ``min``.
+        filename: Checkpoint name pattern (``RunFolder.best_checkpoints`` lists every non-``last`` one).
+        save_top_k: How many best checkpoints to keep.
+        **kwargs: Any other :class:`~lightning.pytorch.callbacks.ModelCheckpoint` argument.
+    """
+
+    def __init__(
+        self,
+        monitor: str | None = None,
+        mode: Literal["min", "max"] | None = None,
+        filename: str = "best-{epoch}",
+        save_top_k: int = 1,
+        **kwargs: Any,
+    ) -> None:
+        if save_top_k < -1:
+            raise ValueError(f"save_top_k must be >= -1, got {save_top_k}")
+        # ModelCheckpoint refuses top-k > 1 without a monitor; ours arrives from the task in setup.
+        super().__init__(
+            monitor=monitor,
+            mode=mode or "min",
+            filename=filename,
+            save_top_k=save_top_k if monitor is not None else min(save_top_k, 1),
+            **kwargs,
+        )
+        self.save_top_k = save_top_k
+        self._given_mode = mode
+        self._resolved = False
+
+    def follow_task(self, task: Task) -> None:
+        """Fill the unset ``monitor``/``mode`` from ``task`` (idempotent; called before any checkpoint)."""
+        if self._resolved:
+            return
+        self._resolved = True
+        self.monitor = self.monitor or task.monitor
+        mode = self._given_mode or (task.monitor_mode if self.monitor == task.monitor else "min")
+        _aim(self, self.monitor, mode)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.follow_task(pl_module.task)
+        super().setup(trainer, pl_module, stage)
+
+
+def _aim(cb: ModelCheckpoint, monitor: str, mode: str) -> None:
+    """Point a checkpoint callback at ``monitor``; its "worst kept" value must follow the new mode."""
+    cb.monitor, cb.mode = monitor, mode
+    cb.kth_value = torch.tensor(math.inf if mode == "min" else -math.inf)
+
+
 class NoValidationFallback(Callback):
     """Selects checkpoints on ``train/loss`` when the split has no validation slides.
 
@@ -61,73 +121,164 @@ class NoValidationFallback(Callback):
             stacklevel=2,
         )
         for cb in trainer.callbacks:
+            if isinstance(cb, BestCheckpoint):
+                cb.follow_task(pl_module.task)  # whichever setup runs first, the task's metric is known
             if isinstance(cb, ModelCheckpoint) and cb.monitor and cb.monitor.startswith("val/"):
-                # Re-aim the callback; its "worst kept" value must follow the new mode.
-                cb.monitor, cb.mode = "train/loss_epoch", "min"
-                cb.kth_value = torch.tensor(float("inf"))
+                _aim(cb, "train/loss_epoch", "min")
             if isinstance(cb, EarlyStopping) and cb.monitor.startswith("val/"):
                 cb.patience = 10**9  # in effect off; removing it from trainer.callbacks is not supported
 
 
-class TestReportWriter(Callback):
-    """After ``test``: ``predictions.csv`` and the bootstrap report (``metrics.json``/``metrics.md``).
+class SlidePredictionWriter(Callback):
+    """Collects the per-slide predictions of a ``test`` or ``predict`` epoch and hands them to a writer.
+
+    Modelled on Lightning's :class:`~lightning.pytorch.callbacks.BasePredictionWriter`: the module's
+    ``test_step``/``predict_step`` return ``index`` [B] (positions in the evaluation dataset) and
+    ``preds`` (``probs`` [B, K] or ``risk`` [B]); this callback is the one object that collects them.
+    At the end of the epoch it gathers every rank's rows (padded samplers' duplicates removed), builds
+    the ``predictions.csv`` frame with :func:`e2e_wsi.evaluation.report.predictions_frame` and calls
+    :meth:`write_on_epoch_end` on rank 0. :meth:`write_on_batch_end` sees every batch on every rank.
+
+    Args:
+        stage: ``test`` or ``predict``: the loop whose outputs are collected.
+    """
+
+    def __init__(self, stage: Literal["test", "predict"]) -> None:
+        if stage not in ("test", "predict"):
+            raise ValueError(f"stage must be 'test' or 'predict', got {stage!r}")
+        self.stage = stage
+        self._rows: list[dict[str, Tensor]] = []
+
+    # ------------------------------------------------------------------------ to override
+    def write_on_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: dict, batch: dict
+    ) -> None:
+        """Write per-batch files (every rank). Default: nothing."""
+
+    def write_on_epoch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, frame: pd.DataFrame
+    ) -> None:
+        """Write the epoch's predictions (rank 0 only); ``frame`` is in the ``predictions.csv`` layout."""
+        raise NotImplementedError
+
+    # --------------------------------------------------------------------------- collection
+    def reset(self) -> None:
+        """Forget the rows of an earlier epoch."""
+        self._rows = []
+
+    def collect(self, outputs: dict) -> None:
+        """Keep one batch's ``index`` [B] and per-slide ``preds`` (detached)."""
+        preds = {k: v.detach() for k, v in outputs["preds"].items()}
+        self._rows.append({"index": outputs["index"].detach(), **preds})
+
+    def gather(self, pl_module: L.LightningModule) -> dict[str, Tensor]:
+        """This epoch's rows from every rank, sorted by dataset index; collective (every rank calls it).
+
+        Returns:
+            ``index`` [M] and ``probs`` [M, K] or ``risk`` [M]; ``{}`` when nothing was collected.
+        """
+        if not self._rows:
+            return {}
+        local = {k: torch.cat([row[k] for row in self._rows]) for k in self._rows[0]}
+        if pl_module.trainer.world_size > 1:
+            local = {k: _gather_rows(pl_module, v) for k, v in local.items()}
+        order = torch.argsort(local["index"])
+        ordered = {k: v[order] for k, v in local.items()}
+        keep = torch.ones_like(ordered["index"], dtype=torch.bool)
+        keep[1:] = ordered["index"][1:] != ordered["index"][:-1]
+        return {k: v[keep] for k, v in ordered.items()}
+
+    # -------------------------------------------------------------------------------- hooks
+    def _batch_end(self, trainer, pl_module, outputs, batch) -> None:
+        self.collect(outputs)
+        self.write_on_batch_end(trainer, pl_module, outputs, batch)
+
+    def _epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        preds = self.gather(pl_module)
+        self.reset()
+        if not trainer.is_global_zero or not preds:
+            return
+        arrays = {k: v.cpu().numpy() for k, v in preds.items()}
+        frame = predictions_frame(trainer.datamodule.eval_frame(self.stage), pl_module.task.kind, arrays)
+        self.write_on_epoch_end(trainer, pl_module, frame)
+
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        if self.stage == "test":
+            self.reset()
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self.stage == "test":
+            self._batch_end(trainer, pl_module, outputs, batch)
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        if self.stage == "test":
+            self._epoch_end(trainer, pl_module)
+
+    def on_predict_epoch_start(self, trainer, pl_module) -> None:
+        if self.stage == "predict":
+            self.reset()
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self.stage == "predict":
+            self._batch_end(trainer, pl_module, outputs, batch)
+
+    def on_predict_epoch_end(self, trainer, pl_module) -> None:
+        if self.stage == "predict":
+            self._epoch_end(trainer, pl_module)
+
+
+def _gather_rows(pl_module: L.LightningModule, value: Tensor) -> Tensor:
+    """all_gather rows of unequal count per rank by padding to the largest count."""
+    count = torch.tensor([value.shape[0]], device=value.device)
+    counts = pl_module.all_gather(count).flatten()
+    width = int(counts.max())
+    padded = torch.zeros((width, *value.shape[1:]), dtype=value.dtype, device=value.device)
+    padded[: value.shape[0]] = value
+    gathered = pl_module.all_gather(padded)
+    return torch.cat([gathered[r, : int(c)] for r, c in enumerate(counts)])
+
+
+class TestReportWriter(SlidePredictionWriter):
+    """After ``test``: ``RUN/predictions.csv`` and the bootstrap report (``metrics.json``/``metrics.md``).
 
     Args:
         n_resamples: Bootstrap resamples (case-level).
         seed: Bootstrap seed.
     """
 
+    __test__ = False  # a callback, not a pytest test class
+
     def __init__(self, n_resamples: int = 1000, seed: int = 0) -> None:
+        super().__init__("test")
         self.n_resamples = n_resamples
         self.seed = seed
 
-    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        preds = pl_module.collected_predictions()  # collective: every rank must call it
-        if not trainer.is_global_zero or not preds:
-            return
-        frame = predictions_frame(trainer.datamodule.eval_frame("test"), pl_module.task, preds)
-        out = run_dir_of(trainer)
-        out.mkdir(parents=True, exist_ok=True)
-        csv_path = out / "predictions.csv"
-        frame.to_csv(csv_path, index=False)
+    def write_on_epoch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, frame: pd.DataFrame
+    ) -> None:
+        run = RunFolder(trainer.default_root_dir)
+        write_predictions(frame, run.predictions)
         report = bootstrap_report(frame, pl_module.task.kind, n_resamples=self.n_resamples, seed=self.seed)
-        json_path, md_path = write_report(report, out)
+        json_path, md_path = write_report(report, run.root)
         print("\n" + format_table(report))
-        print(f"e2e-wsi: predictions {csv_path.resolve()}")
+        print(f"e2e-wsi: predictions {run.predictions.resolve()}")
         print(f"e2e-wsi: report {json_path.resolve()} and {md_path.resolve()}", flush=True)
 
 
-def predictions_frame(units: pd.DataFrame, task, preds: dict[str, torch.Tensor]) -> pd.DataFrame:
-    """Join per-unit truth (rows in dataset order) with gathered predictions by dataset index.
-
-    Args:
-        units: One row per evaluated unit with ``case_id`` and ``slide_id`` (classification/grading:
-            ``label``; survival: ``time``, ``event``), in dataset order.
-        task: The module's task.
-        preds: ``index`` [M] and ``probs`` [M, K] or ``risk`` [M].
-
-    Returns:
-        The ``predictions.csv`` frame.
-    """
-    index = preds["index"].cpu().numpy()
-    rows = units.iloc[index].reset_index(drop=True)
-    cols = prediction_columns(task, {k: v for k, v in preds.items() if k != "index"})
-    if task.kind == "survival":
-        base = rows[["case_id", "time", "event"]]
-    else:
-        base = rows[["case_id", "slide_id", "label"]]
-    return pd.concat([base, pd.DataFrame(cols)], axis=1)
-
-
-class PredictionWriter(Callback):
-    """After ``predict``: ``predict/predictions.csv`` and ``predict/attention/<id>.pt`` per bag.
+class PredictionWriter(SlidePredictionWriter):
+    """After ``predict``: ``RUN/predict/predictions.csv`` and ``RUN/predict/attention/<id>.pt`` per bag.
 
     Attention files hold plain tensors (``attention`` [H, N], ``coords`` [N, 2] level-0 x, y,
     ``magnification`` [N]) and load with ``torch.load(path, weights_only=True)``.
     """
 
-    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        out = run_dir_of(trainer) / "predict" / "attention"
+    def __init__(self) -> None:
+        super().__init__("predict")
+
+    def write_on_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: dict, batch: dict
+    ) -> None:
+        out = RunFolder(trainer.default_root_dir).predict_dir / "attention"
         out.mkdir(parents=True, exist_ok=True)
         for b, bag_id in enumerate(batch["bag_id"]):
             valid = batch["mask"][b]
@@ -139,18 +290,9 @@ class PredictionWriter(Callback):
                 },
                 out / f"{validate_slide_id(bag_id)}.pt",
             )
-        pl_module._collected.append(
-            {"index": outputs["index"].detach(), **{k: v.detach() for k, v in outputs["preds"].items()}}
-        )
 
-    def on_predict_epoch_start(self, trainer, pl_module) -> None:
-        pl_module._collected = []
-
-    def on_predict_epoch_end(self, trainer, pl_module) -> None:
-        preds = pl_module.collected_predictions()
-        if not trainer.is_global_zero or not preds:
-            return
-        frame = predictions_frame(trainer.datamodule.eval_frame("predict"), pl_module.task, preds)
-        path = run_dir_of(trainer) / "predict" / "predictions.csv"
-        frame.to_csv(path, index=False)
+    def write_on_epoch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, frame: pd.DataFrame
+    ) -> None:
+        path = write_predictions(frame, RunFolder(trainer.default_root_dir).predict_dir / "predictions.csv")
         print(f"e2e-wsi: predictions {path.resolve()} ; attention in {path.parent / 'attention'}", flush=True)

@@ -3,6 +3,11 @@
 The run folder (``--run_dir``) is the one place a user looks: the resolved config, the split file,
 checkpoints, TensorBoard events, the test report and predictions all go there. ``test``/``predict``
 given ``--ckpt_path RUN/checkpoints/x.ckpt`` default to that checkpoint's run folder.
+
+The task is stated once, as ``model.task``: ``data.task`` and ``data.num_classes`` are linked from it
+(jsonargparse argument links), and :class:`~e2e_wsi.training.callbacks.BestCheckpoint` takes its metric
+from it. Old configs that still give ``data.task``/``data.num_classes`` run when they agree with
+``model.task`` and stop with a message naming the key otherwise.
 """
 
 from __future__ import annotations
@@ -14,10 +19,11 @@ from pathlib import Path
 
 import torch
 from jsonargparse import Namespace
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback, instantiate_class
 
 from e2e_wsi.data.datamodule import WSIDataModule
 from e2e_wsi.models.module import SlideModule
+from e2e_wsi.models.tasks import Task, default_task
 from e2e_wsi.training.callbacks import (
     LastCheckpoint,
     NoValidationFallback,
@@ -53,9 +59,31 @@ class E2ECLI(LightningCLI):
             "--bootstrap", type=int, default=1000, help="Bootstrap resamples in the test report."
         )
         parser.add_argument("--bootstrap_seed", type=int, default=0, help="Seed of the bootstrap resampling.")
+        # One statement of the task: the data side follows the model's task object once it exists.
+        parser.link_arguments("model.task", "data.task", compute_fn=task_kind, apply_on="instantiate")
+        parser.link_arguments(
+            "model.task", "data.num_classes", compute_fn=task_num_targets, apply_on="instantiate"
+        )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        """Parse ``args`` (always given: the verb's own argv).
+
+        Lightning warns whenever ``args`` is passed while ``sys.argv`` holds more than the program name,
+        to catch scripts that mix both. ``e2e-wsi VERB ...`` always passes its argv explicitly (``sys.argv``
+        minus the verb), so that warning would fire on every run and say nothing a user can act on.
+        Old ``--data.task``/``--data.num_classes`` flags are taken out here and checked against
+        ``model.task`` in :meth:`before_instantiate_classes` (jsonargparse refuses flags for linked keys).
+        """
+        if isinstance(args, list):
+            args, self._derived_flags = _pop_derived_flags(args)
+        if isinstance(args, (dict, Namespace)):
+            self.config = parser.parse_object(args)
+        else:
+            self.config = parser.parse_args(args)
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
+        _check_derived_data_keys(cfg, getattr(self, "_derived_flags", {}))
         run_dir = resolve_run_dir(cfg.get("run_dir"), cfg.get("ckpt_path"))
         cfg.run_dir = str(run_dir)
         cfg.trainer.default_root_dir = str(run_dir)
@@ -114,6 +142,65 @@ def _write_metrics(trainer, stage: str) -> None:
     path = Path(trainer.default_root_dir) / f"{stage}_metrics.json"
     path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     print(f"e2e-wsi: {stage} metrics {path.resolve()}", flush=True)
+
+
+# Data keys that follow model.task; old configs and command lines may still give them.
+_DERIVED_DATA_KEYS = ("task", "num_classes")
+
+
+def task_kind(task: Task | None) -> str:
+    """``data.task`` from ``model.task`` (``None`` is SlideModule's default task)."""
+    return default_task(task).kind
+
+
+def task_num_targets(task: Task | None) -> int | None:
+    """``data.num_classes`` from ``model.task``: its classes or survival bins (``None``: the data's default)."""
+    return default_task(task).num_targets
+
+
+def _pop_derived_flags(args: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Take ``--data.task X`` / ``--data.num_classes K`` out of ``args`` (linked keys cannot be parsed)."""
+    rest: list[str] = []
+    given: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        flag, eq, value = args[i].partition("=")
+        key = flag.removeprefix("--data.")
+        if flag.startswith("--data.") and key in _DERIVED_DATA_KEYS:
+            if not eq and i + 1 < len(args):
+                value, i = args[i + 1], i + 1
+            given[key] = value
+        else:
+            rest.append(args[i])
+        i += 1
+    return rest, given
+
+
+def _check_derived_data_keys(cfg: Namespace, flags: dict[str, str]) -> None:
+    """Accept an old config's ``data.task``/``data.num_classes`` when they agree with ``model.task``.
+
+    Raises:
+        SystemExit: Naming the key to delete and the ``model.task`` key that now decides, on disagreement.
+    """
+    given = {k: cfg.data.pop(k) for k in _DERIVED_DATA_KEYS if cfg.data.get(k) is not None}
+    given.update(flags)
+    if not given:
+        return
+    spec = cfg.model.get("task")
+    task = default_task(instantiate_class((), spec.as_dict()) if spec is not None else None)
+    name = type(task).__name__
+    if "task" in given and str(given["task"]) != task.kind:
+        raise SystemExit(
+            f"e2e-wsi: data.task={given['task']!r} disagrees with model.task ({name}, a {task.kind!r} task). "
+            "The data now follows model.task: delete data.task and choose the task with model.task."
+        )
+    k = task.num_targets
+    if "num_classes" in given and k is not None and str(given["num_classes"]).strip() != str(k):
+        what = "num_bins" if task.kind == "survival" else "num_classes"
+        raise SystemExit(
+            f"e2e-wsi: data.num_classes={given['num_classes']} disagrees with model.task.{what}={k} ({name}). "
+            f"The data now follows model.task: delete data.num_classes and set model.task.init_args.{what}."
+        )
 
 
 def resolve_run_dir(run_dir: str | None, ckpt_path: str | None) -> Path:

@@ -7,6 +7,7 @@ A run folder (``--run_dir``) holds everything ``fit`` and later verbs write::
     RUN/checkpoints/*.ckpt     ``best-*.ckpt`` (selected on validation) and ``last.ckpt`` (resume)
     RUN/predictions.csv        per-slide test predictions (owned by :mod:`e2e_wsi.evaluation.report`)
     RUN/metrics.json|.md       the bootstrap test report (owned by :mod:`e2e_wsi.evaluation.report`)
+    RUN/predict/               ``predict``: predictions.csv and attention/<slide_id>.pt
     RUN/heatmaps/              attention heatmaps
     RUN/preprocess.json        the training cache's preprocessing parameters (tiles new slides alike)
 
@@ -64,6 +65,11 @@ class RunFolder:
     def preprocess(self) -> Path:
         """``preprocess.json``: the preprocessing parameters of the training cache (written by ``fit``)."""
         return self.root / "preprocess.json"
+
+    @property
+    def predict_dir(self) -> Path:
+        """``predict/``: ``predictions.csv`` and ``attention/<slide_id>.pt`` written by ``predict``."""
+        return self.root / "predict"
 
     @property
     def predictions(self) -> Path:

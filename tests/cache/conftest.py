@@ -2,33 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _slide_factory import make_tissue_slide, make_white_slide  # noqa: E402
-
-from e2e_wsi.cache.preprocess import jobs_from_manifest, preprocess  # noqa: E402
-from e2e_wsi.cache.store import open_readonly, release  # noqa: E402
-from e2e_wsi.cache.worker import PreprocessConfig  # noqa: E402
-from e2e_wsi.synth.cohort import synthesize_cohort  # noqa: E402
-
-MAGS = (20.0, 10.0)
-
-
-def lmdb_contents(cache_dir: Path) -> dict[bytes, str]:
-    """key -> sha1 of value, over every LMDB in a cache dir."""
-    out: dict[bytes, str] = {}
-    for path in sorted(cache_dir.glob("*.lmdb")):
-        with open_readonly(path).begin() as txn:  # the process-wide handle PatchCache also uses
-            for key, value in txn.cursor():
-                out[bytes(key)] = hashlib.sha1(bytes(value)).hexdigest()
-        release(path)
-    return out
+from e2e_wsi.cache.preprocess import jobs_from_manifest, preprocess
+from e2e_wsi.cache.worker import PreprocessConfig
+from e2e_wsi.synth.cohort import synthesize_cohort
+from tests.helpers.cache import MAGS
+from tests.helpers.slides import make_tissue_slide, make_white_slide
 
 
 @pytest.fixture(scope="session")

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import MAGS, lmdb_contents
 from PIL import Image
 
 from e2e_wsi.cache.preprocess import jobs_from_manifest, main, preprocess
 from e2e_wsi.cache.store import PatchCache, open_readonly
 from e2e_wsi.cache.worker import PreprocessConfig
 from e2e_wsi.slides.reader import Slide
+from tests.helpers.cache import MAGS, lmdb_contents
 
 
 def test_kept_patches_cover_the_true_tissue_with_little_glass(cohort: Path, clean_cache: Path) -> None:

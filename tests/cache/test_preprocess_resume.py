@@ -10,9 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import lmdb_contents
+import pytest
 
 from e2e_wsi.cache.store import PatchCache
+from tests.helpers.cache import lmdb_contents
 
 
 def _manifest_with_copies(cohort: Path, root: Path, copies: int) -> Path:
@@ -45,6 +46,7 @@ def _command(manifest: Path, out: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow  # spawns `e2e-wsi preprocess`, kills it mid-run, resumes: tens of seconds
 def test_kill_then_resume_equals_clean_run(cohort: Path, tmp_path: Path) -> None:
     manifest = _manifest_with_copies(cohort, tmp_path, copies=2)  # 6 slides
     clean, killed = tmp_path / "clean", tmp_path / "killed"

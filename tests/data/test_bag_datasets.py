@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import PATCH, CodedCache, patch_colour
 from torch.utils.data import DataLoader
 
 from e2e_wsi.cache.store import PatchCache
 from e2e_wsi.data.datasets import Bag, EvalBagDataset, TrainBagDataset, collate_bags
 from e2e_wsi.data.sampling import allocate_counts
 from e2e_wsi.data.transforms import EvalTransform, TrainTransform
+from tests.helpers.coded_cache import PATCH, CodedCache, patch_colour
 
 
 def _identity(images: torch.Tensor, seed: int | None = None) -> torch.Tensor:

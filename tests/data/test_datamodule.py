@@ -8,12 +8,12 @@ import lightning.pytorch as pl
 import pandas as pd
 import pytest
 import torch
-from conftest import CodedCache
 
 from e2e_wsi.data.datamodule import WSIDataModule
 from e2e_wsi.data.sampling import OversampleMap
 from e2e_wsi.data.splits import load_splits
 from e2e_wsi.data.transforms import normalize_images
+from tests.helpers.coded_cache import CodedCache
 
 
 def _dm(cache: CodedCache, manifest: Path, **kwargs) -> WSIDataModule:

@@ -10,7 +10,14 @@ import pandas as pd
 import pytest
 
 from e2e_wsi.evaluation.bootstrap import bootstrap_report
-from e2e_wsi.evaluation.report import format_table, read_predictions, validate_predictions, write_report
+from e2e_wsi.evaluation.report import (
+    format_table,
+    predictions_frame,
+    read_predictions,
+    validate_predictions,
+    write_predictions,
+    write_report,
+)
 
 
 def _frame(n: int = 12, k: int = 3, seed: int = 0) -> pd.DataFrame:
@@ -146,3 +153,28 @@ def test_undefined_values_are_null_in_json(tmp_path: Path) -> None:
     m = json.loads(json_path.read_text())["metrics"]["c_index"]
     assert m["point"] is None and m["ci_low"] is None and m["n_valid"] == 0
     assert "n/a" in md_path.read_text()
+
+
+def test_predictions_frame_joins_truth_by_dataset_index(tmp_path: Path) -> None:
+    units = pd.DataFrame(
+        {"case_id": ["c0", "c1", "c2"], "slide_id": ["s0", "s1", "s2"], "label": [0, 1, 1], "line": [2, 3, 4]}
+    )
+    probs = np.array([[0.2, 0.8], [0.9, 0.1]])
+    frame = predictions_frame(units, "classification", {"index": np.array([2, 0]), "probs": probs})
+    assert list(frame.columns) == ["case_id", "slide_id", "label", "pred", "prob_0", "prob_1"]
+    assert frame["slide_id"].tolist() == ["s2", "s0"] and frame["pred"].tolist() == [1, 0]
+    path = write_predictions(frame, tmp_path / "run" / "predictions.csv")
+    back, task = read_predictions(path)
+    assert task == "classification" and back["prob_1"].tolist() == pytest.approx([0.8, 0.1])
+    assert [p.name for p in path.parent.iterdir()] == ["predictions.csv"]  # no temp file left behind
+
+
+def test_predictions_frame_survival_rows_are_cases() -> None:
+    units = pd.DataFrame(
+        {"case_id": ["a", "b"], "slide_id": ["a-s0", "b-s0"], "time": [3.0, 9.5], "event": [1, 0]}
+    )
+    frame = predictions_frame(units, "survival", {"index": np.array([0, 1]), "risk": np.array([0.7, -0.2])})
+    assert list(frame.columns) == ["case_id", "time", "event", "risk"]
+    validate_predictions(frame, "survival")
+    with pytest.raises(ValueError, match="neither 'probs' nor 'risk'"):
+        predictions_frame(units, "survival", {"index": np.array([0])})

@@ -2,39 +2,53 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import pytest
 import torch
 from torch import nn
 
-from e2e_wsi.models.aggregators import ABMIL, ABMILX, DSMIL, MaxPool, MeanPool, TransMIL
+from e2e_wsi.models import aggregators
+from e2e_wsi.models.aggregators import ABMILX
 from e2e_wsi.models.encoders import ResNetEncoder
 
 IN_DIM = 12
 
-FACTORIES: dict[str, Callable[[], nn.Module]] = {
-    "abmilx": lambda: ABMILX(in_dim=IN_DIM, inner_dim=32, heads=4),
-    "abmilx_heads1": lambda: ABMILX(in_dim=IN_DIM, inner_dim=16, heads=1),
-    "abmilx_mhla_only": lambda: ABMILX(in_dim=IN_DIM, inner_dim=32, heads=4, attn_plus=False),
-    "abmilx_ffn_bias": lambda: ABMILX(in_dim=IN_DIM, inner_dim=32, heads=4, ffn=True, attn_bias=True),
-    "abmil": lambda: ABMIL(in_dim=IN_DIM, inner_dim=32, attn_dim=16),
-    "abmil_gated": lambda: ABMIL(in_dim=IN_DIM, inner_dim=32, attn_dim=16, gated=True, attn_bias=True),
-    "transmil": lambda: TransMIL(in_dim=IN_DIM, dim=32, heads=4),
-    "dsmil": lambda: DSMIL(in_dim=IN_DIM, inner_dim=32, num_critical=2, query_dim=16),
-    "meanpool": lambda: MeanPool(in_dim=IN_DIM),
-    "meanpool_proj": lambda: MeanPool(in_dim=IN_DIM, proj_dim=16),
-    "maxpool": lambda: MaxPool(in_dim=IN_DIM),
-    "maxpool_proj": lambda: MaxPool(in_dim=IN_DIM, proj_dim=16),
+# Small sizes keep each case in milliseconds; an aggregator missing here runs with its defaults.
+SMALL: dict[str, dict] = {
+    "abmilx": {"inner_dim": 32, "heads": 4},
+    "abmil": {"inner_dim": 32, "attn_dim": 16},
+    "transmil": {"dim": 32, "heads": 4},
+    "dsmil": {"inner_dim": 32, "num_critical": 2, "query_dim": 16},
 }
-NAMES = sorted(FACTORIES)
+# Options worth their own case, on top of one case per registered aggregator.
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "abmilx_heads1": ("abmilx", {"inner_dim": 16, "heads": 1}),
+    "abmilx_mhla_only": ("abmilx", {"inner_dim": 32, "heads": 4, "attn_plus": False}),
+    "abmilx_ffn_bias": ("abmilx", {"inner_dim": 32, "heads": 4, "ffn": True, "attn_bias": True}),
+    "abmil_gated": ("abmil", {"inner_dim": 32, "attn_dim": 16, "gated": True, "attn_bias": True}),
+    "meanpool_proj": ("meanpool", {"proj_dim": 16}),
+    "maxpool_proj": ("maxpool", {"proj_dim": 16}),
+}
+CASES: dict[str, tuple[str, dict]] = {
+    **{name: (name, SMALL.get(name, {})) for name in aggregators.list_aggregators()},
+    **VARIANTS,
+}
+NAMES = sorted(CASES)
 # PPEG lays the tokens on a 2-D grid and convolves them, so instance order changes the output.
 ORDER_DEPENDENT = {"transmil": "TransMIL's PPEG positional convolution depends on instance order"}
 
 
 def build(name: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return FACTORIES[name]()
+    registered, kwargs = CASES[name]
+    return aggregators.create_aggregator(registered, in_dim=IN_DIM, **kwargs)
+
+
+def test_every_exported_aggregator_is_registered() -> None:
+    exported = [getattr(aggregators, n) for n in aggregators.__all__]
+    classes = {c for c in exported if isinstance(c, type) and issubclass(c, nn.Module)}
+    assert classes == set(aggregators.AGGREGATORS.values())
+    with pytest.raises(ValueError, match="unknown aggregator 'nope'"):
+        aggregators.create_aggregator("nope", in_dim=IN_DIM)
 
 
 def expected_heads(model: nn.Module) -> int:

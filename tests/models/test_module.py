@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from e2e_wsi.evaluation.report import prediction_columns
 from e2e_wsi.models.aggregators import ABMIL, ABMILX, MeanPool
 from e2e_wsi.models.encoders import ResNetEncoder
 from e2e_wsi.models.module import SlideModule
@@ -16,7 +17,6 @@ from e2e_wsi.models.tasks import (
     CoxSurvivalTask,
     DiscreteSurvivalTask,
     GradingTask,
-    prediction_columns,
 )
 
 
@@ -122,7 +122,7 @@ def test_bad_arguments_are_rejected() -> None:
 def test_task_predictions_and_columns() -> None:
     logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 3.0, 0.0]])
     cls = ClassificationTask(num_classes=3)
-    cols = prediction_columns(cls, cls.predict(logits))
+    cols = prediction_columns({k: v.numpy() for k, v in cls.predict(logits).items()})
     assert cols["pred"] == [0, 1] and math.isclose(
         sum(cols[f"prob_{k}"][0] for k in range(3)), 1.0, abs_tol=1e-6
     )
@@ -131,8 +131,10 @@ def test_task_predictions_and_columns() -> None:
     # Higher hazards in every bin -> lower survival -> higher risk.
     risk = surv.predict(torch.tensor([[-3.0, -3.0, -3.0], [3.0, 3.0, 3.0]]))["risk"]
     assert risk[1] > risk[0]
-    assert list(prediction_columns(surv, {"risk": risk})) == ["risk"]
+    assert list(prediction_columns({"risk": risk.numpy()})) == ["risk"]
     cox = CoxSurvivalTask()
+    # What the data side must produce: classes, survival bins, or nothing (Cox needs no bins).
+    assert (cls.num_targets, surv.num_targets, cox.num_targets) == (3, 3, None)
     assert cox.predict(torch.tensor([[0.3], [-1.0]]))["risk"].tolist() == pytest.approx([0.3, -1.0])
 
 

@@ -1,18 +1,14 @@
 """Tests of the OpenSlide wrapper: resolution resolution and clear errors."""
-# ruff: noqa: F811  (pytest fixtures imported by name from _slide_factory)
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from e2e_wsi.slides.reader import Slide, SlideError, resolve_resolution
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cache"))
-from _slide_factory import cmu_slide, make_tissue_slide, tissue_slide  # noqa: E402,F401  (fixtures)
+from tests.helpers.slides import make_tissue_slide
 
 
 def test_cmu_metadata_resolution(cmu_slide: Path) -> None:

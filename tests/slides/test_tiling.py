@@ -1,9 +1,7 @@
 """Tests of patch grids per magnification and patch reading."""
-# ruff: noqa: F811  (pytest fixtures imported by name from _slide_factory)
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +21,6 @@ from e2e_wsi.slides.tiling import (
     tissue_grid,
 )
 from e2e_wsi.slides.tissue import TissueMask, TissueParams, segment_tissue, tissue_fractions
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cache"))
-from _slide_factory import cmu_slide, tissue_slide  # noqa: E402,F401  (fixtures)
 
 
 @pytest.fixture(scope="module")

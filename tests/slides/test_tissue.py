@@ -1,9 +1,7 @@
 """Tests of CLAM-style tissue detection against a known synthetic mask and the real CMU slide."""
-# ruff: noqa: F811  (pytest fixtures imported by name from _slide_factory)
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +10,6 @@ from scipy import ndimage
 
 from e2e_wsi.slides.reader import Slide
 from e2e_wsi.slides.tissue import TissueParams, contour_overlay, segment_tissue, tissue_fractions
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cache"))
-from _slide_factory import cmu_slide, tissue_slide  # noqa: E402,F401  (fixtures)
 
 
 def _segment(path: Path, params: TissueParams | None = None):

@@ -36,6 +36,7 @@ def test_committed_notebook_has_no_outputs() -> None:
     assert code and all(not c.outputs and c.execution_count is None for c in code)
 
 
+@pytest.mark.slow  # starts a Jupyter kernel and renders heatmaps on a trained run
 def test_notebook_runs_on_a_trained_run(
     tiny_run: Path, synth_cache: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1,4 +1,4 @@
-"""Synthetic test slides with an exactly known tissue mask, written with the project's TIFF writer."""
+"""Test slides: synthetic ones with an exactly known tissue mask (the project's TIFF writer), and a real one."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ class TestSlide:
         mask: bool [H / 16, W / 16] tissue truth at downsample 16.
         mpp: Level-0 um/px written in the file (None for a slide without metadata).
     """
+
+    __test__ = False  # a data holder, not a pytest test class
 
     path: Path
     mask: np.ndarray
@@ -64,21 +66,4 @@ def make_white_slide(path: Path, size: int = 2048) -> Path:
     return write_pyramidal_tiff(path, image, mpp=0.5, objective_power=20, downsamples=(1, 4, 16))
 
 
-# Fixtures shared by tests/slides/test_{reader,tissue,tiling}.py (imported there by name), kept here
-# rather than in tests/slides/conftest.py, which other parts' tests share.
-import pytest  # noqa: E402
-
-CMU = Path(__file__).resolve().parents[1] / "data" / "CMU-1-Small-Region.svs"
-
-
-@pytest.fixture(scope="session")
-def cmu_slide() -> Path:
-    """The real 20x Aperio slide (CC0, OpenSlide test data)."""
-    assert CMU.is_file(), "tests/data/CMU-1-Small-Region.svs is part of the repository"
-    return CMU
-
-
-@pytest.fixture(scope="session")
-def tissue_slide(tmp_path_factory: pytest.TempPathFactory) -> TestSlide:
-    """A 4096 px, 20x (0.5 um/px) slide with an ellipse of tissue holding a hole, plus its truth mask."""
-    return make_tissue_slide(tmp_path_factory.mktemp("slides") / "tissue.svs")
+CMU = Path(__file__).resolve().parents[1] / "data" / "CMU-1-Small-Region.svs"  # real 20x Aperio slide, CC0
