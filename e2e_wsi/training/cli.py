@@ -24,6 +24,13 @@ from e2e_wsi.training.callbacks import (
     PredictionWriter,
     TestReportWriter,
 )
+from e2e_wsi.training.checkpoints import (
+    RUN_KEYWORDS,
+    UnsafeCheckpointError,
+    is_remote,
+    load_checkpoint,
+    resolve_checkpoint,
+)
 from e2e_wsi.training.run import DEFAULT_RUN_DIR, RunFolder
 
 
@@ -54,9 +61,24 @@ class E2ECLI(LightningCLI):
         )
         parser.add_argument("--bootstrap_seed", type=int, default=0, help="Seed of the bootstrap resampling.")
 
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        # Remember what the user typed: an explicit --run_dir wins over the run_dir stored in a config.
+        self._cli_args = [str(a) for a in (sys.argv[1:] if args is None else args)]
+        super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads the checkpoint's hyperparameters here, before anything else touches the file:
+        # refuse a remote or unsafe checkpoint first, with a message instead of an unpickling traceback.
+        cfg = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
+        ckpt_path = cfg.get("ckpt_path")
+        if ckpt_path and str(ckpt_path) not in RUN_KEYWORDS:
+            _check_checkpoint(str(ckpt_path))
+        super()._parse_ckpt_path()
+
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
-        run_dir = resolve_run_dir(cfg.get("run_dir"), cfg.get("ckpt_path"))
+        run = resolve_run_folder(cfg, self.subcommand, getattr(self, "_cli_args", []))
+        run_dir = run.root
         cfg.run_dir = str(run_dir)
         cfg.trainer.default_root_dir = str(run_dir)
         logger = cfg.trainer.get("logger")
@@ -68,6 +90,7 @@ class E2ECLI(LightningCLI):
                 init_args=Namespace(save_dir=str(run_dir), name="", version=""),
             )
         _cpu_safe_precision(cfg.trainer)
+        _secure_checkpoint(cfg, self.subcommand or "fit", run)
         _reuse_split(cfg, run_dir, self.subcommand)
         if self.subcommand == "fit":
             _refuse_clobbering(run_dir, cfg.get("ckpt_path"))
@@ -114,6 +137,64 @@ def _write_metrics(trainer, stage: str) -> None:
 def resolve_run_dir(run_dir: str | None, ckpt_path: str | None) -> Path:
     """The run folder: explicit, else the folder holding ``checkpoints/`` of ``ckpt_path``, else default."""
     return RunFolder.resolve(run_dir, ckpt_path).root
+
+
+def _explicit(cli_args: list[str], key: str) -> bool:
+    return any(a == key or a.startswith(f"{key}=") for a in cli_args)
+
+
+def resolve_run_folder(cfg: Namespace, subcommand: str | None, cli_args: list[str]) -> RunFolder:
+    """The run folder a command writes into.
+
+    In order: ``--run_dir`` typed on the command line; the folder of a ``--config`` that lies in a run
+    folder (so ``test --config COPY/config.yaml`` writes into COPY, never into the original run named
+    inside the copied config); the run folder of ``--ckpt_path RUN/checkpoints/x.ckpt``; the ``run_dir``
+    of the config; ``runs/default``.
+    """
+    if _explicit(cli_args, "--run_dir") and cfg.get("run_dir"):
+        return RunFolder(cfg.run_dir)
+    for config in reversed(cfg.get("config") or []):
+        folder = Path(getattr(config, "absolute", config)).parent
+        if RunFolder.is_run_folder(folder):
+            return RunFolder(folder)
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path and str(ckpt_path) not in {"last", "best", "hpc", "registry"} and not is_remote(ckpt_path):
+        ckpt = Path(ckpt_path)
+        if ckpt.parent.name == "checkpoints":
+            return RunFolder.of_checkpoint(ckpt)
+    return RunFolder.resolve(cfg.get("run_dir"), None)
+
+
+_CHECKED: set[tuple[str, int, int]] = set()
+
+
+def _check_checkpoint(path: str) -> None:
+    """Load ``path`` with ``weights_only=True`` once; raises :class:`UnsafeCheckpointError` if unsafe."""
+    file = Path(path)
+    key = (
+        str(file.resolve()),
+        *((file.stat().st_mtime_ns, file.stat().st_size) if file.is_file() else (0, 0)),
+    )
+    if key not in _CHECKED:
+        load_checkpoint(path)
+        _CHECKED.add(key)
+
+
+def _secure_checkpoint(cfg: Namespace, subcommand: str, run: RunFolder) -> None:
+    """Resolve ``ckpt_path`` to a local file, check it loads with ``weights_only=True``, and make
+    Lightning load it with ``weights_only=True`` too (see :mod:`e2e_wsi.training.checkpoints`)."""
+    if cfg.get("weights_only") is False:
+        raise UnsafeCheckpointError(
+            "--weights_only false is not supported: e2e-wsi loads checkpoints with weights_only=True only"
+        )
+    if "weights_only" in cfg:
+        cfg.weights_only = True
+    ckpt = resolve_checkpoint(subcommand, cfg.get("ckpt_path"), run)
+    if ckpt is not None and str(ckpt) not in {"hpc", "registry"}:
+        if str(cfg.get("ckpt_path")) != ckpt:
+            print(f"e2e-wsi {subcommand}: checkpoint {Path(ckpt).resolve()}", flush=True)
+        _check_checkpoint(ckpt)
+    cfg.ckpt_path = ckpt
 
 
 def _cpu_safe_precision(trainer_cfg: Namespace) -> None:
