@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from e2e_wsi.data.datamodule import WSIDataModule
+from e2e_wsi.evaluation.bootstrap import check_resamples
 from e2e_wsi.models.module import SlideModule
 from e2e_wsi.training.callbacks import (
     LastCheckpoint,
@@ -91,6 +93,8 @@ class E2ECLI(LightningCLI):
             )
         _cpu_safe_precision(cfg.trainer)
         _secure_checkpoint(cfg, self.subcommand or "fit", run)
+        if self.subcommand == "test":
+            check_resamples(int(cfg.bootstrap))
         _reuse_split(cfg, run_dir, self.subcommand)
         if self.subcommand == "fit":
             _refuse_clobbering(run_dir, cfg.get("ckpt_path"))
@@ -109,6 +113,16 @@ class E2ECLI(LightningCLI):
         kwargs["callbacks"] = [*configured, *kwargs.get("callbacks", []), *extra]
         return super().instantiate_trainer(**kwargs)
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        run = Path(self.trainer.default_root_dir)
+        before, started = set(run.glob(_EVENTS)), time.time()
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            if self.trainer.is_global_zero:
+                _remove_stray_events(run, before, started)
+            raise
+
     def before_fit(self) -> None:
         print(f"e2e-wsi: run folder {Path(self.trainer.default_root_dir).resolve()}", flush=True)
 
@@ -122,6 +136,19 @@ class E2ECLI(LightningCLI):
 
     def after_validate(self) -> None:
         _write_metrics(self.trainer, "validate")
+
+
+_EVENTS = "events.out.tfevents.*"
+
+
+def _remove_stray_events(run: Path, before: set[Path], started: float) -> None:
+    """After a failed command: delete the TensorBoard events files it created, unless it got far enough
+    to write a checkpoint (then the curves belong to a run that can be resumed)."""
+    ckpts = RunFolder(run).checkpoints_dir
+    if ckpts.is_dir() and any(p.stat().st_mtime >= started for p in ckpts.glob("*.ckpt")):
+        return
+    for events in set(run.glob(_EVENTS)) - before:
+        events.unlink(missing_ok=True)
 
 
 def _write_metrics(trainer, stage: str) -> None:
