@@ -12,6 +12,7 @@ import lightning as L
 import pandas as pd
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
 
 from e2e_wsi.evaluation.bootstrap import bootstrap_report
 from e2e_wsi.evaluation.report import format_table, write_report
@@ -41,6 +42,65 @@ class LastCheckpoint(ModelCheckpoint):
             enable_version_counter=False,
             every_n_epochs=1,
         )
+
+
+def _undefined(current: torch.Tensor | None) -> bool:
+    return current is not None and bool(torch.isnan(torch.as_tensor(current)).any())
+
+
+class DefinedMetricCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that never selects a checkpoint on an undefined (NaN) monitored value.
+
+    A metric can be undefined on a validation split (the AUROC of a single-class split, the C-index
+    without a comparable pair). Lightning ranks NaN as the worst value but still saves it while fewer
+    than ``save_top_k`` checkpoints exist, so an undefined epoch 0 became "best". Here an epoch whose
+    monitored value is NaN is skipped; if every epoch is undefined no ``best-*`` checkpoint is written
+    and evaluation falls back to ``last.ckpt`` (:meth:`e2e_wsi.training.run.RunFolder.best_checkpoint`).
+    The CLI substitutes this class for every plain ``ModelCheckpoint`` of a config, whatever it monitors.
+    """
+
+    @property
+    def state_key(self) -> str:
+        # Same key as ModelCheckpoint, so runs and checkpoints written before the substitution resume.
+        return "ModelCheckpoint" + super().state_key[len(type(self).__qualname__) :]
+
+    def check_monitor_top_k(self, trainer: L.Trainer, current: torch.Tensor | None = None) -> bool:
+        if _undefined(current):
+            rank_zero_info(f"{self.monitor} is undefined (NaN) this epoch: no checkpoint selected on it")
+            return False
+        return super().check_monitor_top_k(trainer, current)
+
+
+class DefinedMetricEarlyStopping(EarlyStopping):
+    """``EarlyStopping`` that skips epochs whose monitored value is undefined (NaN).
+
+    Lightning's ``check_finite`` stops training at the first NaN; an undefined validation metric says
+    nothing about divergence, so such an epoch neither stops training nor uses up patience.
+    """
+
+    @property
+    def state_key(self) -> str:
+        return "EarlyStopping" + super().state_key[len(type(self).__qualname__) :]
+
+    def _run_early_stopping_check(self, trainer: L.Trainer) -> None:
+        if _undefined(trainer.callback_metrics.get(self.monitor)):
+            return
+        super()._run_early_stopping_check(trainer)
+
+
+_DEFINED_SUBSTITUTES = {
+    "lightning.pytorch.callbacks.ModelCheckpoint": DefinedMetricCheckpoint,
+    "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint": DefinedMetricCheckpoint,
+    "lightning.pytorch.callbacks.EarlyStopping": DefinedMetricEarlyStopping,
+    "lightning.pytorch.callbacks.early_stopping.EarlyStopping": DefinedMetricEarlyStopping,
+}
+
+
+def defined_metric_class_path(class_path: str) -> str:
+    """The class path to instantiate for a configured callback: plain ``ModelCheckpoint`` and
+    ``EarlyStopping`` become their NaN-skipping subclasses (same arguments); anything else is kept."""
+    sub = _DEFINED_SUBSTITUTES.get(class_path)
+    return f"{sub.__module__}.{sub.__qualname__}" if sub is not None else class_path
 
 
 class NoValidationFallback(Callback):

@@ -25,6 +25,7 @@ from e2e_wsi.training.callbacks import (
     NoValidationFallback,
     PredictionWriter,
     TestReportWriter,
+    defined_metric_class_path,
 )
 from e2e_wsi.training.checkpoints import (
     RUN_KEYWORDS,
@@ -92,6 +93,7 @@ class E2ECLI(LightningCLI):
                 init_args=Namespace(save_dir=str(run_dir), name="", version=""),
             )
         _cpu_safe_precision(cfg.trainer)
+        _skip_undefined_metrics(cfg.trainer)
         _secure_checkpoint(cfg, self.subcommand or "fit", run)
         if self.subcommand == "test":
             check_resamples(int(cfg.bootstrap))
@@ -235,6 +237,14 @@ def _cpu_safe_precision(trainer_cfg: Namespace) -> None:
             stacklevel=2,
         )
         trainer_cfg.precision = "32-true"
+
+
+def _skip_undefined_metrics(trainer_cfg: Namespace) -> None:
+    """Checkpoint selection and early stopping ignore NaN (undefined) metrics, whatever they monitor."""
+    callbacks = trainer_cfg.get("callbacks")
+    for cb in callbacks if isinstance(callbacks, list) else [callbacks] if callbacks else []:
+        if isinstance(cb, Namespace) and cb.get("class_path"):
+            cb.class_path = defined_metric_class_path(cb.class_path)
 
 
 def _reuse_split(cfg: Namespace, run_dir: Path, subcommand: str | None) -> None:
