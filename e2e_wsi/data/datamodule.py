@@ -6,6 +6,7 @@ Epoch handling and class oversampling live in :mod:`e2e_wsi.data.sampling` (``Ep
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from pathlib import Path
@@ -192,6 +193,54 @@ class WSIDataModule(pl.LightningDataModule):
             path = save_splits(df, df["split"], Path(run_dir) / "splits.csv")
             self.split_path = path
             log.info("split written to %s", path)
+
+    # ------------------------------------------------------- split in checkpoints
+    def split_fingerprint(self) -> str:
+        """SHA-256 of the split (sorted ``slide_id,split`` lines): equal fingerprints, equal splits."""
+        table = self._table()
+        lines = sorted(f"{s},{t}" for s, t in zip(table["slide_id"], table["split"], strict=True))
+        return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Stored in every checkpoint: the split's fingerprint and the training slides (plain data)."""
+        if self.table is None:
+            return {}
+        train = self.table.loc[self.table["split"] == "train", "slide_id"]
+        return {"split_sha256": self.split_fingerprint(), "train_slide_ids": sorted(map(str, train))}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Refuse a checkpoint trained on another split (resume) or on the slides being evaluated.
+
+        Raises:
+            ValueError: ``fit`` resumes with a split other than the checkpoint's, or ``validate``/``test``
+                evaluate slides the checkpoint was trained on.
+        """
+        if self.table is None or not state_dict.get("split_sha256"):
+            return  # checkpoints written before splits were fingerprinted
+        fn = getattr(getattr(self.trainer, "state", None), "fn", None)
+        stage = str(getattr(fn, "value", fn))
+        if stage == "fit" and state_dict["split_sha256"] != self.split_fingerprint():
+            raise ValueError(
+                "the checkpoint was trained on another split than this run's (split fingerprint "
+                f"{state_dict['split_sha256'][:12]} != {self.split_fingerprint()[:12]}): resuming would mix "
+                "training and test slides. Resume with the checkpoint's own splits.csv (--data.split_file "
+                "RUN/splits.csv of the run that wrote it), or start a fresh fit"
+            )
+        split = {"validate": "val", "test": "test"}.get(stage)
+        if split is not None:
+            evaluated = set(self.table.loc[self.table["split"] == split, "slide_id"].astype(str))
+            leaked = sorted(evaluated & set(state_dict.get("train_slide_ids", [])))
+            if leaked:
+                raise ValueError(
+                    f"{len(leaked)} {split} slide(s) were training slides of this checkpoint "
+                    f"(e.g. {leaked[:5]}): evaluate with the split of the checkpoint's run "
+                    "(--data.split_file RUN/splits.csv)"
+                )
+
+    def _table(self) -> pd.DataFrame:
+        if self.table is None:
+            raise RuntimeError("call setup() first (Lightning does it before the loaders are requested)")
+        return self.table
 
     # ------------------------------------------------------------ properties
     @property

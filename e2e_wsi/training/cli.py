@@ -248,11 +248,23 @@ def _skip_undefined_metrics(trainer_cfg: Namespace) -> None:
 
 
 def _reuse_split(cfg: Namespace, run_dir: Path, subcommand: str | None) -> None:
-    """Evaluating or resuming a run uses the split that run wrote, never a recomputed one."""
-    split_file = run_dir / "splits.csv"
-    resuming = subcommand == "fit" and cfg.get("ckpt_path")
-    if (subcommand != "fit" or resuming) and not cfg.data.get("split_file") and split_file.is_file():
-        cfg.data.split_file = str(split_file)
+    """Evaluating or resuming a run uses the split its checkpoint was trained with, never a recomputed one.
+
+    The checkpoint's own run folder comes first (resuming into a new ``--run_dir`` keeps the old run's
+    split, whatever ``data.split_seed`` says), then this run folder. A checkpoint also carries its split's
+    fingerprint, so a resume with any other split is refused (``WSIDataModule.load_state_dict``).
+    """
+    ckpt = cfg.get("ckpt_path")
+    if cfg.data.get("split_file") or (subcommand == "fit" and not ckpt):
+        return
+    candidates = [RunFolder(run_dir).splits]
+    if ckpt and Path(ckpt).is_file():
+        candidates.insert(0, RunFolder.of_checkpoint(ckpt).splits)
+    for split_file in candidates:
+        if split_file.is_file():
+            cfg.data.split_file = str(split_file)
+            print(f"e2e-wsi {subcommand}: split of {split_file.resolve()}", flush=True)
+            return
 
 
 def _refuse_clobbering(run_dir: Path, ckpt_path: str | None) -> None:
