@@ -45,7 +45,8 @@ VERBS: dict[str, tuple[str, str]] = {
 def _usage() -> str:
     width = max(len(v) for v in VERBS)
     lines = [
-        "usage: e2e-wsi [--debug] VERB [options]",
+        "usage: e2e-wsi VERB [options]",
+        "       e2e-wsi --debug VERB [options]",
         "",
         "End-to-end learning on whole-slide images (ResNet encoder + ABMILX aggregator).",
         "",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from collections.abc import Iterator, Sized
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pandas as pd
 import torch
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from e2e_wsi.cache.store import PatchCache
 from e2e_wsi.data.datasets import Bag, EvalBagDataset, TrainBagDataset, collate_bags
@@ -27,6 +27,47 @@ from e2e_wsi.data.splits import apply_splits, load_splits, make_splits, save_spl
 from e2e_wsi.data.transforms import EvalTransform, TrainTransform
 
 log = logging.getLogger(__name__)
+
+
+PADDING_INDEX = -1
+
+
+class EvalShardSampler(DistributedSampler):
+    """Disjoint, unshuffled evaluation shards (bags ``rank, rank + world, ...``), never empty.
+
+    Lightning's ``UnrepeatedDistributedSampler`` asserts that every rank gets a bag, so a split with
+    fewer bags than processes crashed one rank (and closed the other's connection). Here such a rank
+    gets :data:`PADDING_INDEX`: :class:`PaddedEvalDataset` serves it as a padding bag that the module
+    runs (so the rank joins every collective) but leaves out of losses, metrics and predictions.
+    """
+
+    def __init__(self, dataset: Sized, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.indices = list(range(rank, len(dataset), num_replicas)) or [PADDING_INDEX]
+        self.num_samples = len(self.indices)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class PaddedEvalDataset(Dataset):
+    """An evaluation dataset that serves :data:`PADDING_INDEX` as a copy of bag 0 with ``index`` -1."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, position: int) -> dict[str, Any]:
+        if position != PADDING_INDEX:
+            return self.dataset[position]
+        item = dict(self.dataset[0])
+        item["index"] = torch.tensor(PADDING_INDEX, dtype=torch.int64)
+        return item
 
 
 class WSIDataModule(pl.LightningDataModule):
@@ -323,14 +364,14 @@ class WSIDataModule(pl.LightningDataModule):
         mags = self.hparams.eval_magnifications or self.magnifications[:1]
         dataset = EvalBagDataset(self.cache, bags, mags, EvalTransform(self.hparams.eval_patch_size))
         rank, world = self._rank_world()
+        if world == 1:
+            return DataLoader(dataset, batch_size=1, shuffle=False, **self._loader_kwargs())
         # Under DDP, Lightning's default DistributedSampler pads by repeating bags, which would count
-        # some slides twice in gathered metrics; this sampler gives each rank a disjoint share instead.
-        sampler = (
-            UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
-            if world > 1
-            else None
-        )
-        return DataLoader(dataset, batch_size=1, shuffle=False, sampler=sampler, **self._loader_kwargs())
+        # some slides twice in gathered metrics; this sampler gives each rank a disjoint share instead,
+        # and a rank left without a bag (fewer bags than processes) one padding bag that counts for nothing.
+        sampler = EvalShardSampler(dataset, num_replicas=world, rank=rank)
+        padded = PaddedEvalDataset(dataset)
+        return DataLoader(padded, batch_size=1, shuffle=False, sampler=sampler, **self._loader_kwargs())
 
     def _eval_bags(self, stage: str) -> list[Bag]:
         if stage == "predict":

@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from e2e_wsi.evaluation.bootstrap import bootstrap_report
 from e2e_wsi.evaluation.report import format_table, write_report
+from e2e_wsi.models.module import real_rows
 from e2e_wsi.models.tasks import prediction_columns
 from e2e_wsi.utils import validate_slide_id
 
@@ -189,7 +190,10 @@ class PredictionWriter(Callback):
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         out = run_dir_of(trainer) / "predict" / "attention"
         out.mkdir(parents=True, exist_ok=True)
+        real = real_rows(batch)
         for b, bag_id in enumerate(batch["bag_id"]):
+            if not bool(real[b]):
+                continue  # a padding bag of a DDP rank without a slide of its own
             valid = batch["mask"][b]
             torch.save(
                 {
@@ -200,7 +204,10 @@ class PredictionWriter(Callback):
                 out / f"{validate_slide_id(bag_id)}.pt",
             )
         pl_module._collected.append(
-            {"index": outputs["index"].detach(), **{k: v.detach() for k, v in outputs["preds"].items()}}
+            {
+                "index": outputs["index"].detach()[real],
+                **{k: v.detach()[real] for k, v in outputs["preds"].items()},
+            }
         )
 
     def on_predict_epoch_start(self, trainer, pl_module) -> None:
