@@ -93,9 +93,9 @@ class DefinedMulticlassAUROC(MulticlassAUROC):
     def _classes_present(self) -> Tensor | None:
         """[K] bool: classes with at least one target in the (gathered) states; None without updates."""
         if self.thresholds is None:
-            if not self.target:
+            if isinstance(self.target, list) and not self.target:
                 return None
-            target = dim_zero_cat(self.target).long()
+            target = dim_zero_cat(self.target).long()  # a list, or one tensor after a DDP sync
             if self.ignore_index is not None:
                 target = target[target != self.ignore_index]
             return torch.bincount(target, minlength=self.num_classes)[: self.num_classes] > 0

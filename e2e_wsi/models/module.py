@@ -160,14 +160,16 @@ class SlideModule(L.LightningModule):
         self._update_metrics(metrics, out["outputs"].detach(), batch, real)
         on_step = stage == "train"
         # A padding bag (DDP rank without an evaluation slide) logs with weight 0: it joins the
-        # cross-rank reduction without moving the epoch mean. Evaluation batches hold one bag.
+        # cross-rank reduction without moving the epoch mean. Evaluation batches hold one bag. The
+        # weight is a float because Lightning averages the per-rank bag counts in the tensor's dtype,
+        # and an integer mean of unequal counts (1 and 0, or 2 and 1) truncates.
         self.log(
             f"{stage}/loss",
             loss,
             on_step=on_step,
             on_epoch=True,
             prog_bar=True,
-            batch_size=int(real.sum()),
+            batch_size=float(real.sum()),  # type: ignore[arg-type]
             sync_dist=not on_step,
         )
         self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=bsz)

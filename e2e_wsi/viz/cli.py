@@ -15,6 +15,7 @@ from e2e_wsi.cache.store import PatchCache, mag_key
 from e2e_wsi.data.datasets import Bag, EvalBagDataset
 from e2e_wsi.data.transforms import EvalTransform
 from e2e_wsi.models.module import SlideModule
+from e2e_wsi.training.checkpoints import load_checkpoint
 from e2e_wsi.training.run import RunFolder
 from e2e_wsi.utils import validate_slide_id
 from e2e_wsi.viz.heatmap import SlideAttention, localization_summary, patch_lesion_labels, render_heatmap
@@ -49,7 +50,7 @@ def load_run(ckpt_path: str | Path, config_path: str | Path | None = None) -> tu
     parser.add_class_arguments(SlideModule, "model", fail_untyped=False)
     cfg = parser.parse_object({"model": config.get("model") or {}})
     model = parser.instantiate_classes(cfg).model
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
+    state = load_checkpoint(ckpt_path)["state_dict"]  # weights_only=True; a clear error if refused
     model.load_state_dict(state)
     model.eval()
     return model, config.get("data") or {}

@@ -177,3 +177,12 @@ def test_input_error_exits_2_without_traceback_unless_debug(
     with pytest.raises(ValueError, match="num_classes=3"):
         main(["--debug", *args])
     assert not list(run.glob("events.out.tfevents.*"))
+
+
+def test_heatmap_refuses_the_payload_checkpoint(tiny_run: Path, evil_ckpt: tuple[Path, Path]) -> None:
+    from e2e_wsi.viz.cli import load_run
+
+    path, marker = evil_ckpt
+    with pytest.raises(UnsafeCheckpointError, match="refusing checkpoint"):
+        load_run(path, tiny_run / "config.yaml")
+    assert not marker.exists()

@@ -56,9 +56,14 @@ def test_auroc_of_a_single_class_is_nan_and_warns_once() -> None:
     metric.update(probs, torch.tensor([1, 1, 1]))
     with pytest.warns(UserWarning, match="AUROC is undefined"):
         assert torch.isnan(metric.compute())
+    # The next epoch (a fresh state) is undefined again but does not warn again; after a DDP sync the
+    # list states are single concatenated tensors.
+    again = DefinedMulticlassAUROC(num_classes=2, average="macro")
+    again.preds, again.target = probs, torch.tensor([0, 0, 0])
+    again._update_count = 1
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a second undefined value does not warn again
-        assert torch.isnan(metric.compute())
+        warnings.simplefilter("error")
+        assert torch.isnan(again.compute())
     both = DefinedMulticlassAUROC(num_classes=2, average="macro")
     both.update(probs, torch.tensor([1, 0, 1]))
     assert float(both.compute()) == pytest.approx(1.0)
