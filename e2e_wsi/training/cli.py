@@ -28,7 +28,6 @@ from e2e_wsi.training.callbacks import (
     defined_metric_class_path,
 )
 from e2e_wsi.training.checkpoints import (
-    RUN_KEYWORDS,
     UnsafeCheckpointError,
     is_remote,
     load_checkpoint,
@@ -74,13 +73,16 @@ class E2ECLI(LightningCLI):
         # refuse a remote or unsafe checkpoint first, with a message instead of an unpickling traceback.
         cfg = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
         ckpt_path = cfg.get("ckpt_path")
-        if ckpt_path and str(ckpt_path) not in RUN_KEYWORDS:
+        if ckpt_path and (is_remote(ckpt_path) or Path(ckpt_path).is_file()):
             _check_checkpoint(str(ckpt_path))
         super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
-        run = resolve_run_folder(cfg, self.subcommand, getattr(self, "_cli_args", []))
+        subcommand = self.subcommand or "fit"
+        cli_args = getattr(self, "_cli_args", [])
+        ckpt_arg = _ckpt_argument(cfg, subcommand, cli_args)
+        run = resolve_run_folder(cfg, ckpt_arg, cli_args)
         run_dir = run.root
         cfg.run_dir = str(run_dir)
         cfg.trainer.default_root_dir = str(run_dir)
@@ -94,12 +96,19 @@ class E2ECLI(LightningCLI):
             )
         _cpu_safe_precision(cfg.trainer)
         _skip_undefined_metrics(cfg.trainer)
-        _secure_checkpoint(cfg, self.subcommand or "fit", run)
-        if self.subcommand == "test":
+        self._ckpt_path = _secure_checkpoint(cfg, subcommand, run, ckpt_arg)
+        if subcommand == "test":
             check_resamples(int(cfg.bootstrap))
-        _reuse_split(cfg, run_dir, self.subcommand)
-        if self.subcommand == "fit":
-            _refuse_clobbering(run_dir, cfg.get("ckpt_path"))
+        _reuse_split(cfg, run_dir, subcommand, self._ckpt_path, cli_args)
+        if subcommand == "fit":
+            _refuse_clobbering(run_dir, self._ckpt_path)
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
+        # The checkpoint checked in before_instantiate_classes, always loaded with weights_only=True.
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        kwargs["ckpt_path"] = getattr(self, "_ckpt_path", kwargs.get("ckpt_path"))
+        kwargs["weights_only"] = True
+        return kwargs
 
     def instantiate_trainer(self, **kwargs):
         cfg = self.config_init[self.subcommand] if self.subcommand else self.config_init
@@ -172,7 +181,18 @@ def _explicit(cli_args: list[str], key: str) -> bool:
     return any(a == key or a.startswith(f"{key}=") for a in cli_args)
 
 
-def resolve_run_folder(cfg: Namespace, subcommand: str | None, cli_args: list[str]) -> RunFolder:
+def _ckpt_argument(cfg: Namespace, subcommand: str, cli_args: list[str]) -> str | None:
+    """The ``ckpt_path`` that counts. ``validate``/``test``/``predict`` take it from the command line only:
+    a ``ckpt_path`` inside a run's ``config.yaml`` is where its ``fit`` resumed from, not the checkpoint
+    to evaluate (that is the run's best one)."""
+    ckpt = cfg.get("ckpt_path")
+    if ckpt and subcommand != "fit" and not _explicit(cli_args, "--ckpt_path"):
+        print(f"e2e-wsi {subcommand}: ignoring ckpt_path {ckpt} of the config (pass --ckpt_path to choose)")
+        return None
+    return None if ckpt is None else str(ckpt)
+
+
+def resolve_run_folder(cfg: Namespace, ckpt_path: str | None, cli_args: list[str]) -> RunFolder:
     """The run folder a command writes into.
 
     In order: ``--run_dir`` typed on the command line; the folder of a ``--config`` that lies in a run
@@ -186,7 +206,6 @@ def resolve_run_folder(cfg: Namespace, subcommand: str | None, cli_args: list[st
         folder = Path(getattr(config, "absolute", config)).parent
         if RunFolder.is_run_folder(folder):
             return RunFolder(folder)
-    ckpt_path = cfg.get("ckpt_path")
     if ckpt_path and str(ckpt_path) not in {"last", "best", "hpc", "registry"} and not is_remote(ckpt_path):
         ckpt = Path(ckpt_path)
         if ckpt.parent.name == "checkpoints":
@@ -209,21 +228,27 @@ def _check_checkpoint(path: str) -> None:
         _CHECKED.add(key)
 
 
-def _secure_checkpoint(cfg: Namespace, subcommand: str, run: RunFolder) -> None:
-    """Resolve ``ckpt_path`` to a local file, check it loads with ``weights_only=True``, and make
-    Lightning load it with ``weights_only=True`` too (see :mod:`e2e_wsi.training.checkpoints`)."""
+def _secure_checkpoint(cfg: Namespace, subcommand: str, run: RunFolder, ckpt_path: str | None) -> str | None:
+    """Resolve ``ckpt_path`` to a local file and check that it loads with ``weights_only=True``
+    (see :mod:`e2e_wsi.training.checkpoints`); Lightning then loads it with ``weights_only=True`` too.
+
+    Returns:
+        The checkpoint file (or a Lightning keyword such as ``hpc``), ``None`` for a fresh fit.
+    """
     if cfg.get("weights_only") is False:
         raise UnsafeCheckpointError(
             "--weights_only false is not supported: e2e-wsi loads checkpoints with weights_only=True only"
         )
     if "weights_only" in cfg:
         cfg.weights_only = True
-    ckpt = resolve_checkpoint(subcommand, cfg.get("ckpt_path"), run)
+    ckpt = resolve_checkpoint(subcommand, ckpt_path, run)
     if ckpt is not None and str(ckpt) not in {"hpc", "registry"}:
-        if str(cfg.get("ckpt_path")) != ckpt:
+        if str(ckpt_path) != ckpt:
             print(f"e2e-wsi {subcommand}: checkpoint {Path(ckpt).resolve()}", flush=True)
         _check_checkpoint(ckpt)
-    cfg.ckpt_path = ckpt
+    if subcommand != "fit":
+        cfg.ckpt_path = ckpt  # config.<stage>.yaml records the checkpoint that was evaluated
+    return ckpt
 
 
 def _cpu_safe_precision(trainer_cfg: Namespace) -> None:
@@ -247,15 +272,18 @@ def _skip_undefined_metrics(trainer_cfg: Namespace) -> None:
             cb.class_path = defined_metric_class_path(cb.class_path)
 
 
-def _reuse_split(cfg: Namespace, run_dir: Path, subcommand: str | None) -> None:
+def _reuse_split(
+    cfg: Namespace, run_dir: Path, subcommand: str, ckpt: str | None, cli_args: list[str]
+) -> None:
     """Evaluating or resuming a run uses the split its checkpoint was trained with, never a recomputed one.
 
     The checkpoint's own run folder comes first (resuming into a new ``--run_dir`` keeps the old run's
     split, whatever ``data.split_seed`` says), then this run folder. A checkpoint also carries its split's
     fingerprint, so a resume with any other split is refused (``WSIDataModule.load_state_dict``).
+    A ``--data.split_file`` typed on the command line wins; one stored in a copied run's config
+    (the original run's file) gives way to the split file of the run folders above.
     """
-    ckpt = cfg.get("ckpt_path")
-    if cfg.data.get("split_file") or (subcommand == "fit" and not ckpt):
+    if _explicit(cli_args, "--data.split_file") or (subcommand == "fit" and not ckpt):
         return
     candidates = [RunFolder(run_dir).splits]
     if ckpt and Path(ckpt).is_file():

@@ -18,7 +18,9 @@ def _resume(run: Path, ckpt: Path, *extra: str) -> list[str]:
             "--ckpt_path", str(ckpt), "--trainer.max_epochs", "3", *extra]  # fmt: skip
 
 
-def test_resume_into_a_new_folder_with_another_seed_keeps_the_split(tiny_run: Path, tmp_path: Path) -> None:
+def test_resume_into_a_new_folder_with_another_seed_keeps_the_split(
+    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     src = tmp_path / "src"
     shutil.copytree(tiny_run, src, ignore=shutil.ignore_patterns("predict", "predictions.csv", "metrics.*"))
     new = tmp_path / "new"
@@ -29,6 +31,12 @@ def test_resume_into_a_new_folder_with_another_seed_keeps_the_split(tiny_run: Pa
     assert state["epoch"] == 2 and len(state["WSIDataModule"]["split_sha256"]) == 64
     train = pd.read_csv(src / "splits.csv").query("split == 'train'")["slide_id"]
     assert state["WSIDataModule"]["train_slide_ids"] == sorted(train)
+    # The resumed run's config records where fit resumed from; `test` evaluates this run's own best.
+    capsys.readouterr()
+    assert main(["test", "--config", str(new / "config.yaml"), "--bootstrap", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "ignoring ckpt_path" in out and f"checkpoint {(new / 'checkpoints').resolve()}" in out
+    assert (new / "predictions.csv").is_file() and not (src / "predictions.csv").exists()
 
 
 def test_resume_with_a_different_split_is_refused(
