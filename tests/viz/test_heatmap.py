@@ -251,10 +251,10 @@ def test_slide_attention_covers_every_patch(tiny_run: Path, synth_cache: tuple[P
 def test_bad_slide_ids_get_a_clear_error(tiny_run: Path, slide: str, message: str, tmp_path: Path) -> None:
     ckpt = tiny_run / "checkpoints" / "last.ckpt"
     with pytest.raises(ValueError, match=message):
-        main(["heatmap", "--ckpt_path", str(ckpt), "--slide", slide, "--out", str(tmp_path)])
+        main(["--debug", "heatmap", "--ckpt_path", str(ckpt), "--slide", slide, "--out", str(tmp_path)])
     assert not list(tmp_path.iterdir())
 
 
 def test_missing_checkpoint_is_named(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="missing.ckpt"):
-        main(["heatmap", "--ckpt_path", str(tmp_path / "missing.ckpt"), "--slide", "s1"])
+        main(["--debug", "heatmap", "--ckpt_path", str(tmp_path / "missing.ckpt"), "--slide", "s1"])
