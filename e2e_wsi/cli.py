@@ -8,8 +8,16 @@ a function ``(argv: list[str]) -> int`` returning the process exit status.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Sequence
+
+# Exceptions that mean "the input is wrong" (a bad manifest, a task mismatch, a missing file): the
+# message says what to fix, so the user gets it without a traceback unless they ask with --debug.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError)
+# Lightning's configuration error, matched by name so `e2e-wsi --help` does not import Lightning.
+_USER_ERROR_NAMES = {"MisconfigurationException"}
+DEBUG_ENV = "E2E_WSI_DEBUG"
 
 # verb -> ("module:function", one-line help). Order is the order shown in --help.
 VERBS: dict[str, tuple[str, str]] = {
@@ -45,8 +53,11 @@ def _usage() -> str:
     width = max(len(v) for v in VERBS)
     lines = [
         "usage: e2e-wsi VERB [options]",
+        "       e2e-wsi --debug VERB [options]",
         "",
         "End-to-end learning on whole-slide images (ResNet encoder + ABMILX aggregator).",
+        "",
+        "--debug  show the full traceback of input errors (they otherwise print one message, exit 2)",
         "",
         "verbs:",
     ]
@@ -62,9 +73,15 @@ def main(args: Sequence[str] | None = None) -> int:
         args: Arguments after the program name; ``None`` reads ``sys.argv[1:]``.
 
     Returns:
-        The exit status (0 on success). The console script passes it to ``sys.exit``.
+        The exit status: 0 on success, 2 on an input error (bad manifest, task mismatch, missing or
+        refused checkpoint, ...), whose message goes to stderr; ``--debug`` (before the verb) or
+        ``E2E_WSI_DEBUG=1`` re-raises it with its traceback instead. The console script passes the status
+        to ``sys.exit``.
     """
     argv = list(sys.argv[1:] if args is None else args)
+    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    while argv and argv[0] == "--debug":
+        debug, argv = True, argv[1:]
     if not argv or argv[0] in {"-h", "--help", "help"}:
         print(_usage())
         return 0
@@ -79,8 +96,20 @@ def main(args: Sequence[str] | None = None) -> int:
         return 2
     module_name, func_name = VERBS[verb][0].split(":")
     func = getattr(importlib.import_module(module_name), func_name)
-    result = func(rest)
+    try:
+        result = func(rest)
+    except Exception as err:
+        if debug or not is_user_error(err):
+            raise
+        print(f"e2e-wsi {verb}: error: {err}", file=sys.stderr)
+        print("(run `e2e-wsi --debug ...` for the traceback)", file=sys.stderr, flush=True)
+        return 2
     return int(result or 0)
+
+
+def is_user_error(err: BaseException) -> bool:
+    """Whether ``err`` reports bad input (message only, exit 2) rather than a bug (traceback)."""
+    return isinstance(err, USER_ERRORS) or any(t.__name__ in _USER_ERROR_NAMES for t in type(err).__mro__)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -73,3 +73,20 @@ def test_console_script_runs() -> None:
         [sys.executable, "-m", "e2e_wsi", "--version"], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0 and result.stdout.startswith("e2e-wsi ")
+
+
+def test_input_errors_exit_2_with_the_message_and_debug_shows_the_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "nope.csv"
+    assert main(["evaluate", "--predictions", str(missing)]) == 2  # the verb's own handling
+    capsys.readouterr()
+    # A verb that lets a FileNotFoundError through: the dispatcher prints it and exits 2.
+    code = main(["test", "--run_dir", str(tmp_path / "run"), "--data.manifest", str(missing),
+                 "--data.cache_dir", str(tmp_path)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "e2e-wsi test: error:" in err and "Traceback" not in err and "--debug" in err
+    with pytest.raises(FileNotFoundError):
+        main(["--debug", "test", "--run_dir", str(tmp_path / "run"), "--data.manifest", str(missing),
+              "--data.cache_dir", str(tmp_path)])  # fmt: skip
+    assert "--debug" in (main(["--help"]), capsys.readouterr().out)[1]

@@ -6,8 +6,10 @@ Epoch handling and class oversampling live in :mod:`e2e_wsi.data.sampling` (``Ep
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+from collections.abc import Iterator, Sized
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +17,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pandas as pd
 import torch
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from e2e_wsi.cache.store import OnDamaged, PatchCache
 from e2e_wsi.data.datasets import Bag, EvalBagDataset, TrainBagDataset, collate_bags
@@ -27,6 +28,47 @@ from e2e_wsi.data.transforms import EvalTransform, TrainTransform
 from e2e_wsi.task_kinds import TaskKind
 
 log = logging.getLogger(__name__)
+
+
+PADDING_INDEX = -1
+
+
+class EvalShardSampler(DistributedSampler):
+    """Disjoint, unshuffled evaluation shards (bags ``rank, rank + world, ...``), never empty.
+
+    Lightning's ``UnrepeatedDistributedSampler`` asserts that every rank gets a bag, so a split with
+    fewer bags than processes crashed one rank (and closed the other's connection). Here such a rank
+    gets :data:`PADDING_INDEX`: :class:`PaddedEvalDataset` serves it as a padding bag that the module
+    runs (so the rank joins every collective) but leaves out of losses, metrics and predictions.
+    """
+
+    def __init__(self, dataset: Sized, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.indices = list(range(rank, len(dataset), num_replicas)) or [PADDING_INDEX]
+        self.num_samples = len(self.indices)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class PaddedEvalDataset(Dataset):
+    """An evaluation dataset that serves :data:`PADDING_INDEX` as a copy of bag 0 with ``index`` -1."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, position: int) -> dict[str, Any]:
+        if position != PADDING_INDEX:
+            return self.dataset[position]
+        item = dict(self.dataset[0])
+        item["index"] = torch.tensor(PADDING_INDEX, dtype=torch.int64)
+        return item
 
 
 class WSIDataModule(pl.LightningDataModule):
@@ -199,6 +241,54 @@ class WSIDataModule(pl.LightningDataModule):
             self.split_path = path
             log.info("split written to %s", path)
 
+    # ------------------------------------------------------- split in checkpoints
+    def split_fingerprint(self) -> str:
+        """SHA-256 of the split (sorted ``slide_id,split`` lines): equal fingerprints, equal splits."""
+        table = self._table()
+        lines = sorted(f"{s},{t}" for s, t in zip(table["slide_id"], table["split"], strict=True))
+        return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Stored in every checkpoint: the split's fingerprint and the training slides (plain data)."""
+        if self.table is None:
+            return {}
+        train = self.table.loc[self.table["split"] == "train", "slide_id"]
+        return {"split_sha256": self.split_fingerprint(), "train_slide_ids": sorted(map(str, train))}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Refuse a checkpoint trained on another split (resume) or on the slides being evaluated.
+
+        Raises:
+            ValueError: ``fit`` resumes with a split other than the checkpoint's, or ``validate``/``test``
+                evaluate slides the checkpoint was trained on.
+        """
+        if self.table is None or not state_dict.get("split_sha256"):
+            return  # checkpoints written before splits were fingerprinted
+        fn = getattr(getattr(self.trainer, "state", None), "fn", None)
+        stage = str(getattr(fn, "value", fn))
+        if stage == "fit" and state_dict["split_sha256"] != self.split_fingerprint():
+            raise ValueError(
+                "the checkpoint was trained on another split than this run's (split fingerprint "
+                f"{state_dict['split_sha256'][:12]} != {self.split_fingerprint()[:12]}): resuming would mix "
+                "training and test slides. Resume with the checkpoint's own splits.csv (--data.split_file "
+                "RUN/splits.csv of the run that wrote it), or start a fresh fit"
+            )
+        split = {"validate": "val", "test": "test"}.get(stage)
+        if split is not None:
+            evaluated = set(self.table.loc[self.table["split"] == split, "slide_id"].astype(str))
+            leaked = sorted(evaluated & set(state_dict.get("train_slide_ids", [])))
+            if leaked:
+                raise ValueError(
+                    f"{len(leaked)} {split} slide(s) were training slides of this checkpoint "
+                    f"(e.g. {leaked[:5]}): evaluate with the split of the checkpoint's run "
+                    "(--data.split_file RUN/splits.csv)"
+                )
+
+    def _table(self) -> pd.DataFrame:
+        if self.table is None:
+            raise RuntimeError("call setup() first (Lightning does it before the loaders are requested)")
+        return self.table
+
     # ------------------------------------------------------------ properties
     @property
     def train_targets(self) -> torch.Tensor:
@@ -280,14 +370,14 @@ class WSIDataModule(pl.LightningDataModule):
         mags = self.hparams.eval_magnifications or self.magnifications[:1]
         dataset = EvalBagDataset(self.cache, bags, mags, EvalTransform(self.hparams.eval_patch_size))
         rank, world = self._rank_world()
+        if world == 1:
+            return DataLoader(dataset, batch_size=1, shuffle=False, **self._loader_kwargs())
         # Under DDP, Lightning's default DistributedSampler pads by repeating bags, which would count
-        # some slides twice in gathered metrics; this sampler gives each rank a disjoint share instead.
-        sampler = (
-            UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
-            if world > 1
-            else None
-        )
-        return DataLoader(dataset, batch_size=1, shuffle=False, sampler=sampler, **self._loader_kwargs())
+        # some slides twice in gathered metrics; this sampler gives each rank a disjoint share instead,
+        # and a rank left without a bag (fewer bags than processes) one padding bag that counts for nothing.
+        sampler = EvalShardSampler(dataset, num_replicas=world, rank=rank)
+        padded = PaddedEvalDataset(dataset)
+        return DataLoader(padded, batch_size=1, shuffle=False, sampler=sampler, **self._loader_kwargs())
 
     def _eval_bags(self, stage: str) -> list[Bag]:
         if stage == "predict":

@@ -286,3 +286,36 @@ def paired_comparison(
         "b": summarize(point_b, values_b, ci),
         "difference": difference,
     }
+
+
+# Upper bound on bootstrap resamples: percentile CIs are stable to the third decimal after a few thousand
+# resamples, and the case draws alone take 8 * R * n_cases bytes, so 1e10 resamples would need TiBs.
+MAX_RESAMPLES = 100_000
+_MAX_DRAW_BYTES = 2 * 1024**3
+
+
+def check_resamples(n_resamples: int, n_cases: int | None = None) -> int:
+    """Validate a user's resample count before anything is allocated.
+
+    Args:
+        n_resamples: Requested ``R``.
+        n_cases: Cases in the file, when known (bounds the ``[R, n_cases]`` draw array to 2 GiB).
+
+    Returns:
+        ``n_resamples``.
+
+    Raises:
+        ValueError: If ``R`` is below 1, above :data:`MAX_RESAMPLES`, or its draws would exceed 2 GiB.
+    """
+    if not 1 <= n_resamples <= MAX_RESAMPLES:
+        raise ValueError(
+            f"--bootstrap must be between 1 and {MAX_RESAMPLES:,} resamples, got {n_resamples:,} "
+            "(1000-10000 give stable 95% intervals)"
+        )
+    if n_cases is not None and 8 * n_resamples * n_cases > _MAX_DRAW_BYTES:
+        most = max(1, _MAX_DRAW_BYTES // (8 * max(n_cases, 1)))
+        raise ValueError(
+            f"--bootstrap {n_resamples:,} over {n_cases:,} cases needs "
+            f"{8 * n_resamples * n_cases / 1024**3:.1f} GiB of draws; use at most {most:,}"
+        )
+    return n_resamples

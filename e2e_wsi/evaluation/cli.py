@@ -13,7 +13,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from e2e_wsi.evaluation.bootstrap import MAIN_METRIC, bootstrap_report, paired_comparison
+from e2e_wsi.evaluation.bootstrap import (
+    MAIN_METRIC,
+    MAX_RESAMPLES,
+    bootstrap_report,
+    check_resamples,
+    paired_comparison,
+)
 from e2e_wsi.evaluation.report import format_table, read_predictions, write_json, write_report
 from e2e_wsi.task_kinds import TASK_KINDS
 
@@ -32,7 +38,10 @@ def _parser() -> argparse.ArgumentParser:
         "--compare", type=Path, default=None, help="predictions.csv of run B to compare with A"
     )
     parser.add_argument(
-        "--bootstrap", type=int, default=1000, help="number of case-level resamples (default 1000)"
+        "--bootstrap",
+        type=resample_count,
+        default=1000,
+        help=f"number of case-level resamples, 1 to {MAX_RESAMPLES:,} (default 1000)",
     )
     parser.add_argument("--seed", type=int, default=0, help="resampling seed (default 0)")
     parser.add_argument("--ci", type=float, default=0.95, help="percentile interval coverage (default 0.95)")
@@ -47,6 +56,20 @@ def _parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=None, help="output folder (default: the folder of --predictions)"
     )
     return parser
+
+
+def resample_count(text: str) -> int:
+    """argparse type of ``--bootstrap``: a whole number (``1e4`` allowed) within :data:`MAX_RESAMPLES`."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value.is_integer():
+        raise argparse.ArgumentTypeError(f"must be a whole number of resamples, got {text!r}")
+    try:
+        return check_resamples(int(value))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _row(label: str, s: dict[str, Any]) -> str:
@@ -86,9 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = _parser().parse_args(sys.argv[2:] if argv is None else argv)
     try:
-        if args.bootstrap < 1:
-            raise ValueError(f"--bootstrap must be >= 1, got {args.bootstrap}")
         df_a, task = read_predictions(args.predictions, args.task)
+        check_resamples(args.bootstrap, df_a["case_id"].nunique())
         out_dir = args.out or args.predictions.parent
         report = bootstrap_report(df_a, task, n_resamples=args.bootstrap, seed=args.seed, ci=args.ci)
         if args.compare is None:

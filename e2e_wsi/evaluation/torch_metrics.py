@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 from torchmetrics import Metric
+from torchmetrics.classification import MulticlassAUROC
 from torchmetrics.utilities import dim_zero_cat
 
 
@@ -58,3 +61,43 @@ class ConcordanceIndex(Metric):
         return harrell_c_index(
             dim_zero_cat(self.risk), dim_zero_cat(self.time), dim_zero_cat(self.event)
         ).float()
+
+
+class DefinedMulticlassAUROC(MulticlassAUROC):
+    """Macro one-vs-rest AUROC that is NaN (undefined) unless every class occurs in the targets.
+
+    torchmetrics returns 0.0 for a split holding a single class, which reads as "worst possible" and
+    keeps checkpoint selection on ``val/auroc`` at epoch 0. The AUROC of a class without positives or
+    negatives is undefined; like :func:`e2e_wsi.evaluation.metrics.auroc` (the test report), the macro
+    average is then NaN. A warning says so once per process; checkpoint selection skips NaN
+    (:class:`e2e_wsi.training.callbacks.DefinedMetricCheckpoint`).
+    """
+
+    _warned = False
+
+    def compute(self) -> Tensor:
+        present = self._classes_present()
+        if present is not None and int(present.sum()) < self.num_classes:
+            if not DefinedMulticlassAUROC._warned:
+                DefinedMulticlassAUROC._warned = True
+                warnings.warn(
+                    f"AUROC is undefined (logged as NaN): the evaluated slides hold only classes "
+                    f"{present.nonzero().flatten().tolist()} of {self.num_classes}; put slides of every "
+                    "class in the validation split (checkpoints are not selected on undefined values)",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            return torch.tensor(float("nan"), device=self.device)
+        return super().compute()
+
+    def _classes_present(self) -> Tensor | None:
+        """[K] bool: classes with at least one target in the (gathered) states; None without updates."""
+        if self.thresholds is None:
+            if isinstance(self.target, list) and not self.target:
+                return None
+            target = dim_zero_cat(self.target).long()  # a list, or one tensor after a DDP sync
+            if self.ignore_index is not None:
+                target = target[target != self.ignore_index]
+            return torch.bincount(target, minlength=self.num_classes)[: self.num_classes] > 0
+        # Binned states: confmat [T, K, 2, 2]; row 1 of a class's matrix counts its positives.
+        return self.confmat[0, :, 1, :].sum(-1) > 0

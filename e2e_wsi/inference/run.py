@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import yaml
 from jsonargparse import ArgumentParser
 
 from e2e_wsi.models.module import SlideModule
+from e2e_wsi.training.checkpoints import load_checkpoint
 from e2e_wsi.training.run import RunFolder
 
 
@@ -68,7 +68,7 @@ def load_model(ckpt_path: str | Path, config_path: str | Path | None = None) -> 
     parser.add_class_arguments(SlideModule, "model", fail_untyped=False)
     cfg = parser.parse_object({"model": config.get("model") or {}})
     model = parser.instantiate_classes(cfg).model
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
+    state = load_checkpoint(ckpt_path)["state_dict"]  # weights_only=True; remote or unsafe files refused
     model.load_state_dict(state)
     model.eval()
     return LoadedModel(model, config.get("data") or {}, ckpt_path, RunFolder(config_path.parent))

@@ -155,15 +155,20 @@ class SlideModule(L.LightningModule):
             return out
         loss = self.task.loss(self.loss_fn, out["outputs"], batch)
         metrics = getattr(self, f"{stage}_metrics")
-        self.task.update_metrics(metrics, out["outputs"].detach(), batch)
+        real = real_rows(batch)
+        self._update_metrics(metrics, out["outputs"].detach(), batch, real)
         on_step = stage == "train"
+        # A padding bag (DDP rank without an evaluation slide) logs with weight 0: it joins the
+        # cross-rank reduction without moving the epoch mean. Evaluation batches hold one bag. The
+        # weight is a float because Lightning averages the per-rank bag counts in the tensor's dtype,
+        # and an integer mean of unequal counts (1 and 0, or 2 and 1) truncates.
         self.log(
             f"{stage}/loss",
             loss,
             on_step=on_step,
             on_epoch=True,
             prog_bar=True,
-            batch_size=bsz,
+            batch_size=float(real.sum()),  # type: ignore[arg-type]
             sync_dist=not on_step,
         )
         self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=bsz)
@@ -195,6 +200,21 @@ class SlideModule(L.LightningModule):
             "attention": out["attention"],
         }
 
+    def _update_metrics(self, metrics, outputs: Tensor, batch: dict, real: Tensor) -> None:
+        """Update ``metrics`` with the real rows only (see :func:`real_rows`)."""
+        if bool(real.all()):
+            self.task.update_metrics(metrics, outputs, batch)
+            return
+        rows = select_rows(batch, real)
+        if bool(real.any()):
+            self.task.update_metrics(metrics, outputs[real], rows)
+            return
+        # Only padding: metrics that gather lists of predictions across ranks get one empty entry of
+        # the right shape, so every rank's gather matches; counting metrics sync their zero sums as is.
+        for metric in metrics.values():
+            if any(isinstance(v, list) for v in metric.metric_state.values()):
+                self.task.update_metrics(metric, outputs[real], rows)
+
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.ema is not None:
             self.ema.update_parameters(self._trainable())
@@ -220,3 +240,20 @@ class SlideModule(L.LightningModule):
                 yield self
         finally:
             self.train(was_training)
+
+
+def real_rows(batch: dict) -> Tensor:
+    """[B] bool: False for padding bags (``index`` -1), which a DDP rank without an evaluation slide
+    runs so it still joins every collective (:class:`e2e_wsi.data.datamodule.EvalShardSampler`)."""
+    index = batch.get("index")
+    if index is None:
+        return torch.ones(batch["images"].shape[0], dtype=torch.bool, device=batch["images"].device)
+    return index >= 0
+
+
+def select_rows(batch: dict, rows: Tensor) -> dict:
+    """The batch restricted to ``rows`` (tensors with a leading batch dimension; other values kept)."""
+    n = rows.shape[0]
+    return {
+        k: v[rows] if isinstance(v, Tensor) and v.ndim and v.shape[0] == n else v for k, v in batch.items()
+    }

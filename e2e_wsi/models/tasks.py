@@ -17,12 +17,11 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
-    MulticlassAUROC,
     MulticlassCohenKappa,
     MulticlassF1Score,
 )
 
-from e2e_wsi.evaluation.torch_metrics import ConcordanceIndex
+from e2e_wsi.evaluation.torch_metrics import ConcordanceIndex, DefinedMulticlassAUROC
 from e2e_wsi.models.heads import ClassificationHead, SurvivalHead
 from e2e_wsi.models.losses import ClassificationLoss, CoxLoss, DiscreteTimeSurvivalLoss, hazards_to_risk
 from e2e_wsi.task_kinds import TaskKind
@@ -118,7 +117,7 @@ class ClassificationTask(Task):
         k = self.num_classes
         return MetricCollection(
             {
-                "auroc": MulticlassAUROC(num_classes=k, average="macro"),
+                "auroc": DefinedMulticlassAUROC(num_classes=k, average="macro"),
                 "accuracy": MulticlassAccuracy(num_classes=k, average="micro"),
                 "balanced_accuracy": MulticlassAccuracy(num_classes=k, average="macro"),
                 "f1_macro": MulticlassF1Score(num_classes=k, average="macro"),

@@ -17,10 +17,12 @@ import lightning as L
 import pandas as pd
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from e2e_wsi.evaluation.bootstrap import bootstrap_report
 from e2e_wsi.evaluation.report import format_table, predictions_frame, write_predictions, write_report
+from e2e_wsi.models.module import real_rows
 from e2e_wsi.models.tasks import Task
 from e2e_wsi.training.run import RunFolder
 from e2e_wsi.utils import validate_slide_id
@@ -45,7 +47,66 @@ class LastCheckpoint(ModelCheckpoint):
         )
 
 
-class BestCheckpoint(ModelCheckpoint):
+def _undefined(current: torch.Tensor | None) -> bool:
+    return current is not None and bool(torch.isnan(torch.as_tensor(current)).any())
+
+
+class DefinedMetricCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that never selects a checkpoint on an undefined (NaN) monitored value.
+
+    A metric can be undefined on a validation split (the AUROC of a single-class split, the C-index
+    without a comparable pair). Lightning ranks NaN as the worst value but still saves it while fewer
+    than ``save_top_k`` checkpoints exist, so an undefined epoch 0 became "best". Here an epoch whose
+    monitored value is NaN is skipped; if every epoch is undefined no ``best-*`` checkpoint is written
+    and evaluation falls back to ``last.ckpt`` (:meth:`e2e_wsi.training.run.RunFolder.best_checkpoint`).
+    The CLI substitutes this class for every plain ``ModelCheckpoint`` of a config, whatever it monitors.
+    """
+
+    @property
+    def state_key(self) -> str:
+        # Same key as ModelCheckpoint, so runs and checkpoints written before the substitution resume.
+        return "ModelCheckpoint" + super().state_key[len(type(self).__qualname__) :]
+
+    def check_monitor_top_k(self, trainer: L.Trainer, current: torch.Tensor | None = None) -> bool:
+        if _undefined(current):
+            rank_zero_info(f"{self.monitor} is undefined (NaN) this epoch: no checkpoint selected on it")
+            return False
+        return super().check_monitor_top_k(trainer, current)
+
+
+class DefinedMetricEarlyStopping(EarlyStopping):
+    """``EarlyStopping`` that skips epochs whose monitored value is undefined (NaN).
+
+    Lightning's ``check_finite`` stops training at the first NaN; an undefined validation metric says
+    nothing about divergence, so such an epoch neither stops training nor uses up patience.
+    """
+
+    @property
+    def state_key(self) -> str:
+        return "EarlyStopping" + super().state_key[len(type(self).__qualname__) :]
+
+    def _run_early_stopping_check(self, trainer: L.Trainer) -> None:
+        if _undefined(trainer.callback_metrics.get(self.monitor)):
+            return
+        super()._run_early_stopping_check(trainer)
+
+
+_DEFINED_SUBSTITUTES = {
+    "lightning.pytorch.callbacks.ModelCheckpoint": DefinedMetricCheckpoint,
+    "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint": DefinedMetricCheckpoint,
+    "lightning.pytorch.callbacks.EarlyStopping": DefinedMetricEarlyStopping,
+    "lightning.pytorch.callbacks.early_stopping.EarlyStopping": DefinedMetricEarlyStopping,
+}
+
+
+def defined_metric_class_path(class_path: str) -> str:
+    """The class path to instantiate for a configured callback: plain ``ModelCheckpoint`` and
+    ``EarlyStopping`` become their NaN-skipping subclasses (same arguments); anything else is kept."""
+    sub = _DEFINED_SUBSTITUTES.get(class_path)
+    return f"{sub.__module__}.{sub.__qualname__}" if sub is not None else class_path
+
+
+class BestCheckpoint(DefinedMetricCheckpoint):
     """Keeps the best checkpoint (``RUN/checkpoints/best-{epoch}.ckpt``), selected on the task's metric.
 
     ``monitor`` defaults to the module's ``task.monitor`` (``val/auroc`` for classification, ``val/qwk``
@@ -186,6 +247,7 @@ class SlidePredictionWriter(Callback):
         ordered = {k: v[order] for k, v in local.items()}
         keep = torch.ones_like(ordered["index"], dtype=torch.bool)
         keep[1:] = ordered["index"][1:] != ordered["index"][:-1]
+        keep &= ordered["index"] >= 0  # padding bags of DDP ranks without a slide (index -1) count for nothing
         return {k: v[keep] for k, v in ordered.items()}
 
     # -------------------------------------------------------------------------------- hooks
@@ -280,7 +342,10 @@ class PredictionWriter(SlidePredictionWriter):
     ) -> None:
         out = RunFolder(trainer.default_root_dir).predict_dir / "attention"
         out.mkdir(parents=True, exist_ok=True)
+        real = real_rows(batch)
         for b, bag_id in enumerate(batch["bag_id"]):
+            if not bool(real[b]):
+                continue  # a padding bag of a DDP rank without a slide of its own
             valid = batch["mask"][b]
             torch.save(
                 {

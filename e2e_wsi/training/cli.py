@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback, instantiate_class
 
 from e2e_wsi.data.datamodule import WSIDataModule
+from e2e_wsi.evaluation.bootstrap import check_resamples
 from e2e_wsi.models.module import SlideModule
 from e2e_wsi.models.tasks import Task, default_task
 from e2e_wsi.training.callbacks import (
@@ -29,6 +31,13 @@ from e2e_wsi.training.callbacks import (
     NoValidationFallback,
     PredictionWriter,
     TestReportWriter,
+    defined_metric_class_path,
+)
+from e2e_wsi.training.checkpoints import (
+    UnsafeCheckpointError,
+    is_remote,
+    load_checkpoint,
+    resolve_checkpoint,
 )
 from e2e_wsi.training.run import DEFAULT_RUN_DIR, RunFolder
 
@@ -74,6 +83,8 @@ class E2ECLI(LightningCLI):
         Old ``--data.task``/``--data.num_classes`` flags are taken out here and checked against
         ``model.task`` in :meth:`before_instantiate_classes` (jsonargparse refuses flags for linked keys).
         """
+        # Remember what the user typed: an explicit --run_dir wins over the run_dir stored in a config.
+        self._cli_args = [str(a) for a in (sys.argv[1:] if args is None else args)]
         if isinstance(args, list):
             args, self._derived_flags = _pop_derived_flags(args)
         if isinstance(args, (dict, Namespace)):
@@ -81,10 +92,23 @@ class E2ECLI(LightningCLI):
         else:
             self.config = parser.parse_args(args)
 
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads the checkpoint's hyperparameters here, before anything else touches the file:
+        # refuse a remote or unsafe checkpoint first, with a message instead of an unpickling traceback.
+        cfg = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
+        ckpt_path = cfg.get("ckpt_path")
+        if ckpt_path and (is_remote(ckpt_path) or Path(ckpt_path).is_file()):
+            _check_checkpoint(str(ckpt_path))
+        super()._parse_ckpt_path()
+
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         _check_derived_data_keys(cfg, getattr(self, "_derived_flags", {}))
-        run_dir = resolve_run_dir(cfg.get("run_dir"), cfg.get("ckpt_path"))
+        subcommand = self.subcommand or "fit"
+        cli_args = getattr(self, "_cli_args", [])
+        ckpt_arg = _ckpt_argument(cfg, subcommand, cli_args)
+        run = resolve_run_folder(cfg, ckpt_arg, cli_args)
+        run_dir = run.root
         cfg.run_dir = str(run_dir)
         cfg.trainer.default_root_dir = str(run_dir)
         logger = cfg.trainer.get("logger")
@@ -96,9 +120,20 @@ class E2ECLI(LightningCLI):
                 init_args=Namespace(save_dir=str(run_dir), name="", version=""),
             )
         _cpu_safe_precision(cfg.trainer)
-        _reuse_split(cfg, run_dir, self.subcommand)
-        if self.subcommand == "fit":
-            _refuse_clobbering(run_dir, cfg.get("ckpt_path"))
+        _skip_undefined_metrics(cfg.trainer)
+        self._ckpt_path = _secure_checkpoint(cfg, subcommand, run, ckpt_arg)
+        if subcommand == "test":
+            check_resamples(int(cfg.bootstrap))
+        _reuse_split(cfg, run_dir, subcommand, self._ckpt_path, cli_args)
+        if subcommand == "fit":
+            _refuse_clobbering(run_dir, self._ckpt_path)
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
+        # The checkpoint checked in before_instantiate_classes, always loaded with weights_only=True.
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        kwargs["ckpt_path"] = getattr(self, "_ckpt_path", kwargs.get("ckpt_path"))
+        kwargs["weights_only"] = True
+        return kwargs
 
     def instantiate_trainer(self, **kwargs):
         cfg = self.config_init[self.subcommand] if self.subcommand else self.config_init
@@ -114,10 +149,20 @@ class E2ECLI(LightningCLI):
         kwargs["callbacks"] = [*configured, *kwargs.get("callbacks", []), *extra]
         return super().instantiate_trainer(**kwargs)
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        run = Path(self.trainer.default_root_dir)
+        before, started = set(run.glob(_EVENTS)), time.time()
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            if self.trainer.is_global_zero:
+                _remove_stray_events(run, before, started)
+            raise
+
     def before_fit(self) -> None:
         print(f"e2e-wsi: run folder {Path(self.trainer.default_root_dir).resolve()}", flush=True)
         if self.trainer.is_global_zero:
-            # issue 14: RUN/preprocess.json, so `e2e-wsi predict` tiles new slides like the training ones.
+            # RUN/preprocess.json, so `e2e-wsi predict` tiles new slides like the training ones.
             from e2e_wsi.inference.params import record_preprocess_params
 
             record_preprocess_params(RunFolder(self.trainer.default_root_dir), self.datamodule.cache_dir)
@@ -132,6 +177,19 @@ class E2ECLI(LightningCLI):
 
     def after_validate(self) -> None:
         _write_metrics(self.trainer, "validate")
+
+
+_EVENTS = "events.out.tfevents.*"
+
+
+def _remove_stray_events(run: Path, before: set[Path], started: float) -> None:
+    """After a failed command: delete the TensorBoard events files it created, unless it got far enough
+    to write a checkpoint (then the curves belong to a run that can be resumed)."""
+    ckpts = RunFolder(run).checkpoints_dir
+    if ckpts.is_dir() and any(p.stat().st_mtime >= started for p in ckpts.glob("*.ckpt")):
+        return
+    for events in set(run.glob(_EVENTS)) - before:
+        events.unlink(missing_ok=True)
 
 
 def _write_metrics(trainer, stage: str) -> None:
@@ -203,9 +261,78 @@ def _check_derived_data_keys(cfg: Namespace, flags: dict[str, str]) -> None:
         )
 
 
-def resolve_run_dir(run_dir: str | None, ckpt_path: str | None) -> Path:
-    """The run folder: explicit, else the folder holding ``checkpoints/`` of ``ckpt_path``, else default."""
-    return RunFolder.resolve(run_dir, ckpt_path).root
+def _explicit(cli_args: list[str], key: str) -> bool:
+    return any(a == key or a.startswith(f"{key}=") for a in cli_args)
+
+
+def _ckpt_argument(cfg: Namespace, subcommand: str, cli_args: list[str]) -> str | None:
+    """The ``ckpt_path`` that counts. ``validate``/``test``/``predict`` take it from the command line only:
+    a ``ckpt_path`` inside a run's ``config.yaml`` is where its ``fit`` resumed from, not the checkpoint
+    to evaluate (that is the run's best one)."""
+    ckpt = cfg.get("ckpt_path")
+    if ckpt and subcommand != "fit" and not _explicit(cli_args, "--ckpt_path"):
+        print(f"e2e-wsi {subcommand}: ignoring ckpt_path {ckpt} of the config (pass --ckpt_path to choose)")
+        return None
+    return None if ckpt is None else str(ckpt)
+
+
+def resolve_run_folder(cfg: Namespace, ckpt_path: str | None, cli_args: list[str]) -> RunFolder:
+    """The run folder a command writes into.
+
+    In order: ``--run_dir`` typed on the command line; the folder of a ``--config`` that lies in a run
+    folder (so ``test --config COPY/config.yaml`` writes into COPY, never into the original run named
+    inside the copied config); the run folder of ``--ckpt_path RUN/checkpoints/x.ckpt``; the ``run_dir``
+    of the config; ``runs/default``.
+    """
+    if _explicit(cli_args, "--run_dir") and cfg.get("run_dir"):
+        return RunFolder(cfg.run_dir)
+    for config in reversed(cfg.get("config") or []):
+        folder = Path(getattr(config, "absolute", config)).parent
+        if RunFolder.is_run_folder(folder):
+            return RunFolder(folder)
+    if ckpt_path and str(ckpt_path) not in {"last", "best", "hpc", "registry"} and not is_remote(ckpt_path):
+        ckpt = Path(ckpt_path)
+        if ckpt.parent.name == "checkpoints":
+            return RunFolder.of_checkpoint(ckpt)
+    return RunFolder.resolve(cfg.get("run_dir"), None)
+
+
+_CHECKED: set[tuple[str, int, int]] = set()
+
+
+def _check_checkpoint(path: str) -> None:
+    """Load ``path`` with ``weights_only=True`` once; raises :class:`UnsafeCheckpointError` if unsafe."""
+    file = Path(path)
+    key = (
+        str(file.resolve()),
+        *((file.stat().st_mtime_ns, file.stat().st_size) if file.is_file() else (0, 0)),
+    )
+    if key not in _CHECKED:
+        load_checkpoint(path)
+        _CHECKED.add(key)
+
+
+def _secure_checkpoint(cfg: Namespace, subcommand: str, run: RunFolder, ckpt_path: str | None) -> str | None:
+    """Resolve ``ckpt_path`` to a local file and check that it loads with ``weights_only=True``
+    (see :mod:`e2e_wsi.training.checkpoints`); Lightning then loads it with ``weights_only=True`` too.
+
+    Returns:
+        The checkpoint file (or a Lightning keyword such as ``hpc``), ``None`` for a fresh fit.
+    """
+    if cfg.get("weights_only") is False:
+        raise UnsafeCheckpointError(
+            "--weights_only false is not supported: e2e-wsi loads checkpoints with weights_only=True only"
+        )
+    if "weights_only" in cfg:
+        cfg.weights_only = True
+    ckpt = resolve_checkpoint(subcommand, ckpt_path, run)
+    if ckpt is not None and str(ckpt) not in {"hpc", "registry"}:
+        if str(ckpt_path) != ckpt:
+            print(f"e2e-wsi {subcommand}: checkpoint {Path(ckpt).resolve()}", flush=True)
+        _check_checkpoint(ckpt)
+    if subcommand != "fit":
+        cfg.ckpt_path = ckpt  # config.<stage>.yaml records the checkpoint that was evaluated
+    return ckpt
 
 
 def _cpu_safe_precision(trainer_cfg: Namespace) -> None:
@@ -221,12 +348,35 @@ def _cpu_safe_precision(trainer_cfg: Namespace) -> None:
         trainer_cfg.precision = "32-true"
 
 
-def _reuse_split(cfg: Namespace, run_dir: Path, subcommand: str | None) -> None:
-    """Evaluating or resuming a run uses the split that run wrote, never a recomputed one."""
-    split_file = run_dir / "splits.csv"
-    resuming = subcommand == "fit" and cfg.get("ckpt_path")
-    if (subcommand != "fit" or resuming) and not cfg.data.get("split_file") and split_file.is_file():
-        cfg.data.split_file = str(split_file)
+def _skip_undefined_metrics(trainer_cfg: Namespace) -> None:
+    """Checkpoint selection and early stopping ignore NaN (undefined) metrics, whatever they monitor."""
+    callbacks = trainer_cfg.get("callbacks")
+    for cb in callbacks if isinstance(callbacks, list) else [callbacks] if callbacks else []:
+        if isinstance(cb, Namespace) and cb.get("class_path"):
+            cb.class_path = defined_metric_class_path(cb.class_path)
+
+
+def _reuse_split(
+    cfg: Namespace, run_dir: Path, subcommand: str, ckpt: str | None, cli_args: list[str]
+) -> None:
+    """Evaluating or resuming a run uses the split its checkpoint was trained with, never a recomputed one.
+
+    The checkpoint's own run folder comes first (resuming into a new ``--run_dir`` keeps the old run's
+    split, whatever ``data.split_seed`` says), then this run folder. A checkpoint also carries its split's
+    fingerprint, so a resume with any other split is refused (``WSIDataModule.load_state_dict``).
+    A ``--data.split_file`` typed on the command line wins; one stored in a copied run's config
+    (the original run's file) gives way to the split file of the run folders above.
+    """
+    if _explicit(cli_args, "--data.split_file") or (subcommand == "fit" and not ckpt):
+        return
+    candidates = [RunFolder(run_dir).splits]
+    if ckpt and Path(ckpt).is_file():
+        candidates.insert(0, RunFolder.of_checkpoint(ckpt).splits)
+    for split_file in candidates:
+        if split_file.is_file():
+            cfg.data.split_file = str(split_file)
+            print(f"e2e-wsi {subcommand}: split of {split_file.resolve()}", flush=True)
+            return
 
 
 def _refuse_clobbering(run_dir: Path, ckpt_path: str | None) -> None:

@@ -112,6 +112,12 @@ class RunFolder:
         return ckpt
 
     # -------------------------------------------------------------------------------- construction
+    @staticmethod
+    def is_run_folder(folder: str | Path) -> bool:
+        """Whether ``folder`` holds a run (its ``splits.csv`` or ``checkpoints/``), not just a config."""
+        folder = Path(folder)
+        return (folder / "splits.csv").is_file() or (folder / "checkpoints").is_dir()
+
     @classmethod
     def of_checkpoint(cls, ckpt_path: str | Path) -> RunFolder:
         """``RUN/checkpoints/x.ckpt`` -> ``RUN``; a checkpoint anywhere else -> its own folder."""

@@ -114,3 +114,29 @@ def test_evaluate_compare_refuses_different_units(tmp_path: Path, capsys: pytest
     assert main(["evaluate", "--predictions", str(a), "--compare", str(b), "--bootstrap", "10"]) == 2
     assert "different slide_ids" in capsys.readouterr().err
     assert not (tmp_path / "comparison.json").exists()
+
+
+@pytest.mark.parametrize("count", ["1e10", "10000000000", "0", "2.5"])
+def test_evaluate_refuses_absurd_bootstrap_counts_before_allocating(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], count: str
+) -> None:
+    path = _predictions(tmp_path / "run" / "predictions.csv", seed=0, skill=1.0)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--predictions", str(path), "--bootstrap", count])
+    assert exit_info.value.code == 2
+    assert "--bootstrap" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_evaluate_accepts_bootstrap_in_scientific_notation(tmp_path: Path) -> None:
+    path = _predictions(tmp_path / "run" / "predictions.csv", seed=0, skill=1.0)
+    assert main(["evaluate", "--predictions", str(path), "--bootstrap", "2e2"]) == 0
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["bootstrap"]["n_resamples"] == 200
+
+
+def test_check_resamples_bounds_the_draw_memory() -> None:
+    from e2e_wsi.evaluation.bootstrap import MAX_RESAMPLES, check_resamples
+
+    assert check_resamples(MAX_RESAMPLES, n_cases=100) == MAX_RESAMPLES
+    with pytest.raises(ValueError, match="GiB of draws"):
+        check_resamples(MAX_RESAMPLES, n_cases=10_000)
