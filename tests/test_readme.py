@@ -49,7 +49,8 @@ def readme_commands(text: str) -> list[list[str]]:
             tokens = shlex.split(line.split(" #")[0])
         except ValueError:  # prose after a command in a listing (an apostrophe): words are enough
             tokens = line.split(" #")[0].split()
-        commands.append(tokens[1:])
+        # `e2e-wsi --debug VERB ...`: --debug is the dispatcher's own flag, not the verb's.
+        commands.append([t for t in tokens[1:2] if t != "--debug"] + tokens[2:])
     return commands
 
 

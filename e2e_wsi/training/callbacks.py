@@ -144,6 +144,11 @@ class BestCheckpoint(DefinedMetricCheckpoint):
         self._given_mode = mode
         self._resolved = False
 
+    @property
+    def state_key(self) -> str:
+        # A class of its own (not a stand-in for ModelCheckpoint): keep Lightning's usual key.
+        return ModelCheckpoint.state_key.fget(self)  # type: ignore[attr-defined]
+
     def follow_task(self, task: Task) -> None:
         """Fill the unset ``monitor``/``mode`` from ``task`` (idempotent; called before any checkpoint)."""
         if self._resolved:
