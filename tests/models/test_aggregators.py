@@ -18,7 +18,9 @@ FACTORIES: dict[str, Callable[[], nn.Module]] = {
     "abmilx_heads1": lambda: ABMILX(in_dim=IN_DIM, inner_dim=16, heads=1),
     "abmilx_mhla_only": lambda: ABMILX(in_dim=IN_DIM, inner_dim=32, heads=4, attn_plus=False),
     "abmilx_ffn_bias": lambda: ABMILX(in_dim=IN_DIM, inner_dim=32, heads=4, ffn=True, attn_bias=True),
-    "abmilx_ffn_prenorm": lambda: ABMILX(in_dim=IN_DIM, inner_dim=32, heads=4, ffn=True, ffn_variant="prenorm"),
+    "abmilx_ffn_prenorm": lambda: ABMILX(
+        in_dim=IN_DIM, inner_dim=32, heads=4, ffn=True, ffn_variant="prenorm"
+    ),
     "abmilx_mil_bias": lambda: ABMILX(in_dim=IN_DIM, inner_dim=32, heads=4, mil_bias=True),
     "abmil": lambda: ABMIL(in_dim=IN_DIM, inner_dim=32, attn_dim=16),
     "abmil_gated": lambda: ABMIL(in_dim=IN_DIM, inner_dim=32, attn_dim=16, gated=True, attn_bias=True),
@@ -149,3 +151,19 @@ def test_bad_masks_are_rejected(name: str) -> None:
         model(x, torch.ones(2, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"\[B, N, D\]"):
         model(torch.randn(4, IN_DIM))
+
+
+def test_abmil_output_norm_by_hand_and_old_checkpoints() -> None:
+    torch.manual_seed(0)
+    model = ABMIL(in_dim=IN_DIM, inner_dim=32, attn_dim=16).eval()
+    raw = ABMIL(in_dim=IN_DIM, inner_dim=32, attn_dim=16, output_norm=False).eval()
+    raw.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("norm_out")})
+    x = torch.randn(2, 9, IN_DIM)
+    pooled, _ = raw(x)
+    expected = (pooled - pooled.mean(-1, keepdim=True)) / torch.sqrt(
+        pooled.var(-1, unbiased=False, keepdim=True) + 1e-5
+    )
+    torch.testing.assert_close(model(x)[0], expected * model.norm_out.weight)
+    assert "norm_out.bias" not in model.state_dict()  # bias-free, as the official baseline
+    with pytest.raises(RuntimeError, match="output_norm: false"):
+        ABMIL(in_dim=IN_DIM, inner_dim=32, attn_dim=16).load_state_dict(raw.state_dict())

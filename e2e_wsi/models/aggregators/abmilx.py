@@ -148,7 +148,9 @@ class ABMILX(nn.Module):
                 "matched to the official code); load it with `ffn_variant: prenorm` in the aggregator's init_args"
             )
         elif has_bias and self.ffn_variant == "prenorm":
-            errors.append("ABMILX: this checkpoint's FFN is the official variant; use `ffn_variant: official`")
+            errors.append(
+                "ABMILX: this checkpoint's FFN is the official variant; use `ffn_variant: official`"
+            )
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
