@@ -41,7 +41,6 @@ from e2e_wsi.models.aggregators._common import (
     validate_bag,
 )
 
-
 FFN_VARIANTS = ("official", "prenorm")
 
 
