@@ -84,7 +84,9 @@ def test_eval_default_is_the_official_centre_crop_not_a_resize() -> None:
     # A smaller model size keeps the official field of view: the central 224/256, then resized.
     small = EvalTransform(56)(x)
     assert small.shape == (2, 3, 56, 56) and EvalTransform(56).resize == 64
-    assert torch.equal(EvalTransform(32, crop_fraction=0.5)(_patches(1, 64)), _patches(1, 64)[:, :, 16:48, 16:48])
+    assert torch.equal(
+        EvalTransform(32, crop_fraction=0.5)(_patches(1, 64)), _patches(1, 64)[:, :, 16:48, 16:48]
+    )
     with pytest.raises(ValueError, match="crop_fraction"):
         EvalTransform(224, crop_fraction=1.5)
 
