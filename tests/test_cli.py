@@ -16,7 +16,18 @@ from e2e_wsi.cli import VERBS, main
 def test_help_lists_every_verb(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    verbs = ("synth", "preprocess", "cache", "fit", "validate", "test", "predict", "evaluate", "heatmap", "convert")
+    verbs = (
+        "synth",
+        "preprocess",
+        "cache",
+        "fit",
+        "validate",
+        "test",
+        "predict",
+        "evaluate",
+        "heatmap",
+        "convert",
+    )
     for verb in verbs:
         assert f"  {verb} " in out, verb
     assert set(VERBS) == {
