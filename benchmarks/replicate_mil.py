@@ -18,6 +18,16 @@ Prints two tables (AUROC; attention and training), one row per aggregator, and w
 ``OUT/summary.json`` and ``OUT/summary.md``.
 
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/replicate_mil.py --out /tmp/replicate
+
+``--ablation`` runs the attention-plus ablation instead (issue 11): the same ABMILX module with alpha
+fixed at 0 (``alpha0``) versus learnable (``alpha_learn``). Both arms of a seed start from one shared
+initial state (``benchmarks/replicate_init.py``: the first run saves its state, the other loads it and
+keeps only its own alpha; dropout is re-seeded at the start of training), so the per-seed difference
+is a true pairing. It reports paired differences (learnable - fixed) with a bootstrap CI over seeds,
+and how far alpha moved.
+
+    nice -n 5 .venv/bin/python benchmarks/replicate_mil.py --ablation --out /tmp/ablation \
+        --num-slides 40 --size 6144 --seeds 0 1 2 3 4
 """
 
 from __future__ import annotations
@@ -41,6 +51,8 @@ AGGREGATORS = {
     "transmil": "TransMIL",
     "meanpool": "Mean pooling",
 }
+ABLATION = {"alpha0": "ABMILX, alpha fixed at 0", "alpha_learn": "ABMILX, learnable alpha"}
+NAMES = {**AGGREGATORS, **ABLATION}
 MASS = 0.9  # sparsity: smallest share of patches holding this share of the attention mass
 
 
@@ -174,10 +186,16 @@ def run_one(out: Path, agg: str, seed: int, overrides: list[str]) -> dict:
     splits = pd.read_csv(run_dir / "splits.csv")
     test_ids = splits.loc[splits["split"] == "test", "slide_id"].tolist()
     attention = analyse_attention(run_dir, ckpt, test_ids, out / "cohort" / "masks")
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    init = json.loads((run_dir / "init.json").read_text()) if (run_dir / "init.json").is_file() else {}
     result = {
         "aggregator": agg,
         "seed": seed,
         "auroc": report["metrics"]["auroc"],
+        "nll": test_nll(run_dir),
+        "alpha_final": float(state["aggregator.alpha"]) if "aggregator.alpha" in state else None,
+        "alpha_init": init.get("kept", {}).get("aggregator.alpha"),
+        "init_digest": init.get("digest_without_keep"),
         "fit_s": fit_s,
         "total_s": time.perf_counter() - t0,
         **attention,
@@ -281,7 +299,7 @@ def _aggregate_runs(out: Path, agg: str, runs: list[dict]) -> dict:
     curves = [train_curve(out / "runs" / f"{agg}_s{r['seed']}") for r in runs]
     reach = [next((i + 1 for i, a in enumerate(c["train/auroc"]) if a >= 0.9), None) for c in curves]
     return {
-        "name": AGGREGATORS[agg],
+        "name": NAMES[agg],
         "seeds": [r["seed"] for r in runs],
         "auroc_per_seed": aucs.round(4).tolist(),
         "auroc_mean": float(aucs.mean()),
@@ -348,6 +366,111 @@ def summarise(out: Path, aggs: list[str], seeds: list[int]) -> dict:
     return table
 
 
+def seed_bootstrap(diffs: np.ndarray, n_resamples: int = 10000, seed: int = 0) -> dict:
+    """Mean paired difference over seeds with a percentile bootstrap CI over seeds.
+
+    Args:
+        diffs: [S] per-seed differences (learnable - fixed); NaN entries are dropped.
+        n_resamples: Bootstrap resamples of the seeds.
+        seed: Resampling seed.
+
+    Returns:
+        :func:`e2e_wsi.evaluation.bootstrap.summarize` of the mean difference, plus ``per_seed``.
+    """
+    from e2e_wsi.evaluation.bootstrap import draw_cases, summarize
+
+    d = np.asarray([x for x in diffs if x is not None and np.isfinite(x)], dtype=np.float64)
+    if len(d) == 0:
+        return {"point": float("nan"), "per_seed": []}
+    draws = draw_cases(len(d), n_resamples, seed)  # [R, S] seed indices drawn with replacement
+    return {**summarize(float(d.mean()), d[draws].mean(axis=1)), "per_seed": d.round(4).tolist()}
+
+
+def summarise_ablation(out: Path, seeds: list[int]) -> dict:
+    """Paired (same seed, same initial weights) differences learnable-alpha minus alpha-0."""
+    import pandas as pd
+
+    from e2e_wsi.evaluation.bootstrap import paired_comparison
+
+    rows = []
+    for s in seeds:
+        paths = {a: out / "runs" / f"{a}_s{s}" / "result.json" for a in ABLATION}
+        if not all(p.is_file() for p in paths.values()):
+            continue
+        fixed, learn = (json.loads(paths[a].read_text()) for a in ("alpha0", "alpha_learn"))
+        preds = {a: pd.read_csv(out / "runs" / f"{a}_s{s}" / "predictions.csv") for a in ABLATION}
+        case = paired_comparison(preds["alpha_learn"], preds["alpha0"], "classification", n_resamples=1000)
+        rows.append(
+            {
+                "seed": s,
+                "paired_init": fixed["init_digest"] is not None
+                and fixed["init_digest"] == learn["init_digest"],
+                "auroc_fixed": fixed["auroc"]["point"],
+                "auroc_learn": learn["auroc"]["point"],
+                "nll_fixed": fixed["nll"],
+                "nll_learn": learn["nll"],
+                "loc_fixed": fixed["loc_auroc"],
+                "loc_learn": learn["loc_auroc"],
+                "alpha_init": learn["alpha_init"],
+                "alpha_final": learn["alpha_final"],
+                "alpha_fixed_final": fixed["alpha_final"],
+                "case_bootstrap_auroc_diff": case["difference"],
+            }
+        )
+    diff = {
+        key: seed_bootstrap(
+            np.array(
+                [
+                    r[f"{key}_learn"] - r[f"{key}_fixed"]
+                    for r in rows
+                    if r[f"{key}_learn"] is not None and r[f"{key}_fixed"] is not None
+                ]
+            )
+        )
+        for key in ("auroc", "nll", "loc")
+    }
+    moved = [abs(r["alpha_final"] - r["alpha_init"]) for r in rows if r["alpha_init"] is not None]
+    table = {"rows": rows, "paired_differences_learn_minus_fixed": diff, "alpha_abs_change": moved}
+    (out / "ablation.json").write_text(json.dumps(table, indent=2) + "\n")
+    lines = [
+        "| seed | same init | AUROC fixed / learn | NLL fixed / learn | loc AUROC fixed / learn "
+        "| alpha start -> end (learnable) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        loc = (
+            "n/a"
+            if r["loc_fixed"] is None or r["loc_learn"] is None
+            else f"{r['loc_fixed']:.3f} / {r['loc_learn']:.3f}"
+        )
+        lines.append(
+            f"| {r['seed']} | {'yes' if r['paired_init'] else 'NO'} | {r['auroc_fixed']:.3f} / {r['auroc_learn']:.3f} "
+            f"| {r['nll_fixed']:.3f} / {r['nll_learn']:.3f} | {loc} "
+            f"| {r['alpha_init']:+.4f} -> {r['alpha_final']:+.4f} |"
+        )
+    lines += [
+        "",
+        "| paired difference (learnable - fixed) | mean | 95% bootstrap CI over seeds | per seed |",
+        "|---|---|---|---|",
+    ]
+    for key, name in (("auroc", "test AUROC"), ("nll", "test NLL"), ("loc", "localisation AUROC")):
+        d = diff[key]
+        if d.get("per_seed"):
+            lines.append(
+                f"| {name} | {d['point']:+.4f} | {d['ci_low']:+.4f} to {d['ci_high']:+.4f} "
+                f"| {', '.join(f'{v:+.3f}' for v in d['per_seed'])} |"
+            )
+    if moved:
+        lines += [
+            "",
+            f"|alpha_end - alpha_start| over seeds: mean {np.mean(moved):.4f}, max {np.max(moved):.4f}",
+        ]
+    text = "\n".join(lines)
+    (out / "ablation.md").write_text(text + "\n")
+    print(text, flush=True)
+    return table
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="/tmp/replicate", help="working folder (cohort, cache, runs, logs)")
@@ -363,6 +486,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-size", type=int, default=32, help="patches per training bag (MRIS)")
     p.add_argument("--jobs", type=int, default=2, help="runs at once (each one torch thread)")
     p.add_argument("--summarise", action="store_true", help="only print the table of the finished runs")
+    p.add_argument(
+        "--ablation",
+        action="store_true",
+        help="run the attention-plus ablation (alpha 0 vs learnable, paired)",
+    )
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # AGG:SEED, the worker entry point
     return p
 
@@ -389,14 +517,15 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         return 0
+    aggs = list(ABLATION)[::-1] if args.ablation else args.aggregators
     if args.summarise:
-        summarise(out, args.aggregators, args.seeds)
+        summarise_ablation(out, args.seeds) if args.ablation else summarise(out, aggs, args.seeds)
         return 0
     start = time.perf_counter()
     prepare(args)
     print(f"replicate: cohort and cache ready in {time.perf_counter() - start:.0f} s", flush=True)
     # Seed-major order: a cut-short benchmark still has every aggregator at the first seeds.
-    queue = [(a, s) for s in args.seeds for a in args.aggregators]
+    queue = [(a, s) for s in args.seeds for a in aggs]
     running: list[tuple[str, int, subprocess.Popen]] = []
     while queue or running:
         while queue and len(running) < args.jobs:
@@ -412,7 +541,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"replicate: {agg} seed {seed} {state} at {(time.perf_counter() - start) / 60:.1f} min",
                     flush=True,
                 )
-    summarise(out, args.aggregators, args.seeds)
+    summarise(out, aggs, args.seeds)
+    if args.ablation:
+        summarise_ablation(out, args.seeds)
     print(f"replicate: total wall time {(time.perf_counter() - start) / 60:.1f} min", flush=True)
     return 0
 

@@ -27,6 +27,7 @@ def test_help_lists_every_verb(capsys: pytest.CaptureFixture[str]) -> None:
         "crossval",
         "evaluate",
         "heatmap",
+        "convert",
     ):
         assert f"  {verb} " in out, verb
     assert set(VERBS) == {
@@ -40,6 +41,7 @@ def test_help_lists_every_verb(capsys: pytest.CaptureFixture[str]) -> None:
         "crossval",
         "evaluate",
         "heatmap",
+        "convert",
     }
 
 

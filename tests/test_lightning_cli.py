@@ -11,6 +11,7 @@ import torch
 
 from e2e_wsi.cli import main
 from e2e_wsi.evaluation.report import read_predictions
+from e2e_wsi.models.tasks import ClassificationTask
 
 
 @pytest.fixture
@@ -201,8 +202,11 @@ def test_best_checkpoint_follows_the_task_metric(trained_run: Path) -> None:
     # The demo config names no metric: BestCheckpoint takes ClassificationTask.monitor / monitor_mode.
     ckpt = torch.load(trained_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     best = [v for k, v in ckpt["callbacks"].items() if k.startswith("BestCheckpoint")]
-    assert len(best) == 1 and best[0]["monitor"] == "val/auroc"
-    assert "'mode': 'max'" in next(k for k in ckpt["callbacks"] if k.startswith("BestCheckpoint"))
+    task = ClassificationTask()
+    assert len(best) == 1 and best[0]["monitor"] == task.monitor == "val/loss"
+    assert f"'mode': '{task.monitor_mode}'" in next(
+        k for k in ckpt["callbacks"] if k.startswith("BestCheckpoint")
+    )
 
 
 def test_data_task_follows_model_task(trained_run: Path) -> None:

@@ -24,7 +24,7 @@ from e2e_wsi.data.datasets import Bag, EvalBagDataset, TrainBagDataset, collate_
 from e2e_wsi.data.manifest import load_manifest
 from e2e_wsi.data.sampling import EpochSampler, OversampleMap, check_ratios
 from e2e_wsi.data.splits import apply_splits, load_splits, make_splits, save_splits
-from e2e_wsi.data.transforms import EvalTransform, TrainTransform
+from e2e_wsi.data.transforms import OFFICIAL_EVAL_CROP_FRACTION, EvalTransform, TrainTransform
 from e2e_wsi.task_kinds import TaskKind
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,8 @@ class WSIDataModule(pl.LightningDataModule):
         sample_size: s, patches per training bag.
         train_patch_size: RandomResizedCrop output side.
         eval_patch_size: Evaluation side after resize + centre crop.
+        eval_crop_fraction: Side of the evaluation centre crop relative to the cached patch (default
+            224/256, the official geometry; 1.0 resizes the whole patch).
         crop_scale: RandomResizedCrop area range.
         color_jitter: Opt-in colour augmentation (off by default, as in the paper).
         split_ratios: (train, val, test) case fractions.
@@ -121,6 +123,7 @@ class WSIDataModule(pl.LightningDataModule):
         sample_size: int = 512,
         train_patch_size: int = 224,
         eval_patch_size: int = 224,
+        eval_crop_fraction: float = OFFICIAL_EVAL_CROP_FRACTION,
         crop_scale: tuple[float, float] = (0.5, 1.0),
         color_jitter: bool = False,
         split_ratios: tuple[float, float, float] = (0.7, 0.1, 0.2),
@@ -368,7 +371,8 @@ class WSIDataModule(pl.LightningDataModule):
 
     def _eval_loader(self, bags: list[Bag]) -> DataLoader:
         mags = self.hparams.eval_magnifications or self.magnifications[:1]
-        dataset = EvalBagDataset(self.cache, bags, mags, EvalTransform(self.hparams.eval_patch_size))
+        transform = EvalTransform(self.hparams.eval_patch_size, crop_fraction=self.hparams.eval_crop_fraction)
+        dataset = EvalBagDataset(self.cache, bags, mags, transform)
         rank, world = self._rank_world()
         if world == 1:
             return DataLoader(dataset, batch_size=1, shuffle=False, **self._loader_kwargs())

@@ -103,18 +103,37 @@ class TrainTransform:
         return normalize_images(out) if self.normalize else out
 
 
+# The official evaluation centre-crops 224 px out of the cached 256 px patches without resizing
+# (``datasets/data_utils.py`` of DearCaat/E2E-WSI-ABMILX: ``CenterCrop(224)`` for validation and test).
+OFFICIAL_EVAL_CROP_FRACTION = 224 / 256
+
+
 class EvalTransform:
-    """Resize (shorter side) then centre-crop to the model size, batched, uint8 in and out.
+    """Centre-crop a fraction of each patch and resize it to the model size, batched, uint8 in and out.
+
+    By default this is the official evaluation geometry: the central 224/256 of the patch's side, so a
+    256 px patch gives its central 224 px unchanged, and a smaller model size sees the same field of view
+    (e.g. 96 px from the central 224 of 256). ``crop_fraction=1.0`` resizes the whole patch instead.
 
     Args:
         size: Output side, e.g. 224.
-        resize: Shorter side after resizing; ``None`` means ``size`` (the whole patch, no border lost).
+        resize: Shorter side after resizing, before the centre crop; ``None`` means
+            ``round(size / crop_fraction)`` (overrides ``crop_fraction`` when given).
+        crop_fraction: Side of the centre crop relative to the patch, in (0, 1].
         normalize: Return normalised float32 instead of uint8.
     """
 
-    def __init__(self, size: int = 224, resize: int | None = None, normalize: bool = False) -> None:
+    def __init__(
+        self,
+        size: int = 224,
+        resize: int | None = None,
+        crop_fraction: float = OFFICIAL_EVAL_CROP_FRACTION,
+        normalize: bool = False,
+    ) -> None:
+        if not 0.0 < crop_fraction <= 1.0:
+            raise ValueError(f"eval crop_fraction must be in (0, 1], got {crop_fraction}")
         self.size = int(size)
-        self.resize = int(resize) if resize is not None else self.size
+        self.resize = int(resize) if resize is not None else round(self.size / crop_fraction)
         if self.resize < self.size:
             raise ValueError(f"eval resize {self.resize} is smaller than the crop size {self.size}")
         self.normalize = normalize

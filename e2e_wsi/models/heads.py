@@ -6,6 +6,10 @@ Build them after the aggregator with ``in_dim=aggregator.out_dim``.
   :class:`ClassificationHead` -> logits [B, K].
 * Survival: :class:`SurvivalHead` -> hazard logits [B, K] over K discrete time bins (use with
   ``DiscreteTimeSurvivalLoss``); ``num_bins=1`` gives one log-risk score for ``CoxLoss``.
+
+The linear layer has no bias by default: appendix B.3 of the paper disables "the bias of all fully
+connected layers in MIL", and the official classifier is ``nn.Linear(inner_dim, n_classes, bias=mil_bias)``
+with ``mil_bias`` off (``modules/abmilx.py`` of DearCaat/E2E-WSI-ABMILX).
 """
 
 from __future__ import annotations
@@ -15,9 +19,9 @@ from torch import nn
 
 
 class _LinearHead(nn.Module):
-    """Dropout -> Linear(in_dim, out_features)."""
+    """Dropout -> Linear(in_dim, out_features), bias optional."""
 
-    def __init__(self, in_dim: int, out_features: int, dropout: float, what: str) -> None:
+    def __init__(self, in_dim: int, out_features: int, dropout: float, what: str, bias: bool = False) -> None:
         super().__init__()
         if in_dim <= 0:
             raise ValueError(f"{type(self).__name__}: in_dim must be positive, got {in_dim}")
@@ -27,9 +31,22 @@ class _LinearHead(nn.Module):
             raise ValueError(f"{type(self).__name__}: dropout must be in [0, 1), got {dropout}")
         self.in_dim = in_dim
         self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(in_dim, out_features)
+        self.fc = nn.Linear(in_dim, out_features, bias=bias)
         nn.init.xavier_normal_(self.fc.weight)
-        nn.init.zeros_(self.fc.bias)
+        if self.fc.bias is not None:
+            nn.init.zeros_(self.fc.bias)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        """Name the option to flip when a checkpoint and this head disagree on the bias."""
+        in_ckpt = f"{prefix}fc.bias" in state_dict
+        if strict and in_ckpt != (self.fc.bias is not None):
+            want = "true" if in_ckpt else "false"
+            errors.append(
+                f"{type(self).__name__}: the checkpoint's head {'has' if in_ckpt else 'has no'} bias (heads "
+                f"became bias-free by default, as in the paper); load it with `head_bias: {want}` in the "
+                "task's init_args"
+            )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
     def forward(self, slide: torch.Tensor) -> torch.Tensor:
         """slide features [B, in_dim] -> [B, out_features]."""
@@ -43,13 +60,14 @@ class ClassificationHead(_LinearHead):
         in_dim: Slide feature width (the aggregator's ``out_dim``).
         num_classes: Number of classes K.
         dropout: Dropout before the linear layer.
+        bias: Bias of the linear layer (off, as in the paper).
 
     Shapes:
         forward(slide [B, in_dim]) -> logits [B, K].
     """
 
-    def __init__(self, in_dim: int, num_classes: int, dropout: float = 0.0) -> None:
-        super().__init__(in_dim, num_classes, dropout, "num_classes")
+    def __init__(self, in_dim: int, num_classes: int, dropout: float = 0.0, bias: bool = False) -> None:
+        super().__init__(in_dim, num_classes, dropout, "num_classes", bias)
         self.num_classes = num_classes
 
 
@@ -60,11 +78,12 @@ class SurvivalHead(_LinearHead):
         in_dim: Slide feature width (the aggregator's ``out_dim``).
         num_bins: Number of time bins K (``num_bins=1``: a single log-risk for the Cox loss).
         dropout: Dropout before the linear layer.
+        bias: Bias of the linear layer (off, as in the paper).
 
     Shapes:
         forward(slide [B, in_dim]) -> hazard logits [B, K].
     """
 
-    def __init__(self, in_dim: int, num_bins: int = 4, dropout: float = 0.0) -> None:
-        super().__init__(in_dim, num_bins, dropout, "num_bins")
+    def __init__(self, in_dim: int, num_bins: int = 4, dropout: float = 0.0, bias: bool = False) -> None:
+        super().__init__(in_dim, num_bins, dropout, "num_bins", bias)
         self.num_bins = num_bins

@@ -67,10 +67,28 @@ def test_color_jitter_off_by_default_keeps_colours() -> None:
 
 def test_eval_transform_resizes_and_centre_crops() -> None:
     x = _patches(3, 64)
-    out = EvalTransform(32)(x)
+    out = EvalTransform(32, crop_fraction=1.0)(x)
     assert out.shape == (3, 3, 32, 32) and out.dtype == torch.uint8
     crop = EvalTransform(32, resize=64)(x)
     assert torch.equal(crop, x[:, :, 16:48, 16:48])
+
+
+def test_eval_default_is_the_official_centre_crop_not_a_resize() -> None:
+    # Official evaluation: CenterCrop(224) of the 256 px patch, pixels untouched.
+    x = _patches(2, 256)
+    out = EvalTransform(224)(x)
+    assert torch.equal(out, x[:, :, 16:240, 16:240])
+    # crop_fraction=1.0 is the whole patch resized (the former default): a different image.
+    whole = EvalTransform(224, crop_fraction=1.0)(x)
+    assert whole.shape == out.shape and not torch.equal(whole, out)
+    # A smaller model size keeps the official field of view: the central 224/256, then resized.
+    small = EvalTransform(56)(x)
+    assert small.shape == (2, 3, 56, 56) and EvalTransform(56).resize == 64
+    assert torch.equal(
+        EvalTransform(32, crop_fraction=0.5)(_patches(1, 64)), _patches(1, 64)[:, :, 16:48, 16:48]
+    )
+    with pytest.raises(ValueError, match="crop_fraction"):
+        EvalTransform(224, crop_fraction=1.5)
 
 
 def test_bad_arguments() -> None:

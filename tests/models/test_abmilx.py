@@ -96,3 +96,69 @@ def test_large_bag_runs_with_sdpa() -> None:
     slide, attention = model(torch.randn(1, 4096, 16))
     (slide * torch.randn_like(slide)).sum().backward()
     assert attention.shape == (1, 8, 4096) and torch.isfinite(model.qk.weight.grad).all()
+
+
+def test_official_alpha_init_is_a_standard_normal_draw() -> None:
+    # Official: alpha is a 1x1 Linear weight re-drawn by Xavier-normal, std sqrt(2 / (1 + 1)) = 1.
+    from e2e_wsi.models.aggregators.abmilx import initial_alpha
+
+    torch.manual_seed(3)
+    drawn = initial_alpha("official")
+    torch.manual_seed(3)
+    assert drawn.shape == () and drawn.item() == torch.empty(1, 1).normal_(0.0, 1.0).item()
+    values = torch.stack([make(seed=s).alpha.detach() for s in range(40)])
+    assert (values < 0).any() and (values > 0).any() and 0.5 < values.std().item() < 1.5
+    assert make(alpha_init=0.25).alpha.item() == 0.25
+    with pytest.raises(ValueError, match="alpha_init"):
+        make(alpha_init="xavier")
+
+
+def test_fixed_alpha_is_a_buffer_with_the_same_state_keys() -> None:
+    learn, fixed = make(seed=0), make(seed=0, alpha_init=0.0, learn_alpha=False)
+    assert set(learn.state_dict()) == set(fixed.state_dict())
+    assert "alpha" not in dict(fixed.named_parameters()) and fixed.alpha.item() == 0.0
+    fixed.load_state_dict({**learn.state_dict(), "alpha": torch.tensor(0.0)})
+    x, mask = padded_batch()
+    # alpha = 0 with A+ parameters present is exactly MHLA: the local logits alone.
+    mhla = make(seed=0, attn_plus=False)
+    mhla.load_state_dict({k: v for k, v in fixed.state_dict().items() if k in mhla.state_dict()})
+    torch.testing.assert_close(fixed(x, mask)[1], mhla(x, mask)[1])
+    fixed.train()
+    slide, _ = fixed(x, mask)
+    slide.sum().backward()
+    assert fixed.alpha.grad is None
+
+
+def test_ffn_variants_parameters_and_outputs() -> None:
+    official, prenorm = make(ffn=True), make(ffn=True, ffn_variant="prenorm")
+    names = set(official.state_dict())
+    assert {"ffn.0.bias", "ffn.2.bias"} <= names and not any(n.startswith("ffn_norm") for n in names)
+    assert "ffn_norm.weight" in prenorm.state_dict() and "ffn.0.bias" not in prenorm.state_dict()
+    # By hand: the official FFN is x + fc2(gelu(fc1 x)) on the projected vector, no norm before it.
+    x = torch.randn(2, 9, 24)
+    with torch.no_grad():
+        heads = official.split_heads(x, None)
+        att = torch.softmax(
+            official.local_logits(heads)
+            + official.alpha * official._propagate(heads, official.local_logits(heads), None),
+            -1,
+        )
+        z = official.proj(torch.einsum("bhn,bhnd->bhd", att, heads).reshape(2, 32))
+        fc1, fc2 = official.ffn[0], official.ffn[2]
+        z = z + fc2(torch.nn.functional.gelu(fc1(z)))
+        torch.testing.assert_close(official(x)[0], official.norm_out(z))
+    with pytest.raises(ValueError, match="ffn_variant"):
+        make(ffn=True, ffn_variant="postnorm")
+
+
+def test_old_prenorm_ffn_checkpoint_says_which_option_loads_it() -> None:
+    old = make(ffn=True, ffn_variant="prenorm").state_dict()
+    with pytest.raises(RuntimeError, match="ffn_variant: prenorm"):
+        make(ffn=True).load_state_dict(old)
+    make(ffn=True, ffn_variant="prenorm").load_state_dict(old)  # the named option loads it
+
+
+def test_mil_bias_adds_biases_only_where_the_official_mil_bias_does() -> None:
+    plain, biased = make(), make(mil_bias=True)
+    extra = set(biased.state_dict()) - set(plain.state_dict())
+    assert extra == {"stem.0.bias", "stem.1.bias", "proj.bias", "norm_out.bias"}

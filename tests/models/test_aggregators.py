@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from e2e_wsi.models import aggregators
-from e2e_wsi.models.aggregators import ABMILX
+from e2e_wsi.models.aggregators import ABMIL, ABMILX
 from e2e_wsi.models.encoders import ResNetEncoder
 
 IN_DIM = 12
@@ -24,7 +24,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "abmilx_heads1": ("abmilx", {"inner_dim": 16, "heads": 1}),
     "abmilx_mhla_only": ("abmilx", {"inner_dim": 32, "heads": 4, "attn_plus": False}),
     "abmilx_ffn_bias": ("abmilx", {"inner_dim": 32, "heads": 4, "ffn": True, "attn_bias": True}),
+    "abmilx_ffn_prenorm": ("abmilx", {"inner_dim": 32, "heads": 4, "ffn": True, "ffn_variant": "prenorm"}),
+    "abmilx_mil_bias": ("abmilx", {"inner_dim": 32, "heads": 4, "mil_bias": True}),
     "abmil_gated": ("abmil", {"inner_dim": 32, "attn_dim": 16, "gated": True, "attn_bias": True}),
+    "abmil_no_norm": ("abmil", {"inner_dim": 32, "attn_dim": 16, "output_norm": False}),
     "meanpool_proj": ("meanpool", {"proj_dim": 16}),
     "maxpool_proj": ("maxpool", {"proj_dim": 16}),
 }
@@ -35,6 +38,9 @@ CASES: dict[str, tuple[str, dict]] = {
 NAMES = sorted(CASES)
 # PPEG lays the tokens on a 2-D grid and convolves them, so instance order changes the output.
 ORDER_DEPENDENT = {"transmil": "TransMIL's PPEG positional convolution depends on instance order"}
+# The bias of the last attention-logit layer shifts every logit of a bag equally, and the instance
+# softmax is shift-invariant: its gradient is exactly zero by construction (numerically, rounding noise).
+SHIFT_INVARIANT = {"attn_w.bias", "attention.2.bias"}
 
 
 def build(name: str, seed: int = 0) -> nn.Module:
@@ -86,6 +92,9 @@ def test_every_parameter_gets_a_gradient(name: str) -> None:
     for pname, param in model.named_parameters():
         assert param.grad is not None, f"{name}.{pname} got no gradient"
         assert torch.isfinite(param.grad).all(), f"{name}.{pname} has a non-finite gradient"
+        if pname in SHIFT_INVARIANT:
+            assert param.grad.abs().max() < 1e-5, f"{name}.{pname}: a softmax shift got a real gradient"
+            continue
         assert param.grad.abs().sum() > 0, f"{name}.{pname} got an all-zero gradient"
 
 
@@ -154,3 +163,19 @@ def test_bad_masks_are_rejected(name: str) -> None:
         model(x, torch.ones(2, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"\[B, N, D\]"):
         model(torch.randn(4, IN_DIM))
+
+
+def test_abmil_output_norm_by_hand_and_old_checkpoints() -> None:
+    torch.manual_seed(0)
+    model = ABMIL(in_dim=IN_DIM, inner_dim=32, attn_dim=16).eval()
+    raw = ABMIL(in_dim=IN_DIM, inner_dim=32, attn_dim=16, output_norm=False).eval()
+    raw.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("norm_out")})
+    x = torch.randn(2, 9, IN_DIM)
+    pooled, _ = raw(x)
+    expected = (pooled - pooled.mean(-1, keepdim=True)) / torch.sqrt(
+        pooled.var(-1, unbiased=False, keepdim=True) + 1e-5
+    )
+    torch.testing.assert_close(model(x)[0], expected * model.norm_out.weight)
+    assert "norm_out.bias" not in model.state_dict()  # bias-free, as the official baseline
+    with pytest.raises(RuntimeError, match="output_norm: false"):
+        ABMIL(in_dim=IN_DIM, inner_dim=32, attn_dim=16).load_state_dict(raw.state_dict())

@@ -131,3 +131,20 @@ def test_survival_bins_errors() -> None:
         survival_bins([5.0, 5.0, 5.0, 1.0], [1, 1, 1, 0], num_bins=3)
     with pytest.raises(ValueError, match="non-negative"):
         survival_bins([-1.0, 2.0], [1, 1], num_bins=2)
+
+
+def test_heads_are_bias_free_by_default_and_name_the_option_for_old_checkpoints() -> None:
+    torch.manual_seed(0)
+    head = ClassificationHead(in_dim=8, num_classes=3)
+    assert head.fc.bias is None and set(head.state_dict()) == {"fc.weight"}
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(head(x), x @ head.fc.weight.T)  # no offset: zero in, zero out
+    assert (head(torch.zeros(2, 8)) == 0).all()
+    old = ClassificationHead(in_dim=8, num_classes=3, bias=True)
+    assert old.fc.bias is not None
+    with pytest.raises(RuntimeError, match="head_bias: true"):
+        head.load_state_dict(old.state_dict())
+    surv = SurvivalHead(in_dim=8, num_bins=4)
+    assert surv.fc.bias is None
+    with pytest.raises(RuntimeError, match="head_bias: false"):
+        SurvivalHead(in_dim=8, num_bins=4, bias=True).load_state_dict(surv.state_dict())

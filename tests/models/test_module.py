@@ -126,7 +126,8 @@ def test_task_predictions_and_columns() -> None:
     assert cols["pred"] == [0, 1] and math.isclose(
         sum(cols[f"prob_{k}"][0] for k in range(3)), 1.0, abs_tol=1e-6
     )
-    assert GradingTask(num_classes=6).kind == "grading" and GradingTask().monitor == "val/qwk"
+    assert GradingTask(num_classes=6).kind == "grading" and GradingTask().monitor == "val/loss"
+    assert (GradingTask.monitor_mode, CoxSurvivalTask.monitor) == ("min", "val/c_index")
     surv = DiscreteSurvivalTask(num_bins=3)
     # Higher hazards in every bin -> lower survival -> higher risk.
     risk = surv.predict(torch.tensor([[-3.0, -3.0, -3.0], [3.0, 3.0, 3.0]]))["risk"]

@@ -80,7 +80,7 @@ def masked_fill_padding(x: torch.Tensor, mask: torch.Tensor | None, value: float
 
 
 class InputStem(nn.Sequential):
-    """LayerNorm (no bias) -> Linear (no bias) -> activation -> dropout, applied per instance.
+    """LayerNorm -> Linear -> activation -> dropout, applied per instance (no biases by default).
 
     The paper (appendix B.3) adds a LayerNorm at the MIL input to help optimise the encoder and drops
     the bias of every fully connected MIL layer; all aggregators here share this stem.
@@ -91,7 +91,7 @@ class InputStem(nn.Sequential):
         dropout: Dropout probability after the activation.
         act: ``"gelu"`` or ``"relu"``.
         input_norm: Whether to start with the LayerNorm.
-        bias: Bias of the Linear layer.
+        bias: Biases of the LayerNorm and the Linear layer (the official ``mil_bias``; off by default).
     """
 
     def __init__(
@@ -105,7 +105,7 @@ class InputStem(nn.Sequential):
     ) -> None:
         layers: list[nn.Module] = []
         if input_norm:
-            layers.append(nn.LayerNorm(in_dim, bias=False))
+            layers.append(nn.LayerNorm(in_dim, bias=bias))
         layers += [nn.Linear(in_dim, out_dim, bias=bias), make_activation(act)]
         if dropout > 0:
             layers.append(nn.Dropout(dropout))

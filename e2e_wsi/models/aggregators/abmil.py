@@ -1,4 +1,10 @@
-"""ABMIL (Ilse et al., 2018): attention-based deep MIL pooling, with the gated variant."""
+"""ABMIL (Ilse et al., 2018): attention-based deep MIL pooling, with the gated variant.
+
+The defaults follow the authors' ABMIL baseline (``modules/abmil.py``, class ``DAttention``, of
+DearCaat/E2E-WSI-ABMILX) as run with ``mil_norm: ln`` and ``no_mil_bias``: LayerNorm -> Linear -> GELU ->
+dropout, a tanh attention network of width 128 without biases, and a LayerNorm (no bias) on the pooled
+vector before the task head.
+"""
 
 from __future__ import annotations
 
@@ -29,6 +35,9 @@ class ABMIL(nn.Module):
         gated: Use the gated attention of Ilse et al. (tanh branch times sigmoid branch).
         dropout: Dropout after the input stem.
         attn_bias: Bias in the attention network layers.
+        output_norm: LayerNorm (no bias) on the pooled vector, as the official baseline does. False gives
+            the raw attention-weighted mean (this package's ABMIL before it was matched; old checkpoints
+            without ``norm_out`` need it).
 
     Shapes:
         forward(x [B, N, in_dim], mask [B, N] | None) -> (slide [B, inner_dim], attention [B, 1, N]).
@@ -42,6 +51,7 @@ class ABMIL(nn.Module):
         gated: bool = False,
         dropout: float = 0.25,
         attn_bias: bool = False,
+        output_norm: bool = True,
     ) -> None:
         super().__init__()
         check_positive("in_dim", in_dim, "ABMIL")
@@ -56,7 +66,22 @@ class ABMIL(nn.Module):
             nn.Sequential(nn.Linear(inner_dim, attn_dim, bias=attn_bias), nn.Sigmoid()) if gated else None
         )
         self.attn_w = nn.Linear(attn_dim, 1, bias=attn_bias)
+        self.norm_out: nn.Module | None = nn.LayerNorm(inner_dim, bias=False) if output_norm else None
         self.apply(init_weights)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        """Name the option to flip when a checkpoint and this module disagree on the output LayerNorm."""
+        in_ckpt = f"{prefix}norm_out.weight" in state_dict
+        if not strict:
+            pass
+        elif self.norm_out is not None and not in_ckpt:
+            errors.append(
+                "ABMIL: this checkpoint has no output LayerNorm (saved before ABMIL was matched to the "
+                "official baseline); load it with `output_norm: false` in the aggregator's init_args"
+            )
+        elif self.norm_out is None and in_ckpt:
+            errors.append("ABMIL: this checkpoint has an output LayerNorm; load it with `output_norm: true`")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Pool a bag.
@@ -76,4 +101,6 @@ class ABMIL(nn.Module):
         logits = self.attn_w(gate).squeeze(-1)  # [B, N]
         attention = masked_softmax(logits, mask).unsqueeze(1)  # [B, 1, N]
         slide = torch.bmm(attention, h).squeeze(1)
+        if self.norm_out is not None:
+            slide = self.norm_out(slide)
         return slide, attention

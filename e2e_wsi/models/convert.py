@@ -1,0 +1,204 @@
+"""Load checkpoints of the authors' code (DearCaat/E2E-WSI-ABMILX) into this package's modules.
+
+The official E2E model (``modules/e2e.py``) holds ``encoder`` (a timm ResNet wrapped as ``encoder.model``)
+and ``mil`` (``DAttentionX`` in ``modules/abmilx.py`` or ``DAttention`` in ``modules/abmil.py``, whose
+``classifier`` is the task head). Its training script saves ``{"model": state, "teacher": EMA state,
+"epoch": n}``; the EMA state carries one more ``module.`` prefix, DDP another. The name map, official ->
+ours:
+
+=================================  ==========================================  =======================
+official                            ours                                        note
+=================================  ==========================================  =======================
+``encoder.model.X``                 ``encoder.X``                               timm ResNet to layer3
+``mil.feature.0`` (LayerNorm)       ``aggregator.stem.0``                        MIL input LayerNorm
+``mil.feature.1`` (Linear)          ``aggregator.stem.1``
+``mil.attention.fc1`` / ``fc2``     ``aggregator.attention.0`` / ``.2``          ABMILX local MLP
+``mil.attn_plus_fn.norm_x``         ``aggregator.plus_norm``                     A+ LayerNorm
+``mil.attn_plus_fn.qk``             ``aggregator.qk``                            A+ query/key
+``mil.attn_plus_fn.v`` [1, 1]       ``aggregator.alpha`` []                      alpha (1x1 weight)
+``mil.proj``                        ``aggregator.proj``
+``mil.mlp.fc1`` / ``fc2``           ``aggregator.ffn.0`` / ``.2``                ``ffn_variant: official``
+``mil.norm1``                       ``aggregator.norm_out``                      output LayerNorm
+``mil.attention.0`` / ``.2``        ``aggregator.attn_v.0`` / ``attn_w``         ABMIL (``DAttention``)
+``mil.classifier``                  ``head.fc``                                  bias-free by default
+=================================  ==========================================  =======================
+
+Python: ``state = convert_state_dict(torch.load(path, weights_only=True))`` then
+``SlideModule(...).load_state_dict(state)``; or ``e2e-wsi convert`` (see :func:`main`) writes a checkpoint
+that ``e2e-wsi test|predict|heatmap --ckpt_path`` accept with a config whose model matches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+# (official pattern, our replacement); the first match wins. Patterns see names without the
+# ``module.`` (DDP / EMA) prefixes.
+_RULES: list[tuple[str, str]] = [
+    (r"^encoder\.model\.(.+)$", r"encoder.\1"),
+    (r"^mil\.feature\.([01])\.(weight|bias)$", r"aggregator.stem.\1.\2"),
+    (r"^mil\.attention\.fc1\.(weight|bias)$", r"aggregator.attention.0.\1"),
+    (r"^mil\.attention\.fc2\.(weight|bias)$", r"aggregator.attention.2.\1"),
+    (r"^mil\.attention\.0\.(weight|bias)$", r"aggregator.attn_v.0.\1"),
+    (r"^mil\.attention\.2\.(weight|bias)$", r"aggregator.attn_w.\1"),
+    (r"^mil\.attn_plus_fn\.norm_x\.(weight|bias)$", r"aggregator.plus_norm.\1"),
+    (r"^mil\.attn_plus_fn\.qk\.weight$", r"aggregator.qk.weight"),
+    (r"^mil\.attn_plus_fn\.v\.weight$", r"aggregator.alpha"),
+    (r"^mil\.proj\.(weight|bias)$", r"aggregator.proj.\1"),
+    (r"^mil\.mlp\.fc1\.(weight|bias)$", r"aggregator.ffn.0.\1"),
+    (r"^mil\.mlp\.fc2\.(weight|bias)$", r"aggregator.ffn.2.\1"),
+    (r"^mil\.norm1\.(weight|bias)$", r"aggregator.norm_out.\1"),
+    (r"^mil\.classifier\.(weight|bias)$", r"head.fc.\1"),
+    (r"^mil\.classifier\.0\.(weight|bias)$", r"head.fc.\1"),  # gated ABMIL wraps it in a Sequential
+]
+
+
+def official_weights(checkpoint: Mapping, which: str = "auto") -> dict[str, torch.Tensor]:
+    """Pick the state dict inside an official checkpoint file.
+
+    Args:
+        checkpoint: What ``torch.load`` returned: ``{"model", "teacher", "epoch"}`` or a bare state dict.
+        which: ``"model"`` (the live weights), ``"teacher"`` (the EMA weights, the ones the official
+            ``test_type: both_ema`` reports first) or ``"auto"`` (teacher when present, else model).
+
+    Returns:
+        The chosen state dict (names still official).
+
+    Raises:
+        ValueError: If the requested weights are not in the file.
+    """
+    if which not in ("auto", "model", "teacher"):
+        raise ValueError(f"which must be auto, model or teacher, got {which!r}")
+    if not any(k in checkpoint for k in ("model", "teacher")):
+        if which == "teacher":
+            raise ValueError("this file is a bare state dict: it has no EMA ('teacher') weights")
+        return dict(checkpoint)
+    if which == "auto":
+        which = "teacher" if checkpoint.get("teacher") is not None else "model"
+    if checkpoint.get(which) is None:
+        raise ValueError(f"the checkpoint has no {which!r} weights (keys: {sorted(checkpoint)})")
+    return dict(checkpoint[which])
+
+
+def _strip_wrappers(name: str) -> str:
+    while name.startswith("module."):
+        name = name[len("module.") :]
+    return name
+
+
+def convert_state_dict(official: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename an official E2E state dict to :class:`~e2e_wsi.models.module.SlideModule` names.
+
+    Args:
+        official: ``{name: tensor}`` with official names (``encoder.model.*``, ``mil.*``), optionally
+            behind ``module.`` prefixes; a whole checkpoint file is accepted too (see
+            :func:`official_weights`).
+
+    Returns:
+        ``{name: tensor}`` with our names; alpha becomes a 0-d tensor.
+
+    Raises:
+        ValueError: Listing every official key that has no counterpart here, by name, e.g. a
+            ``mil.norm_ffn`` LayerNorm (the official FFN pre-norm, only present when the MIL input
+            LayerNorm is off, a setting no paper config uses).
+    """
+    if any(k in official for k in ("model", "teacher")):
+        official = official_weights(official)
+    out: dict[str, torch.Tensor] = {}
+    unmatched: list[str] = []
+    for raw, tensor in official.items():
+        name = _strip_wrappers(raw)
+        for pattern, repl in _RULES:
+            if re.match(pattern, name):
+                out[re.sub(pattern, repl, name)] = tensor
+                break
+        else:
+            unmatched.append(raw)
+    if unmatched:
+        raise ValueError(
+            f"{len(unmatched)} official key(s) have no counterpart in e2e_wsi: {', '.join(sorted(unmatched))}. "
+            "Only the official ResNet encoder, DAttentionX (ABMILX) and DAttention (ABMIL) with "
+            "mil_norm=ln are mapped (see e2e_wsi/models/convert.py)"
+        )
+    if "aggregator.alpha" in out:
+        out["aggregator.alpha"] = out["aggregator.alpha"].reshape(())
+    return out
+
+
+def with_ema_copy(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Add the ``ema.*`` keys a ``SlideModule(ema_decay=...)`` expects, holding the same weights."""
+    out = dict(state)
+    parts = {"encoder.": "ema.module.0.", "aggregator.": "ema.module.1.", "head.": "ema.module.2."}
+    for name, tensor in state.items():
+        for prefix, ema_prefix in parts.items():
+            if name.startswith(prefix):
+                out[ema_prefix + name[len(prefix) :]] = tensor.clone()
+    out["ema.n_averaged"] = torch.tensor(1, dtype=torch.long)
+    return out
+
+
+def load_official(module: torch.nn.Module, official: Mapping, strict: bool = True) -> None:
+    """Convert and load official weights into a built model, naming every key that does not fit.
+
+    Args:
+        module: A :class:`~e2e_wsi.models.module.SlideModule` whose config matches the official run.
+        official: An official checkpoint file's content or state dict.
+        strict: Require every key of ``module`` to be provided.
+
+    Raises:
+        ValueError: Unmapped official keys, or (``strict``) keys ``module`` expects that the converted
+            dict lacks, or keys it has that ``module`` does not, each listed by name.
+    """
+    state = convert_state_dict(official)
+    if any(k.startswith("ema.") for k in module.state_dict()):
+        state = with_ema_copy(state)
+    result = module.load_state_dict(state, strict=False)
+    if strict and (result.missing_keys or result.unexpected_keys):
+        raise ValueError(
+            "the converted official weights do not fit this model: "
+            f"missing {sorted(result.missing_keys)}, unexpected {sorted(result.unexpected_keys)}. "
+            "Match the config to the official run (heads, inner_dim, ffn, attn_bias, head_bias, ...)"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``e2e-wsi convert``: official checkpoint -> a checkpoint ``e2e-wsi test|predict|heatmap`` can load."""
+    p = argparse.ArgumentParser(prog="e2e-wsi convert", description=__doc__.split("\n\n")[0])
+    p.add_argument("official", help="official checkpoint (e.g. fold_0_model_best.pt) or state dict file")
+    p.add_argument("out", help="where to write the converted checkpoint (.ckpt)")
+    p.add_argument(
+        "--weights", default="auto", choices=["auto", "model", "teacher"], help="live or EMA weights"
+    )
+    p.add_argument(
+        "--ema", action="store_true", help="also fill ema.* keys (for configs with model.ema_decay)"
+    )
+    args = p.parse_args(argv)
+    import lightning
+
+    try:
+        raw = torch.load(args.official, map_location="cpu", weights_only=True)
+        state = convert_state_dict(official_weights(raw, args.weights))
+    except (ValueError, RuntimeError, OSError) as err:
+        print(f"e2e-wsi convert: {args.official}: {err}")
+        return 2
+    if args.ema:
+        state = with_ema_copy(state)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    payload = {
+        "state_dict": state,
+        "pytorch-lightning_version": lightning.__version__,
+        "epoch": 0,
+        "global_step": 0,
+        "converted_from": str(Path(args.official).resolve()),
+    }
+    torch.save(payload, tmp)
+    tmp.replace(out)  # never leave a half-written checkpoint
+    print(f"e2e-wsi convert: wrote {out} ({len(state)} tensors)")
+    return 0
