@@ -155,12 +155,20 @@ class BestCheckpoint(DefinedMetricCheckpoint):
             return
         self._resolved = True
         self.monitor = self.monitor or task.monitor
-        mode = self._given_mode or (task.monitor_mode if self.monitor == task.monitor else "min")
-        _aim(self, self.monitor, mode)
+        _aim(self, self.monitor, self._given_mode or _mode_of(self.monitor, task))
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.follow_task(pl_module.task)
         super().setup(trainer, pl_module, stage)
+
+
+def _mode_of(monitor: str, task: Task) -> Literal["min", "max"]:
+    """``min`` or ``max`` for a logged metric: the task's own mode for its metric; ``max`` for the task's
+    other metrics (AUROC, accuracy, QWK, C-index: higher is better); ``min`` for anything else (losses)."""
+    if monitor == task.monitor:
+        return task.monitor_mode
+    stage, _, name = monitor.partition("/")
+    return "max" if stage in {"train", "val"} and name in task.metrics() else "min"
 
 
 def _aim(cb: ModelCheckpoint, monitor: str, mode: str) -> None:
@@ -252,7 +260,9 @@ class SlidePredictionWriter(Callback):
         ordered = {k: v[order] for k, v in local.items()}
         keep = torch.ones_like(ordered["index"], dtype=torch.bool)
         keep[1:] = ordered["index"][1:] != ordered["index"][:-1]
-        keep &= ordered["index"] >= 0  # padding bags of DDP ranks without a slide (index -1) count for nothing
+        keep &= (
+            ordered["index"] >= 0
+        )  # padding bags of DDP ranks without a slide (index -1) count for nothing
         return {k: v[keep] for k, v in ordered.items()}
 
     # -------------------------------------------------------------------------------- hooks

@@ -88,8 +88,15 @@ def test_single_class_validation_logs_nan_and_selects_no_checkpoint_on_it(
     manifest, cache = synth_cache
     split = one_val_slide_split(manifest, tmp_path / "split.csv")
     run = tmp_path / "run"
+    # Select on the AUROC (the default selects on the validation loss, which is defined here).
+    on_auroc = tmp_path / "on_auroc.yaml"
+    on_auroc.write_text(
+        "trainer:\n  callbacks:\n    - class_path: e2e_wsi.training.callbacks.BestCheckpoint\n"
+        "      init_args: {monitor: val/auroc}\n"
+    )
+    args = tiny_args(manifest, cache, run, "--config", str(on_auroc), "--data.split_file", str(split))
     with pytest.warns(UserWarning, match="AUROC is undefined") as record:
-        assert main(tiny_args(manifest, cache, run, "--data.split_file", str(split))) == 0
+        assert main(args) == 0
     assert sum("AUROC is undefined" in str(w.message) for w in record) == 1  # once, not per epoch
     ckpts = run / "checkpoints"
     assert (ckpts / "last.ckpt").is_file()
