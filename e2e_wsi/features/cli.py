@@ -42,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", type=_shard, default=(0, 1), help="i/n: this process's share of the slides")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding patches")
     p.add_argument("--slides", nargs="*", default=None, help="only these slide ids")
+    p.add_argument("--seed", type=int, default=0, help="seed of randomly initialised encoder weights")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -51,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from e2e_wsi.features.extract import ExtractConfig, encoder_from_spec, extract_features
 
+    import torch
+
+    torch.manual_seed(args.seed)  # random-init encoders: the same weights on every (resumed) run
     try:
         encoder, run_size = encoder_from_spec(args.encoder, args.weights)
         config = ExtractConfig(
