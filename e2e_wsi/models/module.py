@@ -202,6 +202,16 @@ class SlideModule(L.LightningModule):
             )
         if not has_features:
             return
+        if (
+            self.encoder.out_dim is not None
+            and dm.feature_dim is not None
+            and self.encoder.out_dim != dm.feature_dim
+        ):
+            raise ValueError(
+                f"the features in {dm.hparams.features_dir} are {dm.feature_dim}-d but the model expects "
+                f"{self.encoder.out_dim}-d (model.encoder.init_args.dim): leave `dim` unset so the model "
+                "follows the features, or use features from the right encoder"
+            )
         settings = getattr(dm, "feature_settings", None)
         if stage == "fit" and self.feature_settings is None:
             self.feature_settings = settings
