@@ -50,9 +50,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run ``e2e-wsi extract``; returns 0 when every slide is ok or skipped, 1 when some failed."""
     args = _parser().parse_args(argv)
-    from e2e_wsi.features.extract import ExtractConfig, encoder_from_spec, extract_features
-
     import torch
+
+    from e2e_wsi.features.extract import ExtractConfig, encoder_from_spec, extract_features
 
     torch.manual_seed(args.seed)  # random-init encoders: the same weights on every (resumed) run
     try:
