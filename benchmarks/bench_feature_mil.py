@@ -24,6 +24,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -104,14 +105,13 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     return int(out.stdout.split()[-1]) / 1024  # KiB -> MiB on Linux
 
 
-def bench_memory(args: argparse.Namespace) -> list[dict]:
-    rows = []
+def bench_memory(args: argparse.Namespace) -> Iterator[dict]:
     for n in args.big_bag:
         for attn_plus in args.attn_plus:
             base = _peak_child(n, args.dim, False, attn_plus)
             t0 = time.perf_counter()
             peak = _peak_child(n, args.dim, True, attn_plus)
-            rows.append(
+            yield (
                 {
                     "section": "memory",
                     "bag": n,
@@ -124,7 +124,6 @@ def bench_memory(args: argparse.Namespace) -> list[dict]:
                     "child_wall_s": round(time.perf_counter() - t0, 1),
                 }
             )
-    return rows
 
 
 def main() -> None:
@@ -145,7 +144,7 @@ def main() -> None:
     print(f"load average {Path('/proc/loadavg').read_text().split()[:3]}")
     for name in args.only:
         result = {"epoch": bench_epoch, "memory": bench_memory}[name](args)
-        for row in result if isinstance(result, list) else [result]:
+        for row in result if not isinstance(result, dict) else [result]:
             print(json.dumps(row), flush=True)
     print(f"load average {Path('/proc/loadavg').read_text().split()[:3]}")
 
