@@ -15,6 +15,13 @@ def _shard(text: str) -> tuple[int, int]:
     return i, n
 
 
+def _default_workers(device: str) -> int:
+    import torch
+
+    on_gpu = device != "cpu" and (device != "auto" or torch.cuda.is_available())
+    return 2 if on_gpu else 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="e2e-wsi extract",
@@ -40,7 +47,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--input-size", type=int, default=None, help="resize/crop side (default: the encoder's)")
     p.add_argument("--shard", type=_shard, default=(0, 1), help="i/n: this process's share of the slides")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding patches")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="DataLoader workers decoding patches (default: 2 on a GPU, 0 on CPU where they would compete "
+        "with the encoder for the same cores)",
+    )
     p.add_argument("--slides", nargs="*", default=None, help="only these slide ids")
     p.add_argument("--seed", type=int, default=0, help="seed of randomly initialised encoder weights")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -64,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             input_size=args.input_size or run_size,
             shard=args.shard,
-            num_workers=args.workers,
+            num_workers=args.workers if args.workers is not None else _default_workers(args.device),
             progress=not args.no_progress,
         )
         rows = extract_features(args.cache, args.out, encoder, config, args.slides)
