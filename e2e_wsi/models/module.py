@@ -114,8 +114,16 @@ class SlideModule(L.LightningModule):
                 "model.encoder is PrecomputedFeatures without `dim`, and the data gives no feature_dim: "
                 "use a feature datamodule (data.features_dir) or set model.encoder.init_args.dim"
             )
-        self.encoder.out_dim = int(dim)
+        self.encoder.set_dim(int(dim))
         self._build_mil(int(dim))
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Also rebuilds a lazily built feature model from its weights (``encoder.width``)."""
+        width = state_dict.get("encoder.width")
+        if not self.built and isinstance(self.encoder, PrecomputedFeatures) and width is not None:
+            self.encoder.set_dim(int(width))
+            self._build_mil(int(width))
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def _trainable(self) -> nn.ModuleList:
         return nn.ModuleList([self.encoder, self.aggregator, self.head])
@@ -226,7 +234,7 @@ class SlideModule(L.LightningModule):
         if saved is None:
             return
         if not self.built:
-            self.encoder.out_dim = int(saved["dim"])
+            self.encoder.set_dim(int(saved["dim"]))
             self._build_mil(int(saved["dim"]))
         elif self.encoder.out_dim != saved["dim"]:
             raise ValueError(

@@ -198,6 +198,13 @@ class PrecomputedFeatures(nn.Module):
             raise ValueError(f"PrecomputedFeatures: dim must be positive, got {dim}")
         self.out_dim = dim
         self.frozen = True
+        # The width travels in the state dict, so a lazily built model can be rebuilt from weights alone.
+        self.register_buffer("width", torch.tensor(dim or 0, dtype=torch.int64))
+
+    def set_dim(self, dim: int) -> None:
+        """Fix the width once the features are known (``SlideModule.configure_model``)."""
+        self.out_dim = int(dim)
+        self.width.fill_(int(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Features [N, D] -> the same features as float32 (checked against ``out_dim``)."""

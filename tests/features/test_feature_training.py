@@ -14,6 +14,7 @@ from e2e_wsi.cli import main
 from e2e_wsi.features.extract import ExtractConfig, extract_features
 from e2e_wsi.features.store import FeatureFolder
 from e2e_wsi.models.encoders import ResNetEncoder
+from e2e_wsi.viz.cli import load_run
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "two_stage_abmilx.yaml"
 TINY = ["--trainer.max_epochs", "1", "--trainer.accelerator", "cpu", "--trainer.log_every_n_steps", "1",
@@ -54,6 +55,8 @@ def test_fit_test_predict_on_features(
     ckpt = run / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert state["state_dict"]["aggregator.stem.1.weight"].shape[1] == 256  # width follows the features
+    model, data = load_run(ckpt)  # outside a Trainer the width comes from the weights
+    assert model.encoder.out_dim == 256 and data["features_dir"] == str(features)
     assert (
         main(["test", "--config", str(run / "config.yaml"), "--ckpt_path", str(ckpt), "--bootstrap", "50"])
         == 0
