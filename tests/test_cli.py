@@ -16,7 +16,18 @@ from e2e_wsi.cli import VERBS, main
 def test_help_lists_every_verb(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for verb in ("synth", "preprocess", "cache", "extract", "fit", "validate", "test", "predict", "evaluate", "heatmap"):
+    for verb in (
+        "synth",
+        "preprocess",
+        "cache",
+        "extract",
+        "fit",
+        "validate",
+        "test",
+        "predict",
+        "evaluate",
+        "heatmap",
+    ):
         assert f"  {verb} " in out, verb
     assert set(VERBS) == {
         "synth",
