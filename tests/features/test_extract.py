@@ -128,3 +128,26 @@ def test_cli_errors_are_one_clear_line(synth_cache: tuple[Path, Path], tmp_path:
     assert main([*base, "--encoder", "resnet18"]) == 2  # two magnifications cached: which one?
     assert "choose one with --magnification" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_encoder_of_an_end_to_end_run_is_rebuilt_from_its_checkpoint(tmp_path: Path) -> None:
+    from e2e_wsi.features.extract import encoder_from_spec
+
+    torch.manual_seed(7)
+    trained = ResNetEncoder("resnet18", weights="none")
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    node = {
+        "class_path": "e2e_wsi.models.encoders.ResNetEncoder",
+        "init_args": {"arch": "resnet18", "weights": "imagenet"},
+    }
+    (run / "config.yaml").write_text(
+        json.dumps({"model": {"encoder": node}, "data": {"eval_patch_size": 96}})
+    )
+    state = {f"encoder.{k}": v for k, v in trained.state_dict().items()} | {"head.w": torch.zeros(1)}
+    torch.save({"state_dict": state}, run / "checkpoints" / "last.ckpt")
+    encoder, size = encoder_from_spec(
+        str(run / "checkpoints" / "last.ckpt")
+    )  # never fetches ImageNet weights
+    assert size == 96 and not any(p.requires_grad for p in encoder.parameters())
+    assert encoder.describe()["state_sha256"] == trained.describe()["state_sha256"]
