@@ -30,6 +30,10 @@ VERBS: dict[str, tuple[str, str]] = {
         "detect tissue, tile at several magnifications, cache patches in LMDB",
     ),
     "cache": ("e2e_wsi.cache.cli:main", "inspect a patch cache (`cache info CACHE_DIR`)"),
+    "extract": (
+        "e2e_wsi.features.cli:main",
+        "encode cached patches once into per-slide HDF5 features (two-stage paradigm)",
+    ),
     "fit": ("e2e_wsi.training.cli:fit_main", "train encoder + aggregator + head end to end (LightningCLI)"),
     "validate": ("e2e_wsi.training.cli:validate_main", "evaluate a checkpoint on the validation split"),
     "test": ("e2e_wsi.training.cli:test_main", "evaluate on the test split with a bootstrap report"),

@@ -166,15 +166,15 @@ class WSIDataModule(pl.LightningDataModule):
         if self.table is not None:
             return
         hp = self.hparams
-        self.cache = PatchCache(self.cache_dir, on_damaged=self.hparams.on_damaged)
+        self.cache = self._open_source()
         df = load_manifest(
             self.manifest_path,
             self.task,
             None if self.task == "survival" else self.num_classes,
-            cache=self.cache,
+            cache=self.cache if self._manifest_checks_ids else None,
             class_names=hp.class_names,
         )
-        self._check_magnifications(df)
+        self._check_source(df)
         if hp.split_file:
             df["split"] = apply_splits(df, load_splits(hp.split_file), source=f"split file {hp.split_file}")
         else:
@@ -191,6 +191,17 @@ class WSIDataModule(pl.LightningDataModule):
                 "the validation split is empty: select checkpoints on the training loss or the last epoch"
             )
         self._write_splits(df)
+
+    # Subclasses reading other per-slide data (e2e_wsi.features.datamodule) override these three.
+    _manifest_checks_ids = True
+
+    def _open_source(self) -> PatchCache:
+        """The per-slide data behind the bags (here the patch cache)."""
+        return PatchCache(self.cache_dir, on_damaged=self.hparams.on_damaged)
+
+    def _check_source(self, df: pd.DataFrame) -> None:
+        """Check every manifest slide against the source, all at once."""
+        self._check_magnifications(df)
 
     def _check_magnifications(self, df: pd.DataFrame) -> None:
         needed = set(self.magnifications) | set(self.hparams.eval_magnifications or [])

@@ -1,8 +1,8 @@
 """Patch transforms on batched uint8 tensors [N, 3, H, W] (RGB).
 
 Geometry (crop, resize, flips) runs on uint8 in the DataLoader worker: it is cheaper than on float and
-keeps the tensors crossing process boundaries 4x smaller. Conversion to float and ImageNet
-normalisation happen afterwards with :func:`normalize_images`, on the device, chunk by chunk inside
+keeps the tensors crossing process boundaries 4x smaller. Conversion to float and normalisation
+with the encoder's own mean/std happen afterwards with :func:`normalize_images`, on the device, chunk by chunk inside
 :class:`~e2e_wsi.models.module.SlideModule` (so a 10k-patch evaluation bag never exists as float).
 
 Per-patch randomness: every patch gets its own RandomResizedCrop box and flips. The random numbers come
@@ -20,11 +20,17 @@ IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)  # RGB order
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
-def normalize_images(images: torch.Tensor) -> torch.Tensor:
-    """uint8 RGB in [0, 255] -> float32 normalised with ImageNet statistics (channel 0 = red).
+def normalize_images(
+    images: torch.Tensor,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+) -> torch.Tensor:
+    """uint8 RGB in [0, 255] -> float32 normalised with the encoder's statistics (channel 0 = red).
 
     Args:
         images: uint8 [..., 3, H, W]; float input is assumed to be already normalised and returned as is.
+        mean: Per-channel mean in [0, 1] units (the encoder's ``mean``; ImageNet by default).
+        std: Per-channel standard deviation in [0, 1] units (the encoder's ``std``).
 
     Returns:
         float32 [..., 3, H, W].
@@ -32,9 +38,9 @@ def normalize_images(images: torch.Tensor) -> torch.Tensor:
     if images.dtype != torch.uint8:
         return images
     x = images.float().div_(255.0)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
-    return x.sub_(mean).div_(std)
+    mean_t = torch.tensor(mean, device=x.device).view(3, 1, 1)
+    std_t = torch.tensor(std, device=x.device).view(3, 1, 1)
+    return x.sub_(mean_t).div_(std_t)
 
 
 class TrainTransform:

@@ -4,8 +4,14 @@ ResNet-18 and ResNet-50 keep ``conv1 .. layer3`` and global-average-pool the ``l
 256 and 1024 features per patch. Parameter names match torchvision's, so torchvision checkpoints and
 our own encoder's state dicts load directly.
 
-The encoder expects float patches [N, 3, H, W] already normalised by the data transforms (ImageNet
-mean/std when using ImageNet weights); it does no normalisation itself.
+Every encoder exposes ``out_dim``, ``input_size`` (the patch side it was trained at) and ``mean``/``std``
+(its normalisation, RGB in [0, 1] units), and ``describe()`` for feature provenance. The encoder itself
+expects float patches [N, 3, H, W] already normalised with its own ``mean``/``std``
+(:func:`e2e_wsi.data.transforms.normalize_images` does it on the device); it does no normalisation itself.
+
+:class:`TimmEncoder` (any timm model, including ``hf-hub:`` foundation models) and
+:class:`PrecomputedFeatures` (the two-stage input: features already extracted) live in
+:mod:`e2e_wsi.models.timm_encoder`; they are re-exported here so configs name one module.
 """
 
 from __future__ import annotations
@@ -20,6 +26,9 @@ import torchvision
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
+
+from e2e_wsi.features.store import sha256_file
+from e2e_wsi.models.timm_encoder import state_sha256
 
 _ARCHS = {
     "resnet18": (torchvision.models.resnet18, torchvision.models.ResNet18_Weights.IMAGENET1K_V1, 256),
@@ -48,16 +57,31 @@ def _check_arch(arch: str) -> str:
     return arch
 
 
+def _download_imagenet(arch: str, path: Path) -> None:
+    """Fetch torchvision's checkpoint into torch's standard cache, as torchvision itself would.
+
+    ``download_url_to_file`` writes a temp file and renames it, and checks the hash prefix that
+    torchvision puts in the file name, so an interrupted download never leaves a bad file behind.
+    """
+    url = imagenet_weights_url(arch)
+    hash_prefix = path.stem.rsplit("-", 1)[-1]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(url, str(path), hash_prefix=hash_prefix, progress=True)
+    except Exception as err:  # URLError, HTTPError, OSError, RuntimeError (hash) ...
+        raise FileNotFoundError(
+            f"ImageNet weights for {arch} are not in torch's cache ({path}) and downloading "
+            f"{url} failed ({type(err).__name__}: {err}). Offline: download that file elsewhere and "
+            f"save it as {path} (or point TORCH_HOME at a directory whose hub/checkpoints/ holds it), "
+            "or use weights='none' / a path to a state dict."
+        ) from err
+
+
 def _weights_file(weights: str, arch: str) -> Path:
     if weights == "imagenet":
         path = imagenet_weights_path(arch)
         if not path.is_file():
-            raise FileNotFoundError(
-                f"ImageNet weights for {arch} not found at {path}. Nothing is downloaded at run time: "
-                f"download {imagenet_weights_url(arch)} and save it as {path} "
-                "(or point TORCH_HOME at a directory whose hub/checkpoints/ holds it), "
-                "or use weights='none' / a path to a state dict."
-            )
+            _download_imagenet(arch, path)
         return path
     path = Path(weights)
     if not path.is_file():
@@ -118,8 +142,9 @@ class ResNetEncoder(nn.Module):
 
     Args:
         arch: ``resnet18`` (D = 256) or ``resnet50`` (D = 1024).
-        weights: ``none`` (random init), ``imagenet`` (torchvision's file in the local torch hub cache,
-            see :func:`imagenet_weights_path`; never downloaded) or a path to a state dict.
+        weights: ``none`` (random init), ``imagenet`` (torchvision's file in torch's hub cache, see
+            :func:`imagenet_weights_path`; downloaded there once when missing and online) or a path to
+            a state dict.
         freeze: Set ``requires_grad=False`` on every parameter. A frozen encoder also keeps BatchNorm
             in eval mode, so it is a fixed function.
         bn_eval: Keep BatchNorm layers in eval mode (running statistics used and not updated) even
@@ -133,8 +158,14 @@ class ResNetEncoder(nn.Module):
 
     Raises:
         ValueError: Unknown arch, unreadable or mismatching state dict.
-        FileNotFoundError: ``imagenet`` file absent from the cache, or a weights path that does not exist.
+        FileNotFoundError: ``imagenet`` file absent and not downloadable, or a weights path that does
+            not exist.
     """
+
+    # ImageNet statistics: torchvision's ResNets were trained with them (and random init does not care).
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    input_size: int = 224
 
     def __init__(
         self,
@@ -162,8 +193,13 @@ class ResNetEncoder(nn.Module):
         self.checkpoint_chunk = checkpoint_chunk
         self.channels_last = channels_last
         self.bn_eval = bn_eval or freeze
+        self.frozen = freeze
+        self.weights = weights
+        self._weights_sha256: str | None = None
         if weights != "none":
-            self._load(_weights_file(weights, arch))
+            path = _weights_file(weights, arch)
+            self._load(path)
+            self._weights_sha256 = sha256_file(path)
         if freeze:
             self.requires_grad_(False)
         if channels_last:
@@ -189,6 +225,20 @@ class ResNetEncoder(nn.Module):
                 "check the arch matches the checkpoint"
             )
         self.load_state_dict(loaded, strict=True)
+
+    def describe(self) -> dict[str, object]:
+        """What makes these features what they are (stored as feature provenance)."""
+        return {
+            "class": f"{type(self).__module__}.{type(self).__qualname__}",
+            "name": self.arch,
+            "weights": self.weights if self.weights in ("none", "imagenet") else "file",
+            "weights_file_sha256": self._weights_sha256,
+            "state_sha256": state_sha256(self),
+            "out_dim": int(self.out_dim),
+            "input_size": int(self.input_size),
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
 
     def train(self, mode: bool = True) -> ResNetEncoder:
         """Set train/eval mode; with ``bn_eval`` BatchNorm layers stay in eval mode."""
@@ -271,3 +321,8 @@ class ResNetEncoder(nn.Module):
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         device = self.conv1.weight.device
         return torch.cat([self._features(self._prepare(c.to(device))) for c in x.split(chunk_size)])
+
+
+from e2e_wsi.models.timm_encoder import PrecomputedFeatures, TimmEncoder  # noqa: E402  (re-export)
+
+__all__ = ["PrecomputedFeatures", "ResNetEncoder", "TimmEncoder", "load_resnet_state_dict"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -13,9 +15,10 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from e2e_wsi.data.transforms import normalize_images
+from e2e_wsi.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_images
+from e2e_wsi.features.store import describe_difference
 from e2e_wsi.models.aggregators import ABMILX
-from e2e_wsi.models.encoders import ResNetEncoder
+from e2e_wsi.models.encoders import PrecomputedFeatures, ResNetEncoder
 from e2e_wsi.models.optim import WarmupCosineLR, apply_lr_mult, encoder_param_groups
 from e2e_wsi.models.tasks import Task, default_task
 
@@ -28,8 +31,12 @@ class SlideModule(L.LightningModule):
 
     Args:
         task: What to predict; builds the head, loss and metrics. ``None``: ``ClassificationTask()``.
-        encoder: Patch encoder mapping [N, 3, h, w] to [N, D], with an ``out_dim`` attribute.
+        encoder: Patch encoder mapping [N, 3, h, w] to [N, D], with an ``out_dim`` attribute, and
+            ``mean``/``std`` used to normalise uint8 patches (ImageNet when absent).
             ``None``: a randomly initialised ``ResNetEncoder()`` (ResNet-18 to layer3).
+            ``PrecomputedFeatures()``: the two-stage model, bags hold features [N, D]; with ``dim`` unset
+            the aggregator and head are built in ``configure_model`` from the datamodule's
+            ``feature_dim``, so the aggregator's width follows the features.
         aggregator: Factory called with the encoder's ``out_dim`` (YAML: ``class_path`` + ``init_args``
             without ``in_dim``); returns a module ``(x [B, N, D], mask [B, N]) -> (slide, attention)``.
         optimizer: Factory called with the parameter groups (encoder group scaled by
@@ -64,24 +71,59 @@ class SlideModule(L.LightningModule):
             raise ValueError(f"eval_chunk_size must be >= 1, got {eval_chunk_size}")
         self.task = task
         self.encoder = encoder
-        self.aggregator = aggregator(int(encoder.out_dim))
-        self.head = task.build_head(int(self.aggregator.out_dim))
+        self.aggregator_factory = aggregator
+        self.ema_decay = ema_decay
         self.loss_fn = task.build_loss()
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.encoder_lr_mult = encoder_lr_mult
         self.eval_chunk_size = eval_chunk_size
-        self.ema = (
-            AveragedModel(self._trainable(), multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
-            if ema_decay is not None
-            else None
-        )
+        # Settings of the features the model was trained on (two-stage runs), checked at test/predict.
+        self.feature_settings: dict | None = None
+        self.ema: AveragedModel | None = None
+        if encoder.out_dim is not None:
+            self._build_mil(int(encoder.out_dim))
         # One metric collection per stage; attribute names avoid clashing with nn.Module.train.
         self.train_metrics = task.metrics().clone(prefix="train/")
         self.val_metrics = task.metrics().clone(prefix="val/")
         self.test_metrics = task.metrics().clone(prefix="test/")
 
     # ----------------------------------------------------------------------------------------- model
+    def _build_mil(self, in_dim: int) -> None:
+        """Aggregator, head and EMA copy for ``in_dim``-wide instance features."""
+        self.aggregator = self.aggregator_factory(in_dim)
+        self.head = self.task.build_head(int(self.aggregator.out_dim))
+        if self.ema_decay is not None:
+            decay = get_ema_multi_avg_fn(self.ema_decay)
+            self.ema = AveragedModel(self._trainable(), multi_avg_fn=decay, use_buffers=True)
+
+    @property
+    def built(self) -> bool:
+        """False until a feature model learns its input width (``configure_model`` / checkpoint)."""
+        return hasattr(self, "head")
+
+    def configure_model(self) -> None:
+        """Build a feature model's aggregator from the datamodule's ``feature_dim`` (after its setup)."""
+        if self.built:
+            return
+        dm = getattr(self.trainer, "datamodule", None)
+        dim = getattr(dm, "feature_dim", None)
+        if dim is None:
+            raise ValueError(
+                "model.encoder is PrecomputedFeatures without `dim`, and the data gives no feature_dim: "
+                "use a feature datamodule (data.features_dir) or set model.encoder.init_args.dim"
+            )
+        self.encoder.set_dim(int(dim))
+        self._build_mil(int(dim))
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Also rebuilds a lazily built feature model from its weights (``encoder.width``)."""
+        width = state_dict.get("encoder.width")
+        if not self.built and isinstance(self.encoder, PrecomputedFeatures) and width is not None:
+            self.encoder.set_dim(int(width))
+            self._build_mil(int(width))
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def _trainable(self) -> nn.ModuleList:
         return nn.ModuleList([self.encoder, self.aggregator, self.head])
 
@@ -107,17 +149,24 @@ class SlideModule(L.LightningModule):
             [n, D] features.
         """
         encoder = encoder or self.encoder
-        if torch.is_grad_enabled() and self.training:
-            return encoder(normalize_images(images))
-        chunks = [encoder(normalize_images(c)) for c in images.split(self.eval_chunk_size)]
+        if isinstance(encoder, PrecomputedFeatures):
+            return encoder(images)
+        mean = getattr(encoder, "mean", IMAGENET_MEAN)
+        std = getattr(encoder, "std", IMAGENET_STD)
+        if torch.is_grad_enabled() and self.training and not getattr(encoder, "frozen", False):
+            return encoder(normalize_images(images, mean, std))
+        # A frozen encoder needs no graph even in training: chunking bounds its activations.
+        with torch.no_grad() if getattr(encoder, "frozen", False) else contextlib.nullcontext():
+            chunks = [encoder(normalize_images(c, mean, std)) for c in images.split(self.eval_chunk_size)]
         return torch.cat(chunks)
 
     def forward(self, images: Tensor, mask: Tensor | None = None) -> dict[str, Tensor]:
         """Run the whole model on bags.
 
         Args:
-            images: [B, N, 3, h, w] patches: uint8 RGB (normalised here, chunk by chunk, on the
-                device: host->device copies stay 4x smaller than float) or float already normalised.
+            images: [B, N, 3, h, w] patches: uint8 RGB (normalised here with the encoder's statistics,
+                chunk by chunk, on the device: host->device copies stay 4x smaller than float) or float
+                already normalised; for a feature model (``PrecomputedFeatures``) features [B, N, D].
             mask: [B, N] bool, False at padding; ``None`` when every patch is real.
 
         Returns:
@@ -134,6 +183,7 @@ class SlideModule(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is None:
             return
+        self._check_feature_input(dm, stage)
         data_task, data_k = getattr(dm, "task", None), getattr(dm, "num_classes", None)
         if data_task is not None and data_task != self.task.kind:
             raise ValueError(
@@ -146,11 +196,64 @@ class SlideModule(L.LightningModule):
                 f"model.task.{what}={model_k} but data.num_classes={data_k}: set both to the same number"
             )
 
+    def _check_feature_input(self, dm: object, stage: str) -> None:
+        """Feature runs: remember the training features' settings, refuse others at evaluation."""
+        is_feature_model = isinstance(self.encoder, PrecomputedFeatures)
+        has_features = hasattr(dm, "feature_dim")
+        if is_feature_model != has_features:
+            raise ValueError(
+                "model.encoder is PrecomputedFeatures but the data are patch images (set data.features_dir)"
+                if is_feature_model
+                else "the data are precomputed features but model.encoder is a patch encoder: use "
+                "`encoder: {class_path: e2e_wsi.models.encoders.PrecomputedFeatures}`"
+            )
+        if not has_features:
+            return
+        if (
+            self.encoder.out_dim is not None
+            and dm.feature_dim is not None
+            and self.encoder.out_dim != dm.feature_dim
+        ):
+            raise ValueError(
+                f"the features in {dm.hparams.features_dir} are {dm.feature_dim}-d but the model expects "
+                f"{self.encoder.out_dim}-d (model.encoder.init_args.dim): leave `dim` unset so the model "
+                "follows the features, or use features from the right encoder"
+            )
+        settings = getattr(dm, "feature_settings", None)
+        if stage == "fit" and self.feature_settings is None:
+            self.feature_settings = settings
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if isinstance(self.encoder, PrecomputedFeatures):
+            checkpoint["e2e_wsi_features"] = {"dim": self.encoder.out_dim, "settings": self.feature_settings}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Build a lazy feature model from the checkpoint; refuse features from another encoder."""
+        saved = checkpoint.get("e2e_wsi_features")
+        if saved is None:
+            return
+        if not self.built:
+            self.encoder.set_dim(int(saved["dim"]))
+            self._build_mil(int(saved["dim"]))
+        elif self.encoder.out_dim != saved["dim"]:
+            raise ValueError(
+                f"the checkpoint was trained on {saved['dim']}-d features but these features are "
+                f"{self.encoder.out_dim}-d: they were made by another encoder"
+            )
+        trained, now = saved.get("settings"), None
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None:
+            now = getattr(dm, "feature_settings", None)
+            _compare_settings(trained, now, getattr(dm, "hparams", {}).get("features_dir"))
+        if self.feature_settings is None:
+            self.feature_settings = trained
+
     # -------------------------------------------------------------------------------------- training
     def step(self, batch: dict, stage: str) -> dict[str, Tensor]:
         """The one step shared by train, val, test and predict: forward, loss, metrics, logging."""
-        out = self(batch["images"], batch.get("mask"))
-        bsz = batch["images"].shape[0]
+        inputs = batch["features"] if "features" in batch else batch["images"]
+        out = self(inputs, batch.get("mask"))
+        bsz = inputs.shape[0]
         if stage == "predict":
             return out
         loss = self.task.loss(self.loss_fn, out["outputs"], batch)
@@ -247,7 +350,8 @@ def real_rows(batch: dict) -> Tensor:
     runs so it still joins every collective (:class:`e2e_wsi.data.datamodule.EvalShardSampler`)."""
     index = batch.get("index")
     if index is None:
-        return torch.ones(batch["images"].shape[0], dtype=torch.bool, device=batch["images"].device)
+        inputs = batch["features"] if "features" in batch else batch["images"]
+        return torch.ones(inputs.shape[0], dtype=torch.bool, device=inputs.device)
     return index >= 0
 
 
@@ -257,3 +361,22 @@ def select_rows(batch: dict, rows: Tensor) -> dict:
     return {
         k: v[rows] if isinstance(v, Tensor) and v.ndim and v.shape[0] == n else v for k, v in batch.items()
     }
+
+
+def _compare_settings(trained: dict | None, now: dict | None, folder: object) -> None:
+    """Refuse evaluating on features made differently from the training features."""
+    if trained is None or now is None:
+        if trained != now:
+            warnings.warn(
+                f"cannot check that the features in {folder} come from the encoder the model was trained "
+                "on (one side has no e2e-wsi provenance)",
+                stacklevel=3,
+            )
+        return
+    keep = ("encoder", "magnification", "patch_size")
+    a, b = {k: trained.get(k) for k in keep}, {k: now.get(k) for k in keep}
+    if a != b:
+        raise ValueError(
+            f"the features in {folder} were made differently from the ones this model was trained on "
+            f"({describe_difference(a, b)}); extract them with the training encoder and settings"
+        )

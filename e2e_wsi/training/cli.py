@@ -389,11 +389,36 @@ def _refuse_clobbering(run_dir: Path, ckpt_path: str | None) -> None:
         )
 
 
+def _datamodule_class(args: list[str]) -> type:
+    """``FeatureDataModule`` when the data section names ``features_dir`` (flag or config), else patches.
+
+    Chosen from the arguments rather than by ``class_path`` so existing configs (``data: {cache_dir:
+    ...}``) keep working unchanged.
+    """
+    import yaml
+
+    if any(a.startswith("--data.features_dir") for a in args):
+        return _feature_datamodule()
+    for i, arg in enumerate(args):
+        path = args[i + 1] if arg == "--config" and i + 1 < len(args) else arg.partition("=")[2]
+        if (arg == "--config" or arg.startswith("--config=")) and Path(path).is_file():
+            data = (yaml.safe_load(Path(path).read_text()) or {}).get("data") or {}
+            if isinstance(data, dict) and "features_dir" in data:
+                return _feature_datamodule()
+    return WSIDataModule
+
+
+def _feature_datamodule() -> type:
+    from e2e_wsi.features.datamodule import FeatureDataModule
+
+    return FeatureDataModule
+
+
 def _run(subcommand: str, argv: list[str] | None) -> int:
     args = [subcommand, *(sys.argv[2:] if argv is None else argv)]
     E2ECLI(
         SlideModule,
-        WSIDataModule,
+        _datamodule_class(args),
         args=args,
         save_config_callback=RunConfigSaver,
         # The optimizer and schedule are SlideModule arguments (model.optimizer, model.lr_scheduler);

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.error import URLError
 
 import pytest
 import torch
@@ -29,13 +30,42 @@ def test_output_dim(arch: str, dim: int) -> None:
     assert out.shape == (2, dim) and torch.isfinite(out).all()
 
 
-def test_missing_imagenet_weights_name_the_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_imagenet_weights_offline_name_the_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     expected = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
     assert imagenet_weights_path("resnet18") == expected
+
+    def offline(url: str, dst: str, **kwargs) -> None:  # what urllib raises without a network
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(FileNotFoundError) as info:
         ResNetEncoder("resnet18", weights="imagenet")
-    assert str(expected) in str(info.value) and imagenet_weights_url("resnet18") in str(info.value)
+    text = str(info.value)
+    assert str(expected) in text and imagenet_weights_url("resnet18") in text and "name resolution" in text
+    assert not expected.exists()
+
+
+def test_missing_imagenet_weights_are_downloaded_into_torch_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    torch.manual_seed(3)
+    published = torchvision.models.resnet18(weights=None)
+    calls = []
+
+    def fake_server(url: str, dst: str, hash_prefix: str | None = None, progress: bool = True) -> None:
+        calls.append((url, dst, hash_prefix))  # the file a test writes stands in for torchvision's server
+        torch.save(published.state_dict(), dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_server)
+    encoder = ResNetEncoder("resnet18", weights="imagenet")
+    assert calls == [(imagenet_weights_url("resnet18"), str(imagenet_weights_path("resnet18")), "f37072fd")]
+    torch.testing.assert_close(encoder.conv1.weight, published.conv1.weight, rtol=0, atol=0)
+    ResNetEncoder("resnet18", weights="imagenet")
+    assert len(calls) == 1  # cached: fetched once
 
 
 def test_imagenet_weights_load_from_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -157,3 +187,71 @@ def test_bad_input_is_rejected() -> None:
         encoder(torch.randn(2, 1, 32, 32))
     with pytest.raises(ValueError, match="float"):
         encoder(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+
+
+# ------------------------------------------------------------------------------------------------ timm
+
+
+def test_timm_encoder_exposes_dim_and_its_own_normalisation() -> None:
+    from e2e_wsi.models.encoders import TimmEncoder
+
+    encoder = TimmEncoder("test_vit")  # a tiny timm ViT, random weights
+    assert encoder.out_dim == 64 and encoder.input_size == 160
+    assert encoder.mean == (0.5, 0.5, 0.5) and encoder.std == (0.5, 0.5, 0.5)  # from timm's pretrained_cfg
+    out = encoder(patches(3, size=32))
+    assert out.shape == (3, 64) and torch.isfinite(out).all()
+    described = encoder.describe()
+    assert (
+        described["name"] == "test_vit"
+        and described["weights"] == "none"
+        and len(described["state_sha256"]) == 64
+    )
+
+
+def test_unknown_timm_model_suggests_close_names() -> None:
+    from e2e_wsi.models.encoders import TimmEncoder
+
+    with pytest.raises(ValueError, match=r"timm does not know the model 'resnet51x'.*did you mean.*resnet50"):
+        TimmEncoder("resnet51x")
+
+
+def test_timm_local_weights_file_works_offline(tmp_path: Path) -> None:
+    from e2e_wsi.models.encoders import TimmEncoder
+
+    torch.manual_seed(4)
+    source = TimmEncoder("test_resnet")
+    path = tmp_path / "weights.pt"
+    torch.save(source.model.state_dict(), path)
+    torch.manual_seed(5)
+    loaded = TimmEncoder("test_resnet", weights_path=str(path))
+    x = patches(2, size=32)
+    torch.testing.assert_close(loaded.eval()(x), source.eval()(x))
+    assert (
+        loaded.describe()["weights"] == "file"
+        and loaded.describe()["state_sha256"] == source.describe()["state_sha256"]
+    )
+    with pytest.raises(ValueError, match="does not fit the model"):
+        TimmEncoder("test_convnext", weights_path=str(path))
+
+
+def test_hub_model_without_access_says_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
+    from e2e_wsi.models.encoders import TimmEncoder
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # empty cache
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # never touch the network
+    with pytest.raises(RuntimeError) as info:
+        TimmEncoder("hf-hub:MahmoodLab/UNI", pretrained=True)
+    text = str(info.value)
+    assert "huggingface-cli login" in text and "request access" in text and "weights_path" in text
+
+
+def test_frozen_timm_encoder_is_a_fixed_function() -> None:
+    from e2e_wsi.models.encoders import TimmEncoder
+
+    encoder = TimmEncoder("test_resnet", freeze=True)
+    encoder.train()
+    assert not encoder.training and not any(p.requires_grad for p in encoder.parameters())
+    x = patches(2, size=32)
+    torch.testing.assert_close(encoder(x), encoder(x))  # BatchNorm uses running stats, not the batch

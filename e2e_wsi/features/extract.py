@@ -1,0 +1,349 @@
+"""Encode every cached patch once and write one ``<slide_id>.h5`` per slide (the two-stage first stage).
+
+The loop streams batches of JPEG-decoded patches from the patch cache (DataLoader workers decode while
+the encoder runs), resizes/centre-crops them to the encoder's input size, normalises them with the
+encoder's own statistics on the device, and writes each slide as soon as its last batch is encoded
+(atomically, see :mod:`e2e_wsi.features.store`). A finished slide is skipped on the next run, so a killed
+job resumes where it stopped; a slide that fails is recorded in ``summary.json`` and the others go on.
+Several GPUs: one process per device with ``shard=(i, n)`` (each writes its own summary file).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from e2e_wsi.cache.store import PatchCache
+from e2e_wsi.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, normalize_images
+from e2e_wsi.features.store import (
+    describe_difference,
+    feature_path,
+    make_provenance,
+    read_info,
+    settings_of,
+    write_slide,
+)
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Settings of one extraction.
+
+    Args:
+        magnification: Cached magnification to encode; ``None``: the only one cached (error if several).
+        batch_size: Patches per forward pass.
+        precision: ``32``, ``16`` (fp16 autocast, CUDA only) or ``bf16``.
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1`` ...
+        input_size: Side the patches are resized/centre-cropped to; ``None``: the encoder's ``input_size``.
+        shard: ``(i, n)``: this process encodes slides i, i + n, i + 2n ... of the sorted slide list.
+        num_workers: DataLoader workers decoding JPEG patches.
+        progress: Show a progress bar.
+    """
+
+    magnification: float | None = None
+    batch_size: int = 64
+    precision: str = "32"
+    device: str = "auto"
+    input_size: int | None = None
+    shard: tuple[int, int] = (0, 1)
+    num_workers: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.precision not in ("32", "16", "bf16"):
+            raise ValueError(f"precision {self.precision!r} must be 32, 16 or bf16")
+        i, n = self.shard
+        if not (n >= 1 and 0 <= i < n):
+            raise ValueError(f"shard {i}/{n} must satisfy 0 <= i < n")
+
+
+class _Chunks(Dataset):
+    """Item k: one batch of one slide's patches, uint8 [b, 3, s, s], or the error that reading it raised."""
+
+    def __init__(
+        self, cache: PatchCache, jobs: Sequence[tuple[str, float, int]], batch: int, size: int
+    ) -> None:
+        self.cache = cache
+        self.items = [
+            (s, m, start, min(start + batch, n), n) for s, m, n in jobs for start in range(0, n, batch)
+        ]
+        self.transform = EvalTransform(size)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        slide_id, mag, start, stop, n = self.items[k]
+        last = stop == n
+        try:
+            patches = self.cache.get_many(slide_id, mag, range(start, stop))
+            images = self.transform(torch.from_numpy(patches).permute(0, 3, 1, 2))
+            return {"slide_id": slide_id, "last": last, "images": images, "error": ""}
+        except Exception as err:  # one unreadable slide must not stop the others
+            return {"slide_id": slide_id, "last": last, "images": torch.zeros(0), "error": repr(err)}
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "32":
+        return contextlib.nullcontext()
+    if precision == "16" and device.type != "cuda":
+        warnings.warn("precision 16 needs a CUDA GPU; extracting in 32-bit", stacklevel=3)
+        return contextlib.nullcontext()
+    dtype = torch.float16 if precision == "16" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _pick_magnification(cache: PatchCache, slide_ids: Sequence[str], wanted: float | None) -> float:
+    common = set.intersection(*(set(cache.magnifications(s)) for s in slide_ids)) if slide_ids else set()
+    if wanted is not None:
+        lacking = [s for s in slide_ids if float(wanted) not in cache.magnifications(s)]
+        if lacking:
+            raise ValueError(
+                f"{len(lacking)} slide(s) have no patches at {wanted}x: {lacking[:20]}; "
+                f"choose one of {sorted(common)} with --magnification"
+            )
+        return float(wanted)
+    if len(common) != 1:
+        raise ValueError(
+            f"the cache holds several magnifications {sorted(common)}: choose one with --magnification"
+        )
+    return float(next(iter(common)))
+
+
+def encoder_description(encoder: nn.Module) -> dict[str, Any]:
+    """``encoder.describe()`` when the encoder has it, else its class and output width."""
+    if hasattr(encoder, "describe"):
+        return dict(encoder.describe())
+    return {
+        "class": f"{type(encoder).__module__}.{type(encoder).__qualname__}",
+        "out_dim": int(encoder.out_dim),
+    }
+
+
+def _done(path: Path, settings: dict[str, Any]) -> bool:
+    """A slide already extracted with these settings is skipped; other settings in the folder are refused."""
+    if not path.is_file():
+        return False
+    try:
+        info = read_info(path)
+    except ValueError:
+        return False  # unreadable leftover: re-extract it
+    theirs = settings_of(info.provenance)
+    if theirs != settings:
+        raise ValueError(
+            f"{path} was extracted with other settings ({describe_difference(theirs, settings)}); "
+            "write these features to another --out folder (one folder per encoder and settings)"
+        )
+    return True
+
+
+def extract_features(
+    cache_dir: str | Path | Sequence[str | Path],
+    out_dir: str | Path,
+    encoder: nn.Module,
+    config: ExtractConfig = ExtractConfig(),  # noqa: B008 - frozen dataclass, safe default
+    slide_ids: Sequence[str] | None = None,
+) -> list[dict[str, Any]]:
+    """Extract features of every (or the given) cached slide into ``out_dir``.
+
+    Args:
+        cache_dir: Patch cache written by ``e2e-wsi preprocess``.
+        out_dir: Feature folder; ``<slide_id>.h5`` per slide and ``summary.json``.
+        encoder: Patch encoder ([N, 3, H, W] -> [N, D]) with ``out_dim`` (and ideally ``mean``/``std``,
+            ``input_size``, ``describe()``); run in eval mode without gradients.
+        config: Extraction settings.
+        slide_ids: Subset of slides (default: all cached slides).
+
+    Returns:
+        One summary row per slide of this shard: ``slide_id``, ``status`` (ok/skipped/failed),
+        ``num_patches``, ``seconds``, ``error``.
+    """
+    cache = PatchCache(cache_dir)
+    ids = sorted(slide_ids) if slide_ids is not None else cache.slide_ids()
+    ids = ids[config.shard[0] :: config.shard[1]]
+    mag = _pick_magnification(cache, ids, config.magnification)
+    size = int(config.input_size or getattr(encoder, "input_size", 0) or cache.meta(ids[0])["patch_size"])
+    patch_size = int(cache.meta(ids[0])["patch_size"]) if ids else 0
+    prov = make_provenance(
+        encoder_description(encoder), mag, patch_size, input_size=size, precision=config.precision
+    )
+    settings = settings_of(prov)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = {
+        s: {"slide_id": s, "status": "skipped", "num_patches": 0, "seconds": 0.0, "error": ""} for s in ids
+    }
+    todo = [s for s in ids if not _done(feature_path(out_dir, s), settings)]
+    jobs = [(s, mag, cache.count(s, mag)) for s in todo]
+    for s, _, n in jobs:
+        if n == 0:
+            rows[s].update(status="failed", error=f"no patches at {mag}x")
+    jobs = [j for j in jobs if j[2] > 0]
+    device = _device(config.device)
+    encoder = encoder.to(device).eval()
+    mean = getattr(encoder, "mean", IMAGENET_MEAN)
+    std = getattr(encoder, "std", IMAGENET_STD)
+    loader = DataLoader(
+        _Chunks(cache, jobs, config.batch_size, size),
+        batch_size=None,
+        num_workers=config.num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    counts = {s: n for s, _, n in jobs}
+    bar = tqdm(total=sum(counts.values()), unit="patch", disable=not config.progress, desc="extract")
+    for slide_id, feats, seconds, error in _encode_slides(
+        loader, encoder, device, config.precision, mean, std
+    ):
+        row = rows[slide_id]
+        row.update(num_patches=counts[slide_id], seconds=round(seconds, 3))
+        bar.update(counts[slide_id])
+        if error:
+            row.update(status="failed", error=error)
+            continue
+        try:
+            write_slide(out_dir, slide_id, feats, cache.coords(slide_id, mag), prov)
+            row["status"] = "ok"
+        except Exception as err:  # NaN features (e.g. fp16 overflow), full disk ...: recorded, not fatal
+            row.update(status="failed", error=str(err))
+    bar.close()
+    ordered = [rows[s] for s in ids]
+    _write_summary(out_dir, ordered, prov, config.shard)
+    return ordered
+
+
+def _encode_slides(
+    loader: DataLoader,
+    encoder: nn.Module,
+    device: torch.device,
+    precision: str,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> Iterator[tuple[str, np.ndarray | None, float, str]]:
+    """Yield ``(slide_id, features [N, D] | None, seconds, error)`` once per slide, in loader order."""
+    current, parts, error, start = None, [], "", time.perf_counter()
+    with torch.inference_mode():
+        for item in loader:
+            slide_id = item["slide_id"]
+            if slide_id != current:
+                current, parts, error, start = slide_id, [], "", time.perf_counter()
+            if item["error"] or error:
+                error = error or item["error"]
+            else:
+                try:
+                    x = normalize_images(
+                        item["images"].to(device, non_blocking=True), tuple(mean), tuple(std)
+                    )
+                    with _autocast(device, precision):
+                        parts.append(encoder(x).float().cpu())
+                except Exception as err:  # a bad batch fails its slide only
+                    error = repr(err)
+            if item["last"]:
+                feats = None if error else torch.cat(parts).numpy()
+                yield slide_id, feats, time.perf_counter() - start, error
+
+
+def summary_name(shard: tuple[int, int]) -> str:
+    """``summary.json``, or ``summary-shard-01-of-04.json`` for one shard of several."""
+    index, count = shard
+    return "summary.json" if count == 1 else f"summary-shard-{index:02d}-of-{count:02d}.json"
+
+
+def _write_summary(
+    out_dir: Path, rows: list[dict[str, Any]], prov: dict[str, Any], shard: tuple[int, int]
+) -> None:
+    summary = {
+        "shard": list(shard),
+        "params": prov,
+        "counts": {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")},
+        "slides": rows,
+    }
+    path = out_dir / summary_name(shard)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, path)  # readers never see a half-written summary
+
+
+def encoder_from_spec(spec: str, weights: str | None = None) -> tuple[nn.Module, int | None]:
+    """Build the encoder named on the command line.
+
+    Args:
+        spec: ``resnet18``/``resnet50`` (truncated ResNet), ``timm:NAME`` or ``hf-hub:ORG/NAME`` (timm),
+            a YAML file with ``class_path``/``init_args``, or a run checkpoint ``RUN/checkpoints/x.ckpt``
+            (the encoder of an end-to-end run, built from ``RUN/config.yaml``).
+        weights: ResNet: ``none``/``imagenet``/file; timm: ``pretrained`` or a file; ignored otherwise.
+
+    Returns:
+        The encoder and the input size the spec implies (a run's ``data.eval_patch_size``), or ``None``.
+    """
+    from e2e_wsi.models.encoders import ResNetEncoder, TimmEncoder
+
+    if spec in ("resnet18", "resnet50"):
+        return ResNetEncoder(spec, weights=weights or "none", freeze=True), None
+    if spec.startswith(("timm:", "hf-hub:")):
+        name = spec.removeprefix("timm:")
+        pretrained = weights == "pretrained" or (weights is None and name.startswith("hf-hub:"))
+        path = weights if weights not in (None, "pretrained", "none") else None
+        return TimmEncoder(name, pretrained=pretrained, weights_path=path, freeze=True), None
+    path = Path(spec)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        import yaml
+
+        node = yaml.safe_load(path.read_text())
+        return _instantiate(node.get("encoder", node)), None
+    if path.suffix == ".ckpt" and path.is_file():
+        return _encoder_from_run(path)
+    raise ValueError(
+        f"unknown encoder {spec!r}: use resnet18, resnet50, timm:NAME, hf-hub:ORG/NAME, an encoder YAML "
+        "(class_path/init_args) or a run checkpoint RUN/checkpoints/x.ckpt"
+    )
+
+
+def _instantiate(node: dict[str, Any]) -> nn.Module:
+    import importlib
+
+    module_name, _, cls_name = str(node["class_path"]).rpartition(".")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    return cls(**dict(node.get("init_args") or {}))
+
+
+def _encoder_from_run(ckpt: Path) -> tuple[nn.Module, int | None]:
+    """The encoder of an end-to-end run: its config's ``model.encoder`` with the checkpoint's weights."""
+    import yaml
+
+    config_path = ckpt.resolve().parent.parent / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found: a run checkpoint must sit in RUN/checkpoints/")
+    config = yaml.safe_load(config_path.read_text())
+    node = dict(config["model"].get("encoder") or {"class_path": "e2e_wsi.models.encoders.ResNetEncoder"})
+    init = dict(node.get("init_args") or {})
+    # The checkpoint holds the weights: never fetch the initial ones again.
+    init.update(
+        {k: v for k, v in {"weights": "none", "pretrained": False, "weights_path": None}.items() if k in init}
+    )
+    encoder = _instantiate({"class_path": node["class_path"], "init_args": init})
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    own = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
+    encoder.load_state_dict(own, strict=True)
+    encoder.requires_grad_(False)
+    return encoder, config.get("data", {}).get("eval_patch_size")

@@ -1,0 +1,328 @@
+"""The one owner of the per-slide feature file format (HDF5, pickle-free).
+
+Layout of ``FEATURES/<slide_id>.h5`` (the layout CLAM and TRIDENT write, so folders move both ways):
+
+* ``features``: float32 [N, D], one row per patch;
+* ``coords``: int64 [N, 2], level-0 (x, y) of each patch's top-left corner, row i <-> feature row i;
+* root attribute ``e2e_wsi_provenance`` (ours only): a JSON string, see :func:`make_provenance`.
+
+Files are written to ``<slide_id>.h5.tmp`` and renamed, so a reader (or a resumed extraction) never sees a
+half-written file. Folders from other tools have no provenance; they are accepted with a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from e2e_wsi.utils import validate_slide_id
+
+PROVENANCE_ATTR = "e2e_wsi_provenance"
+SUFFIX = ".h5"
+# Keys that describe one slide, not the settings: they may differ between files of one folder.
+PER_SLIDE_KEYS = frozenset({"slide_id", "num_patches", "created"})
+_MAX_LISTED = 20
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file (weights provenance)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def make_provenance(
+    encoder: Mapping[str, Any], magnification: float, patch_size: int, **extra: Any
+) -> dict[str, Any]:
+    """Provenance of a feature folder: what made the features, JSON-serialisable.
+
+    Args:
+        encoder: ``describe()`` of the encoder (class, name, weights sha256, mean/std, input size, dim).
+        magnification: Magnification the patches were cut at.
+        patch_size: Side of the cached patches (pixels at that magnification).
+        **extra: Further settings (e.g. ``precision``).
+
+    Returns:
+        A dict with ``encoder``, ``magnification``, ``patch_size``, ``package_version`` and ``extra``.
+    """
+    from e2e_wsi import __version__
+
+    prov = {
+        "encoder": dict(encoder),
+        "magnification": float(magnification),
+        "patch_size": int(patch_size),
+        "package": f"e2e-wsi {__version__}",
+        **extra,
+    }
+    json.dumps(prov)  # fail here, not in the writer, when something is not serialisable
+    return prov
+
+
+def feature_path(folder: str | Path, slide_id: str) -> Path:
+    """``folder/<slide_id>.h5`` (the id is validated first: ids are never trusted as paths)."""
+    return Path(folder) / f"{validate_slide_id(slide_id)}{SUFFIX}"
+
+
+def check_features(features: np.ndarray, coords: np.ndarray, where: str) -> None:
+    """Validate one slide's arrays.
+
+    Raises:
+        ValueError: Wrong ranks/shapes, no rows, or NaN/Inf features, naming ``where``.
+    """
+    if features.ndim != 2:
+        raise ValueError(f"{where}: `features` must be [N, D], got shape {features.shape}")
+    if coords.ndim != 2 or coords.shape[1] != 2 or coords.shape[0] != features.shape[0]:
+        raise ValueError(
+            f"{where}: `coords` must be [N, 2] with N = {features.shape[0]} rows of `features`, "
+            f"got shape {coords.shape}"
+        )
+    if features.shape[0] == 0:
+        raise ValueError(f"{where}: no patches (0 feature rows)")
+    if not np.isfinite(features).all():
+        bad = int((~np.isfinite(features)).any(axis=1).sum())
+        raise ValueError(
+            f"{where}: {bad} feature row(s) hold NaN or Inf; re-extract this slide (e.g. in 32-bit: "
+            "`e2e-wsi extract --precision 32`) or drop it from the manifest"
+        )
+
+
+def write_slide(
+    folder: str | Path,
+    slide_id: str,
+    features: np.ndarray,
+    coords: np.ndarray,
+    provenance: Mapping[str, Any] | None,
+) -> Path:
+    """Write one slide's features atomically (temp file + rename).
+
+    Args:
+        folder: Feature folder (created if absent).
+        slide_id: The slide id (file stem).
+        features: float [N, D]; stored as float32.
+        coords: int [N, 2] level-0 (x, y) top-left corners; stored as int64.
+        provenance: JSON-able settings (:func:`make_provenance`), or ``None``.
+
+    Returns:
+        The final path.
+    """
+    path = feature_path(folder, slide_id)
+    features = np.asarray(features, dtype=np.float32)
+    coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+    check_features(features, coords, f"slide {slide_id!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("features", data=features)
+            f.create_dataset("coords", data=coords)
+            if provenance is not None:
+                record = {**provenance, "slide_id": slide_id, "num_patches": int(features.shape[0])}
+                f.attrs[PROVENANCE_ATTR] = json.dumps(record, sort_keys=True)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+@dataclass(frozen=True)
+class SlideInfo:
+    """Metadata of one feature file, read without loading the features."""
+
+    slide_id: str
+    path: Path
+    num_patches: int
+    dim: int
+    provenance: dict[str, Any] | None
+
+
+def read_info(path: str | Path) -> SlideInfo:
+    """Shapes and provenance of one ``.h5`` file.
+
+    Raises:
+        ValueError: File unreadable, or ``features``/``coords`` missing or of the wrong rank.
+    """
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in ("features", "coords") if k not in f]
+            if missing:
+                raise ValueError(
+                    f"{path}: no dataset(s) {missing} (found {sorted(f.keys())}); a feature file needs "
+                    "`features` [N, D] and `coords` [N, 2] (re-run `e2e-wsi extract` for this slide)"
+                )
+            fshape, cshape = f["features"].shape, f["coords"].shape
+            raw = f.attrs.get(PROVENANCE_ATTR)
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read as HDF5 ({err}); delete it and re-extract the slide") from err
+    if len(fshape) != 2 or len(cshape) != 2 or cshape != (fshape[0], 2):
+        raise ValueError(f"{path}: `features` {fshape} / `coords` {cshape} must be [N, D] / [N, 2]")
+    prov = json.loads(raw) if raw is not None else None
+    return SlideInfo(path.stem, path, int(fshape[0]), int(fshape[1]), prov)
+
+
+def read_slide(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """``features`` float32 [N, D] and ``coords`` int64 [N, 2] of one file, validated (NaN/Inf named)."""
+    path = Path(path)
+    info = read_info(path)
+    with h5py.File(path, "r") as f:
+        features = np.asarray(f["features"][()], dtype=np.float32)
+        coords = np.asarray(f["coords"][()]).astype(np.int64).reshape(-1, 2)
+    check_features(features, coords, f"slide {info.slide_id!r} ({path})")
+    return features, coords
+
+
+def settings_of(provenance: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The folder-wide part of a provenance record (per-slide keys dropped)."""
+    if provenance is None:
+        return None
+    return {k: v for k, v in provenance.items() if k not in PER_SLIDE_KEYS}
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): value}
+
+
+def describe_difference(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> str:
+    """Human-readable difference between two settings records (``None`` = unknown provenance)."""
+    if a is None or b is None:
+        return "one has e2e-wsi provenance, the other none (made by another tool)"
+    fa, fb = _flatten(a), _flatten(b)
+    diffs = [
+        f"{k}: {fa.get(k)!r} vs {fb.get(k)!r}" for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)
+    ]
+    return "; ".join(diffs[:6]) + (f"; +{len(diffs) - 6} more" if len(diffs) > 6 else "")
+
+
+class FeatureFolder:
+    """A folder of ``<slide_id>.h5`` feature files (ours, CLAM's or TRIDENT's).
+
+    Args:
+        path: The folder.
+
+    Raises:
+        FileNotFoundError: If the folder does not exist or holds no ``.h5`` file.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise FileNotFoundError(
+                f"feature folder {self.path} does not exist: write it with `e2e-wsi extract --out {self.path}`"
+            )
+        self._files = {p.stem: p for p in sorted(self.path.glob(f"*{SUFFIX}"))}
+        if not self._files:
+            raise FileNotFoundError(f"feature folder {self.path} holds no {SUFFIX} file")
+        self._info: dict[str, SlideInfo] = {}
+
+    def slide_ids(self) -> list[str]:
+        """Sorted ids (file stems) of the folder's slides."""
+        return sorted(self._files)
+
+    def __contains__(self, slide_id: object) -> bool:
+        return slide_id in self._files
+
+    def info(self, slide_id: str) -> SlideInfo:
+        """Metadata of one slide (cached)."""
+        if slide_id not in self._info:
+            if slide_id not in self._files:
+                raise KeyError(f"slide {slide_id!r} has no features in {self.path}")
+            self._info[slide_id] = read_info(self._files[slide_id])
+        return self._info[slide_id]
+
+    def read(self, slide_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """Features [N, D] float32 and coords [N, 2] int64 of one slide."""
+        self.info(slide_id)
+        return read_slide(self._files[slide_id])
+
+    def check(self, slide_ids: Iterable[str], expected_dim: int | None = None) -> dict[str, Any] | None:
+        """Validate the slides a run uses, all at once, and return their shared settings.
+
+        Args:
+            slide_ids: Slides of the manifest.
+            expected_dim: Feature width the model was configured for, if any.
+
+        Returns:
+            The common settings (provenance without per-slide keys), or ``None`` when the folder has no
+            provenance (CLAM/TRIDENT): then a warning is logged.
+
+        Raises:
+            ValueError: Slides without a file (all listed), unreadable files or files without
+                ``features`` (all listed), mixed widths, mixed provenance (which slides differ and how),
+                or a width different from ``expected_dim``.
+        """
+        ids = list(slide_ids)
+        missing = [s for s in ids if s not in self._files]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} manifest slide(s) have no features in {self.path}: {_listed(missing)}; "
+                "run `e2e-wsi extract` on them or drop them from the manifest"
+            )
+        infos, errors = [], []
+        for s in ids:
+            try:
+                infos.append(self.info(s))
+            except ValueError as err:
+                errors.append(str(err))
+        if errors:
+            raise ValueError(f"{len(errors)} bad feature file(s):\n  " + "\n  ".join(errors[:_MAX_LISTED]))
+        dims: dict[int, list[str]] = {}
+        for i in infos:
+            dims.setdefault(i.dim, []).append(i.slide_id)
+        if len(dims) > 1:
+            parts = [f"{d}-d: {_listed(v)}" for d, v in sorted(dims.items())]
+            raise ValueError(f"feature folder {self.path} mixes feature widths ({'; '.join(parts)})")
+        dim = next(iter(dims))
+        if expected_dim is not None and dim != expected_dim:
+            raise ValueError(
+                f"features in {self.path} are {dim}-d but the model expects {expected_dim}-d: "
+                "leave model.encoder.init_args.dim unset (it follows the features) or use matching features"
+            )
+        return self._common_settings(infos)
+
+    def _common_settings(self, infos: list[SlideInfo]) -> dict[str, Any] | None:
+        groups: dict[str, list[SlideInfo]] = {}
+        for i in infos:
+            groups.setdefault(json.dumps(settings_of(i.provenance), sort_keys=True), []).append(i)
+        if len(groups) > 1:
+            ordered = sorted(groups.values(), key=len, reverse=True)
+            ref = settings_of(ordered[0][0].provenance)
+            lines = [
+                f"{_listed([i.slide_id for i in g])} differ from {ordered[0][0].slide_id!r} in "
+                f"{describe_difference(ref, settings_of(g[0].provenance))}"
+                for g in ordered[1:]
+            ]
+            raise ValueError(
+                f"feature folder {self.path} mixes features made with different encoders or settings:\n  "
+                + "\n  ".join(lines)
+                + "\nre-extract the odd slides with the same settings, or use one folder per setting"
+            )
+        settings = settings_of(infos[0].provenance)
+        if settings is None:
+            warnings.warn(
+                f"features in {self.path} have no e2e-wsi provenance (made by CLAM/TRIDENT or another "
+                "tool): their encoder and magnification are unknown, so mixed or mismatched features "
+                "cannot be detected; make sure the whole folder came from one encoder",
+                stacklevel=2,
+            )
+        return settings
+
+
+def _listed(items: list[str]) -> str:
+    more = f" (+{len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else ""
+    return ", ".join(repr(s) for s in items[:_MAX_LISTED]) + more
