@@ -4,7 +4,11 @@
     e2e-wsi predict --run CROSSVAL_DIR --slides slides/ --out OUT        # ensemble of the folds
     e2e-wsi predict --ckpt a.ckpt b.ckpt --manifest new.csv --out OUT    # ensemble of checkpoints
 
-Thin command line over :func:`e2e_wsi.inference.pipeline.predict_slides`.
+Thin command line over :func:`e2e_wsi.inference.pipeline.predict_slides`. Given ``--config`` instead,
+``predict`` runs a run's own data (its patch cache or its feature folder, e.g. a two-stage run) through
+Lightning, like ``test`` without labels, and writes ``RUN/predict/``:
+
+    e2e-wsi predict --config RUN/config.yaml [--ckpt_path CKPT] [--data.features_dir DIR]
 """
 
 from __future__ import annotations
@@ -83,6 +87,11 @@ def slide_jobs(slides: list[str] | None, manifest: str | None) -> list[SlideJob]
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``e2e-wsi predict``: 0 when every slide was predicted, 1 if some failed, 2 on bad input."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--config" or a.startswith("--config=") for a in argv):
+        from e2e_wsi.training.cli import predict_main  # the run's own cache or features, through Lightning
+
+        return predict_main(argv)
     args = _parser().parse_args(argv)
     try:
         ensemble = Ensemble.from_checkpoints(resolve_checkpoints(args.run, args.ckpt))

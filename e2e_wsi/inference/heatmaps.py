@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from e2e_wsi.cache.store import PatchCache
+from e2e_wsi.data.transforms import OFFICIAL_EVAL_CROP_FRACTION
 from e2e_wsi.inference.predict import slide_attention
 from e2e_wsi.models.module import SlideModule
 from e2e_wsi.slides.reader import Slide, SlideError
@@ -127,6 +128,7 @@ def make_heatmap(
     mask_dir: str | Path | None = None,
     annotations_dir: str | Path | None = None,
     class_names: list[str] | None = None,
+    crop_fraction: float = OFFICIAL_EVAL_CROP_FRACTION,
 ) -> dict:
     """Heatmap of one cached slide from a model (the ``e2e-wsi heatmap`` of one slide).
 
@@ -136,7 +138,7 @@ def make_heatmap(
     Returns:
         A summary dict: ``png``, ``localization`` (or ``None``), ``prediction``.
     """
-    att, out = slide_attention(model, cache, slide_id, magnifications, patch_size)
+    att, out = slide_attention(model, cache, slide_id, magnifications, patch_size, crop_fraction)
     pred = model.task.predict(out["outputs"])
     text = format_caption({k: v[0].numpy() for k, v in pred.items()}, class_names)
     truth = find_truth_mask(

@@ -11,19 +11,28 @@ import torch
 
 from e2e_wsi.cache.store import PatchCache, mag_key
 from e2e_wsi.data.datasets import Bag, EvalBagDataset
-from e2e_wsi.data.transforms import EvalTransform
+from e2e_wsi.data.transforms import OFFICIAL_EVAL_CROP_FRACTION, EvalTransform
 from e2e_wsi.inference.run import LoadedModel, load_model
 from e2e_wsi.models.module import SlideModule
 from e2e_wsi.utils import validate_slide_id
 from e2e_wsi.viz.heatmap import SlideAttention
 
 
-def _bag_item(cache: PatchCache, slide_id: str, magnifications: list[float], patch_size: int) -> dict:
+def _bag_item(
+    cache: PatchCache,
+    slide_id: str,
+    magnifications: list[float],
+    patch_size: int,
+    crop_fraction: float = OFFICIAL_EVAL_CROP_FRACTION,
+) -> dict:
     validate_slide_id(slide_id)
     if slide_id not in cache:
         raise ValueError(f"slide {slide_id!r} is not in the cache; `e2e-wsi cache info` lists the slides")
     dataset = EvalBagDataset(
-        cache, [Bag(slide_id, (slide_id,), {})], magnifications, EvalTransform(patch_size)
+        cache,
+        [Bag(slide_id, (slide_id,), {})],
+        magnifications,
+        EvalTransform(patch_size, crop_fraction=crop_fraction),
     )
     return dataset[0]
 
@@ -51,16 +60,18 @@ def slide_attention(
     slide_id: str,
     magnifications: list[float],
     patch_size: int,
+    crop_fraction: float = OFFICIAL_EVAL_CROP_FRACTION,
 ) -> tuple[SlideAttention, dict[str, torch.Tensor]]:
     """Attention of the model over every cached patch of a slide at the given magnification(s).
 
     Patches are encoded ``model.eval_chunk_size`` at a time without gradients, so 10k+ patch slides
-    fit in memory (only uint8 patches and the [N, D] features are held whole).
+    fit in memory (only uint8 patches and the [N, D] features are held whole). ``patch_size`` and
+    ``crop_fraction`` must be the run's (``LoadedModel.eval_patch_size`` / ``.eval_crop_fraction``).
 
     Returns:
         (the slide's attention, the model's outputs: ``outputs`` [1, K], ``attention`` [1, H, N]).
     """
-    item = _bag_item(cache, slide_id, magnifications, patch_size)
+    item = _bag_item(cache, slide_id, magnifications, patch_size, crop_fraction)
     out = predict_bag(model, item["images"], item["mask"])
     return _attention(cache, slide_id, magnifications, item, out["attention"][0].float().numpy()), out
 
@@ -127,9 +138,10 @@ class Ensemble:
                     f"checkpoints predict different numbers of outputs: {first.checkpoint} "
                     f"{_outputs(first)}, {m.checkpoint} {_outputs(m)}"
                 )
-            if (m.eval_magnifications, m.eval_patch_size) != (
+            if (m.eval_magnifications, m.eval_patch_size, m.eval_crop_fraction) != (
                 first.eval_magnifications,
                 first.eval_patch_size,
+                first.eval_crop_fraction,
             ):
                 raise ValueError(
                     f"checkpoints evaluate different patches: {first.checkpoint} "
@@ -164,7 +176,9 @@ class Ensemble:
         Probabilities (or risks) are arithmetic means over members; attention is the mean of the members'
         [H, N] maps when they have the same heads, else of their head-averaged maps ([1, N]).
         """
-        item = _bag_item(cache, slide_id, self.magnifications, self.patch_size)
+        item = _bag_item(
+            cache, slide_id, self.magnifications, self.patch_size, self.members[0].eval_crop_fraction
+        )
         outs = [predict_bag(m.model, item["images"], item["mask"]) for m in self.members]
         maps = [o["attention"][0].float().numpy() for o in outs]
         if len({a.shape for a in maps}) > 1:

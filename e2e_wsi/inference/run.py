@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 from jsonargparse import ArgumentParser
 
+from e2e_wsi.data.transforms import OFFICIAL_EVAL_CROP_FRACTION
 from e2e_wsi.models.module import SlideModule
 from e2e_wsi.training.checkpoints import load_checkpoint
 from e2e_wsi.training.run import RunFolder
@@ -44,6 +45,11 @@ class LoadedModel:
     def eval_patch_size(self) -> int:
         """Side of the patches the model sees at evaluation."""
         return int(self.data.get("eval_patch_size", 224))
+
+    @property
+    def eval_crop_fraction(self) -> float:
+        """Centre crop of the cached patch the model saw at evaluation (``data.eval_crop_fraction``)."""
+        return float(self.data.get("eval_crop_fraction") or OFFICIAL_EVAL_CROP_FRACTION)
 
 
 def load_model(ckpt_path: str | Path, config_path: str | Path | None = None) -> LoadedModel:

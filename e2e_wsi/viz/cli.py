@@ -107,6 +107,7 @@ def _heatmaps(args: argparse.Namespace) -> int:
             mask_dir=args.mask_dir,
             annotations_dir=args.annotations,
             class_names=data_cfg.get("class_names"),
+            crop_fraction=loaded.eval_crop_fraction,
         )
         print(f"e2e-wsi: heatmap {summary['png']} ({summary['prediction']})")
         if summary["localization"] is not None:
@@ -128,7 +129,9 @@ def _overlap_heatmap(
     from e2e_wsi.viz.overlap import make_overlap_heatmap_from_cache_meta
 
     model = loaded.model
-    att, out = slide_attention(model, cache, slide_id, mags, loaded.eval_patch_size)
+    att, out = slide_attention(
+        model, cache, slide_id, mags, loaded.eval_patch_size, loaded.eval_crop_fraction
+    )
     meta = cache.meta(slide_id)
     truth = find_truth_mask(
         slide_id, att.dimensions, mask=args.mask, mask_dir=args.mask_dir, annotations_dir=args.annotations
@@ -146,6 +149,7 @@ def _overlap_heatmap(
             out_dir,
             magnification=mags[0],
             eval_patch_size=loaded.eval_patch_size,
+            eval_crop_fraction=loaded.eval_crop_fraction,
             overlap=args.overlap,
             truth=truth,
             class_names=loaded.data.get("class_names"),

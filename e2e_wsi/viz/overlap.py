@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from e2e_wsi.data.transforms import EvalTransform
+from e2e_wsi.data.transforms import OFFICIAL_EVAL_CROP_FRACTION, EvalTransform
 from e2e_wsi.evaluation.metrics import binary_auroc
 from e2e_wsi.models.module import SlideModule
 from e2e_wsi.slides.reader import Slide
@@ -228,6 +228,7 @@ def overlap_attention(
     patch_size: int,
     eval_patch_size: int,
     overlap: float,
+    eval_crop_fraction: float = OFFICIAL_EVAL_CROP_FRACTION,
     tissue_params: TissueParams | None = None,
     tissue_threshold: float = 0.5,
     chunk_size: int | None = None,
@@ -243,6 +244,7 @@ def overlap_attention(
         patch_size: Patch side in pixels as cut for the cache (the run's patches).
         eval_patch_size: Side the encoder sees (the run's ``eval_patch_size``).
         overlap: Share of a patch shared with its neighbour, in [0, 1).
+        eval_crop_fraction: Centre crop the encoder sees (the run's ``data.eval_crop_fraction``).
         tissue_params: Tissue detection (default: the preprocessing defaults).
         tissue_threshold: Minimum tissue fraction of a kept patch.
         chunk_size: Patches read and encoded at once (default ``model.eval_chunk_size``).
@@ -265,7 +267,7 @@ def overlap_attention(
             f"{slide.path}: no {magnification:g}x patch has more than {tissue_threshold:g} tissue; "
             "check the slide's tissue mask (`e2e-wsi preprocess` QC images)"
         )
-    transform = EvalTransform(eval_patch_size)
+    transform = EvalTransform(eval_patch_size, crop_fraction=eval_crop_fraction)
     chunk = chunk_size or model.eval_chunk_size
     feats: list[torch.Tensor] = []
     seconds = {"read": 0.0, "model": 0.0}
@@ -409,6 +411,7 @@ def make_overlap_heatmap(
     patch_size: int,
     eval_patch_size: int,
     overlap: float,
+    eval_crop_fraction: float = OFFICIAL_EVAL_CROP_FRACTION,
     tissue_params: TissueParams | None = None,
     tissue_threshold: float = 0.5,
     truth: np.ndarray | None = None,
@@ -427,7 +430,8 @@ def make_overlap_heatmap(
         slide: The open slide.
         slide_id: Its id (names the files).
         out_dir: Output folder.
-        magnification, patch_size, eval_patch_size, overlap, tissue_params, tissue_threshold:
+        magnification, patch_size, eval_patch_size, overlap, eval_crop_fraction, tissue_params,
+        tissue_threshold:
             As in :func:`overlap_attention`.
         truth: Ground-truth mask, uint8 [h, w] (255 = lesion, 0 = background), or ``None``.
         class_names: Names of the classes for the caption.
@@ -452,6 +456,7 @@ def make_overlap_heatmap(
         patch_size=patch_size,
         eval_patch_size=eval_patch_size,
         overlap=overlap,
+        eval_crop_fraction=eval_crop_fraction,
         tissue_params=tissue_params,
         tissue_threshold=tissue_threshold,
         progress=progress,

@@ -13,8 +13,8 @@ import torch
 from e2e_wsi.cli import main
 from e2e_wsi.features.extract import ExtractConfig, extract_features
 from e2e_wsi.features.store import FeatureFolder
+from e2e_wsi.inference.run import load_run
 from e2e_wsi.models.encoders import ResNetEncoder
-from e2e_wsi.viz.cli import load_run
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "two_stage_abmilx.yaml"
 TINY = ["--trainer.max_epochs", "1", "--trainer.accelerator", "cpu", "--trainer.log_every_n_steps", "1",
@@ -72,7 +72,7 @@ def test_fit_test_predict_on_features(
     assert att["attention"].shape[-1] == len(coords) and (att["magnification"] == 5.0).all()
     # Another encoder's features: refused, and the message says how they differ.
     with pytest.raises(ValueError, match="made differently.*state_sha256"):
-        main(["test", "--config", str(run / "config.yaml"), "--ckpt_path", str(ckpt),
+        main(["--debug", "test", "--config", str(run / "config.yaml"), "--ckpt_path", str(ckpt),
               "--data.features_dir", str(other_features)])  # fmt: skip
 
 
@@ -100,7 +100,7 @@ def test_mixed_folder_is_refused(
     odd = sorted(other_features.glob("*.h5"))[2]
     shutil.copy(odd, mixed / odd.name)
     with pytest.raises(ValueError, match=rf"(?s)mixes features.*'{odd.stem}' differ.*encoder.state_sha256"):
-        main(fit_args(synth_cache[0], mixed, tmp_path / "run"))
+        main(["--debug", *fit_args(synth_cache[0], mixed, tmp_path / "run")])
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -113,7 +113,7 @@ def test_missing_features_are_listed_at_once(
     for path in gone:
         path.unlink()
     with pytest.raises(ValueError, match=r"2 manifest slide\(s\) have no features") as info:
-        main(fit_args(synth_cache[0], part, tmp_path / "run"))
+        main(["--debug", *fit_args(synth_cache[0], part, tmp_path / "run")])
     assert all(p.stem in str(info.value) for p in gone)
 
 
@@ -121,7 +121,14 @@ def test_feature_width_mismatching_the_config(
     synth_cache: tuple[Path, Path], features: Path, tmp_path: Path
 ) -> None:
     with pytest.raises(ValueError, match="are 256-d but the model expects 1024-d"):
-        main(fit_args(synth_cache[0], features, tmp_path / "run", "--model.encoder.init_args.dim", "1024"))
+        main(
+            [
+                "--debug",
+                *fit_args(
+                    synth_cache[0], features, tmp_path / "run", "--model.encoder.init_args.dim", "1024"
+                ),
+            ]
+        )
 
 
 def test_old_patch_configs_still_pick_the_patch_datamodule(tmp_path: Path) -> None:
