@@ -150,15 +150,22 @@ class WSIDataModule(pl.LightningDataModule):
             check_ratios(mag_ratios, len(self.magnifications))
         if task == "survival" and oversample:
             raise ValueError("oversample is for classification/grading; survival bags are cases")
+        self._init_cohort(task, num_classes, manifest, run_dir, predict_split)
+        self.cache_dir = cache_dir
+        self._train_dataset: TrainBagDataset | None = None
+
+    def _init_cohort(
+        self, task: TaskKind, num_classes: int | None, manifest: str, run_dir: str | None, predict_split: str
+    ) -> None:
+        """State shared with every subclass (e.g. the feature datamodule): task, manifest, split bookkeeping."""
         if predict_split not in ("all", "train", "val", "test"):
             raise ValueError(f"predict_split {predict_split!r} must be all, train, val or test")
         self.task = task
         self.num_classes = num_classes if num_classes is not None or task != "survival" else 4
-        self.cache_dir, self.manifest_path, self.run_dir = cache_dir, manifest, run_dir
+        self.manifest_path, self.run_dir = manifest, run_dir
         self.table: pd.DataFrame | None = None
         self.survival_bin_edges: list[float] | None = None
         self.has_val = True
-        self._train_dataset: TrainBagDataset | None = None
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str | None = None) -> None:

@@ -237,17 +237,21 @@ class EvalBagDataset(Dataset):
 def collate_bags(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Stack bags, padding to the longest with zeros and ``mask = False``.
 
+    Items carry either patches (``images``) or precomputed features (``features``, two-stage MIL; see
+    :mod:`e2e_wsi.features.datamodule`); everything else is the same.
+
     Returns:
-        ``images`` [B, N, 3, h, w], ``mask`` bool [B, N], ``coords`` int64 [B, N, 2],
-        ``magnification`` float32 [B, N], ``patch_slide`` int64 [B, N], target tensors [B],
+        ``images`` [B, N, 3, h, w] (or ``features`` [B, N, D]), ``mask`` bool [B, N], ``coords`` int64
+        [B, N, 2], ``magnification`` float32 [B, N], ``patch_slide`` int64 [B, N], target tensors [B],
         ``bag_id`` list[str], ``slide_ids`` list[list[str]].
     """
-    n = max(int(it["images"].shape[0]) for it in items)
+    inputs = "features" if "features" in items[0] else "images"
+    n = max(int(it[inputs].shape[0]) for it in items)
     out: dict[str, Any] = {
         "bag_id": [it["bag_id"] for it in items],
         "slide_ids": [it["slide_ids"] for it in items],
     }
-    for key in ("images", "mask", "coords", "magnification", "patch_slide"):
+    for key in (inputs, "mask", "coords", "magnification", "patch_slide"):
         first = items[0][key]
         batch = first.new_zeros((len(items), n, *first.shape[1:]))
         for b, it in enumerate(items):

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from e2e_wsi.data.datamodule import EvalShardSampler, PaddedEvalDataset, WSIDataModule
-from e2e_wsi.data.datasets import Bag, _target_tensors
+from e2e_wsi.data.datasets import Bag, _target_tensors, collate_bags
 from e2e_wsi.features.store import FeatureFolder
 from e2e_wsi.task_kinds import TaskKind
 
@@ -79,25 +79,6 @@ class FeatureBagDataset(Dataset):
         return item
 
 
-def collate_feature_bags(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Stack feature bags, padding to the longest with zeros and ``mask = False``."""
-    n = max(int(it["features"].shape[0]) for it in items)
-    out: dict[str, Any] = {
-        "bag_id": [it["bag_id"] for it in items],
-        "slide_ids": [it["slide_ids"] for it in items],
-    }
-    for key in ("features", "mask", "coords", "magnification", "patch_slide"):
-        first = items[0][key]
-        batch = first.new_zeros((len(items), n, *first.shape[1:]))
-        for b, it in enumerate(items):
-            batch[b, : it[key].shape[0]] = it[key]
-        out[key] = batch
-    for key in ("target", "time", "event", "index"):
-        if key in items[0]:
-            out[key] = torch.stack([it[key] for it in items])
-    return out
-
-
 class FeatureDataModule(WSIDataModule):
     """Bags of precomputed features (``e2e-wsi extract``, CLAM or TRIDENT folders) for MIL training.
 
@@ -150,14 +131,8 @@ class FeatureDataModule(WSIDataModule):
         self.save_hyperparameters()
         if max_instances is not None and max_instances < 1:
             raise ValueError(f"max_instances must be >= 1 or null (full bags), got {max_instances}")
-        if predict_split not in ("all", "train", "val", "test"):
-            raise ValueError(f"predict_split {predict_split!r} must be all, train, val or test")
-        self.task = task
-        self.num_classes = num_classes if num_classes is not None or task != "survival" else 4
-        self.features_dir, self.manifest_path, self.run_dir = features_dir, manifest, run_dir
-        self.table: pd.DataFrame | None = None
-        self.survival_bin_edges: list[float] | None = None
-        self.has_val = True
+        self._init_cohort(task, num_classes, manifest, run_dir, predict_split)
+        self.features_dir = features_dir
         self.feature_dim: int | None = None
         self.feature_settings: dict[str, Any] | None = None
 
@@ -193,7 +168,7 @@ class FeatureDataModule(WSIDataModule):
             sampler=sampler,
             num_workers=workers,
             pin_memory=hp.pin_memory,
-            collate_fn=collate_feature_bags,
+            collate_fn=collate_bags,
             persistent_workers=bool(hp.persistent_workers and workers > 0),
         )
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from e2e_wsi.data.datasets import Bag
-from e2e_wsi.features.datamodule import FeatureBagDataset, collate_feature_bags
+from e2e_wsi.data.datasets import Bag, collate_bags
+from e2e_wsi.features.datamodule import FeatureBagDataset
 from e2e_wsi.features.store import FeatureFolder, write_slide
 
 
@@ -25,7 +25,7 @@ def test_full_bags_pooled_over_a_cases_slides_and_padded(tmp_path: Path) -> None
     items = [FeatureBagDataset(folder, bags, 10.0, None)[i] for i in range(2)]
     assert items[0]["features"].shape == (7, 4) and items[1]["features"].shape == (8, 4)
     assert items[1]["patch_slide"].tolist() == [0] * 3 + [1] * 5
-    batch = collate_feature_bags(items)
+    batch = collate_bags(items)
     assert batch["features"].shape == (2, 8, 4) and batch["mask"].sum(1).tolist() == [7, 8]
     assert not batch["features"][0, 7:].any() and batch["target"].tolist() == [1, 0]
     assert torch.equal(batch["coords"][0, :7], torch.from_numpy(folder.read("a")[1]))
