@@ -30,10 +30,8 @@ that ``e2e-wsi test|predict|heatmap --ckpt_path`` accept with a config whose mod
 
 from __future__ import annotations
 
-import argparse
 import re
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 
@@ -164,41 +162,3 @@ def load_official(module: torch.nn.Module, official: Mapping, strict: bool = Tru
             f"missing {sorted(result.missing_keys)}, unexpected {sorted(result.unexpected_keys)}. "
             "Match the config to the official run (heads, inner_dim, ffn, attn_bias, head_bias, ...)"
         )
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``e2e-wsi convert``: official checkpoint -> a checkpoint ``e2e-wsi test|predict|heatmap`` can load."""
-    p = argparse.ArgumentParser(prog="e2e-wsi convert", description=__doc__.split("\n\n")[0])
-    p.add_argument("official", help="official checkpoint (e.g. fold_0_model_best.pt) or state dict file")
-    p.add_argument("out", help="where to write the converted checkpoint (.ckpt)")
-    p.add_argument(
-        "--weights", default="auto", choices=["auto", "model", "teacher"], help="live or EMA weights"
-    )
-    p.add_argument(
-        "--ema", action="store_true", help="also fill ema.* keys (for configs with model.ema_decay)"
-    )
-    args = p.parse_args(argv)
-    import lightning
-
-    try:
-        raw = torch.load(args.official, map_location="cpu", weights_only=True)
-        state = convert_state_dict(official_weights(raw, args.weights))
-    except (ValueError, RuntimeError, OSError) as err:
-        print(f"e2e-wsi convert: {args.official}: {err}")
-        return 2
-    if args.ema:
-        state = with_ema_copy(state)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    payload = {
-        "state_dict": state,
-        "pytorch-lightning_version": lightning.__version__,
-        "epoch": 0,
-        "global_step": 0,
-        "converted_from": str(Path(args.official).resolve()),
-    }
-    torch.save(payload, tmp)
-    tmp.replace(out)  # never leave a half-written checkpoint
-    print(f"e2e-wsi convert: wrote {out} ({len(state)} tensors)")
-    return 0

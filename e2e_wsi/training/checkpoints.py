@@ -61,7 +61,7 @@ def _torch_load(path: Path) -> Any:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint safely (``weights_only=True`` plus :data:`SAFE_GLOBALS`).
+    """Load a Lightning checkpoint safely (:func:`load_torch_file`, then a ``state_dict`` must be there).
 
     Args:
         path: A local checkpoint file.
@@ -74,6 +74,22 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             (loading it would run code from the file).
         FileNotFoundError: If the file does not exist.
         ValueError: If the file is not a readable Lightning checkpoint.
+    """
+    ckpt = load_torch_file(path)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ValueError(
+            f"{path} is not a Lightning checkpoint (no 'state_dict'): pass a file from RUN/checkpoints/"
+        )
+    return ckpt
+
+
+def load_torch_file(path: str | Path) -> Any:
+    """Load any ``torch.save`` file safely (``weights_only=True`` plus :data:`SAFE_GLOBALS`).
+
+    Raises:
+        UnsafeCheckpointError: If ``path`` is a URL, or the file holds objects outside the allow-list.
+        FileNotFoundError: If the file does not exist.
+        ValueError: If the file cannot be read.
     """
     if is_remote(path):
         raise UnsafeCheckpointError(
@@ -95,10 +111,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ) from None
     except (RuntimeError, EOFError, KeyError, OSError) as err:
         raise ValueError(f"cannot read checkpoint {file}: {err}") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise ValueError(
-            f"{file} is not a Lightning checkpoint (no 'state_dict'): pass a file from RUN/checkpoints/"
-        )
     return ckpt
 
 
