@@ -392,7 +392,9 @@ def _add_annotation_args(parser: Any) -> None:
     parser.add_argument("--annotations", type=Path, default=None, help="folder of QuPath <slide_id>.geojson")
     parser.add_argument("--include-classes", nargs="+", default=list(DEFAULT_INCLUDE), help="classes to tile")
     parser.add_argument("--exclude-classes", nargs="+", default=list(DEFAULT_EXCLUDE), help="classes to drop")
-    parser.add_argument("--geojson", action="store_true", help="write OUT/geojson/<slide_id>.geojson contours")
+    parser.add_argument(
+        "--geojson", action="store_true", help="write OUT/geojson/<slide_id>.geojson contours"
+    )
 
 
 def _with_annotations(config: PreprocessConfig, args: Any, jobs: list[SlideJob]) -> PreprocessConfig:
