@@ -37,7 +37,7 @@ def test_every_written_file_is_described(tmp_path: Path, capsys) -> None:
     assert "pyramidal TIFF" in rows["run/heatmaps/case1.overlay.tif"]
     assert "heatmap figure" in rows["run/heatmaps/case1.png"]
     assert "lesions" in rows["run/heatmaps/case1.localization.json"]
-    assert "best validation" in rows["run/checkpoints/best-epoch=3.ckpt"]
+    assert "validation loss" in rows["run/checkpoints/best-epoch=3.ckpt"]
     assert rows["run/stray.bin"] == "other output"  # never silently dropped
     assert len(rows) == len(files) - 4
     demo.print_outputs(tmp_path)
