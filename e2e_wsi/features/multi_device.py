@@ -16,7 +16,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -96,25 +97,27 @@ class PatchEncoderModule(pl.LightningModule):
         return out
 
 
-class SlideFeatureWriter(BasePredictionWriter):
+class SlideFeatureWriter(Callback):
     """Writes each slide of this rank as soon as its last batch is encoded (atomically, with provenance).
+
+    A prediction writer on ``on_predict_batch_end``; not a ``BasePredictionWriter``, which wants batch
+    indices that a loader of ready-made batches (``batch_size=None``) does not have.
 
     Args:
         plan: The extraction whose :meth:`~e2e_wsi.features.extract.ExtractionPlan.record` writes slides.
     """
 
     def __init__(self, plan: ExtractionPlan) -> None:
-        super().__init__(write_interval="batch")
+        super().__init__()
         self.plan = plan
         self.slides = SlideAssembler()
         self.results: list[dict[str, Any]] = []
 
-    def write_on_batch_end(
+    def on_predict_batch_end(
         self,
         trainer: pl.Trainer,
         pl_module: pl.LightningModule,
         prediction: dict[str, Any],
-        batch_indices: Sequence[int] | None,
         batch: Any,
         batch_idx: int,
         dataloader_idx: int = 0,
@@ -146,18 +149,21 @@ def extract_on_devices(
     """
     module = PatchEncoderModule(encoder.eval(), plan, config.batch_size, config.num_workers)
     writer = SlideFeatureWriter(plan)
-    trainer = pl.Trainer(
-        accelerator=config.accelerator,
-        devices=config.devices,
-        strategy="ddp" if config.devices > 1 else "auto",
-        precision=_lightning_precision(config, config.accelerator),  # type: ignore[arg-type]
-        callbacks=[writer],
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=config.progress,
-        use_distributed_sampler=False,  # the module shares out whole slides itself
-    )
+    try:
+        trainer = pl.Trainer(
+            accelerator=config.accelerator,
+            devices=config.devices,
+            strategy="ddp" if config.devices > 1 else "auto",
+            precision=_lightning_precision(config, config.accelerator),  # type: ignore[arg-type]
+            callbacks=[writer],
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=config.progress,
+            use_distributed_sampler=False,  # the module shares out whole slides itself
+        )
+    except MisconfigurationException as err:  # e.g. more devices than the machine has
+        raise ValueError(f"--devices {config.devices} --accelerator {config.accelerator}: {err}") from None
     trainer.predict(module, return_predictions=False)
     for rows in _gather(writer.results):
         for row in rows:

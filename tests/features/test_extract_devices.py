@@ -28,7 +28,7 @@ def test_slides_are_shared_whole_and_balanced() -> None:
     assert share_slides(jobs[:1], 3, 2) == []  # more ranks than slides: some ranks idle
 
 
-@pytest.mark.slow  # two CLI runs, one of them 2-process gloo DDP (~40 s on 2 shared cores)
+@pytest.mark.slow  # three CLI runs, two of them 2-process gloo DDP (~25 s on 2 shared cores)
 @pytest.mark.timeout(600)
 def test_two_devices_give_the_single_process_features(synth_cache: tuple[Path, Path], tmp_path: Path) -> None:
     _, cache_dir = synth_cache
@@ -41,6 +41,7 @@ def test_two_devices_give_the_single_process_features(synth_cache: tuple[Path, P
            "--devices", "2"]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=500, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Starting with 2 processes" in result.stdout + result.stderr
     ids = PatchCache(cache_dir).slide_ids()
     summary = json.loads((two / "summary.json").read_text())
     assert [r["slide_id"] for r in summary["slides"]] == ids  # every slide once, in order
@@ -53,6 +54,16 @@ def test_two_devices_give_the_single_process_features(synth_cache: tuple[Path, P
         np.testing.assert_allclose(f2, f1, rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(c2, c1)
         assert two_folder.info(slide).provenance == one_folder.info(slide).provenance
-    # The folders hold the same settings, so either run resumes the other: nothing left to do.
+    # A killed multi-device run resumes: only the missing slides are encoded, each once.
+    gone = ids[1::3]
+    for slide in gone:
+        (two / f"{slide}.h5").unlink()
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=500, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = {r["slide_id"]: r["status"] for r in json.loads((two / "summary.json").read_text())["slides"]}
+    assert rows == {s: "ok" if s in gone else "skipped" for s in ids}
+    for slide in gone:
+        np.testing.assert_allclose(FeatureFolder(two).read(slide)[0], one_folder.read(slide)[0], atol=1e-5)
+    # The folders hold the same settings, so the one-process run resumes it: nothing left to do.
     assert main(["extract", *args, "--out", str(two)]) == 0
     assert json.loads((two / "summary.json").read_text())["counts"]["skipped"] == len(ids)
