@@ -109,3 +109,14 @@ def test_feature_heatmap_refusals(
     assert main([*base, "--overlap", "0.5"]) == 2
     assert "feature run" in capsys.readouterr().err
     assert not (tmp_path / "maps").exists()
+
+
+def test_geometry_without_slide_file_or_provenance() -> None:
+    from e2e_wsi.inference.features import feature_geometry, grid_step
+
+    coords = np.array([[1024, 512], [1536, 512], [1024, 1024], [3072, 2048]])  # a CLAM-style grid, step 512
+    assert grid_step(coords) == 512
+    assert feature_geometry(coords, None, None) == (512, (3584, 2560))
+    single = np.array([[100, 200]])  # no step to read: the provenance's patch size, else 256 (CLAM's)
+    assert feature_geometry(single, {"patch_size": 224, "magnification": 20.0}, None) == (224, (324, 424))
+    assert feature_geometry(single, None, None) == (256, (356, 456))
