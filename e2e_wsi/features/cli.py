@@ -22,6 +22,13 @@ def _default_workers(device: str) -> int:
     return 2 if on_gpu else 0
 
 
+def _single_device(device: str, accelerator: str) -> str:
+    """``--device``, or the device ``--accelerator`` names when ``--device`` is left at ``auto``."""
+    if device != "auto" or accelerator == "auto":
+        return device
+    return {"gpu": "cuda", "cuda": "cuda", "cpu": "cpu", "mps": "mps"}.get(accelerator, accelerator)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="e2e-wsi extract",
@@ -48,6 +55,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=int, default=None, help="resize/crop side (default: the encoder's)")
     p.add_argument("--shard", type=_shard, default=(0, 1), help="i/n: this process's share of the slides")
     p.add_argument(
+        "--devices",
+        type=int,
+        default=1,
+        help="N > 1: one process per device through a Lightning Trainer (DDP), each encoding whole slides",
+    )
+    p.add_argument(
+        "--accelerator",
+        default="auto",
+        help="Lightning accelerator with --devices (auto, gpu, cpu); with one device it picks --device",
+    )
+    p.add_argument(
         "--workers",
         type=int,
         default=None,
@@ -60,6 +78,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _is_rank_zero() -> bool:
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    return int(getattr(rank_zero_only, "rank", 0)) == 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``e2e-wsi extract``; returns 0 when every slide is ok or skipped, 1 when some failed."""
     args = _parser().parse_args(argv)
@@ -68,22 +92,27 @@ def main(argv: list[str] | None = None) -> int:
     from e2e_wsi.features.extract import ExtractConfig, encoder_from_spec, extract_features
 
     torch.manual_seed(args.seed)  # random-init encoders: the same weights on every (resumed) run
+    device = _single_device(args.device, args.accelerator)
     try:
         encoder, run_size = encoder_from_spec(args.encoder, args.weights)
         config = ExtractConfig(
             magnification=args.magnification,
             batch_size=args.batch_size,
             precision=args.precision,
-            device=args.device,
+            device=device,
             input_size=args.input_size or run_size,
             shard=args.shard,
-            num_workers=args.workers if args.workers is not None else _default_workers(args.device),
+            num_workers=args.workers if args.workers is not None else _default_workers(device),
             progress=not args.no_progress,
+            devices=args.devices,
+            accelerator=args.accelerator,
         )
         rows = extract_features(args.cache, args.out, encoder, config, args.slides)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"e2e-wsi extract: {err}", file=sys.stderr)
         return 2
+    if args.devices > 1 and not _is_rank_zero():
+        return 1 if any(r["status"] == "failed" for r in rows) else 0  # rank 0 reports for all ranks
     failed = [r for r in rows if r["status"] == "failed"]
     done = sum(r["status"] == "ok" for r in rows)
     print(

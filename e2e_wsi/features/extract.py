@@ -5,7 +5,8 @@ the encoder runs), resizes/centre-crops them to the encoder's input size, normal
 encoder's own statistics on the device, and writes each slide as soon as its last batch is encoded
 (atomically, see :mod:`e2e_wsi.features.store`). A finished slide is skipped on the next run, so a killed
 job resumes where it stopped; a slide that fails is recorded in ``summary.json`` and the others go on.
-Several GPUs: one process per device with ``shard=(i, n)`` (each writes its own summary file).
+Several GPUs: ``devices=N`` (a Lightning DDP ``predict`` loop, :mod:`e2e_wsi.features.multi_device`), or
+one process per device with ``shard=(i, n)`` (each writes its own summary file).
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ class ExtractConfig:
         shard: ``(i, n)``: this process encodes slides i, i + n, i + 2n ... of the sorted slide list.
         num_workers: DataLoader workers decoding JPEG patches.
         progress: Show a progress bar.
+        devices: More than 1: a Lightning ``Trainer`` runs one process per device (DDP), each encoding
+            whole slides; ``device`` is then unused.
+        accelerator: Lightning accelerator of the multi-device run (``auto``, ``gpu``, ``cpu`` ...).
     """
 
     magnification: float | None = None
@@ -61,10 +65,14 @@ class ExtractConfig:
     shard: tuple[int, int] = (0, 1)
     num_workers: int = 0
     progress: bool = True
+    devices: int = 1
+    accelerator: str = "auto"
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.devices < 1:
+            raise ValueError(f"devices must be >= 1, got {self.devices}")
         if self.precision not in ("32", "16", "bf16"):
             raise ValueError(f"precision {self.precision!r} must be 32, 16 or bf16")
         i, n = self.shard
@@ -158,26 +166,67 @@ def _done(path: Path, settings: dict[str, Any]) -> bool:
     return True
 
 
-def extract_features(
+@dataclass
+class ExtractionPlan:
+    """What one extraction does, and the per-slide bookkeeping shared by every way of running it.
+
+    Attributes:
+        cache: The patch cache.
+        out_dir: The feature folder.
+        slide_ids: Slides of this shard, sorted (the summary's rows, in order).
+        magnification: The cached magnification encoded.
+        input_size: Side the patches are resized/centre-cropped to.
+        provenance: What is written beside the features (:func:`make_provenance`).
+        shard: ``(i, n)`` of ``--shard``.
+        rows: slide id -> summary row (``skipped`` until the slide is encoded).
+        jobs: ``(slide_id, magnification, number of patches)`` of the slides still to encode.
+    """
+
+    cache: PatchCache
+    out_dir: Path
+    slide_ids: list[str]
+    magnification: float
+    input_size: int
+    provenance: dict[str, Any]
+    shard: tuple[int, int]
+    rows: dict[str, dict[str, Any]]
+    jobs: list[tuple[str, float, int]]
+
+    def record(
+        self, slide_id: str, feats: np.ndarray | None, seconds: float, error: str, num_patches: int
+    ) -> dict[str, Any]:
+        """Write one encoded slide atomically (or record why it failed) and return its summary row."""
+        row = self.rows[slide_id]
+        row.update(num_patches=num_patches, seconds=round(seconds, 3))
+        if error:
+            row.update(status="failed", error=error)
+            return row
+        try:
+            coords = self.cache.coords(slide_id, self.magnification)
+            write_slide(self.out_dir, slide_id, feats, coords, self.provenance)  # type: ignore[arg-type]
+            row["status"] = "ok"
+        except Exception as err:  # NaN features (e.g. fp16 overflow), full disk ...: recorded, not fatal
+            row.update(status="failed", error=str(err))
+        return row
+
+    def finish(self) -> list[dict[str, Any]]:
+        """Write ``summary.json`` (or this shard's summary file) and return the rows in slide order."""
+        ordered = [self.rows[s] for s in self.slide_ids]
+        _write_summary(self.out_dir, ordered, self.provenance, self.shard)
+        return ordered
+
+
+def plan_extraction(
     cache_dir: str | Path | Sequence[str | Path],
     out_dir: str | Path,
     encoder: nn.Module,
-    config: ExtractConfig = ExtractConfig(),  # noqa: B008 - frozen dataclass, safe default
+    config: ExtractConfig,
     slide_ids: Sequence[str] | None = None,
-) -> list[dict[str, Any]]:
-    """Extract features of every (or the given) cached slide into ``out_dir``.
+) -> ExtractionPlan:
+    """Pick the shard's slides and magnification, build the provenance, and skip finished slides.
 
-    Args:
-        cache_dir: Patch cache written by ``e2e-wsi preprocess``.
-        out_dir: Feature folder; ``<slide_id>.h5`` per slide and ``summary.json``.
-        encoder: Patch encoder ([N, 3, H, W] -> [N, D]) with ``out_dim`` (and ideally ``mean``/``std``,
-            ``input_size``, ``describe()``); run in eval mode without gradients.
-        config: Extraction settings.
-        slide_ids: Subset of slides (default: all cached slides).
-
-    Returns:
-        One summary row per slide of this shard: ``slide_id``, ``status`` (ok/skipped/failed),
-        ``num_patches``, ``seconds``, ``error``.
+    Raises:
+        ValueError: No common magnification, or the folder holds features made with other settings.
     """
     cache = PatchCache(cache_dir)
     ids = sorted(slide_ids) if slide_ids is not None else cache.slide_ids()
@@ -200,36 +249,98 @@ def extract_features(
         if n == 0:
             rows[s].update(status="failed", error=f"no patches at {mag}x")
     jobs = [j for j in jobs if j[2] > 0]
+    return ExtractionPlan(cache, out_dir, ids, mag, size, prov, config.shard, rows, jobs)
+
+
+def extract_features(
+    cache_dir: str | Path | Sequence[str | Path],
+    out_dir: str | Path,
+    encoder: nn.Module,
+    config: ExtractConfig = ExtractConfig(),  # noqa: B008 - frozen dataclass, safe default
+    slide_ids: Sequence[str] | None = None,
+) -> list[dict[str, Any]]:
+    """Extract features of every (or the given) cached slide into ``out_dir``.
+
+    With ``config.devices > 1`` the slides are spread over that many devices by a Lightning ``Trainer``
+    (:mod:`e2e_wsi.features.multi_device`); otherwise this process encodes them on ``config.device``.
+
+    Args:
+        cache_dir: Patch cache written by ``e2e-wsi preprocess``.
+        out_dir: Feature folder; ``<slide_id>.h5`` per slide and ``summary.json``.
+        encoder: Patch encoder ([N, 3, H, W] -> [N, D]) with ``out_dim`` (and ideally ``mean``/``std``,
+            ``input_size``, ``describe()``); run in eval mode without gradients.
+        config: Extraction settings.
+        slide_ids: Subset of slides (default: all cached slides).
+
+    Returns:
+        One summary row per slide of this shard: ``slide_id``, ``status`` (ok/skipped/failed),
+        ``num_patches``, ``seconds``, ``error``.
+    """
+    plan = plan_extraction(cache_dir, out_dir, encoder, config, slide_ids)
+    if config.devices > 1:
+        from e2e_wsi.features.multi_device import extract_on_devices
+
+        return extract_on_devices(plan, encoder, config)
     device = _device(config.device)
     encoder = encoder.to(device).eval()
     mean = getattr(encoder, "mean", IMAGENET_MEAN)
     std = getattr(encoder, "std", IMAGENET_STD)
     loader = DataLoader(
-        _Chunks(cache, jobs, config.batch_size, size),
+        _Chunks(plan.cache, plan.jobs, config.batch_size, plan.input_size),
         batch_size=None,
         num_workers=config.num_workers,
         pin_memory=device.type == "cuda",
     )
-    counts = {s: n for s, _, n in jobs}
+    counts = {s: n for s, _, n in plan.jobs}
     bar = tqdm(total=sum(counts.values()), unit="patch", disable=not config.progress, desc="extract")
     for slide_id, feats, seconds, error in _encode_slides(
         loader, encoder, device, config.precision, mean, std
     ):
-        row = rows[slide_id]
-        row.update(num_patches=counts[slide_id], seconds=round(seconds, 3))
+        plan.record(slide_id, feats, seconds, error, counts[slide_id])
         bar.update(counts[slide_id])
-        if error:
-            row.update(status="failed", error=error)
-            continue
-        try:
-            write_slide(out_dir, slide_id, feats, cache.coords(slide_id, mag), prov)
-            row["status"] = "ok"
-        except Exception as err:  # NaN features (e.g. fp16 overflow), full disk ...: recorded, not fatal
-            row.update(status="failed", error=str(err))
     bar.close()
-    ordered = [rows[s] for s in ids]
-    _write_summary(out_dir, ordered, prov, config.shard)
-    return ordered
+    return plan.finish()
+
+
+class SlideAssembler:
+    """Collects a slide's feature batches (they arrive in order) until its last one.
+
+    The first error of a slide fails the whole slide; later batches of that slide are dropped.
+    """
+
+    def __init__(self) -> None:
+        self.current: str | None = None
+        self.parts: list[torch.Tensor] = []
+        self.error = ""
+        self.start = time.perf_counter()
+
+    def enter(self, slide_id: str) -> bool:
+        """Note that a batch of ``slide_id`` is next (a new slide starts its clock).
+
+        Returns:
+            Whether ``slide_id`` already failed (its remaining batches need no encoding).
+        """
+        if slide_id != self.current:
+            self.current, self.parts, self.error, self.start = slide_id, [], "", time.perf_counter()
+        return bool(self.error)
+
+    def add(
+        self, slide_id: str, last: bool, feats: torch.Tensor | None, error: str
+    ) -> tuple[str, np.ndarray | None, float, str] | None:
+        """Add one batch: ``feats`` [b, D] on the CPU, or its ``error``.
+
+        Returns:
+            ``(slide_id, features [N, D] | None, seconds, error)`` after the slide's last batch, else ``None``.
+        """
+        self.enter(slide_id)
+        if error or self.error:
+            self.error = self.error or error
+        elif feats is not None:
+            self.parts.append(feats)
+        if not last:
+            return None
+        out = None if self.error else torch.cat(self.parts).numpy()
+        return slide_id, out, time.perf_counter() - self.start, self.error
 
 
 def _encode_slides(
@@ -241,26 +352,22 @@ def _encode_slides(
     std: Sequence[float],
 ) -> Iterator[tuple[str, np.ndarray | None, float, str]]:
     """Yield ``(slide_id, features [N, D] | None, seconds, error)`` once per slide, in loader order."""
-    current, parts, error, start = None, [], "", time.perf_counter()
+    slides = SlideAssembler()
     with torch.inference_mode():
         for item in loader:
-            slide_id = item["slide_id"]
-            if slide_id != current:
-                current, parts, error, start = slide_id, [], "", time.perf_counter()
-            if item["error"] or error:
-                error = error or item["error"]
-            else:
+            slide_id, feats, error = item["slide_id"], None, item["error"]
+            if not slides.enter(slide_id) and not error:
                 try:
                     x = normalize_images(
                         item["images"].to(device, non_blocking=True), tuple(mean), tuple(std)
                     )
                     with _autocast(device, precision):
-                        parts.append(encoder(x).float().cpu())
+                        feats = encoder(x).float().cpu()
                 except Exception as err:  # a bad batch fails its slide only
                     error = repr(err)
-            if item["last"]:
-                feats = None if error else torch.cat(parts).numpy()
-                yield slide_id, feats, time.perf_counter() - start, error
+            done = slides.add(slide_id, item["last"], feats, error)
+            if done is not None:
+                yield done
 
 
 def summary_name(shard: tuple[int, int]) -> str:

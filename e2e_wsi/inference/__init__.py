@@ -6,6 +6,8 @@
 * :mod:`~e2e_wsi.inference.params`: the preprocessing a run was trained with,
 * :mod:`~e2e_wsi.inference.slides`: tiling new slides like the training slides,
 * :mod:`~e2e_wsi.inference.heatmaps`: heatmap figures of a model (``make_heatmap``),
+* :mod:`~e2e_wsi.inference.features`: attention and heatmaps of feature (two-stage) runs at the
+  features' coordinates (``feature_attention``, ``make_feature_heatmap``),
 * :mod:`~e2e_wsi.inference.pipeline` / :mod:`~e2e_wsi.inference.outputs`: ``e2e-wsi predict`` as a call
   and its files; :mod:`~e2e_wsi.inference.cli` its command line.
 """

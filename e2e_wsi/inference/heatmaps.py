@@ -82,6 +82,44 @@ def write_heatmap(
     n_main = cache.count(att.slide_id, magnification)
     order = [int(i) for i in np.argsort(-att.merged) if i < n_main][:top_k]
     top = cache.get_many(att.slide_id, magnification, order) if order else np.zeros((0, 1, 1, 3), np.uint8)
+    return write_heatmap_figure(
+        att,
+        thumbnail if thumbnail is not None else thumbnail_of(meta),
+        top,
+        out_dir,
+        prediction=prediction,
+        truth=truth,
+        method=method,
+        per_head=per_head,
+    )
+
+
+def write_heatmap_figure(
+    att: SlideAttention,
+    thumbnail: np.ndarray,
+    top: np.ndarray,
+    out_dir: Path,
+    *,
+    prediction: str,
+    truth: np.ndarray | None = None,
+    method: str = "rank",
+    per_head: bool = False,
+) -> dict:
+    """``OUT/<slide_id>.png`` from a thumbnail and top patches, scored against ``truth`` when given.
+
+    Args:
+        att: The slide's attention.
+        thumbnail: [h, w, 3] uint8 thumbnail of the whole slide (or a white canvas of its shape).
+        top: [k, p, p, 3] uint8 patches with the highest attention, best first (k may be 0).
+        out_dir: Output folder.
+        prediction: Text of the prediction, shown in the caption.
+        truth: uint8 ground truth (255 = lesion) covering the slide, or ``None``.
+        method: Colour normalisation (``rank`` or ``percentile``).
+        per_head: Add one map per head.
+
+    Returns:
+        ``png``, ``localization`` (or ``None``), ``prediction``.
+    """
     loc, caption = None, prediction
     if truth is not None:
         labels = patch_lesion_labels(att.coords, att.size_level0, truth, att.dimensions)
@@ -92,18 +130,11 @@ def write_heatmap(
             f"({loc['n_lesion_patches']}/{loc['n_patches']} lesion patches; "
             f"{100 * loc['attention_on_lesion']:.1f}% of attention on lesion)"
         )
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     png = out_dir / f"{att.slide_id}.png"
     tmp = out_dir / f".{att.slide_id}.tmp.png"
-    render_heatmap(
-        att,
-        thumbnail if thumbnail is not None else thumbnail_of(meta),
-        top,
-        tmp,
-        method=method,
-        per_head=per_head,
-        caption=caption,
-    )
+    render_heatmap(att, thumbnail, top, tmp, method=method, per_head=per_head, caption=caption)
     os.replace(tmp, png)
     if loc is not None:
         path = out_dir / f"{att.slide_id}.localization.json"

@@ -74,8 +74,10 @@ def load_model(ckpt_path: str | Path, config_path: str | Path | None = None) -> 
     parser.add_class_arguments(SlideModule, "model", fail_untyped=False)
     cfg = parser.parse_object({"model": config.get("model") or {}})
     model = parser.instantiate_classes(cfg).model
-    state = load_checkpoint(ckpt_path)["state_dict"]  # weights_only=True; remote or unsafe files refused
-    model.load_state_dict(state)
+    checkpoint = load_checkpoint(ckpt_path)  # weights_only=True; remote or unsafe files refused
+    model.load_state_dict(checkpoint["state_dict"])
+    # Feature runs: the training features' settings, so other features are refused at inference.
+    model.on_load_checkpoint(checkpoint)
     model.eval()
     return LoadedModel(model, config.get("data") or {}, ckpt_path, RunFolder(config_path.parent))
 

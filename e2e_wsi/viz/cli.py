@@ -1,6 +1,8 @@
 """``e2e-wsi heatmap``: run a trained model on every patch of a slide and draw its attention.
 
-Thin command line over :mod:`e2e_wsi.inference` (loading the run, attention, the figure).
+Thin command line over :mod:`e2e_wsi.inference` (loading the run, attention, the figure). Patch runs read
+the run's patch cache; feature (two-stage) runs read the slide's features and draw at their coordinates
+(:mod:`e2e_wsi.inference.features`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,13 @@ import sys
 from pathlib import Path
 
 from e2e_wsi.cache.store import PatchCache
+from e2e_wsi.features.store import FeatureFolder
+from e2e_wsi.inference.features import (
+    SlideFile,
+    is_feature_run,
+    make_feature_heatmap,
+    slide_file_from_manifest,
+)
 from e2e_wsi.inference.heatmaps import make_heatmap
 from e2e_wsi.inference.predict import slide_attention
 from e2e_wsi.inference.run import LoadedModel, load_model, resolve_checkpoints
@@ -35,9 +44,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--run", default=None, help="run folder of `fit` (its best checkpoint), instead of --ckpt_path"
     )
-    p.add_argument("--slide", nargs="+", required=True, help="slide id(s) in the cache")
+    p.add_argument("--slide", nargs="+", required=True, help="slide id(s) in the cache or feature folder")
     p.add_argument("--config", default=None, help="run config (default: RUN/config.yaml)")
     p.add_argument("--cache_dir", nargs="+", default=None, help="patch cache (default: the run config's)")
+    p.add_argument(
+        "--features_dir", default=None, help="feature runs: feature folder (default: the run config's)"
+    )
+    p.add_argument(
+        "--slide_path",
+        nargs="+",
+        default=None,
+        help="feature runs: the slide file(s), one per --slide (default: the manifest's path column; "
+        "without one the map is drawn on white)",
+    )
     p.add_argument("--out", default=None, help="output folder (default: RUN/heatmaps)")
     p.add_argument("--top_k", type=int, default=16, help="patches in the top-attention mosaic")
     p.add_argument("--normalize", choices=["rank", "percentile"], default="rank", help="colour scaling")
@@ -82,13 +101,15 @@ def _heatmaps(args: argparse.Namespace) -> int:
     ckpt = resolve_checkpoints(args.run, [args.ckpt_path] if args.ckpt_path else None)[0]
     loaded = load_model(ckpt, args.config)
     data_cfg = loaded.data
+    out_dir = Path(args.out) if args.out else RunFolder.of_checkpoint(ckpt).heatmaps_dir
+    if is_feature_run(loaded):
+        return _feature_heatmaps(loaded, args, out_dir)
     cache = PatchCache(args.cache_dir or data_cfg["cache_dir"])
     mags = (
         [float(m) for m in data_cfg.get("magnifications", [10.0])]
         if args.all_scales
         else loaded.eval_magnifications
     )
-    out_dir = Path(args.out) if args.out else RunFolder.of_checkpoint(ckpt).heatmaps_dir
     for slide_id in args.slide:
         if args.overlap is not None:
             _overlap_heatmap(loaded, cache, slide_id, out_dir, args, mags)
@@ -109,9 +130,48 @@ def _heatmaps(args: argparse.Namespace) -> int:
             class_names=data_cfg.get("class_names"),
             crop_fraction=loaded.eval_crop_fraction,
         )
-        print(f"e2e-wsi: heatmap {summary['png']} ({summary['prediction']})")
-        if summary["localization"] is not None:
-            print(f"e2e-wsi: localisation AUROC {summary['localization']['auroc']}")
+        _report(summary)
+    return 0
+
+
+def _report(summary: dict) -> None:
+    print(f"e2e-wsi: heatmap {summary['png']} ({summary['prediction']})")
+    if summary["localization"] is not None:
+        print(f"e2e-wsi: localisation AUROC {summary['localization']['auroc']}")
+
+
+def _feature_heatmaps(loaded: LoadedModel, args: argparse.Namespace, out_dir: Path) -> int:
+    """Heatmaps of a feature run: attention over the slide's features, drawn at their coordinates."""
+    if args.overlap is not None:
+        raise ValueError(
+            "--overlap reads patches for a patch encoder; a feature run has none: drop --overlap"
+        )
+    if args.slide_path is not None and len(args.slide_path) != len(args.slide):
+        raise ValueError(f"give one --slide_path per --slide ({len(args.slide_path)} for {len(args.slide)})")
+    features_dir = args.features_dir or loaded.data.get("features_dir")
+    if not features_dir:
+        raise ValueError("the run config names no data.features_dir: pass --features_dir FEATURES")
+    folder = FeatureFolder(features_dir)
+    for i, slide_id in enumerate(args.slide):
+        slide_file = (
+            SlideFile(Path(args.slide_path[i]))
+            if args.slide_path
+            else slide_file_from_manifest(loaded.data.get("manifest"), slide_id)
+        )
+        summary = make_feature_heatmap(
+            loaded,
+            folder,
+            slide_id,
+            out_dir,
+            slide_file=slide_file,
+            top_k=args.top_k,
+            method=args.normalize,
+            per_head=args.per_head,
+            mask=args.mask,
+            mask_dir=args.mask_dir,
+            annotations_dir=args.annotations,
+        )
+        _report(summary)
     return 0
 
 
