@@ -17,6 +17,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from e2e_wsi.annotations.geojson import (
+    DEFAULT_EXCLUDE,
+    DEFAULT_INCLUDE,
+    AnnotationRules,
+    check_annotation_dir,
+)
 from e2e_wsi.cache.preprocess import jobs_from_dir, jobs_from_manifest
 from e2e_wsi.cache.worker import SlideJob
 from e2e_wsi.inference.pipeline import PredictOptions, predict_slides
@@ -44,6 +50,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mpp", type=float, default=None, help="um/px for slides without magnification metadata")
     p.add_argument("--cache_dir", default=None, help="where new slides are tiled (default OUT/cache)")
     p.add_argument("--workers", type=int, default=0, help="tiling processes (0 = none)")
+    p.add_argument(
+        "--annotations",
+        default=None,
+        help="folder of QuPath <slide_id>.geojson: include/exclude regions of the new slides, as in preprocess",
+    )
+    p.add_argument("--include-classes", nargs="+", default=None, help="classes to tile (with --annotations)")
+    p.add_argument("--exclude-classes", nargs="+", default=None, help="classes to drop (with --annotations)")
     p.add_argument("--no_heatmaps", action="store_true", help="skip the heatmap PNGs")
     p.add_argument("--per_head", action="store_true", help="heatmaps also show one map per head")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -52,6 +65,18 @@ def _parser() -> argparse.ArgumentParser:
         help="exit 0 even when some slides could not be read",
     )  # fmt: skip
     return p
+
+
+def annotation_rules(args: argparse.Namespace, jobs: list[SlideJob]) -> AnnotationRules | None:
+    """``--annotations`` as rules (every file must name one of the slides), or ``None``."""
+    if args.annotations is None:
+        return None
+    check_annotation_dir(Path(args.annotations), [j.slide_id for j in jobs])
+    return AnnotationRules(
+        str(Path(args.annotations).resolve()),
+        tuple(args.include_classes or DEFAULT_INCLUDE),
+        tuple(args.exclude_classes or DEFAULT_EXCLUDE),
+    )
 
 
 def slide_jobs(slides: list[str] | None, manifest: str | None) -> list[SlideJob]:
@@ -103,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             heatmaps=not args.no_heatmaps,
             per_head=args.per_head,
             progress=not args.quiet,
+            annotations=annotation_rules(args, jobs),
         )
         summary = predict_slides(ensemble, jobs, args.out, options)
     except (ValueError, FileNotFoundError, SlideError) as err:

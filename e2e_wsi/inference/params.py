@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from e2e_wsi.annotations.geojson import AnnotationRules
 from e2e_wsi.cache.store import PatchCache
 from e2e_wsi.cache.worker import PreprocessConfig
 from e2e_wsi.slides.tissue import TissueParams
@@ -63,7 +64,10 @@ def preprocess_params(run: RunFolder, data_cfg: dict) -> dict[str, Any]:
 
 
 def preprocess_config(
-    params: dict[str, Any], magnifications: list[float], mpp: float | None = None
+    params: dict[str, Any],
+    magnifications: list[float],
+    mpp: float | None = None,
+    annotations: AnnotationRules | None = None,
 ) -> PreprocessConfig:
     """The :class:`PreprocessConfig` that tiles new slides like the run's training slides.
 
@@ -71,12 +75,29 @@ def preprocess_config(
         params: The run's preprocessing parameters.
         magnifications: Only the magnifications inference needs (the evaluation ones).
         mpp: ``--mpp`` for slides without magnification metadata.
+        annotations: QuPath include/exclude regions of the new slides (``predict --annotations``).
     """
+    grid = grid_rules(params)
     return PreprocessConfig(
         magnifications=tuple(float(m) for m in magnifications),
         patch_size=int(params["patch_size"]),
         jpeg_quality=int(params["jpeg_quality"]),
         tissue_threshold=float(params["tissue_threshold"]),
+        min_coverage=float(grid["min_coverage"]),
+        grid_anchor=grid["grid_anchor"],
         tissue=TissueParams(**params["tissue"]),
         mpp=mpp,
+        annotations=annotations,
     )
+
+
+def grid_rules(params: dict[str, Any]) -> dict[str, Any]:
+    """How a cache chose its patches: ``min_coverage`` and ``grid_anchor``.
+
+    Caches written before these parameters existed (format 1) tiled from the slide origin on the tissue
+    threshold alone, which is what their absence means.
+    """
+    return {
+        "min_coverage": params.get("min_coverage", 0.0),
+        "grid_anchor": params.get("grid_anchor", "origin"),
+    }

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from e2e_wsi.annotations.geojson import (
+    AnnotationRules,
     feature_collection,
     patch_features,
     tissue_features,
@@ -38,6 +39,7 @@ class PredictOptions:
         heatmaps: Write ``heatmaps/<slide_id>.png``.
         per_head: Heatmaps also show one map per head.
         progress: Progress bars.
+        annotations: QuPath regions per new slide (``DIR/<slide_id>.geojson``) to tile or leave out.
     """
 
     mpp: float | None = None
@@ -46,6 +48,7 @@ class PredictOptions:
     heatmaps: bool = True
     per_head: bool = False
     progress: bool = True
+    annotations: AnnotationRules | None = None
 
 
 def predict_slides(
@@ -70,7 +73,7 @@ def predict_slides(
     out.mkdir(parents=True, exist_ok=True)
     first = ensemble.members[0]
     params = _shared_params(ensemble)
-    config = preprocess_config(params, ensemble.magnifications, options.mpp)
+    config = preprocess_config(params, ensemble.magnifications, options.mpp, options.annotations)
     train_cache = first.data.get("cache_dir")
     tiled = tile_for_inference(
         jobs,

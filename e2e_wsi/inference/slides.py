@@ -9,6 +9,7 @@ from pathlib import Path
 from e2e_wsi.cache.preprocess import preprocess
 from e2e_wsi.cache.store import PatchCache, mag_key
 from e2e_wsi.cache.worker import PreprocessConfig, SlideJob
+from e2e_wsi.inference.params import grid_rules
 
 # Parameters that must match for a cached slide to stand in for a fresh tiling (magnifications are
 # checked separately: a cache with more magnifications than inference needs is fine).
@@ -33,7 +34,8 @@ class TiledSlides:
 def reusable(meta: dict, job: SlideJob, config: PreprocessConfig) -> bool:
     """Whether a cached slide is exactly what tiling ``job`` with ``config`` would give.
 
-    Same source file, same tiling parameters, the same MPP override, and every magnification needed.
+    Same source file, same tiling parameters (grid rules and annotations included), the same MPP
+    override, and every magnification needed.
     """
     try:
         same_file = Path(meta["source_path"]).resolve() == Path(job.path).resolve()
@@ -43,6 +45,8 @@ def reusable(meta: dict, job: SlideJob, config: PreprocessConfig) -> bool:
     have = meta.get("params") or {}
     same = (
         all(have.get(k) == wanted[k] for k in TILING_KEYS)
+        and grid_rules(have) == grid_rules(wanted)
+        and have.get("annotations") == wanted.get("annotations")
         and have.get("mpp_override") == wanted["mpp_override"]
     )
     mags = {mag_key(float(m)) for m in meta.get("magnifications", {})}

@@ -354,3 +354,30 @@ def test_an_ensemble_of_differently_tiled_runs_is_refused(tiny_run: Path, tmp_pa
     b = LoadedModel(a.model, a.data, other.root / "b.ckpt", other)
     with pytest.raises(ValueError, match="tiled differently \\(patch_size\\)"):
         predict_slides(Ensemble([a, b]), [], tmp_path / "out")
+
+
+def test_annotations_leave_regions_out_of_new_slides(
+    raw_prediction: tuple[Path, list[str]], tested_run: Path, tmp_path: Path
+) -> None:
+    import geojson
+
+    out, test_ids = raw_prediction
+    slide_id = test_ids[0]
+    before = pd.read_csv(out / "attention" / f"{slide_id}.csv")
+    # A pen mark over the left half of the slide (level-0 pixels; the synthetic slides are 2048 px).
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    ring = [(0, 0), (1024, 0), (1024, 2048), (0, 2048), (0, 0)]
+    pen = geojson.Feature(geometry=geojson.Polygon([ring]), properties={"classification": {"name": "Pen"}})
+    (notes / f"{slide_id}.geojson").write_text(geojson.dumps(geojson.FeatureCollection([pen])))
+    slide = raw_prediction[0].parent / f"{slide_id}.svs"
+    args = ["predict", "--run", str(tested_run), "--ckpt", "last.ckpt", "--slides", str(slide)]
+    new = tmp_path / "out"
+    assert main([*args, "--out", str(new), "--annotations", str(notes), "--quiet", "--no_heatmaps"]) == 0
+    after = pd.read_csv(new / "attention" / f"{slide_id}.csv")
+    assert (before["x"] + before["size_level0"] <= 1024).any()  # the slide had tissue patches there
+    assert len(after) < len(before)
+    assert (after["x"] + after["size_level0"] > 1024).all()  # none lies wholly under the pen mark
+    # A file for a slide that is not being predicted is refused, naming the file.
+    (notes / "not_a_slide.geojson").write_text(geojson.dumps(geojson.FeatureCollection([pen])))
+    assert main([*args, "--out", str(tmp_path / "o2"), "--annotations", str(notes), "--quiet"]) == 2
