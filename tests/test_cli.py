@@ -12,39 +12,28 @@ import pytest
 
 from e2e_wsi.cli import VERBS, main
 
+VERB_NAMES = (
+    "synth",
+    "preprocess",
+    "cache",
+    "extract",
+    "fit",
+    "validate",
+    "test",
+    "predict",
+    "crossval",
+    "evaluate",
+    "heatmap",
+    "convert",
+)
+
 
 def test_help_lists_every_verb(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for verb in (
-        "synth",
-        "preprocess",
-        "cache",
-        "extract",
-        "fit",
-        "validate",
-        "test",
-        "predict",
-        "crossval",
-        "evaluate",
-        "heatmap",
-        "convert",
-    ):
+    for verb in VERB_NAMES:
         assert f"  {verb} " in out, verb
-    assert set(VERBS) == {
-        "synth",
-        "preprocess",
-        "cache",
-        "extract",
-        "fit",
-        "validate",
-        "test",
-        "predict",
-        "crossval",
-        "evaluate",
-        "heatmap",
-        "convert",
-    }
+    assert set(VERBS) == set(VERB_NAMES)
 
 
 def test_no_arguments_prints_usage(capsys: pytest.CaptureFixture[str]) -> None:

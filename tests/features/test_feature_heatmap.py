@@ -8,27 +8,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from e2e_wsi.cache.store import PatchCache, mag_key
 from e2e_wsi.cli import main
-from e2e_wsi.features.extract import ExtractConfig, extract_features
 from e2e_wsi.features.store import FeatureFolder
 from e2e_wsi.inference.features import feature_attention, slide_file_from_manifest
 from e2e_wsi.inference.run import load_model
-from e2e_wsi.models.encoders import ResNetEncoder
-
-CONFIG = Path(__file__).resolve().parents[2] / "configs" / "two_stage_abmilx.yaml"
-TINY = ["--trainer.max_epochs", "1", "--trainer.accelerator", "cpu", "--trainer.log_every_n_steps", "1",
-        "--data.num_workers", "0", "--data.split_ratios", "[0.5, 0.25, 0.25]", "--bootstrap", "50"]  # fmt: skip
-
-
-def _extract(cache_dir: Path, out: Path, seed: int) -> Path:
-    torch.manual_seed(seed)
-    extract_features(
-        cache_dir, out, ResNetEncoder(), ExtractConfig(magnification=5, input_size=32, progress=False)
-    )
-    return out
+from tests.helpers.features import TINY_FEATURE_FIT, TWO_STAGE_CONFIG, extract_random_resnet
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +24,10 @@ def feature_run(
     """(checkpoint, features) of one epoch of two-stage ABMILX on random ResNet-18 features at 5x."""
     manifest, cache_dir = synth_cache
     root = tmp_path_factory.mktemp("feature_run")
-    features = _extract(cache_dir, root / "r18", seed=0)
+    features = extract_random_resnet(cache_dir, root / "r18", seed=0)
     run = root / "run"
-    args = ["fit", "--config", str(CONFIG), "--data.manifest", str(manifest), "--data.features_dir",
-            str(features), "--run_dir", str(run), *TINY]  # fmt: skip
+    args = ["fit", "--config", str(TWO_STAGE_CONFIG), "--data.manifest", str(manifest), "--data.features_dir",
+            str(features), "--run_dir", str(run), *TINY_FEATURE_FIT]  # fmt: skip
     assert main(args) == 0
     return run / "checkpoints" / "last.ckpt", features
 
@@ -103,7 +89,7 @@ def test_feature_heatmap_refusals(
     assert main([*base, "--config", str(tmp_path / "config.yaml"), "--mask_dir", masks]) == 2
     assert "needs its slide file" in capsys.readouterr().err
     # Features of another encoder: refused with the difference, nothing drawn.
-    other = _extract(cache_dir, tmp_path / "other", seed=1)
+    other = extract_random_resnet(cache_dir, tmp_path / "other", seed=1)
     assert main([*base, "--features_dir", str(other)]) == 2
     assert "made differently" in capsys.readouterr().err
     assert main([*base, "--overlap", "0.5"]) == 2

@@ -11,39 +11,26 @@ import pytest
 import torch
 
 from e2e_wsi.cli import main
-from e2e_wsi.features.extract import ExtractConfig, extract_features
 from e2e_wsi.features.store import FeatureFolder
 from e2e_wsi.inference.run import load_run
-from e2e_wsi.models.encoders import ResNetEncoder
-
-CONFIG = Path(__file__).resolve().parents[2] / "configs" / "two_stage_abmilx.yaml"
-TINY = ["--trainer.max_epochs", "1", "--trainer.accelerator", "cpu", "--trainer.log_every_n_steps", "1",
-        "--data.num_workers", "0", "--data.split_ratios", "[0.5, 0.25, 0.25]", "--bootstrap", "50"]  # fmt: skip
-
-
-def _extract(cache_dir: Path, out: Path, seed: int) -> Path:
-    torch.manual_seed(seed)
-    extract_features(
-        cache_dir, out, ResNetEncoder(), ExtractConfig(magnification=5, input_size=32, progress=False)
-    )
-    return out
+from tests.helpers.features import TINY_FEATURE_FIT, TWO_STAGE_CONFIG, extract_random_resnet
 
 
 @pytest.fixture(scope="module")
 def features(synth_cache: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """ResNet-18 (random init, 256-d) features of the 8 synthetic slides at 5x."""
-    return _extract(synth_cache[1], tmp_path_factory.mktemp("feat") / "r18", seed=0)
+    return extract_random_resnet(synth_cache[1], tmp_path_factory.mktemp("feat") / "r18", seed=0)
 
 
 @pytest.fixture(scope="module")
 def other_features(synth_cache: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same slides encoded by another encoder (other random weights)."""
-    return _extract(synth_cache[1], tmp_path_factory.mktemp("feat") / "other", seed=1)
+    return extract_random_resnet(synth_cache[1], tmp_path_factory.mktemp("feat") / "other", seed=1)
 
 
 def fit_args(manifest: Path, features: Path, run: Path, *extra: str) -> list[str]:
-    return ["fit", "--config", str(CONFIG), "--data.manifest", str(manifest), "--data.features_dir",
-            str(features), "--run_dir", str(run), *TINY, *extra]  # fmt: skip
+    return ["fit", "--config", str(TWO_STAGE_CONFIG), "--data.manifest", str(manifest), "--data.features_dir",
+            str(features), "--run_dir", str(run), *TINY_FEATURE_FIT, *extra]  # fmt: skip
 
 
 def test_fit_test_predict_on_features(
@@ -136,7 +123,7 @@ def test_old_patch_configs_still_pick_the_patch_datamodule(tmp_path: Path) -> No
     from e2e_wsi.features.datamodule import FeatureDataModule
     from e2e_wsi.training.cli import _datamodule_class
 
-    demo = CONFIG.parent / "demo_subtype.yaml"
+    demo = TWO_STAGE_CONFIG.parent / "demo_subtype.yaml"
     assert _datamodule_class(["fit", "--config", str(demo)]) is WSIDataModule
-    assert _datamodule_class(["fit", "--config", str(CONFIG)]) is FeatureDataModule
+    assert _datamodule_class(["fit", "--config", str(TWO_STAGE_CONFIG)]) is FeatureDataModule
     assert _datamodule_class(["fit", "--config", str(demo), "--data.features_dir", "x"]) is FeatureDataModule
