@@ -93,7 +93,7 @@ def run_arm(arm: str, seed: int, cohort: Path, runs: Path, epochs: int) -> dict:
         (run_dir / "wall_s.txt").write_text(f"{time.perf_counter() - start:.0f}\n")
     metrics = json.loads(report.read_text())
     auroc = metrics.get("metrics", metrics).get("auroc")
-    value = auroc.get("value", auroc.get("estimate")) if isinstance(auroc, dict) else auroc
+    value = auroc["point"] if isinstance(auroc, dict) else auroc
     return {
         "arm": arm,
         "seed": seed,
