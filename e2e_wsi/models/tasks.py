@@ -1,7 +1,9 @@
 """Tasks: what a slide vector is trained to predict.
 
-A task bundles the head it needs, its loss, its torchmetrics, what it reports per slide, and which
-validation metric selects checkpoints. :class:`~e2e_wsi.models.module.SlideModule` holds one task,
+A task bundles the head it needs, its loss, what it predicts per slide, and which validation metric
+selects checkpoints. Everything else about its kind (manifest columns, bag targets, predictions.csv,
+the metrics, captions) is the kind's spec in :mod:`e2e_wsi.tasks`, named by :attr:`Task.kind`.
+:class:`~e2e_wsi.models.module.SlideModule` holds one task,
 chosen in YAML with ``class_path`` (no string switches), and never branches on the task type.
 
 Batches carry ``target`` [B] (long): the class index for classification and grading, the discrete-time
@@ -14,17 +16,12 @@ from abc import ABC, abstractmethod
 from typing import Literal
 
 from torch import Tensor, nn
-from torchmetrics import MetricCollection
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassCohenKappa,
-    MulticlassF1Score,
-)
+from torchmetrics import Metric, MetricCollection
 
-from e2e_wsi.evaluation.torch_metrics import ConcordanceIndex, DefinedMulticlassAUROC
+from e2e_wsi.evaluation.torch_metrics import ReportMetric
 from e2e_wsi.models.heads import ClassificationHead, SurvivalHead
 from e2e_wsi.models.losses import ClassificationLoss, CoxLoss, DiscreteTimeSurvivalLoss, hazards_to_risk
-from e2e_wsi.task_kinds import TaskKind
+from e2e_wsi.tasks import get_task_spec
 
 
 class Task(ABC):
@@ -35,15 +32,17 @@ class Task(ABC):
     :attr:`monitor` / :attr:`monitor_mode`.
 
     Attributes:
-        kind: The task kind (:data:`e2e_wsi.task_kinds.TaskKind`): ``classification``, ``grading`` or
-            ``survival``; also the bootstrap report's task name.
+        kind: The task kind, a registered spec of :mod:`e2e_wsi.tasks` (``classification``,
+            ``grading``, ``survival``, ``regression``); also the bootstrap report's task name.
         monitor: Validation metric key that selects checkpoints, e.g. ``val/auroc``.
         monitor_mode: ``max`` or ``min``.
+        num_targets_name: The init argument that sets :attr:`num_targets` (for messages).
     """
 
-    kind: TaskKind
+    kind: str
     monitor: str
     monitor_mode: Literal["min", "max"] = "max"
+    num_targets_name: str = "num_classes"
 
     @property
     def num_targets(self) -> int | None:
@@ -62,17 +61,21 @@ class Task(ABC):
     def loss(self, loss_fn: nn.Module, outputs: Tensor, batch: dict) -> Tensor:
         """Scalar training loss from head outputs [B, K] and the batch targets."""
 
-    @abstractmethod
     def metrics(self) -> MetricCollection:
-        """A fresh metric collection (one per stage)."""
+        """A fresh collection (one per stage) of the spec's report metrics, computed as the report does."""
+        spec = get_task_spec(self.kind)
+        return MetricCollection(
+            {m.name: ReportMetric(self.kind, m.name) for m in spec.metrics}, compute_groups=False
+        )
 
-    @abstractmethod
-    def update_metrics(self, metrics: MetricCollection, outputs: Tensor, batch: dict) -> None:
-        """Feed one batch of head outputs [B, K] to the stage's metrics."""
+    def update_metrics(self, metrics: MetricCollection | Metric, outputs: Tensor, batch: dict) -> None:
+        """Feed one batch of head outputs [B, K] (and the batch's truth) to the stage's metrics."""
+        metrics.update(self.predict(outputs), get_task_spec(self.kind).batch_truth(batch))
 
     @abstractmethod
     def predict(self, outputs: Tensor) -> dict[str, Tensor]:
-        """Per-slide predictions from head outputs [B, K]: ``probs`` [B, K] or ``risk`` [B]."""
+        """Per-slide predictions from head outputs [B, K], keyed by the spec's ``prediction_keys``:
+        ``probs`` [B, K], ``risk`` [B] or ``pred`` [B]."""
 
 
 class ClassificationTask(Task):
@@ -121,20 +124,6 @@ class ClassificationTask(Task):
     def loss(self, loss_fn: nn.Module, outputs: Tensor, batch: dict) -> Tensor:
         return loss_fn(outputs, batch["target"])
 
-    def metrics(self) -> MetricCollection:
-        k = self.num_classes
-        return MetricCollection(
-            {
-                "auroc": DefinedMulticlassAUROC(num_classes=k, average="macro"),
-                "accuracy": MulticlassAccuracy(num_classes=k, average="micro"),
-                "balanced_accuracy": MulticlassAccuracy(num_classes=k, average="macro"),
-                "f1_macro": MulticlassF1Score(num_classes=k, average="macro"),
-            }
-        )
-
-    def update_metrics(self, metrics: MetricCollection, outputs: Tensor, batch: dict) -> None:
-        metrics.update(outputs.float().softmax(-1), batch["target"])
-
     def predict(self, outputs: Tensor) -> dict[str, Tensor]:
         return {"probs": outputs.float().softmax(-1)}
 
@@ -157,26 +146,10 @@ class GradingTask(ClassificationTask):
     ) -> None:
         super().__init__(num_classes, class_weights, label_smoothing, dropout, head_bias)
 
-    def metrics(self) -> MetricCollection:
-        k = self.num_classes
-        return MetricCollection(
-            {
-                "accuracy": MulticlassAccuracy(num_classes=k, average="micro"),
-                "balanced_accuracy": MulticlassAccuracy(num_classes=k, average="macro"),
-                "qwk": MulticlassCohenKappa(num_classes=k, weights="quadratic"),
-            }
-        )
-
 
 class _SurvivalTask(Task):
     kind = "survival"
     monitor = "val/c_index"
-
-    def metrics(self) -> MetricCollection:
-        return MetricCollection({"c_index": ConcordanceIndex()})
-
-    def update_metrics(self, metrics: MetricCollection, outputs: Tensor, batch: dict) -> None:
-        metrics.update(self.predict(outputs)["risk"], batch["time"], batch["event"])
 
 
 class DiscreteSurvivalTask(_SurvivalTask):
@@ -196,6 +169,7 @@ class DiscreteSurvivalTask(_SurvivalTask):
     # steps and ties.
     monitor = "val/loss"
     monitor_mode = "min"
+    num_targets_name = "num_bins"
 
     def __init__(
         self, num_bins: int = 4, alpha: float = 0.0, dropout: float = 0.0, head_bias: bool = False
