@@ -6,8 +6,9 @@ the metrics, captions) is the kind's spec in :mod:`e2e_wsi.tasks`, named by :att
 :class:`~e2e_wsi.models.module.SlideModule` holds one task,
 chosen in YAML with ``class_path`` (no string switches), and never branches on the task type.
 
-Batches carry ``target`` [B] (long): the class index for classification and grading, the discrete-time
-bin of ``time`` for survival, which also carries ``time`` [B] (float) and ``event`` [B] (float, 1 = observed).
+Batches carry ``target`` [B]: the class index (long) for classification and grading, the discrete-time
+bin (long) of ``time`` for survival, which also carries ``time`` [B] (float) and ``event`` [B] (float,
+1 = observed), the value (float) for regression.
 """
 
 from __future__ import annotations
@@ -19,8 +20,14 @@ from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
 
 from e2e_wsi.evaluation.torch_metrics import ReportMetric
-from e2e_wsi.models.heads import ClassificationHead, SurvivalHead
-from e2e_wsi.models.losses import ClassificationLoss, CoxLoss, DiscreteTimeSurvivalLoss, hazards_to_risk
+from e2e_wsi.models.heads import ClassificationHead, RegressionHead, SurvivalHead
+from e2e_wsi.models.losses import (
+    ClassificationLoss,
+    CoxLoss,
+    DiscreteTimeSurvivalLoss,
+    RegressionLoss,
+    hazards_to_risk,
+)
 from e2e_wsi.tasks import get_task_spec
 
 
@@ -228,6 +235,62 @@ class CoxSurvivalTask(_SurvivalTask):
         return {"risk": outputs[:, 0].float()}
 
 
+class RegressionTask(Task):
+    """A continuous target per slide (a biomarker score), MSE or Huber loss.
+
+    The head predicts in standardised units, ``(target - target_offset) / target_scale``, so targets of
+    any scale train at the learning rates of the classification recipes; predictions are mapped back.
+    Set ``target_offset``/``target_scale`` near the training targets' mean and standard deviation.
+
+    Args:
+        loss: ``mse`` or ``huber``.
+        huber_delta: Huber threshold, in standardised units.
+        target_offset: Subtracted from the targets before the loss (added back to predictions).
+        target_scale: Divides the targets before the loss (multiplies predictions); > 0.
+        dropout: Dropout before the head's linear layer.
+        head_bias: Bias (intercept) of the head's linear layer; on by default, unlike the classification
+            heads, because a value needs an intercept that the bias-free MIL layers do not give.
+    """
+
+    kind = "regression"
+    # The validation loss: r and rho of a small validation set move in coarse steps.
+    monitor = "val/loss"
+    monitor_mode = "min"
+    num_targets_name = "outputs"
+
+    def __init__(
+        self,
+        loss: Literal["mse", "huber"] = "mse",
+        huber_delta: float = 1.0,
+        target_offset: float = 0.0,
+        target_scale: float = 1.0,
+        dropout: float = 0.0,
+        head_bias: bool = True,
+    ) -> None:
+        if not target_scale > 0:
+            raise ValueError(f"target_scale must be > 0, got {target_scale}")
+        self.loss_kind = loss
+        self.huber_delta = huber_delta
+        self.target_offset = float(target_offset)
+        self.target_scale = float(target_scale)
+        self.dropout = dropout
+        self.head_bias = head_bias
+        RegressionLoss(loss, huber_delta)  # check the options now, not at the first step
+
+    def build_head(self, in_dim: int) -> nn.Module:
+        return RegressionHead(in_dim=in_dim, dropout=self.dropout, bias=self.head_bias)
+
+    def build_loss(self) -> nn.Module:
+        return RegressionLoss(self.loss_kind, self.huber_delta)
+
+    def loss(self, loss_fn: nn.Module, outputs: Tensor, batch: dict) -> Tensor:
+        standardised = (batch["target"].float() - self.target_offset) / self.target_scale
+        return loss_fn(outputs[:, 0], standardised)
+
+    def predict(self, outputs: Tensor) -> dict[str, Tensor]:
+        return {"pred": self.target_offset + self.target_scale * outputs[:, 0].float()}
+
+
 def default_task(task: Task | None) -> Task:
     """``task``, or the default of :class:`~e2e_wsi.models.module.SlideModule`: ``ClassificationTask()``."""
     return task if task is not None else ClassificationTask()
@@ -239,5 +302,6 @@ __all__ = [
     "GradingTask",
     "DiscreteSurvivalTask",
     "CoxSurvivalTask",
+    "RegressionTask",
     "default_task",
 ]

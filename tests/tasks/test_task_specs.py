@@ -55,7 +55,7 @@ def write_manifest(path: Path, truth: dict[str, list[str]], slides_per_case: int
 
 
 def test_registry_lists_every_kind_once_and_refuses_unknown_ones() -> None:
-    assert {"classification", "grading", "survival"} <= set(SPECS)
+    assert {"classification", "grading", "survival", "regression"} <= set(SPECS)
     for kind in SPECS:
         assert get_task_spec(kind).kind == kind
     with pytest.raises(UserError, match=r"unknown task 'segmentation'.*classification"):
