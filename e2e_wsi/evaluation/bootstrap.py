@@ -2,9 +2,9 @@
 
 A resample draws ``n_cases`` case ids with replacement (seeded ``numpy.random.default_rng``) and
 takes all rows of each drawn case, so the slides of one patient always move together. It is stored
-as a count matrix ``weights [R, n_units]`` and every metric scores all resamples at once (see
-:mod:`e2e_wsi.evaluation.metrics`). The CI is the percentile interval of the resamples in which the
-metric is defined; the others are skipped and counted (``n_valid``).
+as a count matrix ``weights [R, n_units]`` and every metric scores all resamples at once (the task
+spec's metric functions, see :mod:`e2e_wsi.tasks.metrics`). The CI is the percentile interval of the
+resamples in which the metric is defined; the others are skipped and counted (``n_valid``).
 """
 
 from __future__ import annotations
