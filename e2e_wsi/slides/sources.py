@@ -33,9 +33,13 @@ def slide_exists(source: str | Path) -> bool:
 
 
 def slide_id_of(source: str | Path) -> str:
-    """The default slide id of a source: the file name without its extension, or the folder's name."""
+    """The default slide id of a source: the file name without its extension (``.ome.tif`` counts as
+    one), or the folder's name."""
     path = Path(str(source).rstrip("/"))
-    return path.name if path.is_dir() else path.stem
+    if path.is_dir():
+        return path.name
+    stem = path.stem
+    return stem[: -len(".ome")] if stem.lower().endswith(".ome") else stem
 
 
 def find_slides(folder: str | Path) -> list[Path]:

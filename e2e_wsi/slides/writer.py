@@ -341,3 +341,62 @@ def _level_pixels(
     if base_downsample % downsample:
         raise ValueError(f"downsample {downsample} is not a divisor of the base downsample {base_downsample}")
     return _upsampled_tiles(base, base_downsample // downsample, level_size, tile), (*level_size, 3)
+
+
+SLIDE_FORMATS: tuple[str, ...] = ("svs", "ome-tiff", "dicom")
+
+
+def slide_suffix(fmt: str, with_metadata: bool = True) -> str:
+    """The file suffix of a slide written in ``fmt`` (``""`` for DICOM: the slide is a folder)."""
+    if fmt not in SLIDE_FORMATS:
+        raise ValueError(f"slide format must be one of {list(SLIDE_FORMATS)}, got {fmt!r}")
+    return {"svs": ".svs" if with_metadata else ".tif", "ome-tiff": ".ome.tif", "dicom": ""}[fmt]
+
+
+def write_slide_levels(
+    path: str | Path,
+    base: np.ndarray,
+    base_downsample: int,
+    size: tuple[int, int],
+    *,
+    fmt: str = "svs",
+    mpp: float | None,
+    objective_power: float | None,
+    downsamples: Sequence[int],
+    tile: int,
+    quality: int,
+    key: str = "",
+) -> Path:
+    """:func:`write_levels` in any of :data:`SLIDE_FORMATS`; DICOM is a folder ``path`` of one file per level.
+
+    DICOM is written from an Aperio TIFF next to it whose JPEG tiles are copied (then the TIFF is removed),
+    so the DICOM copy has exactly the SVS's pixels. It needs ``mpp`` (DICOM requires a pixel spacing).
+
+    Args:
+        key: Seed of the DICOM UIDs (the slide id); unused by the TIFF formats.
+        Others: As in :func:`write_levels`.
+
+    Returns:
+        The written file or folder.
+    """
+    slide_suffix(fmt)
+    if fmt != "dicom":
+        return write_levels(
+            path, base, base_downsample, size, mpp=mpp, objective_power=objective_power,
+            downsamples=downsamples, tile=tile, quality=quality, fmt=fmt,  # type: ignore[arg-type]
+        )  # fmt: skip
+    if mpp is None:
+        raise ValueError("DICOM slides need a pixel spacing: give an mpp (synth: drop --no-metadata)")
+    from e2e_wsi.slides.dicom_writer import tiff_to_dicom
+
+    folder = Path(path)
+    staging = folder.with_name(f".{folder.name}.dicom-source.svs")
+    try:
+        write_levels(
+            staging, base, base_downsample, size, mpp=mpp, objective_power=objective_power,
+            downsamples=downsamples, tile=tile, quality=quality,
+        )  # fmt: skip
+        tiff_to_dicom(staging, folder, mpp=mpp, key=key or folder.name)
+    finally:
+        staging.unlink(missing_ok=True)
+    return folder
