@@ -274,7 +274,7 @@ def _commit(writer: CacheWriter, record: dict[str, Any]) -> dict[str, Any]:
 
     writer.commit_slide(meta, patches)
     staging.unlink()
-    job = SlideJob(record["slide_id"], Path(record["path"]))
+    job = SlideJob(record["slide_id"], record["path"])
     return _ok_row(job, meta, cached=False)
 
 

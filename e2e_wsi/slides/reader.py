@@ -180,7 +180,9 @@ class Slide:
         backend: str | None = None,
     ) -> None:
         self.path: Path | str = path if is_url(path) else Path(path)
-        if not slide_exists(path):
+        if (
+            not slide_exists(path) and not Path(path).is_dir()
+        ):  # a folder: the backends say why it is no slide
             raise SlideError(path, "file not found (check the path column / slides folder)")
         self._reader: SlideBackend = open_backend(self.path, backend)
         self.backend = self._reader.name

@@ -1,7 +1,9 @@
 """Registry of slide reader backends, and the one function that picks one for a file.
 
 Order matters when no backend is forced: OpenSlide first (the default wherever it reads the file), then
-plain images (cheap to probe, and they refuse pyramids), then tiffslide, DICOM and CZI. A backend whose
+plain images (cheap to probe, and they refuse pyramids), then tiffslide, DICOM and CZI. A backend can ask to
+go before OpenSlide for files it reads better (tiffslide for ``.ome.tif``, whose SubIFD pyramid OpenSlide
+does not see). A backend whose
 library is not installed is skipped; asking for it by name says which extra to install.
 """
 
@@ -62,13 +64,15 @@ def _forced(source: str | Path, name: str) -> SlideBackend:
 
 
 def _candidates(source: str | Path) -> list[type[SlideBackend]]:
-    """Backends to try: those claiming the source first (in registry order), then the rest for files."""
+    """Backends to try: those preferring the source, then those claiming it (registry order), then the rest."""
     if is_url(source):
         return [cls for cls in BACKENDS.values() if cls.reads_urls]
     if Path(source).is_dir():
         return [cls for cls in BACKENDS.values() if cls.reads_folders]
-    claiming = [cls for cls in BACKENDS.values() if cls.claims(source)]
-    return claiming + [cls for cls in BACKENDS.values() if cls not in claiming and not cls.reads_folders]
+    preferring = [cls for cls in BACKENDS.values() if cls.prefers(source)]
+    claiming = [cls for cls in BACKENDS.values() if cls.claims(source) and cls not in preferring]
+    rest = [cls for cls in BACKENDS.values() if cls not in preferring + claiming and not cls.reads_folders]
+    return preferring + claiming + rest
 
 
 def open_backend(source: str | Path, name: str | None = None) -> SlideBackend:
@@ -90,10 +94,12 @@ def open_backend(source: str | Path, name: str | None = None) -> SlideBackend:
     verdicts: list[str] = []
     damaged: SlideError | None = None
     missing: list[type[SlideBackend]] = []
+    tried: list[str] = []
     for cls in _candidates(source):
         if not cls.available():
             missing.append(cls)
             continue
+        tried.append(cls.name)
         try:
             return cls(source)
         except NotThisFormat as verdict:
@@ -102,16 +108,21 @@ def open_backend(source: str | Path, name: str | None = None) -> SlideBackend:
             damaged = damaged or err  # a reader that knows the format says it is damaged: keep trying others
     if damaged is not None:
         raise damaged
-    raise SlideError(source, _nobody_reads(source, verdicts, missing))
+    raise SlideError(source, _nobody_reads(source, ", ".join(tried), verdicts, missing))
 
 
-def _nobody_reads(source: str | Path, verdicts: list[str], missing: list[type[SlideBackend]]) -> str:
+def _nobody_reads(
+    source: str | Path, tried: str, verdicts: list[str], missing: list[type[SlideBackend]]
+) -> str:
     """The message for a source no installed backend reads: what it is, what was tried, what to install."""
     hint = ""
     if missing:
         hint = "; not installed: " + ", ".join(f"{c.name} ({c.install_hint()})" for c in missing)
-    tried = ", ".join(n for n, c in BACKENDS.items() if c.available())
     if not is_url(source) and Path(source).is_dir():
+        if is_dicom_folder(Path(source)):
+            return (
+                f"DICOM folder that no installed backend reads ({'; '.join(verdicts) or 'none tried'}){hint}"
+            )
         return f"folder without a DICOM WSI series (.dcm files); a folder is a slide only for DICOM{hint}"
     head = b""
     if not is_url(source):
@@ -122,7 +133,10 @@ def _nobody_reads(source: str | Path, verdicts: list[str], missing: list[type[Sl
             "TIFF file no backend can open: truncated or corrupt (re-copy it), or an unsupported layout "
             f"(tried {tried}: {'; '.join(verdicts)}){hint}"
         )
-    return f"not a slide format any backend reads (backends: {', '.join(BACKENDS)}; tried {tried}){hint}"
+    return (
+        f"not a slide format any backend reads (backends: {', '.join(BACKENDS)}; tried {tried}: "
+        f"{'; '.join(verdicts)}){hint}"
+    )
 
 
 __all__ = [

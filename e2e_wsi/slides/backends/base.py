@@ -83,6 +83,11 @@ class SlideBackend(ABC):
             return cls.reads_folders
         return path.suffix.lower() in cls.extensions
 
+    @classmethod
+    def prefers(cls, source: str | Path) -> bool:
+        """Whether this backend should be tried before OpenSlide for ``source`` (it reads it better)."""
+        return False
+
     @abstractmethod
     def __init__(self, source: str | Path) -> None:
         """Open ``source``.

@@ -13,7 +13,7 @@ from e2e_wsi.slides.backends.base import NotThisFormat, SlideBackend, source_err
 # Levels offered: downsamples 1, 4, 16, ... while the level keeps at least this many pixels on its
 # shorter side. libCZI answers a zoomed read from the file's own pyramid tiles where the file has them.
 _LEVEL_FACTOR = 4
-_MIN_LEVEL_SIDE = 512
+_MIN_LEVEL_SIDE = 256
 _CZI_MAGIC = b"ZISRAWFILE"
 
 
@@ -75,7 +75,7 @@ class CziBackend(SlideBackend):
             if handle.read(16)[: len(_CZI_MAGIC)] != _CZI_MAGIC:
                 raise NotThisFormat("pylibCZIrw: not a CZI file")
         try:
-            self._doc = czi.open_czi(self.source)
+            self._doc = czi.CziReader(self.source)
             self._box = self._doc.total_bounding_rectangle
             self._metadata = self._doc.metadata
         except Exception as err:  # noqa: BLE001 - libCZI raises RuntimeError for anything

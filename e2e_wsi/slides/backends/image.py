@@ -77,7 +77,7 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, float | None]:
 
 def _read_pillow(path: Path) -> tuple[np.ndarray, float | None]:
     limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = PLAIN_IMAGE_MAX_PIXELS  # our own limit replaces Pillow's bomb guard
+    Image.MAX_IMAGE_PIXELS = None  # the size check below replaces Pillow's bomb guard
     try:
         with Image.open(path) as img:
             width, height = img.size

@@ -32,6 +32,11 @@ class TiffSlideBackend(SlideBackend):
     extra = "tiffslide"
     formats = "SVS, OME-TIFF (SubIFD pyramids), generic TIFF, also from s3:// gs:// https:// URLs"
 
+    @classmethod
+    def prefers(cls, source: str | Path) -> bool:
+        """OME-TIFF: its pyramid lives in SubIFDs, which OpenSlide does not see (it would read level 0 only)."""
+        return str(source).lower().endswith((".ome.tif", ".ome.tiff"))
+
     def __init__(self, source: str | Path) -> None:
         import tifffile
         import tiffslide
