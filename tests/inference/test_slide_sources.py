@@ -13,6 +13,7 @@ from e2e_wsi.slides.writer import write_pyramidal_tiff, write_slide_levels
 
 def test_dicom_folder_is_one_slide_in_predict(tmp_path: Path) -> None:
     image = np.full((512, 512, 3), 200, np.uint8)
+    (tmp_path / "slides").mkdir()
     common = {"mpp": 0.5, "objective_power": 20, "downsamples": (1, 4), "tile": 256, "quality": 90}
     dicom = write_slide_levels(tmp_path / "slides" / "d1", image, 1, (512, 512), fmt="dicom", **common)
     write_pyramidal_tiff(tmp_path / "slides" / "t1.svs", image, mpp=0.5, downsamples=(1, 4))
