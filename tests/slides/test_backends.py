@@ -186,3 +186,14 @@ def test_dicom_folder_is_one_slide(copies: dict[str, Path]) -> None:
     assert find_slides(folder.parent) == sorted([copies["svs"], copies["ome-tiff"], folder])
     assert find_slides(folder) == [folder]  # pointing at the series itself: still one slide
     assert slide_id_of(folder) == "s_dicom" and slide_id_of(copies["ome-tiff"]) == "s"
+
+
+def test_url_source_goes_to_tiffslide(copies: dict[str, Path]) -> None:
+    """An fsspec URL (here ``file://``, so no network) is opened by the backend that reads URLs."""
+    url = copies["svs"].resolve().as_uri()
+    with open_slide(url) as slide, open_slide(copies["svs"]) as ref:
+        assert slide.backend == "tiffslide" and slide.path == url
+        assert slide.dimensions == ref.dimensions and slide.resolution == ref.resolution
+        assert np.array_equal(
+            np.asarray(slide.read_rgb((0, 0), 0, (256, 256))), np.asarray(ref.read_rgb((0, 0), 0, (256, 256)))
+        )
