@@ -30,7 +30,7 @@ from e2e_wsi.inference.predict import Ensemble
 from e2e_wsi.inference.run import resolve_checkpoints
 from e2e_wsi.slides.backends.base import is_url
 from e2e_wsi.slides.reader import SlideError
-from e2e_wsi.slides.sources import is_slide_folder, slide_id_of
+from e2e_wsi.slides.sources import slide_exists, slide_id_of
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -93,7 +93,7 @@ def slide_jobs(slides: list[str] | None, manifest: str | None) -> list[SlideJob]
         jobs = []
         for item in slides or []:
             path = Path(item)
-            if is_url(item) or path.is_file() or is_slide_folder(path):  # one slide (a DICOM folder is one)
+            if slide_exists(item):  # one slide: a file, a DICOM folder or a URL (e2e_wsi.slides.sources)
                 jobs.append(SlideJob(slide_id_of(item), item if is_url(item) else path, None, str(item)))
             elif path.is_dir():
                 jobs += jobs_from_dir(path)
