@@ -92,3 +92,46 @@ def test_cache_without_backend_key_still_reads(cohorts: dict[str, Path], tmp_pat
     capsys.readouterr()
     assert cache_main(["info", str(tmp_path / "old")]) == 0
     assert "openslide" in capsys.readouterr().out
+
+
+def test_plain_images_preprocess_with_mpp(tmp_path: Path) -> None:
+    """TMA cores as PNG and stripped TIFF in a slides folder, cached through the image backend: without
+    ``--mpp`` the TIFF is cut at its own resolution tags and the PNG (no resolution) fails; with it, both."""
+    import numpy as np
+    import tifffile
+    from PIL import Image
+
+    from tests.helpers.slides import tissue_image
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    image, _ = tissue_image(1024, seed=6)
+    Image.fromarray(image).save(slides / "core_a.png")
+    tifffile.imwrite(
+        slides / "core_b.tif",
+        image,
+        photometric="rgb",
+        resolution=(20000, 20000),
+        resolutionunit="CENTIMETER",
+    )
+    out = tmp_path / "cache"
+    base = [
+        "--out",
+        str(out),
+        "--magnifications",
+        "10",
+        "--patch-size",
+        "64",
+        "--workers",
+        "0",
+        "--quiet",
+        "--no-qc",
+    ]
+    assert main(["--slides-dir", str(slides), *base]) == 1  # the PNG states no resolution
+    rows = {r["slide_id"]: r for r in json.loads((out / "summary.json").read_text())["slides"]}
+    assert rows["core_b"]["status"] == "ok" and "no magnification metadata" in rows["core_a"]["reason"]
+    assert main(["--slides-dir", str(slides), *base, "--mpp", "0.5", "--overwrite"]) == 0
+    cache = PatchCache(out)
+    assert cache.slide_ids() == ["core_a", "core_b"]
+    assert {cache.meta(s)["backend"] for s in cache.slide_ids()} == {"image"}
+    assert cache.count("core_a", 10.0) > 10 and np.asarray(cache.get("core_a", 10.0, 0)).shape == (64, 64, 3)
