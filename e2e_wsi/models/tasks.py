@@ -140,7 +140,8 @@ class ClassificationTask(Task):
 
 
 class GradingTask(ClassificationTask):
-    """Ordinal grading (e.g. ISUP 0-5): cross-entropy; accuracy and quadratic weighted kappa."""
+    """Ordinal grading (e.g. ISUP 0-5): cross-entropy; balanced accuracy (the official PANDA "Acc"),
+    accuracy, unweighted kappa (the official "CK") and quadratic weighted kappa."""
 
     kind = "grading"
     # Validation loss: QWK on a small validation set jumps between a few values and ties often.
@@ -161,8 +162,9 @@ class GradingTask(ClassificationTask):
         k = self.num_classes
         return MetricCollection(
             {
-                "accuracy": MulticlassAccuracy(num_classes=k, average="micro"),
                 "balanced_accuracy": MulticlassAccuracy(num_classes=k, average="macro"),
+                "accuracy": MulticlassAccuracy(num_classes=k, average="micro"),
+                "kappa": MulticlassCohenKappa(num_classes=k),
                 "qwk": MulticlassCohenKappa(num_classes=k, weights="quadratic"),
             }
         )

@@ -117,3 +117,17 @@ def test_cli_writes_a_loadable_checkpoint(tmp_path) -> None:
     torch.save({"model": {**official, "mil.bogus.weight": torch.ones(1)}}, src)
     assert cli(["convert", str(src), str(tmp_path / "bad.ckpt")]) == 2
     assert not (tmp_path / "bad.ckpt").exists()
+
+
+def test_torch_compile_prefix_is_stripped() -> None:
+    official = {f"_orig_mod.module.{k}": v for k, v in official_abmilx_state(8, False, False).items()}
+    converted = convert_state_dict({"model": official, "teacher": None, "epoch": 0})
+    assert "aggregator.alpha" in converted and not any("_orig_mod" in k for k in converted)
+
+
+def test_converted_checkpoint_records_the_official_input(tmp_path) -> None:
+    src, dst = tmp_path / "fold_0_ema_model_best.pt", tmp_path / "converted.ckpt"
+    torch.save({"teacher": official_abmilx_state(8, False, False), "epoch": 1}, src)
+    assert cli(["convert", str(src), str(dst)]) == 0
+    saved = torch.load(dst, weights_only=True)
+    assert saved["e2e_wsi_input"] == {"channel_order": "bgr", "eval_resize": True}
