@@ -8,9 +8,11 @@ model (``SlideModule``: ResNet-18 to layer3 + ABMILX with the subtyping settings
 
 1. **memory**: peak memory of one training step (forward, backward, AdamW step) at ``--patches`` patches
    of 224 px, batch 1. GPU: fp16 autocast + GradScaler, ``torch.cuda.max_memory_allocated`` (and
-   reserved); CPU: fp32, the process's peak RSS (``ru_maxrss``) and its growth over the step. Measured
-   twice: the whole bag in one encoder call (``checkpoint_chunk: null``, what the official code does for
-   512 patches, ``modules/e2e.py:192-196``) and with activation checkpointing in chunks of ``--chunk``.
+   reserved); CPU: fp32, peak RSS (``ru_maxrss``) of a fresh process that builds the model and runs the
+   steps, and its growth over the steps (each measurement runs in its own spawned process, so the peaks
+   do not mix). Reduced runs project the growth linearly to 512 patches. Measured twice: the whole bag
+   in one encoder call (``checkpoint_chunk: null``, what the official code does for 512 patches,
+   ``modules/e2e.py:192-196``) and with activation checkpointing in chunks of ``--chunk``.
 2. **inference**: seconds per slide of ``--infer_patches`` patches (eval mode, ``eval_chunk_size``
    patches at a time, fp16 autocast on GPU), median of ``--repeats`` after one warm-up, data excluded.
 3. **training time**: seconds per training bag (median step time / batch) -> one epoch of the official
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import resource
@@ -90,7 +93,7 @@ def train_step_cost(
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-    rss_before = _rss_gb()
+    rss_before = _rss_gb()  # fresh process: the model, optimiser and input only
     times = []
     for _ in range(steps + 1):  # the first step is a warm-up
         _sync(device)
@@ -117,8 +120,15 @@ def train_step_cost(
     else:
         result["peak_rss_gb"] = _rss_gb()
         result["rss_growth_gb"] = _rss_gb() - rss_before
+        result["projected_512_rss_gb"] = rss_before + result["rss_growth_gb"] * 512 / patches
     del model, opt, images
     return result
+
+
+def in_fresh_process(fn, *args: Any) -> dict[str, Any]:
+    """Run ``fn(*args)`` in a spawned process (its own peak RSS / CUDA context) and return its result."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
 
 
 @torch.no_grad()
@@ -159,7 +169,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--reduced", action="store_true", default=None, help="reduced sizes (default on CPU)")
     p.add_argument("--patches", type=int, default=None, help="training patches per bag (512; reduced 32)")
     p.add_argument("--batch", type=int, default=1, help="training bags per step (paper Table 3: 1)")
-    p.add_argument("--chunk", type=int, default=128, help="activation-checkpoint chunk of the second run")
+    p.add_argument(
+        "--chunk",
+        type=int,
+        default=None,
+        help="checkpoint chunk of the second run (128; reduced: same share of the bag)",
+    )
     p.add_argument("--infer_patches", type=int, default=None, help="patches per slide (10000; reduced 256)")
     p.add_argument("--eval_chunk", type=int, default=256, help="patches encoded at once at inference")
     p.add_argument("--steps", type=int, default=None, help="timed training steps (5; reduced 2)")
@@ -172,17 +187,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     infer = args.infer_patches or (256 if reduced else 10_000)
     steps = args.steps or (2 if reduced else 5)
     repeats = args.repeats or (1 if reduced else 3)
+    args.chunk = args.chunk or max(1, patches * 128 // 512)
     torch.manual_seed(0)
     info = machine()
     print(
         f"device: {device} {info.get('gpu', info['cpu'])}; reduced: {reduced}; {json.dumps(info)}", flush=True
     )
 
-    whole = train_step_cost(patches, args.batch, None, device, steps)
+    whole = in_fresh_process(train_step_cost, patches, args.batch, None, device, steps)
     print(f"train step, whole bag in one encoder call: {json.dumps(whole)}", flush=True)
-    chunked = train_step_cost(patches, args.batch, args.chunk, device, steps)
+    chunked = in_fresh_process(train_step_cost, patches, args.batch, args.chunk, device, steps)
     print(f"train step, checkpoint_chunk {args.chunk}: {json.dumps(chunked)}", flush=True)
-    inf = inference_cost(infer, device, repeats, args.eval_chunk)
+    inf = in_fresh_process(inference_cost, infer, device, repeats, args.eval_chunk)
     print(f"inference: {json.dumps(inf)}", flush=True)
 
     per_patch_infer = inf["slide_s"] / infer
@@ -191,11 +207,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         TRAIN_BAGS_PER_EPOCH * per_bag_train
         + EVAL_SLIDES_PER_EPOCH * EVAL_PATCHES_PER_SLIDE * per_patch_infer
     )
-    mem_key = "peak_allocated_gb" if device.type == "cuda" else "peak_rss_gb"
+    mem_key = (
+        "peak_allocated_gb"
+        if device.type == "cuda"
+        else ("projected_512_rss_gb" if patches != 512 else "peak_rss_gb")
+    )
     rows = [
         ("training memory, 512 patches, batch 1", f"{PAPER['memory_gb']:.1f} GB (fp16)",
          f"{whole[mem_key]:.2f} GB whole bag / {chunked[mem_key]:.2f} GB chunk {args.chunk}"
-         + (f" ({'fp16' if device.type == 'cuda' else 'fp32 RSS'}, {patches} patches)")),
+         + (f" ({'fp16' if device.type == 'cuda' else 'fp32 RSS'}"
+            + (f", projected from {patches} patches)" if patches != 512 else ")"))),
         ("inference, 10,000-patch slide", f"{PAPER['inference_s_per_slide']:.1f} s",
          f"{per_patch_infer * 10_000:.1f} s" + (" projected" if infer != 10_000 else "")
          + f" ({inf['slide_s']:.2f} s for {infer} patches)"),
