@@ -211,7 +211,7 @@ class WSIDataModule(pl.LightningDataModule):
             )
         if self.task != "survival" and self.num_classes is None:
             self.num_classes = int(df["label"].max()) + 1
-        if self.task == "survival" and hp.survival_bins == "cohort":
+        if self.task == "survival" and hp.get("survival_bins", "train") == "cohort":
             self._set_bin_edges(self._cases(df))  # every case, test included (official rule)
         self.table = df
         self.bags = {name: self._bags(df[df["split"] == name]) for name in ("train", "val", "test")}
