@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     rows = [
         ("training memory, 512 patches, batch 1", f"{PAPER['memory_gb']:.1f} GB (fp16)",
-         f"{whole[mem_key]:.2f} GB whole bag / {chunked[mem_key]:.2f} GB chunk {args.chunk}"
+         f"{whole[mem_key]:.2f} GB whole bag / {chunked[mem_key]:.2f} GB chunk {args.chunk * 512 // patches}"
          + (f" ({'fp16' if device.type == 'cuda' else 'fp32 RSS'}"
             + (f", projected from {patches} patches)" if patches != 512 else ")"))),
         ("inference, 10,000-patch slide", f"{PAPER['inference_s_per_slide']:.1f} s",
