@@ -152,3 +152,37 @@ def test_paper_aggregator_instantiates_with_official_parameter_names(name: str) 
 def _import(class_path: str) -> type:
     module, _, name = class_path.rpartition(".")
     return getattr(importlib.import_module(module), name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["brca_subtype", "luad_survival", "panda_grade"])
+def test_paper_config_fits_end_to_end(name: str, tmp_path: Path) -> None:
+    """Each task family's paper config trains (shrunk): per-epoch schedule, drop_last, TaskEarlyStopping, EMA."""
+    import torch
+
+    from tests.helpers.official import write_textured_cache
+
+    ids = write_textured_cache(tmp_path / "cache", slides=12)
+    manifest = tmp_path / "manifest.csv"
+    if "survival" in name:
+        rows = [f"c{i},{s},{10 + 3 * i},{i % 2}" for i, s in enumerate(ids)]
+        manifest.write_text("case_id,slide_id,time,event\n" + "\n".join(rows) + "\n")
+    else:
+        k = 6 if name == "panda_grade" else 2  # every class needs a slide
+        manifest.write_text(
+            "case_id,slide_id,label\n" + "".join(f"c{i},{s},{i % k}\n" for i, s in enumerate(ids))
+        )
+    run = tmp_path / "run"
+    code = main([
+        "fit", "--config", str(CONFIGS[0].parent / f"{name}.yaml"), "--run_dir", str(run),
+        "--data.manifest", str(manifest), "--data.cache_dir", str(tmp_path / "cache"),
+        "--data.magnifications", "[10, 5]", "--data.sample_size", "8", "--data.batch_size", "2",
+        "--data.train_patch_size", "32", "--data.eval_patch_size", "32", "--data.num_workers", "0",
+        "--data.persistent_workers", "false", "--trainer.accelerator", "cpu", "--trainer.max_epochs", "2",
+        "--trainer.min_epochs", "1", "--model.encoder.init_args.weights", "none",
+        "--model.encoder.init_args.checkpoint_chunk", "8", "--model.eval_chunk_size", "16",
+    ])  # fmt: skip
+    assert code in (0, None)
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["e2e_wsi_input"] == {"channel_order": "rgb", "eval_resize": False}
+    assert last["lr_schedulers"][0]["last_epoch"] == 2  # stepped once per epoch (EpochCosineLR)

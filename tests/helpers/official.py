@@ -1,4 +1,5 @@
-"""The official E2E-WSI-ABMILX modules written out as plain tensor equations, for parity tests.
+"""The official E2E-WSI-ABMILX modules written out as plain tensor equations, and a textured 256 px patch
+cache, for parity tests.
 
 Weights use the OFFICIAL parameter names and shapes (``modules/abmilx.py`` class ``DAttentionX``,
 ``modules/vit_mil.py`` class ``Mlp``, with the paper settings ``mil_norm=ln``, ``no_mil_bias``) under
@@ -8,11 +9,19 @@ the E2E wrapper prefix ``mil.``. Nothing here imports the modules under test.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+import imagecodecs
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from e2e_wsi.cache.store import CacheWriter, mag_key
+
 D, INNER, CLASSES = 12, 16, 3
+PATCH = 256
+MAIN, SUB = 10.0, 5.0
+SLIDES = 10
 
 
 def ln(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -89,3 +98,42 @@ def official_abmilx_forward(s: dict[str, torch.Tensor], x: torch.Tensor, heads: 
         z = z + hidden @ s["mil.mlp.fc2.weight"].T + s["mil.mlp.fc2.bias"]
     z = ln(z, s["mil.norm1.weight"])
     return z @ s["mil.classifier.weight"].T
+
+
+def textured_tile(rng: np.random.Generator) -> np.ndarray:
+    """A 256 px RGB tile with coarse colour structure and fine detail (so crops and channels matter)."""
+    coarse = torch.from_numpy(rng.uniform(0, 255, (3, 6, 6)).astype(np.float32))[None]
+    img = torch.nn.functional.interpolate(coarse, size=(PATCH, PATCH), mode="bilinear", align_corners=False)[
+        0
+    ]
+    img[:, :16] = torch.from_numpy(rng.uniform(0, 255, (3, 1, 1)).astype(np.float32))  # a border band
+    img += torch.from_numpy(rng.normal(0, 12, (3, PATCH, PATCH)).astype(np.float32))
+    return np.ascontiguousarray(img.clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+
+
+def write_textured_cache(path: Path, slides: int = SLIDES) -> list[str]:
+    """A real LMDB patch cache of ``slides`` slides with 256 px textured patches at 10x (5-7) and 5x (2)."""
+    path.mkdir(parents=True)
+    writer = CacheWriter(path / "patches.lmdb", map_size=1 << 27)
+    ids = [f"slide{i:02d}" for i in range(slides)]
+    for s, slide_id in enumerate(ids):
+        counts = {MAIN: 5 + s % 3, SUB: 2}
+        meta = {
+            "format_version": 1, "slide_id": slide_id, "source_path": f"{slide_id}.svs", "mpp": 1.0,
+            "objective_power": 10, "dimensions": [4096, 4096], "patch_size": PATCH, "tissue_fraction": 0.5,
+            "params": {}, "magnifications": {},
+        }  # fmt: skip
+        for m, n in counts.items():
+            step = int(PATCH * 10 / m)
+            coords = [[i * step, 0] for i in range(n)]
+            meta["magnifications"][mag_key(m)] = {"count": n, "size_level0": step, "coords": coords}
+
+        def patches(s: int = s, counts: dict[float, int] = counts):
+            rng = np.random.default_rng(100 + s)
+            for m, n in counts.items():
+                for i in range(n):
+                    yield m, i, bytes(imagecodecs.jpeg8_encode(textured_tile(rng), level=90))
+
+        writer.commit_slide(meta, patches)
+    writer.close()
+    return ids

@@ -31,55 +31,16 @@ import torch
 import torchvision
 from torchvision.transforms.v2 import functional as TF
 
-from e2e_wsi.cache.store import CacheWriter, PatchCache, mag_key
+from e2e_wsi.cache.store import PatchCache
 from e2e_wsi.cli import main as cli
 from e2e_wsi.models.encoders import ResNetEncoder
-from tests.helpers.official import official_abmilx_forward, official_abmilx_state
+from tests.helpers.official import MAIN, official_abmilx_forward, official_abmilx_state, textured_tile
+from tests.helpers.official import write_textured_cache as _write_cache
 
 ROOT = Path(__file__).resolve().parents[2]
-PATCH, EVAL = 256, 224
-MAIN, SUB = 10.0, 5.0
-SLIDES = 10
+EVAL = 224
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
-
-
-def _tile(rng: np.random.Generator) -> np.ndarray:
-    """A 256 px RGB tile with coarse colour structure and fine detail (so crops and channels matter)."""
-    coarse = torch.from_numpy(rng.uniform(0, 255, (3, 6, 6)).astype(np.float32))[None]
-    img = torch.nn.functional.interpolate(coarse, size=(PATCH, PATCH), mode="bilinear", align_corners=False)[
-        0
-    ]
-    img[:, :16] = torch.from_numpy(rng.uniform(0, 255, (3, 1, 1)).astype(np.float32))  # a border band
-    img += torch.from_numpy(rng.normal(0, 12, (3, PATCH, PATCH)).astype(np.float32))
-    return np.ascontiguousarray(img.clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
-
-
-def _write_cache(path: Path) -> list[str]:
-    path.mkdir(parents=True)
-    writer = CacheWriter(path / "patches.lmdb", map_size=1 << 27)
-    ids = [f"slide{i:02d}" for i in range(SLIDES)]
-    for s, slide_id in enumerate(ids):
-        counts = {MAIN: 5 + s % 3, SUB: 2}
-        meta = {
-            "format_version": 1, "slide_id": slide_id, "source_path": f"{slide_id}.svs", "mpp": 1.0,
-            "objective_power": 10, "dimensions": [4096, 4096], "patch_size": PATCH, "tissue_fraction": 0.5,
-            "params": {}, "magnifications": {},
-        }  # fmt: skip
-        for m, n in counts.items():
-            step = int(PATCH * 10 / m)
-            coords = [[i * step, 0] for i in range(n)]
-            meta["magnifications"][mag_key(m)] = {"count": n, "size_level0": step, "coords": coords}
-
-        def patches(s: int = s, counts: dict[float, int] = counts):
-            rng = np.random.default_rng(100 + s)
-            for m, n in counts.items():
-                for i in range(n):
-                    yield m, i, bytes(imagecodecs.jpeg8_encode(_tile(rng), level=90))
-
-        writer.commit_slide(meta, patches)
-    writer.close()
-    return ids
 
 
 def _official_state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -112,7 +73,10 @@ def _mid_range_classifier(state: dict[str, torch.Tensor], g: torch.Generator) ->
     """
     probe = dict(state, **{"mil.classifier.weight": torch.eye(256)})  # logits = slide vectors
     rng = np.random.default_rng(99)
-    bags = [torch.stack([torch.from_numpy(_tile(rng)).permute(2, 0, 1) for _ in range(4)]) for _ in range(4)]
+    bags = [
+        torch.stack([torch.from_numpy(textured_tile(rng)).permute(2, 0, 1) for _ in range(4)])
+        for _ in range(4)
+    ]
     mean = torch.stack([_official_logits(probe, b.flip(1)) for b in bags]).mean(0)
     d = torch.randn(256, generator=g)
     d = d - (d @ mean) / (mean @ mean) * mean
