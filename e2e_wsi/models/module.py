@@ -259,7 +259,7 @@ class SlideModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if not isinstance(self.encoder, PrecomputedFeatures):
             checkpoint[INPUT_CONTRACT_KEY] = self.input_contract()
-        if isinstance(self.encoder, PrecomputedFeatures):
+        else:
             checkpoint["e2e_wsi_features"] = {"dim": self.encoder.out_dim, "settings": self.feature_settings}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
