@@ -10,7 +10,6 @@ import hashlib
 import logging
 import math
 from collections.abc import Iterator, Sized
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -25,6 +24,7 @@ from e2e_wsi.data.manifest import load_manifest
 from e2e_wsi.data.sampling import EpochSampler, OversampleMap, check_ratios
 from e2e_wsi.data.splits import apply_splits, load_splits, make_splits, save_splits
 from e2e_wsi.data.transforms import OFFICIAL_EVAL_CROP_FRACTION, EvalTransform, TrainTransform
+from e2e_wsi.runs.folder import RunFolder
 from e2e_wsi.task_kinds import TaskKind
 
 log = logging.getLogger(__name__)
@@ -258,7 +258,7 @@ class WSIDataModule(pl.LightningDataModule):
             log.info("no run_dir: the split is not written to disk")
             return
         if self.trainer is None or self.trainer.is_global_zero:
-            path = save_splits(df, df["split"], Path(run_dir) / "splits.csv")
+            path = save_splits(df, df["split"], RunFolder(run_dir).splits)
             self.split_path = path
             log.info("split written to %s", path)
 

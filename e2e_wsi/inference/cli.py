@@ -27,7 +27,7 @@ from e2e_wsi.cache.preprocess import jobs_from_dir, jobs_from_manifest
 from e2e_wsi.cache.worker import SlideJob
 from e2e_wsi.inference.pipeline import PredictOptions, predict_slides
 from e2e_wsi.inference.predict import Ensemble
-from e2e_wsi.inference.run import resolve_checkpoints
+from e2e_wsi.runs.resolve import resolve_checkpoints
 from e2e_wsi.slides.reader import SlideError
 
 

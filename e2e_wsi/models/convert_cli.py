@@ -10,7 +10,7 @@ import torch
 
 from e2e_wsi.models import convert
 from e2e_wsi.models.convert import convert_state_dict, official_weights, with_ema_copy
-from e2e_wsi.training.checkpoints import load_torch_file
+from e2e_wsi.runs.checkpoints import checkpoint_payload, load_torch_file
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,8 +25,6 @@ def main(argv: list[str] | None = None) -> int:
         "--ema", action="store_true", help="also fill ema.* keys (for configs with model.ema_decay)"
     )
     args = p.parse_args(argv)
-    import lightning
-
     try:
         raw = load_torch_file(args.official)  # weights_only=True: an unsafe file is refused, never run
         state = convert_state_dict(official_weights(raw, args.weights))
@@ -38,13 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    payload = {
-        "state_dict": state,
-        "pytorch-lightning_version": lightning.__version__,
-        "epoch": 0,
-        "global_step": 0,
-        "converted_from": str(Path(args.official).resolve()),
-    }
+    payload = checkpoint_payload(state, converted_from=str(Path(args.official).resolve()))
     torch.save(payload, tmp)
     tmp.replace(out)  # never leave a half-written checkpoint
     print(f"e2e-wsi convert: wrote {out} ({len(state)} tensors)")

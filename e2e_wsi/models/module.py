@@ -21,6 +21,7 @@ from e2e_wsi.models.aggregators import ABMILX
 from e2e_wsi.models.encoders import PrecomputedFeatures, ResNetEncoder
 from e2e_wsi.models.optim import WarmupCosineLR, apply_lr_mult, encoder_param_groups
 from e2e_wsi.models.tasks import Task, default_task
+from e2e_wsi.runs.checkpoints import FEATURES
 
 AggregatorFactory = Callable[[int], nn.Module]
 SchedulerFactory = Callable[[Optimizer, int], LRScheduler]
@@ -225,11 +226,11 @@ class SlideModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if isinstance(self.encoder, PrecomputedFeatures):
-            checkpoint["e2e_wsi_features"] = {"dim": self.encoder.out_dim, "settings": self.feature_settings}
+            checkpoint[FEATURES] = {"dim": self.encoder.out_dim, "settings": self.feature_settings}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Build a lazy feature model from the checkpoint; refuse features from another encoder."""
-        saved = checkpoint.get("e2e_wsi_features")
+        saved = checkpoint.get(FEATURES)
         if saved is None:
             return
         if not self.built:
