@@ -48,6 +48,7 @@ def safe_globals() -> list[Any]:
 
     return [AttributeDict]
 
+
 # Keys of a Lightning checkpoint that e2e-wsi reads or writes, spelled once.
 STATE_DICT = "state_dict"
 EPOCH = "epoch"
@@ -98,6 +99,26 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{path} is not a Lightning checkpoint (no {STATE_DICT!r}): pass a file from RUN/checkpoints/"
         )
     return ckpt
+
+
+_VERIFIED: set[tuple[str, int, int]] = set()
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Check that ``path`` loads with :func:`load_checkpoint`, once per file version (path, mtime, size).
+
+    The LightningCLI verbs call it before Lightning reads the file (Lightning reads it more than once).
+
+    Raises:
+        UnsafeCheckpointError: If the checkpoint is remote or holds pickled objects.
+        FileNotFoundError: If the file does not exist.
+    """
+    file = Path(path)
+    stat = file.stat() if file.is_file() else None
+    key = (str(file.resolve()), *((stat.st_mtime_ns, stat.st_size) if stat else (0, 0)))
+    if key not in _VERIFIED:
+        load_checkpoint(path)
+        _VERIFIED.add(key)
 
 
 def state_dict_of(obj: Any) -> Any:

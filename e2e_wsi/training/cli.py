@@ -27,7 +27,7 @@ from e2e_wsi.evaluation.bootstrap import check_resamples
 from e2e_wsi.models.module import SlideModule
 from e2e_wsi.models.tasks import Task, default_task
 from e2e_wsi.runs.allowlist import check_parsed, checked_command_configs, config_arguments
-from e2e_wsi.runs.checkpoints import UnsafeCheckpointError, is_remote, load_checkpoint
+from e2e_wsi.runs.checkpoints import UnsafeCheckpointError, is_remote, verify_checkpoint
 from e2e_wsi.runs.folder import DEFAULT_RUN_DIR, RunFolder
 from e2e_wsi.runs.preprocess import record_preprocess_params
 from e2e_wsi.runs.resolve import command_run_folder, resolve_checkpoint
@@ -102,7 +102,7 @@ class E2ECLI(LightningCLI):
         cfg = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
         ckpt_path = cfg.get("ckpt_path")
         if ckpt_path and (is_remote(ckpt_path) or Path(ckpt_path).is_file()):
-            _check_checkpoint(str(ckpt_path))
+            verify_checkpoint(str(ckpt_path))
         super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
@@ -285,21 +285,6 @@ def resolve_run_folder(cfg: Namespace, ckpt_path: str | None, cli_args: list[str
     return command_run_folder(cfg.get("run_dir"), _explicit(cli_args, "--run_dir"), configs, ckpt_path)
 
 
-_CHECKED: set[tuple[str, int, int]] = set()
-
-
-def _check_checkpoint(path: str) -> None:
-    """Load ``path`` with ``weights_only=True`` once; raises :class:`UnsafeCheckpointError` if unsafe."""
-    file = Path(path)
-    key = (
-        str(file.resolve()),
-        *((file.stat().st_mtime_ns, file.stat().st_size) if file.is_file() else (0, 0)),
-    )
-    if key not in _CHECKED:
-        load_checkpoint(path)
-        _CHECKED.add(key)
-
-
 def _secure_checkpoint(cfg: Namespace, subcommand: str, run: RunFolder, ckpt_path: str | None) -> str | None:
     """Resolve ``ckpt_path`` to a local file and check that it loads with ``weights_only=True``
     (see :mod:`e2e_wsi.runs.checkpoints`); Lightning then loads it with ``weights_only=True`` too.
@@ -317,7 +302,7 @@ def _secure_checkpoint(cfg: Namespace, subcommand: str, run: RunFolder, ckpt_pat
     if ckpt is not None and str(ckpt) not in {"hpc", "registry"}:
         if str(ckpt_path) != ckpt:
             print(f"e2e-wsi {subcommand}: checkpoint {Path(ckpt).resolve()}", flush=True)
-        _check_checkpoint(ckpt)
+        verify_checkpoint(ckpt)
     if subcommand != "fit":
         cfg.ckpt_path = ckpt  # config.<stage>.yaml records the checkpoint that was evaluated
     return ckpt
