@@ -177,7 +177,7 @@ def run_one(out: Path, agg: str, seed: int, overrides: list[str]) -> dict:
         [
             "test",
             "--config",
-            str(run.config),
+            str(test_config(run, out / "test_configs" / f"{agg}_s{seed}.yaml")),
             "--ckpt_path",
             str(ckpt),
             "--run_dir",
@@ -274,6 +274,24 @@ def launch(args: argparse.Namespace, agg: str, seed: int) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     log = open(log_dir / f"{agg}_s{seed}.log", "a")  # noqa: SIM115 - closed when the process ends
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def test_config(run: RunFolder, path: Path) -> Path:
+    """The run's config for ``test``, without this benchmark's own fit-time callback (``SharedInit``).
+
+    ``test`` accepts only allow-listed classes in its configs (docs/security.md); ``SharedInit`` lives in
+    ``benchmarks/`` and matters only while fitting, so the benchmark drops it from the copy it tests with.
+    """
+    import yaml
+
+    config = yaml.safe_load(run.config.read_text())
+    callbacks = config.get("trainer", {}).get("callbacks") or []
+    config["trainer"]["callbacks"] = [
+        c for c in callbacks if c.get("class_path") != "replicate_init.SharedInit"
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
 
 
 def test_nll(run_dir: Path) -> float:

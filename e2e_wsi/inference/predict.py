@@ -13,7 +13,7 @@ from e2e_wsi.cache.store import PatchCache, mag_key
 from e2e_wsi.data.datasets import Bag, EvalBagDataset
 from e2e_wsi.data.transforms import OFFICIAL_EVAL_CROP_FRACTION, EvalTransform
 from e2e_wsi.models.module import SlideModule
-from e2e_wsi.runs.loading import LoadedRun, load_run
+from e2e_wsi.runs.loading import LoadedRun, load_runs
 from e2e_wsi.utils import validate_slide_id
 from e2e_wsi.viz.heatmap import SlideAttention
 
@@ -150,9 +150,9 @@ class Ensemble:
                 )
 
     @classmethod
-    def from_checkpoints(cls, checkpoints: Sequence[str | Path]) -> Ensemble:
-        """Load each checkpoint with its run folder's config."""
-        return cls([load_run(c) for c in checkpoints])
+    def from_runs(cls, run: str | Path | None, ckpts: Sequence[str | Path] | None = None) -> Ensemble:
+        """The models of :func:`e2e_wsi.runs.load_runs` (a run, every fold of a crossval folder, or files)."""
+        return cls(load_runs(run, ckpts))
 
     @property
     def task_kind(self) -> str:
