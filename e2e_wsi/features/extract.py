@@ -412,7 +412,7 @@ def encoder_from_spec(spec: str, weights: str | None = None) -> tuple[nn.Module,
         UserError: If ``spec`` is none of the above.
     """
     from e2e_wsi.models.encoders import ResNetEncoder, TimmEncoder
-    from e2e_wsi.runs.folder import RunFolder
+    from e2e_wsi.runs.folder import CHECKPOINT_SUFFIX, RunFolder
     from e2e_wsi.runs.loading import build_encoder, encoder_from_run, read_run_config
 
     if spec in ("resnet18", "resnet50"):
@@ -427,7 +427,9 @@ def encoder_from_spec(spec: str, weights: str | None = None) -> tuple[nn.Module,
         node = read_run_config(path)
         key = "encoder" if "encoder" in node else ""
         return build_encoder(node.get("encoder", node), path, key), None
-    if (path.suffix == ".ckpt" and path.is_file()) or (path.is_dir() and RunFolder.is_run_folder(path)):
+    if (path.suffix == CHECKPOINT_SUFFIX and path.is_file()) or (
+        path.is_dir() and RunFolder.is_run_folder(path)
+    ):
         return encoder_from_run(path)
     raise UserError(
         f"unknown encoder {spec!r}: use resnet18, resnet50, timm:NAME, hf-hub:ORG/NAME, an encoder YAML "

@@ -188,8 +188,7 @@ _EVENTS = "events.out.tfevents.*"
 def _remove_stray_events(run: Path, before: set[Path], started: float) -> None:
     """After a failed command: delete the TensorBoard events files it created, unless it got far enough
     to write a checkpoint (then the curves belong to a run that can be resumed)."""
-    ckpts = RunFolder(run).checkpoints_dir
-    if ckpts.is_dir() and any(p.stat().st_mtime >= started for p in ckpts.glob("*.ckpt")):
+    if any(p.stat().st_mtime >= started for p in RunFolder(run).checkpoints()):
         return
     for events in set(run.glob(_EVENTS)) - before:
         events.unlink(missing_ok=True)
