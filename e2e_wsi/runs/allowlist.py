@@ -32,7 +32,7 @@ import importlib.util
 import inspect
 import pkgutil
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,11 @@ REFUSED_CALLBACKS = frozenset({"LambdaCallback"})
 
 # Keys whose values jsonargparse treats as code references in a subclass/callable spec.
 CLASS_KEY = "class_path"
+# File suffixes of data a config names (manifests, splits, weights, slides): such strings are file names.
+DATA_SUFFIXES = frozenset(
+    "csv tsv txt h5 hdf5 ckpt pt pth safetensors bin npy npz png jpg jpeg tif tiff svs ndpi mrxs scn vms "
+    "bif geojson parquet lmdb log md".split()
+)
 # A string ending so, given for a group (``model: other.yaml``), makes jsonargparse read that file.
 NESTED_CONFIG_SUFFIXES = (".yaml", ".yml", ".json", ".jsonnet")
 # Command-line options that name a config file, and the section the file fills.
@@ -221,84 +226,13 @@ def _code_references(node: Any, key: str) -> Iterator[tuple[str, str]]:
 def _could_import(text: str) -> bool:
     """Whether jsonargparse could take ``text`` as an import path (``os.system``, ``evil.yaml``).
 
-    A dotted string whose first name is no importable module (``manifest.csv``, a timm model tag such
-    as ``vit_small_patch16_224.augreg_in21k``) cannot be imported, so it is data. ``find_spec`` on a
-    top-level name imports nothing.
+    Data, not code: a dotted string whose first name is no importable module (a timm model tag such as
+    ``vit_small_patch16_224.augreg_in21k``; ``find_spec`` on a top-level name imports nothing), and a
+    file name with a data suffix (``test.csv`` would otherwise name the standard library's ``test``).
     """
-    if not _DOTTED.match(text):
+    if not _DOTTED.match(text) or text.rpartition(".")[2].lower() in DATA_SUFFIXES:
         return False
     try:
         return importlib.util.find_spec(text.partition(".")[0]) is not None
     except (ImportError, ValueError):
         return False
-
-
-def check_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML config with ``yaml.safe_load`` and refuse it if it names code off the allow-list.
-
-    Returns:
-        The config as plain data.
-
-    Raises:
-        RefusedConfigError: As :func:`check_config`.
-        UserError: If the file is not valid YAML.
-    """
-    data = _read_yaml(Path(path))
-    check_config(data, path)
-    return data
-
-
-def _read_yaml(path: Path) -> Any:
-    import yaml
-
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise UserError(f"config {path} is not valid YAML: {err}") from None
-
-
-def checked_command_configs(subcommand: str, configs: Sequence[tuple[str, str]]) -> list[Path]:
-    """Check the config files of a LightningCLI verb that the allow-list applies to.
-
-    ``validate``/``test``/``predict`` evaluate trained runs: each of their config files is checked.
-    ``fit`` trusts the configs its user wrote and checks only those that lie in a run folder (a resume
-    with ``--config RUN/config.yaml``, a cross-validation fold).
-
-    Args:
-        subcommand: The verb.
-        configs: ``(file, section)`` pairs of :func:`config_arguments`, in order (values that are no
-            file, such as inline YAML typed on the command line, are the user's own and not checked).
-
-    Returns:
-        The files checked (their parsed result is checked again with :func:`check_parsed`).
-
-    Raises:
-        RefusedConfigError: If a checked file names code outside the allow-list.
-    """
-    from e2e_wsi.runs.folder import RunFolder
-
-    checked = []
-    for config, section in configs:
-        path = Path(config)
-        if not path.is_file():
-            continue
-        if subcommand == "fit" and not RunFolder.is_run_folder(path.parent):
-            continue  # a config the user wrote: trusted (docs/security.md)
-        check_config(_read_yaml(path), path, section)
-        checked.append(path)
-    return checked
-
-
-def config_arguments(args: Sequence[str]) -> list[tuple[str, str]]:
-    """``(value, section)`` of every config-file option in a command line (:data:`CONFIG_OPTIONS`)."""
-    found = []
-    for i, arg in enumerate(args):
-        option, eq, value = arg.partition("=")
-        if option not in CONFIG_OPTIONS:
-            continue
-        if not eq:
-            if i + 1 >= len(args):
-                continue
-            value = args[i + 1]
-        found.append((str(value), CONFIG_OPTIONS[option]))
-    return found

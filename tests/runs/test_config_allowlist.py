@@ -227,7 +227,7 @@ def test_the_attacks_run_without_the_allow_list(
         ),
         ({"model": {"encoder": {"class_path": "e2e_wsi.cli.main"}}}, "model.encoder", "e2e_wsi.cli.main"),
         ({"model": {"encoder": "nested.yaml"}}, "model.encoder", "nested.yaml"),  # a nested config file
-        ({"data": {"manifest": "manifest.csv", "tag": "vit_small_patch16_224.augreg_in21k"}}, "", ""),
+        ({"data": {"manifest": "test.csv", "tag": "vit_small_patch16_224.augreg_in21k"}}, "", ""),  # data
     ],
 )
 def test_every_code_reference_is_checked(node: dict, key: str, cls: str) -> None:
