@@ -32,7 +32,7 @@ import importlib.util
 import inspect
 import pkgutil
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -236,3 +236,74 @@ def _could_import(text: str) -> bool:
         return importlib.util.find_spec(text.partition(".")[0]) is not None
     except (ImportError, ValueError):
         return False
+
+
+def check_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config with ``yaml.safe_load`` and refuse it if it names code off the allow-list.
+
+    Returns:
+        The config as plain data.
+
+    Raises:
+        RefusedConfigError: As :func:`check_config`.
+        UserError: If the file is not valid YAML.
+    """
+    data = _read_yaml(Path(path))
+    check_config(data, path)
+    return data
+
+
+def _read_yaml(path: Path) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise UserError(f"config {path} is not valid YAML: {err}") from None
+
+
+def checked_command_configs(subcommand: str, configs: Sequence[tuple[str, str]]) -> list[Path]:
+    """Check the config files of a LightningCLI verb that the allow-list applies to.
+
+    ``validate``/``test``/``predict`` evaluate trained runs: each of their config files is checked.
+    ``fit`` trusts the configs its user wrote and checks only those that lie in a run folder (a resume
+    with ``--config RUN/config.yaml``, a cross-validation fold).
+
+    Args:
+        subcommand: The verb.
+        configs: ``(file, section)`` pairs of :func:`config_arguments`, in order (values that are no
+            file, such as inline YAML typed on the command line, are the user's own and not checked).
+
+    Returns:
+        The files checked (their parsed result is checked again with :func:`check_parsed`).
+
+    Raises:
+        RefusedConfigError: If a checked file names code outside the allow-list.
+    """
+    from e2e_wsi.runs.folder import RunFolder
+
+    checked = []
+    for config, section in configs:
+        path = Path(config)
+        if not path.is_file():
+            continue
+        if subcommand == "fit" and not RunFolder.is_run_folder(path.parent):
+            continue  # a config the user wrote: trusted (docs/security.md)
+        check_config(_read_yaml(path), path, section)
+        checked.append(path)
+    return checked
+
+
+def config_arguments(args: Sequence[str]) -> list[tuple[str, str]]:
+    """``(value, section)`` of every config-file option in a command line (:data:`CONFIG_OPTIONS`)."""
+    found = []
+    for i, arg in enumerate(args):
+        option, eq, value = arg.partition("=")
+        if option not in CONFIG_OPTIONS:
+            continue
+        if not eq:
+            if i + 1 >= len(args):
+                continue
+            value = args[i + 1]
+        found.append((str(value), CONFIG_OPTIONS[option]))
+    return found
