@@ -39,8 +39,9 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     paths = allowed_paths()
     build = time.perf_counter() - start
-    config = yaml.safe_load(RunFolder(args.run).config.read_text())
-    check = _median_seconds(lambda: check_config(config, "config.yaml"), args.repeats)
+    source = RunFolder(args.run).config
+    config = yaml.safe_load(source.read_text())
+    check = _median_seconds(lambda: check_config(config, source), args.repeats)
     load = _median_seconds(lambda: load_run(args.run), args.repeats)
     print(f"allow-list: {len(paths)} import paths, built once in {build:.2f} s (imports included)")
     print(f"check of RUN/config.yaml: {check * 1e3:.2f} ms (median of {args.repeats})")
