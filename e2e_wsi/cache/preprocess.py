@@ -387,11 +387,18 @@ def _print_failures(rows: list[dict[str, Any]]) -> None:
 
 def _add_annotation_args(parser: Any) -> None:
     """``--annotations DIR`` (QuPath regions) and ``--geojson`` (tissue contours)."""
-    from e2e_wsi.annotations.geojson import DEFAULT_EXCLUDE, DEFAULT_INCLUDE
+    from e2e_wsi.annotations.geojson import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, UNCLASSIFIED_CHOICES
 
     parser.add_argument("--annotations", type=Path, default=None, help="folder of QuPath <slide_id>.geojson")
     parser.add_argument("--include-classes", nargs="+", default=list(DEFAULT_INCLUDE), help="classes to tile")
     parser.add_argument("--exclude-classes", nargs="+", default=list(DEFAULT_EXCLUDE), help="classes to drop")
+    parser.add_argument(
+        "--unclassified",
+        choices=UNCLASSIFIED_CHOICES,
+        default="ignore",
+        help="polygons without a class in --annotations files: ignore (with a warning) or tissue (tile "
+        "inside them, e.g. TRIDENT/GrandQC contours); default: ignore",
+    )
     parser.add_argument(
         "--geojson", action="store_true", help="write OUT/geojson/<slide_id>.geojson contours"
     )
@@ -407,7 +414,10 @@ def _with_annotations(config: PreprocessConfig, args: Any, jobs: list[SlideJob])
     if args.annotations is not None:
         check_annotation_dir(args.annotations, [j.slide_id for j in jobs])
         rules = AnnotationRules(
-            str(args.annotations.resolve()), tuple(args.include_classes), tuple(args.exclude_classes)
+            str(args.annotations.resolve()),
+            tuple(args.include_classes),
+            tuple(args.exclude_classes),
+            args.unclassified,
         )
     geojson_dir = None
     if args.geojson:

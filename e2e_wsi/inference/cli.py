@@ -20,6 +20,7 @@ from pathlib import Path
 from e2e_wsi.annotations.geojson import (
     DEFAULT_EXCLUDE,
     DEFAULT_INCLUDE,
+    UNCLASSIFIED_CHOICES,
     AnnotationRules,
     check_annotation_dir,
 )
@@ -57,6 +58,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--include-classes", nargs="+", default=None, help="classes to tile (with --annotations)")
     p.add_argument("--exclude-classes", nargs="+", default=None, help="classes to drop (with --annotations)")
+    p.add_argument(
+        "--unclassified",
+        choices=UNCLASSIFIED_CHOICES,
+        default="ignore",
+        help="polygons without a class (with --annotations): ignore (with a warning) or tissue; default: ignore",
+    )
     p.add_argument("--no_heatmaps", action="store_true", help="skip the heatmap PNGs")
     p.add_argument("--per_head", action="store_true", help="heatmaps also show one map per head")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -76,6 +83,7 @@ def annotation_rules(args: argparse.Namespace, jobs: list[SlideJob]) -> Annotati
         str(Path(args.annotations).resolve()),
         tuple(args.include_classes or DEFAULT_INCLUDE),
         tuple(args.exclude_classes or DEFAULT_EXCLUDE),
+        args.unclassified,
     )
 
 

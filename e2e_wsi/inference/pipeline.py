@@ -139,12 +139,12 @@ def _one_slide(
     pred = ensemble.predict_slide(cache, slide_id)
     att = pred.attention
     write_csv(attention_frame(pred), out / "attention" / f"{slide_id}.csv")
-    features = patch_features(att.coords, pred.size_level0, att.attention, pred.magnification)
+    features = patch_features(att.coords, pred.size_level0, att.attention, pred.magnification, slide_id)
     with Slide(job.path, slide_mpp=job.mpp, global_mpp=options.mpp) as slide:
         tissue_params = TissueParams(**params["tissue"])
         ds = segmentation_downsample(slide.dimensions, tissue_params)
         tissue = segment_tissue(slide.read_downsampled(ds), ds, slide.resolution.mpp, tissue_params)
-    features += tissue_features(tissue.mask, tissue.downsample)
+    features += tissue_features(tissue.mask, tissue.downsample, slide_id)
     write_feature_collection(feature_collection(features), out / f"{slide_id}.geojson")
     if options.heatmaps:
         shown = {"risk": np.asarray([pred.risk])} if pred.probs is None else {"probs": np.asarray(pred.probs)}
