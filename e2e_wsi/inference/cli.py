@@ -26,10 +26,10 @@ from e2e_wsi.annotations.geojson import (
 )
 from e2e_wsi.cache.preprocess import jobs_from_dir, jobs_from_manifest
 from e2e_wsi.cache.worker import SlideJob
-from e2e_wsi.inference.pipeline import PredictOptions, predict_slides
-from e2e_wsi.inference.predict import Ensemble
-from e2e_wsi.inference.run import resolve_checkpoints
 from e2e_wsi.slides.reader import SlideError
+
+# Lightning-free here: `predict --onnx` runs an exported model without importing it (the model modules
+# are imported inside main() only when a checkpoint is used).
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,6 +41,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--ckpt", nargs="+", default=None, help="checkpoint file(s) (names inside RUN/checkpoints with --run)"
+    )
+    p.add_argument(
+        "--onnx",
+        default=None,
+        help="folder of `e2e-wsi export` (ONNX or TorchScript + model.json) to run instead of a run or "
+        "checkpoint, without Lightning; writes no heatmap PNGs (default: none)",
     )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument(
@@ -126,6 +132,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return predict_main(argv)
     args = _parser().parse_args(argv)
+    if args.onnx is not None:
+        return _predict_exported(args)
+    from e2e_wsi.inference.pipeline import PredictOptions, predict_slides
+    from e2e_wsi.inference.predict import Ensemble
+    from e2e_wsi.inference.run import resolve_checkpoints
+
     try:
         ensemble = Ensemble.from_checkpoints(resolve_checkpoints(args.run, args.ckpt))
         jobs = slide_jobs(args.slides, args.manifest)
@@ -146,6 +158,32 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"e2e-wsi: predicted {summary['counts']['ok']} slide(s) with {len(summary['checkpoints'])} "
         f"checkpoint(s) into {Path(args.out).resolve()}; {len(failed)} failed"
+    )
+    for s in failed:
+        print(f"e2e-wsi predict: {s['slide_id']} ({s['path']}): {s['reason']}", file=sys.stderr)
+    return 1 if failed and not args.allow_failures else 0
+
+
+def _predict_exported(args: argparse.Namespace) -> int:
+    """``predict --onnx DIR``: an exported model on raw slides (:mod:`e2e_wsi.export.runtime`)."""
+    from e2e_wsi.export.runtime import predict_exported
+
+    if args.run or args.ckpt:
+        print("e2e-wsi predict: error: give --onnx or --run/--ckpt, not both", file=sys.stderr)
+        return 2
+    try:
+        jobs = slide_jobs(args.slides, args.manifest)
+        summary = predict_exported(
+            args.onnx, jobs, args.out, mpp=args.mpp, cache_dir=args.cache_dir, workers=args.workers,
+            progress=not args.quiet, annotations=annotation_rules(args, jobs),
+        )  # fmt: skip
+    except (ValueError, FileNotFoundError, SlideError) as err:
+        print(f"e2e-wsi predict: error: {err}", file=sys.stderr)
+        return 2
+    failed = [s for s in summary["slides"] if s["status"] == "failed"]
+    print(
+        f"e2e-wsi: predicted {summary['counts']['ok']} slide(s) with the exported model {args.onnx} into "
+        f"{Path(args.out).resolve()}; {len(failed)} failed"
     )
     for s in failed:
         print(f"e2e-wsi predict: {s['slide_id']} ({s['path']}): {s['reason']}", file=sys.stderr)

@@ -13,13 +13,15 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from e2e_wsi.evaluation.report import prediction_columns
-from e2e_wsi.inference.predict import SlidePrediction
+
+if TYPE_CHECKING:  # also written for exported models (predict --onnx), which must not import Lightning
+    from e2e_wsi.inference.predict import SlidePrediction
 
 
 def _replace(tmp: Path, path: Path) -> Path:
