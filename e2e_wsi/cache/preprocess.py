@@ -452,6 +452,19 @@ def _parser() -> Any:
         "--overwrite", action="store_true", help="replace slides cached with other parameters"
     )
     parser.add_argument("--allow-failures", action="store_true", help="exit 0 even if some slides failed")
+    parser.add_argument(
+        "--stain_normalization",
+        choices=("none", "macenko", "reinhard"),
+        default="none",
+        help="recolour every patch to --stain_reference's stain statistics before caching (each slide with "
+        "its own statistics); recorded in the cache, so predict normalises new slides alike (default: none)",
+    )
+    parser.add_argument(
+        "--stain_reference",
+        type=Path,
+        default=None,
+        help="reference image (PNG/JPEG/TIFF of representative stained tissue) for --stain_normalization",
+    )
     parser.add_argument("--jpeg-quality", type=int, default=90)
     parser.add_argument(
         "--tissue-threshold",
@@ -507,7 +520,21 @@ def _config(args: Any) -> PreprocessConfig:
         tissue=TissueParams(use_otsu=otsu, **saturation),
         mpp=args.mpp,
         max_pixels=args.max_pixels,
+        stain=_stain(args),
     )
+
+
+def _stain(args: Any) -> Any:
+    """``--stain_normalization``/``--stain_reference`` as a fitted normaliser, or ``None``."""
+    if args.stain_normalization == "none":
+        if args.stain_reference is not None:
+            raise ValueError("--stain_reference needs --stain_normalization macenko or reinhard")
+        return None
+    if args.stain_reference is None:
+        raise ValueError(f"--stain_normalization {args.stain_normalization} needs --stain_reference IMAGE")
+    from e2e_wsi.data.stain import StainNormalizer
+
+    return StainNormalizer.from_image_file(args.stain_normalization, args.stain_reference)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -78,6 +78,11 @@ def preprocess_config(
         annotations: QuPath include/exclude regions of the new slides (``predict --annotations``).
     """
     grid = grid_rules(params)
+    stain = None
+    if params.get("stain_normalization"):  # the run's patches were normalised: new slides are too
+        from e2e_wsi.data.stain import StainNormalizer
+
+        stain = StainNormalizer.from_dict(params["stain_normalization"])
     return PreprocessConfig(
         magnifications=tuple(float(m) for m in magnifications),
         patch_size=int(params["patch_size"]),
@@ -88,6 +93,7 @@ def preprocess_config(
         tissue=TissueParams(**params["tissue"]),
         mpp=mpp,
         annotations=annotations,
+        stain=stain,
     )
 
 
