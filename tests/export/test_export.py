@@ -143,3 +143,19 @@ def test_eval_transform_is_what_the_card_describes() -> None:
     # model.json's eval_resize is EvalTransform's contract: uint8 in, centre crop, resize, uint8 out
     out = EvalTransform(32, crop_fraction=0.875)(torch.zeros(2, 3, 64, 64, dtype=torch.uint8))
     assert out.dtype == torch.uint8 and out.shape == (2, 3, 32, 32)
+
+
+@pytest.mark.slow  # two more exports (~40 s each on a loaded 2-core machine)
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_feature_models_export_with_features_in(tmp_path: Path, fmt: str) -> None:
+    from e2e_wsi.export.exporter import _export_onnx, _export_torchscript, verify
+    from e2e_wsi.models.encoders import PrecomputedFeatures
+    from e2e_wsi.models.module import SlideModule
+
+    torch.manual_seed(0)
+    graph = ExportGraph(SlideModule(encoder=PrecomputedFeatures(dim=24)).eval()).eval()
+    assert graph.features_in
+    path = tmp_path / "model"
+    (_export_onnx if fmt == "onnx" else _export_torchscript)(graph, example_input(graph, 0, 5, 24), path)
+    checked = verify(graph, path, fmt, 0, 24)  # bags of 1, 7 and 33 feature rows
+    assert max(checked["max_abs_diff"].values()) <= 1e-4
