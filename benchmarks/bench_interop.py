@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import resource
 import tempfile
 import time
 import warnings
@@ -67,19 +66,29 @@ def bench_export(patches: int, size: int, repeats: int) -> None:
 
 
 def _parse(path: str, queue: multiprocessing.Queue) -> None:
+    import threading
+
+    import psutil
+
     from e2e_wsi.annotations.geojson import read_annotations
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    proc = psutil.Process()
+    before = peak = proc.memory_info().rss
+    done = threading.Event()
+
+    def sample() -> None:  # ru_maxrss would include the imports' own peak
+        nonlocal peak
+        while not done.wait(0.01):
+            peak = max(peak, proc.memory_info().rss)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
     start = time.perf_counter()
     annotations = read_annotations(path, (10**6, 10**6))
-    queue.put(
-        (
-            len(annotations),
-            time.perf_counter() - start,
-            before,
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-        )
-    )
+    seconds = time.perf_counter() - start
+    done.set()
+    thread.join()
+    queue.put((len(annotations), seconds, before // 1024, peak // 1024))
 
 
 def bench_geojson(megabytes: float) -> None:
@@ -116,10 +125,14 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64, help="patch side in pixels (default 64)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs, best kept (default 3)")
     parser.add_argument("--geojson-mb", type=float, default=20.0, help="GeoJSON size in MB (default 20)")
+    parser.add_argument(
+        "--only", choices=("export", "geojson"), default=None, help="run one part (default: both)"
+    )
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    bench_export(args.patches, args.size, args.repeats)
-    bench_geojson(args.geojson_mb)
+    if args.only in (None, "export"):
+        bench_export(args.patches, args.size, args.repeats)
+    if args.only in (None, "geojson"):
+        bench_geojson(args.geojson_mb)
 
 
 if __name__ == "__main__":

@@ -60,10 +60,11 @@ DEFAULT_LESION: tuple[str, ...] = ("Tumor", "Tumour", "Lesion", "Metastasis", "C
 # Exported coordinates may overshoot the image by a rounding pixel or a stroke drawn off the edge.
 _BOUNDS_SLACK = 0.02
 SUFFIX = ".geojson"
-# Annotation files are regions, a few MB even for detailed outlines; parsing takes ~10x the file size in
-# memory (a 377 MB file took 3.9 GB), so larger files, typically exports that include every detection, are
-# refused before they are read.
-MAX_GEOJSON_BYTES = 64 * 1024 * 1024
+# Annotation files are regions, a few MB even for detailed outlines. Reading one takes about 20x its size
+# in memory (JSON objects plus shapely geometries: +381 MB for a 20 MB file, benchmarks/bench_interop.py),
+# so larger files, typically exports that include every detection, are refused before they are read:
+# at this limit reading peaks around 600 MB.
+MAX_GEOJSON_BYTES = 32 * 1024 * 1024
 # Namespace of the object ids: uuid5(namespace, "<slide_id>/<what>") is the same on every run.
 ID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/e2e-wsi/e2e-wsi/geojson")
 UNCLASSIFIED_CHOICES = ("ignore", "tissue")
