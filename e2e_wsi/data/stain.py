@@ -101,6 +101,21 @@ class StainNormalizer:
                 "stained tissue, not background"
             ) from None
 
+    @classmethod
+    def from_options(cls, method: str, reference: str | Path | None) -> StainNormalizer | None:
+        """The command-line pair ``--stain_normalization M --stain_reference IMG`` (``none``: ``None``).
+
+        Raises:
+            UserError: A reference without a method, or a method without a reference.
+        """
+        if method == "none":
+            if reference is not None:
+                raise UserError("--stain_reference needs --stain_normalization macenko or reinhard")
+            return None
+        if reference is None:
+            raise UserError(f"--stain_normalization {method} needs --stain_reference IMAGE")
+        return cls.from_image_file(method, reference)
+
     def source_stats(self, pixels: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
         """A slide's own statistics, from its tissue pixels (e.g. the thumbnail under the tissue mask)."""
         stats = _statistics(self.method, _as_image(pixels))

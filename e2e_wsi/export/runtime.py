@@ -156,6 +156,7 @@ def predict_exported(
     workers: int = 0,
     progress: bool = True,
     annotations: Any = None,
+    stain: Any = None,
 ) -> dict[str, Any]:
     """``predict --onnx``: tile new slides as the run did and write predictions with an exported model.
 
@@ -168,6 +169,7 @@ def predict_exported(
         workers: Tiling processes.
         progress: Progress bars.
         annotations: ``AnnotationRules`` of the new slides, or ``None``.
+        stain: ``StainNormalizer`` for new slides when the run recorded none, or ``None``.
 
     Returns:
         The summary written to ``OUT/summary.json``.
@@ -191,7 +193,7 @@ def predict_exported(
         raise UserError(f"{folder}/model.json records no preprocessing: export the run again with its cache")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    config = preprocess_config(model.card["preprocess"], model.magnifications, mpp, annotations)
+    config = preprocess_config(model.card["preprocess"], model.magnifications, mpp, annotations, stain)
     tiled = tile_for_inference(
         jobs, config, cache_dir or out / "cache", [], workers=workers, progress=progress
     )

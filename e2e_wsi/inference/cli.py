@@ -70,6 +70,14 @@ def _parser() -> argparse.ArgumentParser:
         default="ignore",
         help="polygons without a class (with --annotations): ignore (with a warning) or tissue; default: ignore",
     )
+    p.add_argument(
+        "--stain_normalization",
+        choices=("none", "macenko", "reinhard"),
+        default="none",
+        help="normalise new slides to --stain_reference (runs trained without it; a run trained on "
+        "normalised patches always normalises new slides its own way); default: none",
+    )
+    p.add_argument("--stain_reference", default=None, help="reference image for --stain_normalization")
     p.add_argument("--no_heatmaps", action="store_true", help="skip the heatmap PNGs")
     p.add_argument("--per_head", action="store_true", help="heatmaps also show one map per head")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -91,6 +99,15 @@ def annotation_rules(args: argparse.Namespace, jobs: list[SlideJob]) -> Annotati
         tuple(args.exclude_classes or DEFAULT_EXCLUDE),
         args.unclassified,
     )
+
+
+def stain_option(args: argparse.Namespace) -> object:
+    """``--stain_normalization``/``--stain_reference`` as a fitted normaliser, or ``None``."""
+    if args.stain_normalization == "none" and args.stain_reference is None:
+        return None
+    from e2e_wsi.data.stain import StainNormalizer
+
+    return StainNormalizer.from_options(args.stain_normalization, args.stain_reference)
 
 
 def slide_jobs(slides: list[str] | None, manifest: str | None) -> list[SlideJob]:
@@ -149,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             per_head=args.per_head,
             progress=not args.quiet,
             annotations=annotation_rules(args, jobs),
+            stain=stain_option(args),
         )
         summary = predict_slides(ensemble, jobs, args.out, options)
     except (ValueError, FileNotFoundError, SlideError) as err:
@@ -175,7 +193,7 @@ def _predict_exported(args: argparse.Namespace) -> int:
         jobs = slide_jobs(args.slides, args.manifest)
         summary = predict_exported(
             args.onnx, jobs, args.out, mpp=args.mpp, cache_dir=args.cache_dir, workers=args.workers,
-            progress=not args.quiet, annotations=annotation_rules(args, jobs),
+            progress=not args.quiet, annotations=annotation_rules(args, jobs), stain=stain_option(args),
         )  # fmt: skip
     except (ValueError, FileNotFoundError, SlideError) as err:
         print(f"e2e-wsi predict: error: {err}", file=sys.stderr)

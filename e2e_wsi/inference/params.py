@@ -15,6 +15,7 @@ from typing import Any
 from e2e_wsi.annotations.geojson import AnnotationRules
 from e2e_wsi.cache.store import PatchCache
 from e2e_wsi.cache.worker import PreprocessConfig
+from e2e_wsi.errors import UserError
 from e2e_wsi.slides.tissue import TissueParams
 from e2e_wsi.training.run import RunFolder
 
@@ -68,6 +69,7 @@ def preprocess_config(
     magnifications: list[float],
     mpp: float | None = None,
     annotations: AnnotationRules | None = None,
+    stain: Any = None,
 ) -> PreprocessConfig:
     """The :class:`PreprocessConfig` that tiles new slides like the run's training slides.
 
@@ -76,13 +78,23 @@ def preprocess_config(
         magnifications: Only the magnifications inference needs (the evaluation ones).
         mpp: ``--mpp`` for slides without magnification metadata.
         annotations: QuPath include/exclude regions of the new slides (``predict --annotations``).
+        stain: A ``StainNormalizer`` for new slides of a run trained without one (``predict
+            --stain_normalization``); the run's own normaliser, when it recorded one, is always used.
+
+    Raises:
+        UserError: ``stain`` given for a run that recorded another normalisation.
     """
     grid = grid_rules(params)
-    stain = None
     if params.get("stain_normalization"):  # the run's patches were normalised: new slides are too
         from e2e_wsi.data.stain import StainNormalizer
 
-        stain = StainNormalizer.from_dict(params["stain_normalization"])
+        recorded = StainNormalizer.from_dict(params["stain_normalization"])
+        if stain is not None and stain != recorded:
+            raise UserError(
+                f"the run was trained on patches normalised with {recorded.method} to "
+                f"{recorded.reference or 'its reference'}; leave --stain_normalization out (it is applied)"
+            )
+        stain = recorded
     return PreprocessConfig(
         magnifications=tuple(float(m) for m in magnifications),
         patch_size=int(params["patch_size"]),

@@ -40,6 +40,7 @@ class PredictOptions:
         per_head: Heatmaps also show one map per head.
         progress: Progress bars.
         annotations: QuPath regions per new slide (``DIR/<slide_id>.geojson``) to tile or leave out.
+        stain: Stain normaliser for new slides of a run trained without one (``--stain_normalization``).
     """
 
     mpp: float | None = None
@@ -49,6 +50,7 @@ class PredictOptions:
     per_head: bool = False
     progress: bool = True
     annotations: AnnotationRules | None = None
+    stain: Any = None
 
 
 def predict_slides(
@@ -73,7 +75,9 @@ def predict_slides(
     out.mkdir(parents=True, exist_ok=True)
     first = ensemble.members[0]
     params = _shared_params(ensemble)
-    config = preprocess_config(params, ensemble.magnifications, options.mpp, options.annotations)
+    config = preprocess_config(
+        params, ensemble.magnifications, options.mpp, options.annotations, options.stain
+    )
     train_cache = first.data.get("cache_dir")
     tiled = tile_for_inference(
         jobs,

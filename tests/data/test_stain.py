@@ -144,3 +144,22 @@ def test_normalised_probabilities_of_a_recoloured_slide_are_closer_to_the_origin
     params = PatchCache(tmp_path / "norm").meta("orig")["params"]
     assert preprocess_config(params, [10.0]).stain == reference
     assert preprocess_config(PatchCache(tmp_path / "raw").meta("orig")["params"], [10.0]).stain is None
+
+
+def test_predict_opt_in_applies_to_runs_without_and_defers_to_runs_with_normalisation(
+    painted, tmp_path
+) -> None:
+    image, tissue = painted
+    mine = StainNormalizer.fit("reinhard", image[tissue], reference="mine.png")
+    theirs = StainNormalizer.fit("macenko", image[tissue], reference="run.png")
+    params = {"patch_size": 64, "jpeg_quality": 90, "tissue_threshold": 0.5, "tissue": {}}
+    assert preprocess_config(params, [10.0], stain=mine).stain == mine  # a run trained raw: opt in
+    recorded = {**params, "stain_normalization": theirs.to_dict()}
+    assert preprocess_config(recorded, [10.0]).stain == theirs  # the run's own, without asking
+    with pytest.raises(UserError, match="trained on patches normalised with macenko to run.png"):
+        preprocess_config(recorded, [10.0], stain=mine)
+    assert StainNormalizer.from_options("none", None) is None
+    with pytest.raises(UserError, match="needs --stain_reference"):
+        StainNormalizer.from_options("reinhard", None)
+    with pytest.raises(UserError, match="--stain_reference needs --stain_normalization"):
+        StainNormalizer.from_options("none", tmp_path / "ref.png")
