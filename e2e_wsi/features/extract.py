@@ -206,10 +206,13 @@ class ExtractionPlan:
         meta = self.cache.meta(slide_id)
         info = meta["magnifications"][mag_key(self.magnification)]
         width, height = (int(v) for v in meta["dimensions"])
+        patch, side = int(meta["patch_size"]), int(info["size_level0"])
+        # objective power is always recorded by our tiler; the fallback is its own formula inverted
+        power = meta.get("objective_power") or self.magnification * side / patch
         return PatchGeometry(
-            patch_size=int(meta["patch_size"]),
-            size_level0=int(info["size_level0"]),
-            level0_magnification=float(meta["objective_power"]),
+            patch_size=patch,
+            size_level0=side,
+            level0_magnification=float(power),
             target_magnification=float(self.magnification),
             level0_width=width,
             level0_height=height,
