@@ -5,7 +5,7 @@
     e2e-wsi predict --onnx DIR --slides new/ --out OUT        # run it on raw slides, no Lightning
 
 The graph takes one bag of uint8 RGB patches [N, 3, S, S] (N dynamic; S and the resize in model.json)
-and returns the prediction (probs [1, K] or risk [1]) and the attention [1, H, N]. The export is checked
+and returns the prediction (probs [1, K], risk [1] or pred [1]) and the attention [1, H, N]. The export is checked
 against PyTorch on bags of 1, 7 and 33 patches and refused if any output differs by more than 1e-4.
 """
 

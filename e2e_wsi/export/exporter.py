@@ -71,8 +71,8 @@ def model_card(loaded: LoadedModel, graph: ExportGraph, fmt: str, file: Path) ->
         },  # fmt: skip
         "outputs": {
             "prediction": {
-                "name": "risk" if loaded.task_kind == "survival" else "probs",
-                "shape": [1] if loaded.task_kind == "survival" else [1, "K"],
+                "name": graph.prediction_key,
+                "shape": [1, "K"] if graph.prediction_key == "probs" else [1],
             },
             "attention": {"name": "attention", "shape": [1, "H", "N"]},
         },  # fmt: skip
@@ -111,7 +111,7 @@ def _export_onnx(graph: ExportGraph, example: torch.Tensor, path: Path) -> None:
 
 
 def _output_names(graph: ExportGraph) -> list[str]:
-    return ["risk" if graph.task.kind == "survival" else "probs", "attention"]
+    return [graph.prediction_key, "attention"]
 
 
 def _export_torchscript(graph: ExportGraph, example: torch.Tensor, path: Path) -> None:

@@ -6,7 +6,8 @@ Graph (both formats):
 * input ``patches``: uint8 [N, 3, S, S] RGB patches already resized the way the run evaluates
   (``model.json`` ``eval_resize``), N dynamic (>= 1). Normalisation with the encoder's ``mean``/``std``
   happens inside the graph. Feature runs take ``features`` float32 [N, D] instead.
-* outputs ``probs`` [1, K] (classification, grading; softmax of the head) or ``risk`` [1] (survival),
+* outputs the task's one prediction, named by its spec's ``prediction_keys``: ``probs`` [1, K]
+  (classification, grading; softmax of the head), ``risk`` [1] (survival) or ``pred`` [1] (regression),
   and ``attention`` [1, H, N] (the aggregator's per-head attention).
 
 The wrapper calls the run's own modules, so ABMILX keeps its maths (its fused SDPA path exports as ONNX
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 
 from e2e_wsi.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from e2e_wsi.models.encoders import PrecomputedFeatures
+from e2e_wsi.tasks import get_task_spec
 
 FORMATS = ("onnx", "torchscript")
 FILE_NAMES = {"onnx": "model.onnx", "torchscript": "model.pt"}
@@ -39,7 +41,8 @@ class ExportGraph(nn.Module):
         module: The trained model in eval mode.
 
     Shapes:
-        forward(x uint8 [N, 3, S, S] | float [N, D]) -> (probs [1, K] | risk [1], attention [1, H, N]).
+        forward(x uint8 [N, 3, S, S] | float [N, D]) -> (probs [1, K] | risk [1] | pred [1],
+        attention [1, H, N]).
     """
 
     def __init__(self, module: nn.Module) -> None:
@@ -50,6 +53,7 @@ class ExportGraph(nn.Module):
         self.aggregator = aggregator
         self.head = head
         self.task = module.task
+        (self.prediction_key,) = get_task_spec(module.task.kind).prediction_keys
         mean = torch.tensor(getattr(encoder, "mean", IMAGENET_MEAN), dtype=torch.float32)
         std = torch.tensor(getattr(encoder, "std", IMAGENET_STD), dtype=torch.float32)
         # uint8 in [0, 255]: (x / 255 - mean) / std folded into one subtract and one divide.
@@ -59,8 +63,7 @@ class ExportGraph(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         feats = x.float() if self.features_in else self.encoder((x.float() - self.mean255) / self.std255)
         slide, attention = self.aggregator(feats.unsqueeze(0), None)
-        prediction = self.task.predict(self.head(slide))
-        return prediction["probs"] if "probs" in prediction else prediction["risk"], attention
+        return self.task.predict(self.head(slide))[self.prediction_key], attention
 
 
 def example_input(graph: ExportGraph, size: int, n: int, dim: int | None, seed: int = 0) -> Tensor:

@@ -105,11 +105,14 @@ class ExportedModel:
 
 @dataclass
 class ExportedPrediction:
-    """One slide's result, with the attributes :mod:`e2e_wsi.inference.outputs` writes."""
+    """One slide's result, with the attributes :mod:`e2e_wsi.inference.outputs` writes.
+
+    Attributes:
+        preds: The task's prediction under its spec's key: ``probs`` [K], ``risk`` [] or ``pred`` [].
+    """
 
     slide_id: str
-    probs: np.ndarray | None
-    risk: float | None
+    preds: dict[str, np.ndarray]
     attention: Any  # e2e_wsi.viz.heatmap.SlideAttention
     magnification: np.ndarray
     size_level0: np.ndarray
@@ -141,9 +144,9 @@ def predict_slide(model: ExportedModel, cache: Any, slide_id: str) -> ExportedPr
         size_level0=int(meta["magnifications"][mag_key(model.magnifications[0])]["size_level0"]),
         dimensions=(int(meta["dimensions"][0]), int(meta["dimensions"][1])),
     )
-    if model.task == "survival":
-        return ExportedPrediction(slide_id, None, float(np.ravel(prediction)[0]), att, mags, sizes)
-    return ExportedPrediction(slide_id, np.asarray(prediction[0], np.float64), None, att, mags, sizes)
+    key = model.card["outputs"]["prediction"]["name"]
+    value = np.asarray(prediction[0] if key == "probs" else np.ravel(prediction)[0], dtype=np.float64)
+    return ExportedPrediction(slide_id, {key: value}, att, mags, sizes)
 
 
 def predict_exported(
