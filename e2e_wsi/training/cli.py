@@ -119,6 +119,8 @@ class E2ECLI(LightningCLI):
                 class_path="lightning.pytorch.loggers.TensorBoardLogger",
                 init_args=Namespace(save_dir=str(run_dir), name="", version=""),
             )
+        if subcommand == "fit":
+            _lock_run_folder(run)
         _cpu_safe_precision(cfg.trainer)
         _skip_undefined_metrics(cfg.trainer)
         self._ckpt_path = _secure_checkpoint(cfg, subcommand, run, ckpt_arg)
@@ -181,6 +183,23 @@ class E2ECLI(LightningCLI):
 
 
 _EVENTS = "events.out.tfevents.*"
+# Run-folder locks taken by this process's `fit`, released when the command ends (see `_run`).
+_HELD_LOCKS: list = []
+
+
+def _lock_run_folder(run: RunFolder) -> None:
+    """Hold ``RUN/.fit.lock`` for the rest of the command; raises ``LockedError`` naming the holder.
+
+    Only the launching process locks: DDP ranks started by Lightning run this CLI again in the same
+    folder and must not refuse their own run.
+    """
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    if getattr(rank_zero_only, "rank", 0) != 0:
+        return
+    lock = run.fit_lock()
+    lock.acquire()
+    _HELD_LOCKS.append(lock)
 
 
 def _remove_stray_events(run: Path, before: set[Path], started: float) -> None:
@@ -417,15 +436,19 @@ def _feature_datamodule() -> type:
 
 def _run(subcommand: str, argv: list[str] | None) -> int:
     args = [subcommand, *(sys.argv[2:] if argv is None else argv)]
-    E2ECLI(
-        SlideModule,
-        _datamodule_class(args),
-        args=args,
-        save_config_callback=RunConfigSaver,
-        # The optimizer and schedule are SlideModule arguments (model.optimizer, model.lr_scheduler);
-        # LightningCLI's own top-level --optimizer would silently bypass the encoder lr multiplier.
-        auto_configure_optimizers=False,
-    )
+    try:
+        E2ECLI(
+            SlideModule,
+            _datamodule_class(args),
+            args=args,
+            save_config_callback=RunConfigSaver,
+            # The optimizer and schedule are SlideModule arguments (model.optimizer, model.lr_scheduler);
+            # LightningCLI's own top-level --optimizer would silently bypass the encoder lr multiplier.
+            auto_configure_optimizers=False,
+        )
+    finally:
+        while _HELD_LOCKS:
+            _HELD_LOCKS.pop().release()
     return 0
 
 

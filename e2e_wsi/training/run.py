@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from e2e_wsi.cache.lock import FolderLock
+
 DEFAULT_RUN_DIR = "runs/default"
 _LAST = "last.ckpt"
 
@@ -75,6 +77,16 @@ class RunFolder:
     def predictions(self) -> Path:
         """``predictions.csv`` of ``test``."""
         return self.root / "predictions.csv"
+
+    def fit_lock(self) -> FolderLock:
+        """The lock ``fit`` holds on this folder while it trains (``RUN/.fit.lock``), so a second ``fit``
+        into the same ``--run_dir`` is refused, naming the holder, instead of mixing checkpoints."""
+        return FolderLock(
+            self.root / ".fit.lock",
+            what=f"run folder {self.root}",
+            holder="another `e2e-wsi fit`",
+            advice="use another --run_dir",
+        )
 
     # ---------------------------------------------------------------------------------- checkpoints
     def last_checkpoint(self) -> Path | None:
