@@ -20,9 +20,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from e2e_wsi.cache.identity import identity_change
 from e2e_wsi.cache.lock import CacheLock, CacheLockedError
 from e2e_wsi.cache.store import LMDB_SUFFIX, CacheWriter, read_staged
 from e2e_wsi.cache.worker import DEFAULT_MAX_PIXELS, PreprocessConfig, SlideJob, process_slide
+from e2e_wsi.errors import UserError
 from e2e_wsi.slides.tiling import GRID_ANCHORS
 
 SLIDE_EXTENSIONS = (
@@ -244,13 +246,24 @@ def _split_cached(
             + ". Re-run with --overwrite to replace them, or use another --out."
         )
     rows: dict[str, dict[str, Any]] = {}
-    todo = []
+    todo, changed = [], []
     for job in jobs:
         old = existing.get(job.slide_id)
-        if old is not None and old.get("params") == config.params(job.mpp):
-            rows[job.slide_id] = _ok_row(job, old, cached=True)
-        else:
+        if old is None or old.get("params") != config.params(job.mpp):
             todo.append(job)
+        elif (why := identity_change(old, job.path)) is not None:
+            changed.append(f"{job.slide_id} ({why})")
+            todo.append(job)
+        else:
+            rows[job.slide_id] = _ok_row(job, old, cached=True)
+    if changed and not overwrite:
+        raise UserError(
+            f"{len(changed)} slide(s) in {writer.path} were tiled from a different file than the one given "
+            "now (same id, other file): "
+            + "; ".join(changed[:5])
+            + ("; ..." if len(changed) > 5 else "")
+            + ". Re-run with --overwrite to re-tile them, or use another --out."
+        )
     return rows, todo
 
 

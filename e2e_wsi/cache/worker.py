@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from e2e_wsi.annotations.geojson import AnnotationRules, annotate_tissue, write_tissue_geojson
+from e2e_wsi.cache.identity import file_identity
 from e2e_wsi.cache.store import FORMAT_VERSION, append_staged, mag_key
 from e2e_wsi.slides.reader import DEFAULT_MAX_PIXELS, Slide, SlideError
 from e2e_wsi.slides.tiling import (
@@ -183,6 +184,7 @@ def _tile_slide(
     progress: ProgressSink | None,
 ) -> tuple[dict[str, Any], Path]:
     """Detect tissue, plan the grids, stage the patches and draw the QC image of one open slide."""
+    identity = file_identity(job.path)  # before reading: a file replaced meanwhile is re-tiled next time
     tissue = detect_tissue(slide, config.tissue)
     # QuPath include/exclude regions edit the mask; tissue contours go out as GeoJSON (e2e_wsi.annotations).
     if config.annotations is not None:
@@ -199,7 +201,8 @@ def _tile_slide(
     _stage_patches(slide, specs, grids, config, staging, progress)
     if qc_dir is not None:
         _write_qc(qc_dir / f"{slide_id}.png", tissue, grids[0][0], specs[0], stats[0])
-    return _slide_meta(slide, slide_id, job, config, tissue, specs, grids, stats), staging
+    meta = _slide_meta(slide, slide_id, job, config, tissue, specs, grids, stats)
+    return {**meta, "source_identity": identity}, staging
 
 
 def detect_tissue(slide: Slide, params: TissueParams) -> TissueMask:

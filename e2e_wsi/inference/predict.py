@@ -12,6 +12,7 @@ import torch
 from e2e_wsi.cache.store import PatchCache, mag_key
 from e2e_wsi.data.datasets import Bag, EvalBagDataset
 from e2e_wsi.data.transforms import OFFICIAL_EVAL_CROP_FRACTION, EvalTransform
+from e2e_wsi.errors import UserError
 from e2e_wsi.inference.run import LoadedModel, load_model
 from e2e_wsi.models.module import SlideModule
 from e2e_wsi.utils import validate_slide_id
@@ -117,9 +118,13 @@ class Ensemble:
     Args:
         members: The loaded models (at least one).
 
+    Members whose runs name their classes (``data.class_names``) in another order are aligned by name
+    (each member's probabilities are reordered to the first member's class order before averaging).
+
     Raises:
-        ValueError: If members differ in task, number of outputs, or evaluation magnifications / patch
-            size (they would not see the same patches); the message names the checkpoints.
+        UserError: If members differ in task, number of outputs, class names, or evaluation
+            magnifications / patch size (they would not see the same patches); the message names the
+            checkpoints.
     """
 
     def __init__(self, members: Sequence[LoadedModel]) -> None:
@@ -148,6 +153,7 @@ class Ensemble:
                     f"{first.eval_magnifications}x/{first.eval_patch_size}px, {m.checkpoint} "
                     f"{m.eval_magnifications}x/{m.eval_patch_size}px"
                 )
+        self._orders = [class_order(first, m) for m in self.members]
 
     @classmethod
     def from_checkpoints(cls, checkpoints: Sequence[str | Path]) -> Ensemble:
@@ -165,6 +171,12 @@ class Ensemble:
     @property
     def patch_size(self) -> int:
         return self.members[0].eval_patch_size
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """Names of the output classes in column order (the first member's), or ``None`` if unnamed."""
+        names = self.members[0].data.get("class_names")
+        return None if self.task_kind == "survival" or not names else [str(n) for n in names]
 
     @property
     def checkpoints(self) -> list[Path]:
@@ -188,10 +200,36 @@ class Ensemble:
         meta = cache.meta(slide_id)["magnifications"]
         sizes = np.array([int(meta[mag_key(float(m))]["size_level0"]) for m in mags], dtype=np.int64)
         if "probs" in outs[0]:
-            probs = np.mean([o["probs"][0].double().numpy() for o in outs], axis=0)
+            probs = np.mean(
+                [o["probs"][0].double().numpy()[order] for o, order in zip(outs, self._orders, strict=True)],
+                axis=0,
+            )
             return SlidePrediction(slide_id, probs, None, attention, mags, sizes)
         risk = float(np.mean([float(o["risk"][0]) for o in outs]))
         return SlidePrediction(slide_id, None, risk, attention, mags, sizes)
+
+
+def class_order(first: LoadedModel, member: LoadedModel) -> list[int]:
+    """Column ``j`` of ``member``'s probabilities that holds ``first``'s class ``i``, for every ``i``.
+
+    Runs without ``data.class_names`` are taken in index order (nothing to align by).
+
+    Raises:
+        UserError: If one run names its classes and the other does not, or their names differ.
+    """
+    k = _outputs(member)
+    if first.task_kind == "survival":
+        return list(range(k))
+    a, b = first.data.get("class_names"), member.data.get("class_names")
+    if not a and not b:
+        return list(range(k))
+    if not a or not b or sorted(map(str, a)) != sorted(map(str, b)):
+        raise UserError(
+            f"checkpoints predict different classes: {first.checkpoint} has class_names {a}, "
+            f"{member.checkpoint} has {b}; an ensemble needs runs trained on the same classes"
+        )
+    position = {str(name): j for j, name in enumerate(b)}
+    return [position[str(name)] for name in a]
 
 
 def _outputs(member: LoadedModel) -> int:
