@@ -25,6 +25,7 @@ from e2e_wsi.cache.lock import CacheLock, CacheLockedError
 from e2e_wsi.cache.store import LMDB_SUFFIX, CacheWriter, read_staged
 from e2e_wsi.cache.worker import DEFAULT_MAX_PIXELS, PreprocessConfig, SlideJob, process_slide
 from e2e_wsi.errors import UserError
+from e2e_wsi.slides.mpp import check_mpp
 from e2e_wsi.slides.tiling import GRID_ANCHORS
 
 SLIDE_EXTENSIONS = (
@@ -76,10 +77,7 @@ def jobs_from_manifest(manifest: str | Path) -> list[SlideJob]:
             raise ValueError(f"{manifest} line {line}: slide_id {slide_id!r} repeats line {seen[slide_id]}")
         seen[slide_id] = line
         mpp_text = row.get("mpp") if isinstance(row.get("mpp"), str) else ""
-        try:
-            mpp = float(mpp_text) if mpp_text else None
-        except ValueError:
-            raise ValueError(f"{manifest} line {line}: mpp {mpp_text!r} is not a number") from None
+        mpp = check_mpp(mpp_text, f"{manifest} line {line}") if mpp_text else None
         path = Path(rel) if Path(rel).is_absolute() else manifest.parent / rel
         jobs.append(SlideJob(slide_id, path, mpp, f"{manifest.name} line {line}"))
     return jobs

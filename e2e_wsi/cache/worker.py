@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 from e2e_wsi.annotations.geojson import AnnotationRules, annotate_tissue, write_tissue_geojson
 from e2e_wsi.cache.identity import file_identity
 from e2e_wsi.cache.store import FORMAT_VERSION, append_staged, mag_key
+from e2e_wsi.slides.mpp import check_mpp
 from e2e_wsi.slides.reader import DEFAULT_MAX_PIXELS, Slide, SlideError
 from e2e_wsi.slides.tiling import (
     GRID_ANCHORS,
@@ -96,6 +97,8 @@ class PreprocessConfig:
             raise ValueError(f"tissue threshold must be in [0, 1), got {self.tissue_threshold}")
         if not 0.0 <= self.min_coverage <= 1.0:
             raise ValueError(f"min coverage must be in [0, 1], got {self.min_coverage}")
+        if self.mpp is not None:
+            check_mpp(self.mpp, "--mpp")
         if self.grid_anchor not in GRID_ANCHORS:
             raise ValueError(f"grid anchor must be one of {list(GRID_ANCHORS)}, got {self.grid_anchor!r}")
 

@@ -53,12 +53,17 @@ def _parse_float(value: object) -> float | None:
     return number if math.isfinite(number) else None
 
 
+# Columns whose cells are read literally: "nan" in an mpp column is a bad value to refuse, not a blank.
+LITERAL_COLUMNS = ("mpp",)
+
+
 def read_table(path: str | Path) -> pd.DataFrame:
     """Read a manifest CSV as strings, the one reader every verb uses (``preprocess``, ``fit``, ...).
 
     Column names are stripped of spaces and of a UTF-8 byte-order mark (Excel writes one), cells of
     surrounding spaces, and rows that are entirely blank are dropped. A ``line`` column holds each row's
-    line number in the file (the header is line 1), for messages.
+    line number in the file (the header is line 1), for messages. Cells of :data:`LITERAL_COLUMNS` keep
+    their text (``"nan"`` stays ``"nan"``); only empty ones are missing.
 
     Raises:
         FileNotFoundError: If the file is missing.
@@ -83,6 +88,14 @@ def read_table(path: str | Path) -> pd.DataFrame:
             f"manifest {path} is not a readable UTF-8 CSV: {' '.join(str(exc).split())}"
         ) from None
     df.columns = [str(c).replace("\ufeff", "").strip() for c in df.columns]
+    literal = [i for i, c in enumerate(df.columns) if c in LITERAL_COLUMNS]
+    if literal:
+        raw = pd.read_csv(
+            path, dtype=str, skip_blank_lines=False, keep_default_na=False, na_values=[""],
+            usecols=literal, encoding="utf-8-sig",
+        )  # fmt: skip
+        for i, values in zip(literal, raw.T.to_numpy(), strict=True):
+            df[df.columns[i]] = values
     df["line"] = np.arange(2, len(df) + 2)
     df = df[df.drop(columns="line").notna().any(axis=1)].reset_index(drop=True)
     for column in df.columns:
