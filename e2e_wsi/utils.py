@@ -7,11 +7,13 @@ import re
 _SLIDE_ID = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9._\-]{0,127}")
 
 
-def validate_slide_id(slide_id: object) -> str:
+def validate_slide_id(slide_id: object, what: str = "slide id") -> str:
     """Check that a slide id is a safe key (never used as a path).
 
     Args:
         slide_id: The id from a manifest, a file name or a CLI argument.
+        what: What the id is, for the message (``case_id`` follows the same rule: survival bags and
+            prediction rows are named by it).
 
     Returns:
         The id, unchanged.
@@ -23,7 +25,7 @@ def validate_slide_id(slide_id: object) -> str:
     text = str(slide_id)
     if not _SLIDE_ID.fullmatch(text) or ".." in text:
         raise ValueError(
-            f"invalid slide id {text!r}: use 1-128 characters from [A-Za-z0-9._-], not starting with '.' "
+            f"invalid {what} {text!r}: use 1-128 characters from [A-Za-z0-9._-], not starting with '.' "
             "and without '..' (ids are cache keys, never file paths)"
         )
     return text

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from e2e_wsi.cache.store import OnDamaged, PatchCache
 from e2e_wsi.data.datasets import Bag, EvalBagDataset, TrainBagDataset, collate_bags
-from e2e_wsi.data.manifest import load_manifest
+from e2e_wsi.data.manifest import check_training_split, load_manifest
 from e2e_wsi.data.sampling import EpochSampler, OversampleMap, check_ratios
 from e2e_wsi.data.splits import apply_splits, load_splits, make_splits, save_splits
 from e2e_wsi.data.transforms import OFFICIAL_EVAL_CROP_FRACTION, EvalTransform, TrainTransform
@@ -188,6 +188,9 @@ class WSIDataModule(pl.LightningDataModule):
             df["split"] = make_splits(
                 df, hp.split_ratios, hp.split_seed, fold=hp.fold, num_folds=hp.num_folds
             )
+        if stage == "fit":
+            source = f"split file {hp.split_file}" if hp.split_file else f"manifest {self.manifest_path}"
+            check_training_split(df[df["split"] == "train"], self.task, source)
         if self.task != "survival" and self.num_classes is None:
             self.num_classes = int(df["label"].max()) + 1
         self.table = df

@@ -21,6 +21,7 @@ from typing import Protocol
 import numpy as np
 import pandas as pd
 
+from e2e_wsi.errors import UserError
 from e2e_wsi.task_kinds import TaskKind, check_task_kind
 from e2e_wsi.utils import validate_slide_id
 
@@ -134,13 +135,15 @@ def _check_ids(df: pd.DataFrame, errors: list[str], cache: _SlideLister | None) 
 
 
 def _case_id_problem(case_id: str) -> str | None:
-    """Why a case id cannot be used (it names prediction rows and survival bags), or ``None``."""
-    if any(ch.isspace() for ch in case_id):
-        return "contains white space; use letters, digits, '-', '_' or '.'"
-    if any(ch in case_id for ch in '/\\,"'):
-        return "contains '/', '\\', ',' or '\"'; use letters, digits, '-', '_' or '.'"
-    if not case_id.isprintable():
-        return "contains control characters"
+    """Why a case id cannot be used, or ``None``: the slide-id rule, checked here for every verb alike
+    (case ids name prediction rows and survival bag files, which ``test`` and ``evaluate`` check)."""
+    try:
+        validate_slide_id(case_id, "case_id")
+    except ValueError:
+        return (
+            "is not a valid id: use 1-128 characters from [A-Za-z0-9._-], not starting with '.' and "
+            "without '..' (the rule of slide ids)"
+        )
     return None
 
 
@@ -234,6 +237,7 @@ def _check_labels(
     if k is None:
         k = max(valid) + 1 if valid else 0
     df["label"] = pd.array(parsed, dtype="Int64")
+    _check_case_labels(df, errors)
     counts = np.bincount(np.asarray(valid, dtype=np.int64), minlength=k) if k else np.zeros(0)
     for cls in np.flatnonzero(counts == 0):
         name = f" ({class_names[cls]!r})" if class_names else ""
@@ -241,6 +245,47 @@ def _check_labels(
             f"class {cls}{name} has no slide in the manifest: fix num_classes/class_names or the labels"
         )
     return k
+
+
+def _check_case_labels(df: pd.DataFrame, errors: list[str]) -> None:
+    """A case is one patient: its slides must share one label (as they share time/event in survival)."""
+    for case_id, group in df.dropna(subset=["label"]).groupby("case_id", sort=False):
+        if group["label"].nunique() > 1:
+            lines = ", ".join(str(v) for v in group["line"])
+            labels = sorted(int(v) for v in group["label"].unique())
+            errors.append(
+                f"lines {lines} (case_id {case_id!r}): slides of one case have different labels {labels}; "
+                "fix the labels, or give slides of different patients different case_ids"
+            )
+
+
+def check_training_split(train: pd.DataFrame, task: TaskKind, source: str) -> None:
+    """Refuse a training split that cannot teach the task, before any training starts.
+
+    Args:
+        train: The manifest rows of the training split (``label``, or ``event`` for survival).
+        task: The task kind.
+        source: Where the split came from (manifest, split file), for the message.
+
+    Raises:
+        UserError: If classification/grading training slides hold a single class, or survival training
+            cases hold no event (the Cox and discrete-time losses learn nothing from censored cases only).
+    """
+    if train.empty:
+        raise UserError(f"{source}: the training split is empty; give some slides split 'train'")
+    if task == "survival":
+        if int(train["event"].sum()) == 0:
+            raise UserError(
+                f"{source}: no training case has an event (event = 1): a survival model cannot learn from "
+                f"censored cases only ({len(train)} slides); check the event column"
+            )
+        return
+    classes = sorted(int(v) for v in train["label"].unique())
+    if len(classes) < 2:
+        raise UserError(
+            f"{source}: every training slide has label {classes[0]} ({len(train)} slides): a {task} model "
+            "needs at least two classes in training; check the labels or the split"
+        )
 
 
 def _check_survival(df: pd.DataFrame, errors: list[str]) -> None:
