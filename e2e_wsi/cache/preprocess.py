@@ -22,7 +22,7 @@ from typing import Any
 
 from e2e_wsi.cache.identity import identity_change
 from e2e_wsi.cache.lock import CacheLock, CacheLockedError
-from e2e_wsi.cache.store import LMDB_SUFFIX, CacheWriter, read_staged
+from e2e_wsi.cache.store import LMDB_SUFFIX, CacheWriter, read_staged, write_failure
 from e2e_wsi.cache.worker import DEFAULT_MAX_PIXELS, PreprocessConfig, SlideJob, process_slide
 from e2e_wsi.errors import UserError
 from e2e_wsi.slides.mpp import check_mpp
@@ -179,17 +179,27 @@ def preprocess(
         CacheLockedError: If another run is writing the same shard of ``out_dir``.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise write_failure(out_dir, err) or err from None
     jobs = [j for j in jobs if in_shard(j.slide_id, shard)]
     if dupes := sorted({j.slide_id for j in jobs if sum(k.slide_id == j.slide_id for k in jobs) > 1}):
         raise ValueError(f"slide ids repeat: {dupes[:5]}; give each slide file a unique id")
     lmdb_path = out_dir / shard_name(shard)
-    with CacheLock(out_dir / f".{shard_name(shard)}.lock", what=f"cache {lmdb_path}"):
+    lock = CacheLock(out_dir / f".{shard_name(shard)}.lock", what=f"cache {lmdb_path}")
+    try:
+        lock.acquire()
+    except OSError as err:
+        raise write_failure(out_dir, err) or err from None
+    try:
         rows = _preprocess_locked(
             jobs, out_dir, lmdb_path, config, workers, shard, overwrite, qc, progress, map_size
         )
         ordered = [rows[j.slide_id] for j in jobs if j.slide_id in rows]
         _write_summary(out_dir / summary_name(shard), ordered, config, shard)
+    finally:
+        lock.release()
     return ordered
 
 
@@ -216,6 +226,8 @@ def _preprocess_locked(
         if qc_dir is not None:
             qc_dir.mkdir(exist_ok=True)
         for record in _run(todo, config, staging, qc_dir, workers, progress):
+            if record.get("disk_full"):  # every later slide would fail alike: stop with one message
+                raise UserError(record["reason"])
             rows[record["slide_id"]] = _commit(writer, record)
         shutil.rmtree(staging, ignore_errors=True)
         try:

@@ -32,6 +32,7 @@ from typing import Literal
 import lmdb
 import numpy as np
 
+from e2e_wsi.errors import UserError
 from e2e_wsi.slides.tiling import decode_jpeg
 from e2e_wsi.utils import validate_slide_id
 
@@ -58,6 +59,33 @@ def corrupted(path: str | Path, err: lmdb.Error) -> CacheCorruptedError:
     return CacheCorruptedError(
         f"patch cache {path} is damaged ({type(err).__name__}: {' '.join(str(err).split())}); "
         f"run `e2e-wsi cache verify {Path(path).parent}` and re-run `e2e-wsi preprocess` into a new --out"
+    )
+
+
+# What the operating system says when a cache cannot be written (py-lmdb passes the text of errno on).
+# LMDB reports a write cut short (a file-size limit, some full disks) as an input/output error.
+_WRITE_FAILURES = (
+    "No space left",
+    "Disk quota",
+    "File too large",
+    "Permission denied",
+    "Read-only file system",
+    "Input/output error",
+)
+
+
+def write_failure(path: str | Path, err: BaseException) -> UserError | None:
+    """A one-line :class:`UserError` when ``err`` means the disk is full or the folder not writable, else
+    ``None`` (the caller then reports it as damage)."""
+    text = " ".join(str(err).split())
+    if isinstance(err, OSError) and err.strerror:
+        text = err.strerror
+    if not any(s in text for s in _WRITE_FAILURES):
+        return None
+    return UserError(
+        f"cannot write the patch cache {path} ({text}: is the disk full, read-only or failing?): free disk "
+        "space, or choose a writable --out, and re-run preprocess (slides already committed are kept and "
+        "skipped)"
     )
 
 
@@ -518,6 +546,7 @@ class CacheWriter:
         self.path = Path(path)
         release(self.path)  # a reader handle in this process would block opening it for writing
         try:
+            self.path.mkdir(parents=True, exist_ok=True)
             self.env = lmdb.open(
                 str(self.path), map_size=map_size, subdir=True, readahead=False, meminit=False
             )
@@ -527,8 +556,8 @@ class CacheWriter:
                     txn.put(_FORMAT_KEY, json.dumps({"format_version": FORMAT_VERSION}).encode())
                     return
                 old = json.loads(bytes(raw)).get("format_version")
-        except lmdb.Error as err:
-            raise corrupted(self.path, err) from None
+        except (lmdb.Error, OSError) as err:
+            raise write_failure(self.path, err) or corrupted(self.path, err) from None
         if old != FORMAT_VERSION:
             self.env.close()
             raise ValueError(
@@ -569,6 +598,8 @@ class CacheWriter:
             except lmdb.MapFullError:
                 # The aborted transaction left nothing behind; retry the whole slide with a bigger map.
                 self.env.set_mapsize(self.env.info()["map_size"] * 2)
+            except lmdb.Error as err:  # a full disk: the aborted transaction left nothing behind either
+                raise write_failure(self.path, err) or corrupted(self.path, err) from None
 
     @staticmethod
     def _delete_slide(txn: lmdb.Transaction, slide_id: str) -> None:

@@ -7,6 +7,7 @@ the LMDB: the single writer (the main process) commits the staged slide in one t
 
 from __future__ import annotations
 
+import errno
 import math
 import time
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from e2e_wsi.slides.tissue import (
 )
 from e2e_wsi.utils import validate_slide_id
 
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # writing the staging file failed for lack of room
 _PROGRESS_EVERY = 64  # patches between progress messages (keeps queue traffic negligible)
 _QC_MIN_SIDE = 768  # QC images are upscaled (nearest) to at least this longest side
 
@@ -167,9 +169,17 @@ def process_slide(
     except ValueError as err:  # invalid slide id
         record.update(status="failed", reason=" ".join(str(err).split()))
     except Exception as err:  # noqa: BLE001 - one bad slide must never stop the batch
-        record.update(
-            status="failed", reason=f"unexpected {type(err).__name__}: {' '.join(str(err).split())}"
-        )
+        if isinstance(err, OSError) and err.errno in _DISK_FULL:
+            record.update(
+                status="failed",
+                disk_full=True,  # preprocess stops: every later slide would fail alike
+                reason=f"cannot write {err.filename or staging_dir} ({err.strerror}): free disk space in "
+                "the cache folder and re-run preprocess (slides already committed are kept and skipped)",
+            )
+        else:
+            record.update(
+                status="failed", reason=f"unexpected {type(err).__name__}: {' '.join(str(err).split())}"
+            )
     record["seconds"] = round(time.perf_counter() - start, 3)
     return record
 
@@ -192,6 +202,14 @@ def _tile_slide(
     # QuPath include/exclude regions edit the mask; tissue contours go out as GeoJSON (e2e_wsi.annotations).
     if config.annotations is not None:
         tissue = annotate_tissue(tissue, slide_id, slide.dimensions, config.annotations)
+        if not tissue.mask.any():
+            rules = config.annotations
+            raise SlideError(
+                slide.path,
+                f"annotation removed all tissue: the regions of {rules.file_for(slide_id)} (include "
+                f"{list(rules.include)}, exclude {list(rules.exclude)}) leave none of the detected tissue; check "
+                "the file's classes and coordinates, or --include-classes/--exclude-classes",
+            )
     if config.geojson_dir is not None:
         write_tissue_geojson(tissue, Path(config.geojson_dir) / f"{slide_id}.geojson")
     specs = [grid_spec(slide, m, config.patch_size) for m in config.magnifications]
