@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 from e2e_wsi.annotations.geojson import AnnotationRules, annotate_tissue, write_tissue_geojson
 from e2e_wsi.cache.identity import file_identity
 from e2e_wsi.cache.store import FORMAT_VERSION, append_staged, mag_key
+from e2e_wsi.errors import UserError
 from e2e_wsi.slides.mpp import check_mpp
 from e2e_wsi.slides.reader import DEFAULT_MAX_PIXELS, Slide, SlideError
 from e2e_wsi.slides.tiling import (
@@ -41,6 +42,7 @@ from e2e_wsi.slides.tissue import (
 )
 from e2e_wsi.utils import validate_slide_id
 
+MIN_MAGNIFICATION = 0.1  # documented limit (docs/tiling.md, "Limits")
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # writing the staging file failed for lack of room
 _PROGRESS_EVERY = 64  # patches between progress messages (keeps queue traffic negligible)
 _QC_MIN_SIDE = 768  # QC images are upscaled (nearest) to at least this longest side
@@ -89,6 +91,11 @@ class PreprocessConfig:
         if not self.magnifications:
             raise ValueError("give at least one magnification (e.g. --magnifications 10 5)")
         keys = [mag_key(m) for m in self.magnifications]  # validates positivity
+        if low := [k for k, m in zip(keys, self.magnifications, strict=True) if m < MIN_MAGNIFICATION]:
+            raise UserError(
+                f"--magnifications {' '.join(low)}: below the limit of {MIN_MAGNIFICATION:g}x (a 256-px patch at "
+                f"{MIN_MAGNIFICATION:g}x covers 2.6 cm of tissue; docs/tiling.md, Limits)"
+            )
         if len(set(keys)) != len(keys):
             raise ValueError(f"magnifications repeat: {keys}")
         if not 16 <= self.patch_size <= 4096:
