@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import re
+
+# errno values that mean "the disk (or a quota, or a file-size limit) has no room": the user must free
+# space; every later write would fail alike, so commands stop with one message instead of going on.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 _SLIDE_ID = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9._\-]{0,127}")
 

@@ -7,7 +7,6 @@ the LMDB: the single writer (the main process) commits the staged slide in one t
 
 from __future__ import annotations
 
-import errno
 import math
 import time
 from dataclasses import dataclass, field
@@ -40,10 +39,9 @@ from e2e_wsi.slides.tissue import (
     segment_tissue,
     segmentation_downsample,
 )
-from e2e_wsi.utils import validate_slide_id
+from e2e_wsi.utils import DISK_FULL_ERRNOS, validate_slide_id
 
 MIN_MAGNIFICATION = 0.1  # documented limit (docs/tiling.md, "Limits")
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # writing the staging file failed for lack of room
 _PROGRESS_EVERY = 64  # patches between progress messages (keeps queue traffic negligible)
 _QC_MIN_SIDE = 768  # QC images are upscaled (nearest) to at least this longest side
 
@@ -176,7 +174,7 @@ def process_slide(
     except ValueError as err:  # invalid slide id
         record.update(status="failed", reason=" ".join(str(err).split()))
     except Exception as err:  # noqa: BLE001 - one bad slide must never stop the batch
-        if isinstance(err, OSError) and err.errno in _DISK_FULL:
+        if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
             record.update(
                 status="failed",
                 disk_full=True,  # preprocess stops: every later slide would fail alike

@@ -23,6 +23,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback, instantiate_class
 
 from e2e_wsi.data.datamodule import WSIDataModule
+from e2e_wsi.errors import UserError
 from e2e_wsi.evaluation.bootstrap import check_resamples
 from e2e_wsi.models.module import SlideModule
 from e2e_wsi.models.tasks import Task, default_task
@@ -40,6 +41,7 @@ from e2e_wsi.training.checkpoints import (
     resolve_checkpoint,
 )
 from e2e_wsi.training.run import DEFAULT_RUN_DIR, RunFolder
+from e2e_wsi.utils import DISK_FULL_ERRNOS
 
 
 class RunConfigSaver(SaveConfigCallback):
@@ -156,9 +158,16 @@ class E2ECLI(LightningCLI):
         before, started = set(run.glob(_EVENTS)), time.time()
         try:
             super()._run_subcommand(subcommand)
-        except BaseException:
+        except BaseException as err:
             if self.trainer.is_global_zero:
                 _remove_stray_events(run, before, started)
+            if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
+                # A checkpoint or log that cannot be written: one line, and how to carry on.
+                raise UserError(
+                    f"cannot write {err.filename or f'into the run folder {run}'} ({err.strerror}): free disk "
+                    f"space, then resume with `e2e-wsi fit ... --ckpt_path last` (checkpoints are written "
+                    "whole or not at all)"
+                ) from err
             raise
 
     def before_fit(self) -> None:
