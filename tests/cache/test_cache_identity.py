@@ -81,3 +81,17 @@ def test_identity_samples_large_files_and_sees_each_change(tmp_path: Path) -> No
     assert identity_change({"source_path": str(big)}, big) is None
     assert "another file" in identity_change({"source_path": str(tmp_path / "x.svs")}, big)
     assert json.dumps(file_identity(big))  # JSON-ready
+
+
+def test_folders_and_urls_have_an_identity(tmp_path: Path) -> None:
+    series = tmp_path / "series"  # a DICOM folder slide
+    series.mkdir()
+    (series / "a.dcm").write_bytes(b"x" * 100)
+    meta = {"source_identity": file_identity(series)}
+    assert meta["source_identity"]["hashed"] == "listing" and identity_change(meta, series) is None
+    (series / "b.dcm").write_bytes(b"y")
+    assert identity_change(meta, series) == "size 100 -> 101 bytes"
+    url = {"source_identity": file_identity("s3://bucket/S1.svs")}
+    assert identity_change(url, "s3://bucket/S1.svs") is None
+    assert "another URL" in identity_change(url, "s3://other/S1.svs")
+    assert "URL now" in identity_change(meta, "s3://bucket/S1.svs")
