@@ -172,7 +172,7 @@ def make_heatmap(
     """
     att, out = slide_attention(model, cache, slide_id, magnifications, patch_size, crop_fraction)
     pred = model.task.predict(out["outputs"])
-    text = format_caption({k: v[0].numpy() for k, v in pred.items()}, class_names)
+    text = format_caption({k: v[0].numpy() for k, v in pred.items()}, class_names, kind=model.task.kind)
     truth = find_truth_mask(
         slide_id, att.dimensions, mask=mask, mask_dir=mask_dir, annotations_dir=annotations_dir
     )

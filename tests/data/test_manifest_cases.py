@@ -11,8 +11,9 @@ import pandas as pd
 import pytest
 
 from e2e_wsi.cli import main
-from e2e_wsi.data.manifest import check_training_split, load_manifest
+from e2e_wsi.data.manifest import load_manifest
 from e2e_wsi.errors import UserError
+from e2e_wsi.tasks import get_task_spec
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -40,11 +41,15 @@ def test_case_ids_follow_the_slide_id_rule(tmp_path: Path, case_id: str) -> None
 def test_training_splits_that_cannot_teach_are_refused() -> None:
     one_class = pd.DataFrame({"label": [1, 1, 1]})
     with pytest.raises(UserError, match="m.csv: every training slide has label 1 .*two classes"):
-        check_training_split(one_class, "classification", "m.csv")
-    check_training_split(pd.DataFrame({"label": [0, 1]}), "grading", "m.csv")
+        get_task_spec("classification").check_training(one_class, "m.csv")
+    with pytest.raises(UserError, match="a grading model"):
+        get_task_spec("grading").check_training(one_class, "m.csv")
+    get_task_spec("grading").check_training(pd.DataFrame({"label": [0, 1]}), "m.csv")
     with pytest.raises(UserError, match="no training case has an event"):
-        check_training_split(pd.DataFrame({"event": [0, 0]}), "survival", "m.csv")
-    check_training_split(pd.DataFrame({"event": [0, 1]}), "survival", "m.csv")
+        get_task_spec("survival").check_training(pd.DataFrame({"event": [0, 0]}), "m.csv")
+    get_task_spec("survival").check_training(pd.DataFrame({"event": [0, 1]}), "m.csv")
+    with pytest.raises(UserError, match="training split is empty"):
+        get_task_spec("regression").check_training(pd.DataFrame({"target": []}), "m.csv")
 
 
 def test_fit_refuses_a_one_class_training_split_before_training(
