@@ -18,12 +18,12 @@ from e2e_wsi.cli import main
 from e2e_wsi.errors import UserError
 from e2e_wsi.inference.outputs import out_lock, predictions_frame
 from e2e_wsi.inference.predict import Ensemble
-from e2e_wsi.inference.run import load_model
+from e2e_wsi.runs import load_run
 
 
 def _named(ckpt: Path, names: list[str], scale: float = 1.0):
     """The run's model with ``data.class_names`` set (and its aggregator scaled: a different model)."""
-    loaded = load_model(ckpt)
+    loaded = load_run(ckpt)
     if scale != 1.0:
         with torch.no_grad():
             for p in loaded.model.aggregator.parameters():
@@ -48,7 +48,7 @@ def test_an_ensemble_aligns_classes_by_name(tiny_run: Path, synth_cache: tuple[P
     with pytest.raises(UserError, match=r"different classes.*\['IDC', 'ILC'\].*\['IDC', 'LOB'\]"):
         Ensemble([a, _named(last, ["IDC", "LOB"])])
     with pytest.raises(UserError, match="different classes"):
-        Ensemble([a, load_model(last)])  # one named, one not: nothing to align by
+        Ensemble([a, load_run(last)])  # one named, one not: nothing to align by
 
 
 def _predict(run: Path, slides: list[Path], out: Path, *extra: str) -> int:

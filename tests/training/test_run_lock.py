@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from e2e_wsi.cli import main
-from e2e_wsi.training.run import RunFolder
+from e2e_wsi.runs.folder import RunFolder
 
 
 def test_a_second_fit_into_a_locked_run_folder_is_refused(
