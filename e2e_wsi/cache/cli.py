@@ -84,7 +84,7 @@ def verify(path: str | Path, decode: bool = False, max_listed: int = 20) -> int:
     for lmdb_path, message in report.corrupted.items():
         print(f"DAMAGED LMDB {lmdb_path}: {message}")
     for slide_id, bad in sorted(report.damaged.items()):
-        print(f"slide {slide_id}: {len(bad)} damaged patch(es)")
+        print(f"slide {slide_id}: {len(bad)} damaged entr{'y' if len(bad) == 1 else 'ies'}")
         for key, why in bad[:max_listed]:
             print(f"  {key}: {why}")
         if len(bad) > max_listed:
@@ -93,6 +93,11 @@ def verify(path: str | Path, decode: bool = False, max_listed: int = 20) -> int:
         print(
             f"{len(report.unchecked)} slide(s) have no checksums (cache format 1): their patches were decoded "
             "instead; re-run preprocess into a new --out to add checksums"
+        )
+    if report.unchecked_meta:
+        print(
+            f"{len(report.unchecked_meta)} slide(s) have no metadata checksum (written by an older version); "
+            "re-run preprocess with --overwrite on them to add one"
         )
     n_bad = sum(len(v) for v in report.damaged.values())
     verdict = "OK" if report.ok else "DAMAGED"

@@ -20,11 +20,14 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from e2e_wsi.cache.identity import identity_change
 from e2e_wsi.cache.lock import CacheLock, CacheLockedError
-from e2e_wsi.cache.store import LMDB_SUFFIX, CacheWriter, read_staged
+from e2e_wsi.cache.store import LMDB_SUFFIX, CacheWriter, read_staged, write_failure
 from e2e_wsi.cache.worker import DEFAULT_MAX_PIXELS, PreprocessConfig, SlideJob, process_slide
+from e2e_wsi.errors import UserError
 from e2e_wsi.slides.backends import backend_names
 from e2e_wsi.slides.backends.base import is_url
+from e2e_wsi.slides.mpp import check_mpp
 from e2e_wsi.slides.sources import find_slides, slide_id_of
 from e2e_wsi.slides.tiling import GRID_ANCHORS
 
@@ -64,10 +67,7 @@ def jobs_from_manifest(manifest: str | Path) -> list[SlideJob]:
             raise ValueError(f"{manifest} line {line}: slide_id {slide_id!r} repeats line {seen[slide_id]}")
         seen[slide_id] = line
         mpp_text = row.get("mpp") if isinstance(row.get("mpp"), str) else ""
-        try:
-            mpp = float(mpp_text) if mpp_text else None
-        except ValueError:
-            raise ValueError(f"{manifest} line {line}: mpp {mpp_text!r} is not a number") from None
+        mpp = check_mpp(mpp_text, f"{manifest} line {line}") if mpp_text else None
         path: Path | str = (
             rel if is_url(rel) else Path(rel) if Path(rel).is_absolute() else manifest.parent / rel
         )
@@ -170,17 +170,27 @@ def preprocess(
         CacheLockedError: If another run is writing the same shard of ``out_dir``.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise write_failure(out_dir, err) or err from None
     jobs = [j for j in jobs if in_shard(j.slide_id, shard)]
     if dupes := sorted({j.slide_id for j in jobs if sum(k.slide_id == j.slide_id for k in jobs) > 1}):
         raise ValueError(f"slide ids repeat: {dupes[:5]}; give each slide file a unique id")
     lmdb_path = out_dir / shard_name(shard)
-    with CacheLock(out_dir / f".{shard_name(shard)}.lock", what=f"cache {lmdb_path}"):
+    lock = CacheLock(out_dir / f".{shard_name(shard)}.lock", what=f"cache {lmdb_path}")
+    try:
+        lock.acquire()
+    except OSError as err:
+        raise write_failure(out_dir, err) or err from None
+    try:
         rows = _preprocess_locked(
             jobs, out_dir, lmdb_path, config, workers, shard, overwrite, qc, progress, map_size
         )
         ordered = [rows[j.slide_id] for j in jobs if j.slide_id in rows]
         _write_summary(out_dir / summary_name(shard), ordered, config, shard)
+    finally:
+        lock.release()
     return ordered
 
 
@@ -207,6 +217,8 @@ def _preprocess_locked(
         if qc_dir is not None:
             qc_dir.mkdir(exist_ok=True)
         for record in _run(todo, config, staging, qc_dir, workers, progress):
+            if record.get("disk_full"):  # every later slide would fail alike: stop with one message
+                raise UserError(record["reason"])
             rows[record["slide_id"]] = _commit(writer, record)
         shutil.rmtree(staging, ignore_errors=True)
         try:
@@ -235,13 +247,24 @@ def _split_cached(
             + ". Re-run with --overwrite to replace them, or use another --out."
         )
     rows: dict[str, dict[str, Any]] = {}
-    todo = []
+    todo, changed = [], []
     for job in jobs:
         old = existing.get(job.slide_id)
-        if old is not None and old.get("params") == config.params(job.mpp):
-            rows[job.slide_id] = _ok_row(job, old, cached=True)
-        else:
+        if old is None or old.get("params") != config.params(job.mpp):
             todo.append(job)
+        elif (why := identity_change(old, job.path)) is not None:
+            changed.append(f"{job.slide_id} ({why})")
+            todo.append(job)
+        else:
+            rows[job.slide_id] = _ok_row(job, old, cached=True)
+    if changed and not overwrite:
+        raise UserError(
+            f"{len(changed)} slide(s) in {writer.path} were tiled from a different file than the one given "
+            "now (same id, other file): "
+            + "; ".join(changed[:5])
+            + ("; ..." if len(changed) > 5 else "")
+            + ". Re-run with --overwrite to re-tile them, or use another --out."
+        )
     return rows, todo
 
 

@@ -17,8 +17,11 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from e2e_wsi.annotations.geojson import AnnotationRules, annotate_tissue, write_tissue_geojson
+from e2e_wsi.cache.identity import file_identity
 from e2e_wsi.cache.store import FORMAT_VERSION, append_staged, mag_key
+from e2e_wsi.errors import UserError
 from e2e_wsi.slides.backends.base import is_url
+from e2e_wsi.slides.mpp import check_mpp
 from e2e_wsi.slides.reader import DEFAULT_MAX_PIXELS, Slide, SlideError, open_slide
 from e2e_wsi.slides.tiling import (
     GRID_ANCHORS,
@@ -37,11 +40,12 @@ from e2e_wsi.slides.tissue import (
     segment_tissue,
     segmentation_downsample,
 )
-from e2e_wsi.utils import validate_slide_id
+from e2e_wsi.utils import DISK_FULL_ERRNOS, validate_slide_id
 
 if TYPE_CHECKING:  # torch is imported only when a slide is stain-normalised
     from e2e_wsi.data.stain import StainNormalizer
 
+MIN_MAGNIFICATION = 0.1  # documented limit (docs/tiling.md, "Limits")
 _PROGRESS_EVERY = 64  # patches between progress messages (keeps queue traffic negligible)
 _QC_MIN_SIDE = 768  # QC images are upscaled (nearest) to at least this longest side
 
@@ -96,6 +100,11 @@ class PreprocessConfig:
         if not self.magnifications:
             raise ValueError("give at least one magnification (e.g. --magnifications 10 5)")
         keys = [mag_key(m) for m in self.magnifications]  # validates positivity
+        if low := [k for k, m in zip(keys, self.magnifications, strict=True) if m < MIN_MAGNIFICATION]:
+            raise UserError(
+                f"--magnifications {' '.join(low)}: below the limit of {MIN_MAGNIFICATION:g}x (a 256-px patch at "
+                f"{MIN_MAGNIFICATION:g}x covers 2.6 cm of tissue; docs/tiling.md, Limits)"
+            )
         if len(set(keys)) != len(keys):
             raise ValueError(f"magnifications repeat: {keys}")
         if not 16 <= self.patch_size <= 4096:
@@ -106,6 +115,8 @@ class PreprocessConfig:
             raise ValueError(f"tissue threshold must be in [0, 1), got {self.tissue_threshold}")
         if not 0.0 <= self.min_coverage <= 1.0:
             raise ValueError(f"min coverage must be in [0, 1], got {self.min_coverage}")
+        if self.mpp is not None:
+            check_mpp(self.mpp, "--mpp")
         if self.grid_anchor not in GRID_ANCHORS:
             raise ValueError(f"grid anchor must be one of {list(GRID_ANCHORS)}, got {self.grid_anchor!r}")
 
@@ -177,9 +188,17 @@ def process_slide(
     except ValueError as err:  # invalid slide id
         record.update(status="failed", reason=" ".join(str(err).split()))
     except Exception as err:  # noqa: BLE001 - one bad slide must never stop the batch
-        record.update(
-            status="failed", reason=f"unexpected {type(err).__name__}: {' '.join(str(err).split())}"
-        )
+        if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
+            record.update(
+                status="failed",
+                disk_full=True,  # preprocess stops: every later slide would fail alike
+                reason=f"cannot write {err.filename or staging_dir} ({err.strerror}): free disk space in "
+                "the cache folder and re-run preprocess (slides already committed are kept and skipped)",
+            )
+        else:
+            record.update(
+                status="failed", reason=f"unexpected {type(err).__name__}: {' '.join(str(err).split())}"
+            )
     record["seconds"] = round(time.perf_counter() - start, 3)
     return record
 
@@ -197,10 +216,19 @@ def _tile_slide(
     progress: ProgressSink | None,
 ) -> tuple[dict[str, Any], Path]:
     """Detect tissue, plan the grids, stage the patches and draw the QC image of one open slide."""
+    identity = file_identity(job.path)  # before reading: a file replaced meanwhile is re-tiled next time
     tissue = detect_tissue(slide, config.tissue)
     # QuPath include/exclude regions edit the mask; tissue contours go out as GeoJSON (e2e_wsi.annotations).
     if config.annotations is not None:
         tissue = annotate_tissue(tissue, slide_id, slide.dimensions, config.annotations)
+        if not tissue.mask.any():
+            rules = config.annotations
+            raise SlideError(
+                slide.path,
+                f"annotation removed all tissue: the regions of {rules.file_for(slide_id)} (include "
+                f"{list(rules.include)}, exclude {list(rules.exclude)}) leave none of the detected tissue; check "
+                "the file's classes and coordinates, or --include-classes/--exclude-classes",
+            )
     if config.geojson_dir is not None:
         write_tissue_geojson(tissue, Path(config.geojson_dir) / f"{slide_id}.geojson")
     specs = [grid_spec(slide, m, config.patch_size) for m in config.magnifications]
@@ -213,7 +241,8 @@ def _tile_slide(
     _stage_patches(slide, specs, grids, config, staging, progress, _patch_normaliser(config, tissue))
     if qc_dir is not None:
         _write_qc(qc_dir / f"{slide_id}.png", tissue, grids[0][0], specs[0], stats[0])
-    return _slide_meta(slide, slide_id, job, config, tissue, specs, grids, stats), staging
+    meta = _slide_meta(slide, slide_id, job, config, tissue, specs, grids, stats)
+    return {**meta, "source_identity": identity}, staging
 
 
 def detect_tissue(slide: Slide, params: TissueParams) -> TissueMask:

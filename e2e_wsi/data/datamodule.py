@@ -210,6 +210,9 @@ class WSIDataModule(pl.LightningDataModule):
             df["split"] = make_splits(
                 df, hp.split_ratios, hp.split_seed, fold=hp.fold, num_folds=hp.num_folds
             )
+        if stage == "fit":  # refuse a split that cannot teach the task before any training
+            source = f"split file {hp.split_file}" if hp.split_file else f"manifest {self.manifest_path}"
+            self.spec.check_training(df[df["split"] == "train"], source)
         self.num_classes = self.spec.num_classes(df, self.num_classes)
         if hp.get("survival_bins", "train") == "cohort":  # official rule: bins from every case, test included
             self.target_state = self.spec.fit_targets(self.spec.bag_units(df), self.num_classes)

@@ -34,12 +34,17 @@ class _SlideLister(Protocol):
     def slide_ids(self) -> list[str]: ...
 
 
+# Columns whose cells are read literally: "nan" in an mpp column is a bad value to refuse, not a blank.
+LITERAL_COLUMNS = ("mpp",)
+
+
 def read_table(path: str | Path) -> pd.DataFrame:
     """Read a manifest CSV as strings, the one reader every verb uses (``preprocess``, ``fit``, ...).
 
     Column names are stripped of spaces and of a UTF-8 byte-order mark (Excel writes one), cells of
     surrounding spaces, and rows that are entirely blank are dropped. A ``line`` column holds each row's
-    line number in the file (the header is line 1), for messages.
+    line number in the file (the header is line 1), for messages. Cells of :data:`LITERAL_COLUMNS` keep
+    their text (``"nan"`` stays ``"nan"``); only empty ones are missing.
 
     Raises:
         FileNotFoundError: If the file is missing.
@@ -64,6 +69,14 @@ def read_table(path: str | Path) -> pd.DataFrame:
             f"manifest {path} is not a readable UTF-8 CSV: {' '.join(str(exc).split())}"
         ) from None
     df.columns = [str(c).replace("\ufeff", "").strip() for c in df.columns]
+    literal = [i for i, c in enumerate(df.columns) if c in LITERAL_COLUMNS]
+    if literal:
+        raw = pd.read_csv(
+            path, dtype=str, skip_blank_lines=False, keep_default_na=False, na_values=[""],
+            usecols=literal, encoding="utf-8-sig",
+        )  # fmt: skip
+        for i, values in zip(literal, raw.T.to_numpy(), strict=True):
+            df[df.columns[i]] = values
     df["line"] = np.arange(2, len(df) + 2)
     df = df[df.drop(columns="line").notna().any(axis=1)].reset_index(drop=True)
     for column in df.columns:
@@ -98,13 +111,15 @@ def _check_ids(df: pd.DataFrame, errors: list[str], cache: _SlideLister | None) 
 
 
 def _case_id_problem(case_id: str) -> str | None:
-    """Why a case id cannot be used (it names prediction rows and survival bags), or ``None``."""
-    if any(ch.isspace() for ch in case_id):
-        return "contains white space; use letters, digits, '-', '_' or '.'"
-    if any(ch in case_id for ch in '/\\,"'):
-        return "contains '/', '\\', ',' or '\"'; use letters, digits, '-', '_' or '.'"
-    if not case_id.isprintable():
-        return "contains control characters"
+    """Why a case id cannot be used, or ``None``: the slide-id rule, checked here for every verb alike
+    (case ids name prediction rows and survival bag files, which ``test`` and ``evaluate`` check)."""
+    try:
+        validate_slide_id(case_id, "case_id")
+    except ValueError:
+        return (
+            "is not a valid id: use 1-128 characters from [A-Za-z0-9._-], not starting with '.' and "
+            "without '..' (the rule of slide ids)"
+        )
     return None
 
 

@@ -55,7 +55,16 @@ def _parser() -> argparse.ArgumentParser:
         "--slides", nargs="+", help="slide files or folders of slide files (id = file name stem)"
     )
     source.add_argument("--manifest", help="CSV with slide_id,path[,mpp]; no label column needed")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder (must be empty unless --overwrite or --add)")
+    existing = p.add_mutually_exclusive_group()
+    existing.add_argument(
+        "--overwrite", action="store_true", help="replace the predictions already in --out (default: refuse)"
+    )
+    existing.add_argument(
+        "--add",
+        action="store_true",
+        help="add these slides to the predictions already in --out, one row per slide (same model only)",
+    )
     p.add_argument("--mpp", type=float, default=None, help="um/px for slides without magnification metadata")
     p.add_argument("--cache_dir", default=None, help="where new slides are tiled (default OUT/cache)")
     p.add_argument("--workers", type=int, default=0, help="tiling processes (0 = none)")
@@ -168,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.quiet,
             annotations=annotation_rules(args, jobs),
             stain=stain_option(args),
+            out_mode="overwrite" if args.overwrite else "add" if args.add else "new",
         )
         summary = predict_slides(ensemble, jobs, args.out, options)
     except (ValueError, FileNotFoundError, SlideError) as err:

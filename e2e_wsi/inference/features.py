@@ -28,7 +28,7 @@ from e2e_wsi.slides.backends.base import is_url
 from e2e_wsi.slides.reader import Slide, open_slide
 from e2e_wsi.slides.sources import slide_exists
 from e2e_wsi.utils import validate_slide_id
-from e2e_wsi.viz.heatmap import SlideAttention, find_truth_mask, format_caption
+from e2e_wsi.viz.heatmap import SlideAttention, check_coords, find_truth_mask, format_caption
 
 # Patch side assumed for a single-patch slide of a folder without provenance: CLAM's and TRIDENT's default.
 _DEFAULT_PATCH = 256
@@ -150,7 +150,9 @@ def feature_attention(
         with open_slide(slide_file.path, slide_mpp=slide_file.mpp) as slide:
             side, dims = feature_geometry(coords, info.provenance, slide)
     else:
+        check_coords(coords, (2**62, 2**62), f"features of slide {slide_id!r} in {folder.path}")
         side, dims = feature_geometry(coords, info.provenance, None)
+    check_coords(coords, dims, f"features of slide {slide_id!r} in {folder.path}")
     att = SlideAttention(slide_id, out["attention"][0].float().numpy(), coords, side, dims)
     return att, out
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from e2e_wsi.annotations.geojson import (
     AnnotationRules,
     feature_collection,
@@ -16,7 +18,16 @@ from e2e_wsi.annotations.geojson import (
 )
 from e2e_wsi.cache.worker import SlideJob
 from e2e_wsi.inference.heatmaps import write_heatmap
-from e2e_wsi.inference.outputs import attention_frame, predictions_frame, write_csv, write_json
+from e2e_wsi.inference.outputs import (
+    OutMode,
+    attention_frame,
+    merge_previous,
+    out_lock,
+    predictions_frame,
+    prepare_out,
+    write_csv,
+    write_json,
+)
 from e2e_wsi.inference.params import preprocess_config
 from e2e_wsi.inference.predict import Ensemble, SlidePrediction
 from e2e_wsi.inference.slides import TILING_KEYS, tile_for_inference
@@ -39,6 +50,8 @@ class PredictOptions:
         progress: Progress bars.
         annotations: QuPath regions per new slide (``DIR/<slide_id>.geojson``) to tile or leave out.
         stain: Stain normaliser for new slides of a run trained without one (``--stain_normalization``).
+        out_mode: What to do with an output folder that already holds predictions: ``new`` refuses it,
+            ``overwrite`` replaces them, ``add`` adds these slides (one row per slide).
     """
 
     mpp: float | None = None
@@ -49,6 +62,7 @@ class PredictOptions:
     progress: bool = True
     annotations: AnnotationRules | None = None
     stain: Any = None
+    out_mode: OutMode = "new"
 
 
 def predict_slides(
@@ -66,11 +80,25 @@ def predict_slides(
 
     Returns:
         The summary written to ``OUT/summary.json``.
-    """
-    from tqdm import tqdm
 
+    Raises:
+        UserError: If ``out`` holds earlier outputs and ``options.out_mode`` is ``new``, or another
+            ``predict`` is writing it.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    with out_lock(out):
+        cache_dir = Path(options.cache_dir) if options.cache_dir else None
+        previous = prepare_out(out, options.out_mode, cache_dir)
+        return _predict_locked(ensemble, jobs, out, options, previous)
+
+
+def _predict_locked(
+    ensemble: Ensemble, jobs: Sequence[SlideJob], out: Path, options: PredictOptions, previous: dict | None
+) -> dict[str, Any]:
+    """The body of :func:`predict_slides`, run while holding the output folder's lock."""
+    from tqdm import tqdm
+
     first = ensemble.members[0]
     params = _shared_params(ensemble)
     config = preprocess_config(
@@ -101,16 +129,21 @@ def predict_slides(
             except (SlideError, ValueError, OSError) as err:
                 record.update(status="failed", reason=" ".join(str(err).split()))
         records[job.slide_id] = record
-    write_csv(predictions_frame(preds, ensemble.task_kind), out / "predictions.csv")
     summary = {
         "task": ensemble.task_kind,
         "checkpoints": [str(c) for c in ensemble.checkpoints],
+        "class_names": ensemble.class_names,
         "magnifications": ensemble.magnifications,
         "patch_size": ensemble.patch_size,
         "preprocess": params,
         "counts": {s: sum(r["status"] == s for r in records.values()) for s in ("ok", "failed")},
         "slides": [records[j.slide_id] for j in jobs],
     }
+    frame = predictions_frame(preds, ensemble.task_kind, ensemble.class_names)
+    kept = merge_previous(previous, summary, out)  # --add: earlier slides first, one row per slide
+    if kept is not None and len(kept):
+        frame = pd.concat([kept, frame], ignore_index=True)
+    write_csv(frame, out / "predictions.csv")
     write_json(summary, out / "summary.json")
     return summary
 

@@ -12,6 +12,7 @@ import torch
 from e2e_wsi.cache.store import PatchCache, mag_key
 from e2e_wsi.data.datasets import Bag, EvalBagDataset
 from e2e_wsi.data.transforms import OFFICIAL_EVAL_CROP_FRACTION, EvalTransform
+from e2e_wsi.errors import UserError
 from e2e_wsi.models.module import SlideModule
 from e2e_wsi.runs.loading import LoadedRun, load_runs
 from e2e_wsi.tasks import get_task_spec
@@ -128,9 +129,13 @@ class Ensemble:
     Args:
         members: The loaded models (at least one).
 
+    Members whose runs name their classes (``data.class_names``) in another order are aligned by name
+    (each member's probabilities are reordered to the first member's class order before averaging).
+
     Raises:
-        ValueError: If members differ in task, number of outputs, or evaluation magnifications / patch
-            size (they would not see the same patches); the message names the checkpoints.
+        UserError: If members differ in task, number of outputs, class names, or evaluation
+            magnifications / patch size (they would not see the same patches); the message names the
+            checkpoints.
     """
 
     def __init__(self, members: Sequence[LoadedRun]) -> None:
@@ -159,6 +164,7 @@ class Ensemble:
                     f"{first.eval_magnifications}x/{first.eval_patch_size}px, {m.checkpoint} "
                     f"{m.eval_magnifications}x/{m.eval_patch_size}px"
                 )
+        self._orders = [class_order(first, m) for m in self.members]
 
     @classmethod
     def from_runs(cls, run: str | Path | None, ckpts: Sequence[str | Path] | None = None) -> Ensemble:
@@ -176,6 +182,13 @@ class Ensemble:
     @property
     def patch_size(self) -> int:
         return self.members[0].eval_patch_size
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """Names of the output classes in column order (the first member's), or ``None`` if unnamed."""
+        names = self.members[0].data.get("class_names")
+        has_classes = get_task_spec(self.task_kind).has_classes
+        return [str(n) for n in names] if names and has_classes else None
 
     @property
     def checkpoints(self) -> list[Path]:
@@ -200,8 +213,39 @@ class Ensemble:
         meta = cache.meta(slide_id)["magnifications"]
         sizes = np.array([int(meta[mag_key(float(m))]["size_level0"]) for m in mags], dtype=np.int64)
         spec = get_task_spec(self.task_kind)
-        members = [{k: o[k][0].double().numpy() for k in spec.prediction_keys} for o in outs]
+        members = [
+            _aligned({k: o[k][0].double().numpy() for k in spec.prediction_keys}, order)
+            for o, order in zip(outs, self._orders, strict=True)
+        ]
         return SlidePrediction(slide_id, spec.combine(members), attention, mags, sizes)
+
+
+def _aligned(preds: dict[str, np.ndarray], order: list[int]) -> dict[str, np.ndarray]:
+    """A member's predictions with its class probabilities put in the ensemble's class order."""
+    return {**preds, "probs": preds["probs"][order]} if "probs" in preds else preds
+
+
+def class_order(first: LoadedRun, member: LoadedRun) -> list[int]:
+    """Column ``j`` of ``member``'s probabilities that holds ``first``'s class ``i``, for every ``i``.
+
+    Runs without ``data.class_names`` are taken in index order (nothing to align by).
+
+    Raises:
+        UserError: If one run names its classes and the other does not, or their names differ.
+    """
+    k = _outputs(member)
+    if not get_task_spec(first.task_kind).has_classes:
+        return list(range(k))
+    a, b = first.data.get("class_names"), member.data.get("class_names")
+    if not a and not b:
+        return list(range(k))
+    if not a or not b or sorted(map(str, a)) != sorted(map(str, b)):
+        raise UserError(
+            f"checkpoints predict different classes: {first.checkpoint} has class_names {a}, "
+            f"{member.checkpoint} has {b}; an ensemble needs runs trained on the same classes"
+        )
+    position = {str(name): j for j, name in enumerate(b)}
+    return [position[str(name)] for name in a]
 
 
 def _outputs(member: LoadedRun) -> int:

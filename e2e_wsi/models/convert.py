@@ -35,6 +35,8 @@ from collections.abc import Mapping
 
 import torch
 
+from e2e_wsi.errors import UserError
+
 # (official pattern, our replacement); the first match wins. Patterns see names without the
 # ``module.`` (DDP / EMA) prefixes.
 _RULES: list[tuple[str, str]] = [
@@ -76,15 +78,35 @@ def official_weights(checkpoint: Mapping, which: str = "auto") -> dict[str, torc
     """
     if which not in ("auto", "model", "teacher"):
         raise ValueError(f"which must be auto, model or teacher, got {which!r}")
+    _require_mapping(checkpoint, "the file")
     if not any(k in checkpoint for k in ("model", "teacher")):
         if which == "teacher":
             raise ValueError("this file is a bare state dict: it has no EMA ('teacher') weights")
-        return dict(checkpoint)
+        return _state_dict(checkpoint, "the file")
     if which == "auto":
         which = "teacher" if checkpoint.get("teacher") is not None else "model"
     if checkpoint.get(which) is None:
         raise ValueError(f"the checkpoint has no {which!r} weights (keys: {sorted(checkpoint)})")
-    return dict(checkpoint[which])
+    return _state_dict(checkpoint[which], f"its {which!r} entry")
+
+
+def _require_mapping(value: object, what: str) -> None:
+    if not isinstance(value, Mapping):
+        raise UserError(
+            f"{what} holds a {type(value).__name__}, not a checkpoint: an official checkpoint is a dict "
+            "with 'model' (and 'teacher') state dicts, or a state dict of named tensors"
+        )
+
+
+def _state_dict(value: object, what: str) -> dict[str, torch.Tensor]:
+    """``value`` as a state dict, refusing anything but a mapping of names to tensors."""
+    _require_mapping(value, what)
+    bad = [k for k, v in value.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]  # type: ignore[union-attr]
+    if bad:
+        raise UserError(
+            f"{what} is not a state dict: entry {bad[0]!r} is not a named tensor; pass an official checkpoint"
+        )
+    return dict(value)  # type: ignore[arg-type]
 
 
 # Wrapper prefixes in front of the official names: DDP / EMA ``module.`` and torch.compile's

@@ -17,6 +17,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from e2e_wsi.data.transforms import IMAGENET_MEAN, IMAGENET_STD, check_channel_order, normalize_images
+from e2e_wsi.errors import UserError
 from e2e_wsi.features.store import describe_difference
 from e2e_wsi.models.aggregators import ABMILX
 from e2e_wsi.models.encoders import PrecomputedFeatures, ResNetEncoder
@@ -258,10 +259,40 @@ class SlideModule(L.LightningModule):
             self.feature_settings = settings
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # What the weights were trained for, so a resume or an evaluation with another task is refused.
+        checkpoint["e2e_wsi_task"] = {"kind": str(self.task.kind), "task": type(self.task).__name__}
         if not isinstance(self.encoder, PrecomputedFeatures):
             checkpoint[INPUT_CONTRACT_KEY] = self.input_contract()
         else:
             checkpoint[FEATURES] = {"dim": self.encoder.out_dim, "settings": self.feature_settings}
+
+    def _check_checkpoint_task(self, checkpoint: dict) -> None:
+        """The checkpoint's task (recorded since this version) and head shapes must be this model's.
+
+        Raises:
+            UserError: Naming both tasks, or the head's shapes for checkpoints without a recorded task.
+        """
+        saved = checkpoint.get("e2e_wsi_task") or {}
+        now = {"kind": str(self.task.kind), "task": type(self.task).__name__}
+        advice = (
+            "use the config of the checkpoint's own run (RUN/config.yaml), or start a new run without "
+            "--ckpt_path"
+        )
+        if saved and saved != now:
+            raise UserError(
+                f"the checkpoint was trained for a {saved.get('kind')} task ({saved.get('task')}) but model.task "
+                f"here is {now['kind']} ({now['task']}): {advice}"
+            )
+        if not self.built:
+            return
+        state = checkpoint.get("state_dict") or {}
+        for name, value in self.head.state_dict().items():
+            theirs = state.get(f"head.{name}")
+            if theirs is not None and tuple(theirs.shape) != tuple(value.shape):
+                raise UserError(
+                    f"the checkpoint's head.{name} is {tuple(theirs.shape)} but model.task here gives "
+                    f"{tuple(value.shape)}: it was trained for another task or number of classes; {advice}"
+                )
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Apply the checkpoint's input contract; fit converted EMA keys; build a lazy feature model.
@@ -269,7 +300,9 @@ class SlideModule(L.LightningModule):
         A checkpoint's ``e2e_wsi_input`` (channel order, evaluation resize) describes its weights and
         wins over the config's encoder settings. A checkpoint written by ``e2e-wsi convert`` gets its
         ``ema.*`` keys filled from (or dropped to) what this model has, so no ``--ema`` flag is needed.
+        A checkpoint of another task is refused first.
         """
+        self._check_checkpoint_task(checkpoint)
         contract = checkpoint.get(INPUT_CONTRACT_KEY)
         if contract is not None and not isinstance(self.encoder, PrecomputedFeatures):
             if contract != self.input_contract():

@@ -78,6 +78,25 @@ def _torch_load(path: Path) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
 
 
+# torch.save writes a zip archive (since torch 1.6) or, in the legacy format, a pickle stream (protocol 2+).
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def not_a_torch_file(path: Path) -> str | None:
+    """Why ``path`` cannot be a ``torch.save`` file (judged from its first bytes), or ``None``.
+
+    Lets a slide, a CSV or a text file be named as such instead of as an "unsafe pickle".
+    """
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if any(head.startswith(m) for m in _TORCH_MAGIC):
+        return None
+    return (
+        f"it starts with {head!r}, not with the bytes of a file written by torch.save (a zip archive or a "
+        "pickle stream); pass a .ckpt/.pt/.pth checkpoint"
+    )
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a Lightning checkpoint safely (:func:`load_torch_file`, then a ``state_dict`` must be there).
 
@@ -166,6 +185,8 @@ def load_torch_file(path: str | Path) -> Any:
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"checkpoint {file} not found")
+    if (why := not_a_torch_file(file)) is not None:
+        raise UserError(f"{file} is not a checkpoint: {why}")
     try:
         ckpt = _torch_load(file)
     except pickle.UnpicklingError as err:
@@ -177,5 +198,8 @@ def load_torch_file(path: str | Path) -> Any:
             "torch.save in a trusted session"
         ) from None
     except (RuntimeError, EOFError, KeyError, OSError) as err:
-        raise UserError(f"cannot read checkpoint {file}: {err}") from None
+        raise UserError(
+            f"cannot read checkpoint {file} ({type(err).__name__}: {' '.join(str(err).split())}): "
+            "it is damaged or not a checkpoint; copy it again"
+        ) from None
     return ckpt

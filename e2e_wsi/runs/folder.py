@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from e2e_wsi.cache.lock import FolderLock
+
 DEFAULT_RUN_DIR = "runs/default"
 LAST_CHECKPOINT = "last.ckpt"
 CHECKPOINT_SUFFIX = ".ckpt"
@@ -112,6 +114,16 @@ class RunFolder:
     def checkpoint(self, name: str) -> Path:
         """``checkpoints/<name>`` (``last.ckpt``, ``best-epoch=3.ckpt`` ...), whether or not it exists."""
         return self.checkpoints_dir / name
+
+    def fit_lock(self) -> FolderLock:
+        """The lock ``fit`` holds on this folder while it trains (``RUN/.fit.lock``), so a second ``fit``
+        into the same ``--run_dir`` is refused, naming the holder, instead of mixing checkpoints."""
+        return FolderLock(
+            self.root / ".fit.lock",
+            what=f"run folder {self.root}",
+            holder="another `e2e-wsi fit`",
+            advice="use another --run_dir",
+        )
 
     def last_checkpoint(self) -> Path | None:
         """``checkpoints/last.ckpt`` when it exists (the state after the latest epoch)."""

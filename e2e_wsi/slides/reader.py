@@ -26,6 +26,7 @@ from PIL import Image
 from e2e_wsi.slides.backends import open_backend
 from e2e_wsi.slides.backends.base import SlideBackend, is_url
 from e2e_wsi.slides.errors import SlideError
+from e2e_wsi.slides.mpp import mpp_problem
 from e2e_wsi.slides.sources import slide_exists
 
 # Relative slack when matching a pyramid level to a requested downsample: level sizes are rounded, so a
@@ -91,11 +92,9 @@ def resolve_resolution(
     Raises:
         SlideError: If an override is not a positive number, or nothing gives the magnification.
     """
-    for name, value in (("per-slide mpp", slide_mpp), ("--mpp", global_mpp)):
-        if value is not None and _positive_float(value) is None:
-            raise SlideError(
-                path, f"{name} override {value!r} is not a positive number of micrometres per pixel"
-            )
+    for name, value in (("per-slide", slide_mpp), ("--mpp", global_mpp)):
+        if value is not None and (why := mpp_problem(value)) is not None:
+            raise SlideError(path, f"{name} override: {why}")
     if slide_mpp is not None:
         mpp = float(slide_mpp)
         return Resolution(mpp, 10.0 / mpp, "slide override")
@@ -115,6 +114,10 @@ def resolve_resolution(
         mpp_meta = 10.0 / power  # type: ignore[operator]
     if power is None:
         power = 10.0 / mpp_meta
+    if (why := mpp_problem(mpp_meta)) is not None:
+        raise SlideError(
+            path, f"the file's metadata: {why}; give the right one with a manifest mpp column or --mpp"
+        )
     return Resolution(mpp_meta, power, "metadata")
 
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import pandas as pd
 
+from e2e_wsi.errors import UserError
 from e2e_wsi.tasks import _checks as C
 
 if TYPE_CHECKING:  # torch is imported by the methods that need it: `e2e-wsi synth` workers do not
@@ -112,6 +113,19 @@ class TaskSpec(ABC):
     @abstractmethod
     def finish_manifest(self, df: pd.DataFrame) -> None:
         """Cast the parsed truth columns of an error-free manifest to their final dtypes, in place."""
+
+    def check_training(self, train: pd.DataFrame, source: str) -> None:
+        """Refuse a training split that cannot teach the task, before training starts (default: any).
+
+        Args:
+            train: The parsed manifest rows of the training split.
+            source: Where the split came from (manifest, split file), for the message.
+
+        Raises:
+            UserError: Naming ``source`` and what to fix.
+        """
+        if train.empty:
+            raise UserError(f"{source}: the training split is empty; give some slides split 'train'")
 
     def num_classes(self, df: pd.DataFrame, given: int | None) -> int | None:
         """The data module's ``num_classes`` after the manifest is read (``given``, or inferred)."""

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from e2e_wsi.errors import UserError
 from e2e_wsi.tasks import _checks as C
 from e2e_wsi.tasks import metrics as M
 from e2e_wsi.tasks import register_task_spec
@@ -68,6 +69,18 @@ QWK = MetricDef("qwk", _labelled(M.quadratic_weighted_kappa).fn)
 KAPPA = MetricDef("kappa", _labelled(M.unweighted_kappa).fn)
 
 
+def _check_case_labels(df: pd.DataFrame, errors: list[str]) -> None:
+    """A case is one patient: its slides must share one label (as they share time/event in survival)."""
+    for case_id, group in df.dropna(subset=["label"]).groupby("case_id", sort=False):
+        if group["label"].nunique() > 1:
+            lines = ", ".join(str(v) for v in group["line"])
+            labels = sorted(int(v) for v in group["label"].unique())
+            errors.append(
+                f"lines {lines} (case_id {case_id!r}): slides of one case have different labels {labels}; "
+                "fix the labels, or give slides of different patients different case_ids"
+            )
+
+
 @register_task_spec
 class ClassificationSpec(TaskSpec):
     """One class per slide (subtyping, diagnosis)."""
@@ -112,11 +125,22 @@ class ClassificationSpec(TaskSpec):
         if k is None:
             k = max(valid) + 1 if valid else 0
         df["label"] = pd.array(parsed, dtype="Int64")
+        _check_case_labels(df, errors)
         counts = np.bincount(np.asarray(valid, dtype=np.int64), minlength=k) if k else np.zeros(0)
         for cls in np.flatnonzero(counts == 0):
             name = f" ({class_names[cls]!r})" if class_names else ""
             errors.append(
                 f"class {cls}{name} has no slide in the manifest: fix num_classes/class_names or the labels"
+            )
+
+    def check_training(self, train: pd.DataFrame, source: str) -> None:
+        """A training split of a single class teaches nothing: refused (issue 21)."""
+        super().check_training(train, source)
+        classes = sorted(int(v) for v in train["label"].unique())
+        if len(classes) < 2:
+            raise UserError(
+                f"{source}: every training slide has label {classes[0]} ({len(train)} slides): a {self.kind} "
+                "model needs at least two classes in training; check the labels or the split"
             )
 
     def finish_manifest(self, df: pd.DataFrame) -> None:
@@ -204,7 +228,9 @@ class GradingSpec(ClassificationSpec):
     """An ordinal class per slide (e.g. ISUP 0-5): balanced accuracy, accuracy, Cohen's kappa, QWK."""
 
     kind = "grading"
-    description = "an ordinal class per slide (e.g. ISUP 0-5); balanced accuracy, accuracy, kappa, quadratic kappa"
+    description = (
+        "an ordinal class per slide (e.g. ISUP 0-5); balanced accuracy, accuracy, kappa, quadratic kappa"
+    )
     # The paper's PANDA "Acc" is the official class-averaged accuracy: torchmetrics
     # Accuracy(task="multiclass", average="macro") (engines/metrics.py:145), with unweighted kappa as "CK"
     # (engines/metrics.py:150); the challenge's quadratic kappa is reported beside them.

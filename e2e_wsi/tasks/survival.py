@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from e2e_wsi.errors import UserError
 from e2e_wsi.tasks import _checks as C
 from e2e_wsi.tasks import metrics as M
 from e2e_wsi.tasks import register_task_spec
@@ -89,6 +90,15 @@ class SurvivalSpec(TaskSpec):
                 errors.append(
                     f"lines {lines} (case_id {case_id!r}): slides of one case disagree on time/event"
                 )
+
+    def check_training(self, train: pd.DataFrame, source: str) -> None:
+        """Censored cases only: the Cox and discrete-time losses learn nothing (issue 21)."""
+        super().check_training(train, source)
+        if int(train["event"].sum()) == 0:
+            raise UserError(
+                f"{source}: no training case has an event (event = 1): a survival model cannot learn from "
+                f"censored cases only ({len(train)} slides); check the event column"
+            )
 
     def finish_manifest(self, df: pd.DataFrame) -> None:
         df["time"] = df["time"].astype("float64")

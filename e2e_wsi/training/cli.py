@@ -23,6 +23,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback, instantiate_class
 
 from e2e_wsi.data.datamodule import WSIDataModule
+from e2e_wsi.errors import UserError
 from e2e_wsi.evaluation.bootstrap import check_resamples
 from e2e_wsi.models.module import SlideModule
 from e2e_wsi.models.tasks import Task, default_task
@@ -38,6 +39,7 @@ from e2e_wsi.training.callbacks import (
     TestReportWriter,
     defined_metric_class_path,
 )
+from e2e_wsi.utils import DISK_FULL_ERRNOS
 
 
 class RunConfigSaver(SaveConfigCallback):
@@ -123,6 +125,8 @@ class E2ECLI(LightningCLI):
                 class_path="lightning.pytorch.loggers.TensorBoardLogger",
                 init_args=Namespace(save_dir=str(run_dir), name="", version=""),
             )
+        if subcommand == "fit":
+            _lock_run_folder(run)
         _cpu_safe_precision(cfg.trainer)
         _skip_undefined_metrics(cfg.trainer)
         self._ckpt_path = _secure_checkpoint(cfg, subcommand, run, ckpt_arg)
@@ -158,9 +162,16 @@ class E2ECLI(LightningCLI):
         before, started = set(run.glob(_EVENTS)), time.time()
         try:
             super()._run_subcommand(subcommand)
-        except BaseException:
+        except BaseException as err:
             if self.trainer.is_global_zero:
                 _remove_stray_events(run, before, started)
+            if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
+                # A checkpoint or log that cannot be written: one line, and how to carry on.
+                raise UserError(
+                    f"cannot write {err.filename or f'into the run folder {run}'} ({err.strerror}): free disk "
+                    f"space, then resume with `e2e-wsi fit ... --ckpt_path last` (checkpoints are written "
+                    "whole or not at all)"
+                ) from err
             raise
 
     def before_fit(self) -> None:
@@ -183,6 +194,23 @@ class E2ECLI(LightningCLI):
 
 
 _EVENTS = "events.out.tfevents.*"
+# Run-folder locks taken by this process's `fit`, released when the command ends (see `_run`).
+_HELD_LOCKS: list = []
+
+
+def _lock_run_folder(run: RunFolder) -> None:
+    """Hold ``RUN/.fit.lock`` for the rest of the command; raises ``LockedError`` naming the holder.
+
+    Only the launching process locks: DDP ranks started by Lightning run this CLI again in the same
+    folder and must not refuse their own run.
+    """
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    if getattr(rank_zero_only, "rank", 0) != 0:
+        return
+    lock = run.fit_lock()
+    lock.acquire()
+    _HELD_LOCKS.append(lock)
 
 
 def _remove_stray_events(run: Path, before: set[Path], started: float) -> None:
@@ -387,15 +415,19 @@ def _feature_datamodule() -> type:
 
 def _run(subcommand: str, argv: list[str] | None) -> int:
     args = [subcommand, *(sys.argv[2:] if argv is None else argv)]
-    E2ECLI(
-        SlideModule,
-        _datamodule_class(args),
-        args=args,
-        save_config_callback=RunConfigSaver,
-        # The optimizer and schedule are SlideModule arguments (model.optimizer, model.lr_scheduler);
-        # LightningCLI's own top-level --optimizer would silently bypass the encoder lr multiplier.
-        auto_configure_optimizers=False,
-    )
+    try:
+        E2ECLI(
+            SlideModule,
+            _datamodule_class(args),
+            args=args,
+            save_config_callback=RunConfigSaver,
+            # The optimizer and schedule are SlideModule arguments (model.optimizer, model.lr_scheduler);
+            # LightningCLI's own top-level --optimizer would silently bypass the encoder lr multiplier.
+            auto_configure_optimizers=False,
+        )
+    finally:
+        while _HELD_LOCKS:
+            _HELD_LOCKS.pop().release()
     return 0
 
 

@@ -86,6 +86,7 @@ def test_cache_without_backend_key_still_reads(cohorts: dict[str, Path], tmp_pat
         meta = json.loads(txn.get(key))
         del meta["backend"]
         txn.put(key, json.dumps(meta).encode())
+        txn.delete(b"H/" + slide_id.encode())  # nor the metadata checksum (added later still)
     env.close()
     cache = PatchCache(tmp_path / "old")
     assert "backend" not in cache.meta(slide_id) and cache.get(slide_id, 10.0, 0).shape == (64, 64, 3)

@@ -274,7 +274,7 @@ def test_unreadable_slide_is_reported_and_the_rest_go_on(
     assert list(pd.read_csv(out / "predictions.csv")["slide_id"]) == [good]
     assert "broken" in capsys.readouterr().err
     # --mpp rescues the slide without metadata; --allow-failures accepts the broken one.
-    assert main([*args, "--mpp", "0.25", "--allow-failures"]) == 0
+    assert main([*args, "--mpp", "0.25", "--allow-failures", "--overwrite"]) == 0  # same --out again
     assert sorted(pd.read_csv(out / "predictions.csv")["slide_id"]) == sorted([good, "nometa"])
 
 
