@@ -32,6 +32,9 @@ CURVES = {
     "grad_lesion": (("train", "grad_share_lesion"), "encoder gradient norm from lesion patches"),
     "grad_distractor": (("train", "grad_share_distractor"), "encoder gradient norm from distractors"),
     "share_lesion": (("train", "share_lesion"), "lesion share of sampled patches (chance)"),
+    "share_distractor": (("train", "share_distractor"), "distractor share of sampled patches"),
+    "train_att_lesion": (("train", "att_on_lesion"), "attention mass on lesion (training bags)"),
+    "train_top90": (("train", "top90"), "top-90% patch share (training bags, head-averaged)"),
     "top90": (("probe", "top90_head"), "top-90% patch share per head (probe slides)"),
     "att_lesion": (("probe", "att_on_lesion"), "attention mass on lesion (probe slides)"),
     "att_distractor": (("probe", "att_on_distractor"), "attention mass on distractors (probe slides)"),
@@ -142,7 +145,10 @@ def summarise(out: Path, arms: list[str], seeds: list[int]) -> dict:
     summary = {"arms": table, "paired_differences": diffs, "init_check": init_check(runs)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     _write_csv(out / "mechanism.csv", runs)
-    text = "\n".join([*_outcome_lines(table), "", *_diff_lines(diffs), "", *_mechanism_lines(table)])
+    text = "\n".join(
+        [*_outcome_lines(table), "", *_diff_lines(diffs), "", *_mechanism_lines(table), "",
+         *_init_lines(summary["init_check"], table)]
+    )  # fmt: skip
     (out / "summary.md").write_text(text + "\n")
     print(text, flush=True)
     if any(arm in E2E_ARMS for arm in table):
@@ -222,6 +228,19 @@ def _mechanism_lines(table: dict) -> list[str]:
     return lines
 
 
+def _init_lines(check: dict, table: dict) -> list[str]:
+    lines = ["| seed | E2E arms | encoder + head init identical (SHA-256) | MHLA / ABMILX aggregator init identical |",
+             "|---|---|---|---|"]  # fmt: skip
+    for seed, c in check.items():
+        pair = "yes" if c["abmilx_pair_identical"] else "NO"
+        lines.append(f"| {seed} | {c['arms']} | {'yes' if c['trunk_identical'] else 'NO'} | {pair} |")
+    alpha = table.get("abmilx", {}).get("alpha", [])
+    if alpha:
+        moves = ", ".join(f"{a:+.3f} -> {b:+.3f}" for a, b in alpha if a is not None and b is not None)
+        lines += ["", f"ABMILX alpha, start -> end per seed: {moves}"]
+    return lines
+
+
 def _write_csv(path: Path, runs: dict[str, dict[int, dict]]) -> None:
     with path.open("w", newline="") as fh:
         writer = csv.writer(fh)
@@ -242,8 +261,14 @@ def plot_curves(table: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = ["loss", "grad_lesion", "top90", "att_lesion", "att_distractor", "auroc"]
-    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
+    panels = ["loss", "grad_lesion", "grad_distractor", "train_att_lesion",
+              "top90", "att_lesion", "att_distractor", "auroc"]  # fmt: skip
+    chance = {
+        "grad_lesion": "share_lesion",
+        "grad_distractor": "share_distractor",
+        "train_att_lesion": "share_lesion",
+    }
+    fig, axes = plt.subplots(2, 4, figsize=(18, 7.5))
     for ax, key in zip(axes.ravel(), panels, strict=True):
         for t in table.values():
             if "curves" not in t:
@@ -251,10 +276,10 @@ def plot_curves(table: dict, path: Path) -> None:
             c = t["curves"][key]
             x = [i + 1 for i, v in enumerate(c) if v is not None]
             ax.plot(x, [v for v in c if v is not None], marker="o", ms=3, label=t["name"])
-        if key == "grad_lesion":
-            chance = next((t["curves"]["share_lesion"] for t in table.values() if "curves" in t), [])
-            xs = [i + 1 for i, v in enumerate(chance) if v is not None]
-            ax.plot(xs, [v for v in chance if v is not None], "k--", lw=1, label="lesion share of sample")
+        if key in chance:  # the share of sampled patches in the region: what uniform weighting gives
+            base = next((t["curves"][chance[key]] for t in table.values() if "curves" in t), [])
+            xs = [i + 1 for i, v in enumerate(base) if v is not None]
+            ax.plot(xs, [v for v in base if v is not None], "k--", lw=1, label="share of sampled patches")
         ax.set_title(CURVES[key][1], fontsize=10)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
