@@ -46,9 +46,8 @@ def test_gradient_share_uses_row_norms_and_ignores_padding() -> None:
     share, total = gradient_share(grad, lesion, valid)
     assert (share, total) == (pytest.approx(5 / 6), pytest.approx(6.0))
     # Norms, not sums of entries: opposite signs must not cancel.
-    assert gradient_share(torch.tensor([[1.0, -1.0], [1.0, 0.0]]), np.array([True, False]))[0] == pytest.approx(
-        np.sqrt(2) / (np.sqrt(2) + 1)
-    )
+    share, _ = gradient_share(torch.tensor([[1.0, -1.0], [1.0, 0.0]]), np.array([True, False]))
+    assert share == pytest.approx(np.sqrt(2) / (np.sqrt(2) + 1))
     assert gradient_share(torch.zeros(2, 3), np.array([True, False])) == (0.0, 0.0)
 
 

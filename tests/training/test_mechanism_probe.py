@@ -56,7 +56,12 @@ def test_hook_captures_the_gradient_of_the_encoder_output() -> None:
 def test_probe_rows_from_a_real_fit(synth_cache: tuple[Path, Path], tiny_args, tmp_path: Path) -> None:
     manifest, cache = synth_cache
     callbacks = tmp_path / "callbacks.yaml"
-    probe = {"masks_dir": str(manifest.parent / "masks"), "split": "val", "every_n_epochs": 2, "probe_slides": 1}
+    probe = {
+        "masks_dir": str(manifest.parent / "masks"),
+        "split": "val",
+        "every_n_epochs": 2,
+        "probe_slides": 1,
+    }
     callbacks.write_text(
         yaml.safe_dump(
             {
