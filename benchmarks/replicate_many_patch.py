@@ -202,6 +202,46 @@ def run_two_stage(args: argparse.Namespace, arm: str, seed: int) -> dict:
     }
 
 
+def where_attention(out: Path, run_dir: Path, max_slides: int = 4) -> dict[str, list[float]]:
+    """Where a trained E2E model's attention goes on the first test slides (``RUN/where.json``, cached).
+
+    Regions from the masks: lesion (255), distractor (192), glass edge (patches >= 25% background) and
+    the rest (plain stroma). Returns region -> [attention mass, share of patches], means over slides.
+    """
+    import numpy as np
+    import pandas as pd
+    import torch
+    from PIL import Image
+
+    from e2e_wsi.cache.store import PatchCache
+    from e2e_wsi.evaluation.mechanism import mass_on, patch_region_labels
+    from e2e_wsi.inference.predict import slide_attention
+    from e2e_wsi.inference.run import load_run
+
+    cached = run_dir / "where.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    model, cfg = load_run(run_dir / "checkpoints" / "last.ckpt", run_dir / "config.yaml")
+    cache = PatchCache(cfg["cache_dir"])
+    splits = pd.read_csv(run_dir / "splits.csv")
+    rows = []
+    with torch.inference_mode():
+        for sid in splits.loc[splits["split"] == "test", "slide_id"].tolist()[:max_slides]:
+            att, _ = slide_attention(
+                model, cache, sid, [float(cfg["magnifications"][0])], int(cfg["eval_patch_size"])
+            )
+            mask = np.asarray(Image.open(out / "cohort" / "masks" / f"{sid}.png").convert("L"))
+            lab = {
+                name: patch_region_labels(att.coords, att.size_level0, mask, att.dimensions, value=value)
+                for name, value in (("lesion", 255), ("distractor", 192), ("glass_edge", 0))
+            }
+            lab["stroma"] = ~(lab["lesion"] | lab["distractor"] | lab["glass_edge"])
+            rows.append({k: (mass_on(att.attention, v), float(v.mean())) for k, v in lab.items()})
+    result = {k: [float(np.mean([r[k][i] for r in rows])) for i in (0, 1)] for k in rows[0]}
+    cached.write_text(json.dumps(result) + "\n")
+    return result
+
+
 def run_one(args: argparse.Namespace, arm: str, seed: int) -> dict:
     """One (arm, seed): skipped when its ``result.json`` exists, else run and saved."""
     import torch
@@ -296,6 +336,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--summarise", action="store_true", help="only write the tables and curves of finished runs"
     )
+    p.add_argument(
+        "--where",
+        action="store_true",
+        help="only measure where finished E2E models' attention goes (lesion, distractor, glass edge, stroma)",
+    )
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # ARM:SEED, the worker entry point
     return p
 
@@ -322,6 +367,19 @@ def main(argv: list[str] | None = None) -> int:
             f"many-patch: {arm} seed {seed}: test AUROC {result['auroc']}, {result['seconds']:.0f} s",
             flush=True,
         )
+        return 0
+    if args.where:  # after the runs: where each finished E2E model's attention goes
+        import torch
+
+        torch.set_num_threads(1)
+        for arm in (a for a in args.arms if a in E2E_ARMS):
+            for seed in args.seeds:
+                run_dir = Path(args.out) / "runs" / f"{arm}_s{seed}"
+                if (run_dir / "result.json").is_file():
+                    print(
+                        f"many-patch: {arm} seed {seed}: {where_attention(Path(args.out), run_dir)}",
+                        flush=True,
+                    )
         return 0
     if not args.summarise:
         start = time.perf_counter()

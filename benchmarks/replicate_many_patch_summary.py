@@ -48,7 +48,10 @@ def _load(out: Path, arms: list[str], seeds: list[int]) -> dict[str, dict[int, d
         for seed in seeds:
             path = out / "runs" / f"{arm}_s{seed}" / "result.json"
             if path.is_file():
-                runs.setdefault(arm, {})[seed] = json.loads(path.read_text())
+                result = json.loads(path.read_text())
+                where = path.parent / "where.json"  # from ``--where``, when it was run
+                result["where"] = json.loads(where.read_text()) if where.is_file() else None
+                runs.setdefault(arm, {})[seed] = result
     return runs
 
 
@@ -99,8 +102,17 @@ def arm_table(arm: str, results: dict[int, dict]) -> dict:
             vals = [v for v in (_final(results[s], key) for s in seeds) if v is not None]
             row[key] = float(np.mean(vals)) if vals else None
         row["alpha"] = [(results[s]["alpha_init"], results[s]["alpha_final"]) for s in seeds]
+        row["where"] = _where(results)
         row["curves"] = {k: _mean_curve(v) for k, v in epoch_curves(results).items()}
     return row
+
+
+def _where(results: dict[int, dict]) -> dict[str, list[float]] | None:
+    """Means over seeds of ``where.json`` (attention mass and patch share per region), if measured."""
+    found = [r["where"] for r in results.values() if r.get("where")]
+    if not found:
+        return None
+    return {k: [float(np.mean([w[k][i] for w in found])) for i in (0, 1)] for k in found[0]}
 
 
 def init_check(runs: dict[str, dict[int, dict]]) -> dict[int, dict[str, bool]]:
@@ -229,8 +241,21 @@ def _mechanism_lines(table: dict) -> list[str]:
 
 
 def _init_lines(check: dict, table: dict) -> list[str]:
-    lines = ["| seed | E2E arms | encoder + head init identical (SHA-256) | MHLA / ABMILX aggregator init identical |",
-             "|---|---|---|---|"]  # fmt: skip
+    where = {t["name"]: (t.get("where"), len(t["seeds"])) for t in table.values() if t.get("where")}
+    if where:
+        regions = next(iter(where.values()))[0]
+        head = " | ".join(f"{k} (share)" for k in regions)
+        lines = ["Final attention mass by region, first 4 test slides (`--where`):", "",
+                 f"| arm | {head} |", "|---|" + "---|" * len(regions)]  # fmt: skip
+        for name, (w, _) in where.items():
+            lines.append(
+                f"| {name} | " + " | ".join(f"{_pct(v[0])} ({_pct(v[1])})" for v in w.values()) + " |"
+            )
+        lines.append("")
+    else:
+        lines = []
+    lines += ["| seed | E2E arms | encoder + head init identical (SHA-256) | MHLA / ABMILX aggregator init identical |",
+              "|---|---|---|---|"]  # fmt: skip
     for seed, c in check.items():
         pair = "yes" if c["abmilx_pair_identical"] else "NO"
         lines.append(f"| {seed} | {c['arms']} | {'yes' if c['trunk_identical'] else 'NO'} | {pair} |")
