@@ -51,7 +51,18 @@ E2E_ARMS = {
 TWO_STAGE_ARMS = {"ts_init": "two-stage, initial encoder", "ts_e2e": "two-stage, ABMILX E2E encoder"}
 ARMS = {**E2E_ARMS, **TWO_STAGE_ARMS}
 ABMILX_PAIR = ("mhla", "abmilx")  # one module, alpha fixed at 0 vs learnable: share the aggregator too
-KEY_ARMS = ("abmil", "mhla", "abmilx", "ts_init", "ts_e2e")  # run first at every seed (the paper's contrast)
+# Queue order: seed + lag. The paper's contrast (ABMIL / MHLA / ABMILX) goes seed by seed; TransMIL and mean
+# pooling trail by 1.5 seeds and the two-stage arms (which wait for ABMILX anyway) by 2, so a run cut short
+# has the contrast at the most seeds and every arm at the first ones.
+LAG = {
+    "abmil": 0.0,
+    "mhla": 0.0,
+    "abmilx": 0.0,
+    "transmil": 1.5,
+    "meanpool": 1.5,
+    "ts_init": 2.0,
+    "ts_e2e": 2.0,
+}
 FULL = {"num_slides": 32, "size": 12288, "max_epochs": 8, "seeds": [0, 1, 2, 3, 4], "two_stage_epochs": 20}
 QUICK = {"num_slides": 12, "size": 8192, "max_epochs": 2, "seeds": [0], "two_stage_epochs": 2}
 
@@ -273,12 +284,10 @@ def schedule(args: argparse.Namespace) -> None:
     """Run every (arm, seed) not done yet, ``--jobs`` at a time, seed-major (a cut-short run has whole seeds)."""
     out = Path(args.out)
     start = time.perf_counter()
-    # Key arms seed by seed; TransMIL and mean pooling trail by ~2.5 seeds, so a run cut short has the
-    # paper's contrast (ABMIL / MHLA / ABMILX, two-stage) at the most seeds.
     order = {s: i for i, s in enumerate(args.seeds)}
     queue = sorted(
         ((a, s) for s in args.seeds for a in args.arms),
-        key=lambda p: (order[p[1]] + (0 if p[0] in KEY_ARMS else 2.5), list(ARMS).index(p[0])),
+        key=lambda p: (order[p[1]] + LAG[p[0]], list(ARMS).index(p[0])),
     )
     queue = [(a, s) for a, s in queue if not (out / "runs" / f"{a}_s{s}" / "result.json").is_file()]
     running: list[tuple[str, int, subprocess.Popen]] = []
