@@ -194,7 +194,7 @@ def run_two_stage(args: argparse.Namespace, arm: str, seed: int) -> dict:
                "--data.features_dir", feats, "--data.split_file", e2e_dir / "splits.csv",
                "--trainer.accelerator", "cpu", "--trainer.max_epochs", args.two_stage_epochs,
                "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-               "--data.num_workers", 0]  # fmt: skip
+               "--data.num_workers", 0, "--data.max_instances", args.two_stage_instances]  # fmt: skip
         cli([*fit, "--ckpt_path", "last"] if ckpt.is_file() else fit)
         (run_dir / "fit.done").write_text("")
     cli(["test", "--config", run_dir / "config.yaml", "--ckpt_path", ckpt, "--run_dir", run_dir])
@@ -339,6 +339,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--two_stage_epochs", type=int, default=None, help="two-stage epochs (default 20; quick 2)"
     )
+    p.add_argument(
+        "--two_stage_instances",
+        type=int,
+        default=512,
+        help="features per training bag in two-stage fits (default 512; test bags are whole). Full bags "
+        "of ~3,000 instances made A+ (quadratic in the bag) take ~2 min per epoch on the loaded CPU",
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds (default 0-4; quick 0)")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), help="arms (default all)")
     p.add_argument("--jobs", type=int, default=2, help="runs at once, one torch thread each (default 2)")
@@ -362,7 +369,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, key, value)
     args.passthrough = [
         "--out", args.out, "--max_epochs", str(args.max_epochs), "--sample_size", str(args.sample_size),
-        "--input_size", str(args.input_size), "--two_stage_epochs", str(args.two_stage_epochs),
+        "--input_size", str(args.input_size), "--two_stage_epochs", str(args.two_stage_epochs), "--two_stage_instances", str(args.two_stage_instances),
     ]  # fmt: skip
     return args
 
