@@ -223,7 +223,7 @@ def _mechanism_lines(table: dict) -> list[str]:
         "auroc",
     ]
     lines = [
-        "Per-epoch means over seeds (first / middle / last epoch):",
+        "Per-epoch means over seeds (first / middle / last epoch measured):",
         "",
         "| arm | " + " | ".join(CURVES[k][1] for k in keys) + " |",
         "|---|" + "---|" * len(keys),
@@ -233,7 +233,7 @@ def _mechanism_lines(table: dict) -> list[str]:
             continue
         cells = []
         for k in keys:
-            c = t["curves"][k]
+            c = [v for v in t["curves"][k] if v is not None]  # the probe runs every 2nd epoch only
             picks = [c[0], c[len(c) // 2], c[-1]] if c else []
             cells.append(" / ".join(_fmt(v, ".2f") for v in picks))
         lines.append(f"| {t['name']} | " + " | ".join(cells) + " |")
