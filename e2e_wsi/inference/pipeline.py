@@ -7,8 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from e2e_wsi.annotations.geojson import (
     AnnotationRules,
     feature_collection,
@@ -22,7 +20,7 @@ from e2e_wsi.inference.outputs import attention_frame, predictions_frame, write_
 from e2e_wsi.inference.params import preprocess_config, preprocess_params
 from e2e_wsi.inference.predict import Ensemble, SlidePrediction
 from e2e_wsi.inference.slides import TILING_KEYS, tile_for_inference
-from e2e_wsi.slides.reader import Slide, SlideError
+from e2e_wsi.slides.reader import SlideError, open_slide
 from e2e_wsi.slides.tissue import TissueParams, segment_tissue, segmentation_downsample
 from e2e_wsi.utils import validate_slide_id
 from e2e_wsi.viz.heatmap import format_caption
@@ -140,15 +138,16 @@ def _one_slide(
     att = pred.attention
     write_csv(attention_frame(pred), out / "attention" / f"{slide_id}.csv")
     features = patch_features(att.coords, pred.size_level0, att.attention, pred.magnification)
-    with Slide(job.path, slide_mpp=job.mpp, global_mpp=options.mpp) as slide:
+    with open_slide(job.path, slide_mpp=job.mpp, global_mpp=options.mpp) as slide:
         tissue_params = TissueParams(**params["tissue"])
         ds = segmentation_downsample(slide.dimensions, tissue_params)
         tissue = segment_tissue(slide.read_downsampled(ds), ds, slide.resolution.mpp, tissue_params)
     features += tissue_features(tissue.mask, tissue.downsample)
     write_feature_collection(feature_collection(features), out / f"{slide_id}.geojson")
     if options.heatmaps:
-        shown = {"risk": np.asarray([pred.risk])} if pred.probs is None else {"probs": np.asarray(pred.probs)}
-        text = format_caption(shown, ensemble.members[0].data.get("class_names"))
+        text = format_caption(
+            pred.preds, ensemble.members[0].data.get("class_names"), kind=ensemble.task_kind
+        )
         if len(ensemble.members) > 1:
             text += f" (mean of {len(ensemble.members)} checkpoints)"
         write_heatmap(

@@ -6,7 +6,8 @@ import argparse
 import sys
 import time
 
-from e2e_wsi.task_kinds import COHORT_KINDS, COHORT_TASK_KINDS
+from e2e_wsi.slides.writer import SLIDE_FORMATS
+from e2e_wsi.tasks import cohort_task_kinds
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -16,10 +17,11 @@ def _parser() -> argparse.ArgumentParser:
         "Aperio-like pyramidal TIFFs (40x, 0.25 um/px, downsamples 1/4/16) with H&E-like tissue and "
         "label-carrying lesions.",
     )
-    trains = ", ".join(f"{cohort} -> {kind}" for cohort, kind in COHORT_TASK_KINDS.items())
+    cohorts = cohort_task_kinds()
+    trains = ", ".join(f"{cohort} -> {kind}" for cohort, kind in cohorts.items())
     parser.add_argument(
         "--task",
-        choices=COHORT_KINDS,
+        choices=tuple(cohorts),
         default="subtype",
         help=f"cohort kind; each trains as one task kind ({trains}) (default subtype)",
     )
@@ -59,6 +61,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-metadata", action="store_true", help="write generic tiled TIFFs without objective power / MPP"
     )
+    parser.add_argument(
+        "--format",
+        dest="slide_format",
+        choices=SLIDE_FORMATS,
+        default="svs",
+        help="slide files: svs (Aperio pyramidal TIFF), ome-tiff (.ome.tif, SubIFD pyramid) or dicom "
+        "(a folder of .dcm per slide; needs pip install 'e2e-wsi[dicom]') (default svs)",
+    )
     parser.add_argument("--pen-marks", action="store_true", help="draw a marker stroke on each slide")
     parser.add_argument("--workers", type=int, default=2, help="parallel processes (default 2)")
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality of the tiles")
@@ -96,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
             quality=args.quality,
             overwrite=args.overwrite,
+            slide_format=args.slide_format,
             lesion_foci=args.lesion_foci,
             distractor_fraction=args.distractor_fraction,
         )
@@ -104,6 +115,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(
         f"wrote {args.num_slides} {args.task} slides in {time.perf_counter() - start:.1f} s; "
-        f"manifest: {manifest} (train it as a {COHORT_TASK_KINDS[args.task]} task)"
+        f"manifest: {manifest} (train it as a {cohort_task_kinds()[args.task]} task)"
     )
     return 0

@@ -13,14 +13,25 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from e2e_wsi.errors import UserError
 from e2e_wsi.synth import nuclei as _nuclei
 from e2e_wsi.synth.nuclei import ARRANGEMENTS, Nuclei
-from e2e_wsi.task_kinds import COHORT_KINDS
+from e2e_wsi.tasks import synth_cohorts
 
 GRID = 16  # level-0 pixels per ground-truth pixel (the mask is at downsample 16)
 DISTRACTOR = 192  # mask value of label-independent lesion-like tissue (``distractor_fraction``)
 DISTRACTOR_ARRANGEMENT = "lymphoid"  # what distractors look like: dense aggregates of small dark nuclei
-TASKS = COHORT_KINDS  # synthetic cohort kinds; COHORT_TASK_KINDS says which task kind trains each
+# Synthetic cohort kinds, declared by the task specs (e2e_wsi.tasks; each says which task kind it trains).
+TASKS: tuple[str, ...] = tuple(synth_cohorts())
+
+
+def score_driven(task: str) -> bool:
+    """Whether cohort ``task`` is score-driven: a case score in [0, 1] sets its lesion burden and
+    morphology, and the task spec turns scores into manifest columns (survival, regression)."""
+    cohort = synth_cohorts().get(task)
+    return cohort is not None and cohort[1].outcomes is not None
+
+
 _EOSIN = np.array([214.0, 78.0, 150.0], np.float32)  # RGB at full eosin stain
 _HEMA = np.array([62.0, 30.0, 118.0], np.float32)  # RGB at full haematoxylin stain
 _PENS = np.array([[20, 120, 60], [25, 45, 150], [30, 30, 30]], np.float32)  # green, blue, black
@@ -106,7 +117,8 @@ def lesion_plan(
 
     subtype: class c uses one arrangement (glands, chains, sheet, lymphoid, then repeating at a larger
     nuclear size). grade g: a mix of low-grade glands and high-grade sheets, more sheet with higher g.
-    survival: the same mix driven by the risk ``label`` in [0, 1]. diagnosis: a random arrangement.
+    score-driven cohorts (survival, regression): the same mix driven by the case score ``label`` in
+    [0, 1]. diagnosis: a random arrangement.
     """
     if task == "subtype":
         c = int(label)
@@ -114,7 +126,7 @@ def lesion_plan(
     if task == "grade":
         share = (int(label) - 1) / (num_grades - 2) if num_grades > 2 else 1.0
         return "glands", "sheet", float(np.clip(share, 0.0, 1.0)), 1.0
-    if task == "survival":
+    if score_driven(task):
         return "glands", "sheet", float(np.clip(label, 0.0, 1.0)), 1.0
     name = ARRANGEMENTS[int(rng.integers(len(ARRANGEMENTS)))]
     return name, name, 0.0, 1.0
@@ -123,13 +135,14 @@ def lesion_plan(
 def lesion_burden(task: str, label: float, lesion_fraction: float, num_grades: int = 6) -> float:
     """Share of tissue that a slide's lesions cover, given the task's label.
 
-    grade: grade 0 has none, then 0.5x to 1.5x ``lesion_fraction`` from grade 1 to K-1. survival:
-    0.25x to 1.75x with the risk in [0, 1]. diagnosis: none for label 0. subtype: as given.
+    grade: grade 0 has none, then 0.5x to 1.5x ``lesion_fraction`` from grade 1 to K-1. score-driven
+    (survival, regression): 0.25x to 1.75x with the case score in [0, 1]. diagnosis: none for label 0.
+    subtype: as given.
     """
     if task == "grade":
         g = int(label)
         return 0.0 if g == 0 else min(1.0, lesion_fraction * (0.5 + (g - 1) / max(num_grades - 2, 1)))
-    if task == "survival":
+    if score_driven(task):
         return min(1.0, lesion_fraction * (0.25 + 1.5 * float(label)))
     if task == "diagnosis" and int(label) == 0:
         return 0.0
@@ -263,8 +276,8 @@ def _compose(
 
 
 def _check_label(task: str, label: float, num_classes: int, num_grades: int) -> None:
-    if task == "survival":
-        ok, expected = 0.0 <= label <= 1.0, "a risk in [0, 1]"
+    if score_driven(task):
+        ok, expected = 0.0 <= label <= 1.0, "a case score (risk) in [0, 1]"
     else:
         k = {"subtype": num_classes, "grade": num_grades, "diagnosis": 2}[task]
         ok, expected = float(label).is_integer() and 0 <= label < k, f"an integer in 0..{k - 1}"
@@ -351,9 +364,9 @@ def check_regime_args(
     if lesion_foci is not None and (
         isinstance(lesion_foci, bool) or int(lesion_foci) != lesion_foci or lesion_foci < 1
     ):
-        raise ValueError(f"lesion_foci must be a positive integer or None, got {lesion_foci!r}")
+        raise UserError(f"lesion_foci must be a positive integer or None, got {lesion_foci!r}")
     if isinstance(distractor_fraction, bool) or not 0.0 <= float(distractor_fraction) < 1.0:
-        raise ValueError(
+        raise UserError(
             f"distractor_fraction is the share of tissue covered by distractors and must be in [0, 1), "
             f"got {distractor_fraction!r}"
         )
@@ -362,7 +375,7 @@ def check_regime_args(
     if task == "diagnosis" or (
         task == "subtype" and num_classes > ARRANGEMENTS.index(DISTRACTOR_ARRANGEMENT)
     ):
-        raise ValueError(
+        raise UserError(
             f"distractors look like {DISTRACTOR_ARRANGEMENT!r} lesions, which task {task!r} "
             f"with {num_classes} classes uses as a label-carrying lesion; use distractor_fraction 0, or "
             f"at most {ARRANGEMENTS.index(DISTRACTOR_ARRANGEMENT)} subtype classes"
@@ -447,9 +460,10 @@ def render_slide(
     Args:
         rng: Generator; the same state gives the same pixels.
         size: Level-0 (H, W), both multiples of 16.
-        task: ``subtype``, ``grade``, ``survival`` or ``diagnosis``; with ``label`` it decides the
+        task: A cohort kind of :data:`TASKS` (``subtype``, ``grade``, ``diagnosis``, or a score-driven
+            one such as ``survival``); with ``label`` it decides the
             lesion morphology and burden (see :func:`lesion_plan`, :func:`lesion_burden`).
-        label: Class (subtype), grade 0..K-1 (0 = no lesion), risk in [0, 1] (survival) or 0/1
+        label: Class (subtype), grade 0..K-1 (0 = no lesion), case score in [0, 1] (score-driven) or 0/1
             (diagnosis, 0 = no lesion).
         lesion_fraction: Base share of tissue area covered by lesion, in [0, 1].
         num_classes: Number of subtype classes.
