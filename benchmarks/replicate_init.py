@@ -25,6 +25,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from e2e_wsi.runs.checkpoints import load_torch_file
+
 
 def state_digest(state: dict[str, torch.Tensor], skip: list[str]) -> str:
     """SHA-256 over the names and bytes of every tensor except ``skip`` (a pairing check)."""
@@ -87,7 +89,7 @@ class SharedInit(Callback):
                         f"no shared initial state at {path} after {self.timeout_s} s"
                     ) from None
                 time.sleep(1)
-        shared = torch.load(path, map_location="cpu", weights_only=True)
+        shared = load_torch_file(path)
         merged = {k: shared[k] if self._taken(k) else v for k, v in own.items()}
         for key in (k for k in own if self._taken(k)):
             if key not in shared or shared[key].shape != own[key].shape:

@@ -41,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--encoder",
         required=True,
-        help="resnet18 | resnet50 | timm:NAME | hf-hub:ORG/NAME | encoder.yaml | RUN/checkpoints/x.ckpt",
+        help="resnet18 | resnet50 | timm:NAME | hf-hub:ORG/NAME | encoder.yaml | RUN | RUN/checkpoints/x.ckpt "
+        "(YAML and run configs may name only allow-listed classes: docs/security.md)",
     )
     p.add_argument(
         "--weights",

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from e2e_wsi.cache.store import PatchCache
 from e2e_wsi.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, normalize_images
+from e2e_wsi.errors import UserError
 from e2e_wsi.features.store import (
     describe_difference,
     feature_path,
@@ -359,7 +360,10 @@ def _encode_slides(
             if not slides.enter(slide_id) and not error:
                 try:
                     x = normalize_images(
-                        item["images"].to(device, non_blocking=True), tuple(mean), tuple(std)
+                        item["images"].to(device, non_blocking=True),
+                        tuple(mean),
+                        tuple(std),
+                        getattr(encoder, "channel_order", "rgb"),  # a converted official encoder wants BGR
                     )
                     with _autocast(device, precision):
                         feats = encoder(x).float().cpu()
@@ -394,16 +398,25 @@ def _write_summary(
 def encoder_from_spec(spec: str, weights: str | None = None) -> tuple[nn.Module, int | None]:
     """Build the encoder named on the command line.
 
+    Encoder YAMLs and run configs are checked against the allow-list of :mod:`e2e_wsi.runs.allowlist`
+    before anything they name is imported or built (:func:`e2e_wsi.runs.build_encoder`).
+
     Args:
         spec: ``resnet18``/``resnet50`` (truncated ResNet), ``timm:NAME`` or ``hf-hub:ORG/NAME`` (timm),
-            a YAML file with ``class_path``/``init_args``, or a run checkpoint ``RUN/checkpoints/x.ckpt``
-            (the encoder of an end-to-end run, built from ``RUN/config.yaml``).
+            a YAML file with ``class_path``/``init_args``, or an end-to-end run (``RUN/checkpoints/x.ckpt``
+            or ``RUN``, its best checkpoint): its encoder, built from ``RUN/config.yaml``.
         weights: ResNet: ``none``/``imagenet``/file; timm: ``pretrained`` or a file; ignored otherwise.
 
     Returns:
         The encoder and the input size the spec implies (a run's ``data.eval_patch_size``), or ``None``.
+
+    Raises:
+        RefusedConfigError: If the YAML or the run's config names code outside the allow-list.
+        UserError: If ``spec`` is none of the above.
     """
     from e2e_wsi.models.encoders import ResNetEncoder, TimmEncoder
+    from e2e_wsi.runs.folder import CHECKPOINT_SUFFIX, RunFolder
+    from e2e_wsi.runs.loading import build_encoder, encoder_from_run, read_run_config
 
     if spec in ("resnet18", "resnet50"):
         return ResNetEncoder(spec, weights=weights or "none", freeze=True), None
@@ -414,43 +427,14 @@ def encoder_from_spec(spec: str, weights: str | None = None) -> tuple[nn.Module,
         return TimmEncoder(name, pretrained=pretrained, weights_path=path, freeze=True), None
     path = Path(spec)
     if path.suffix in (".yaml", ".yml") and path.is_file():
-        import yaml
-
-        node = yaml.safe_load(path.read_text())
-        return _instantiate(node.get("encoder", node)), None
-    if path.suffix == ".ckpt" and path.is_file():
-        return _encoder_from_run(path)
-    raise ValueError(
+        node = read_run_config(path)
+        key = "encoder" if "encoder" in node else ""
+        return build_encoder(node.get("encoder", node), path, key), None
+    if (path.suffix == CHECKPOINT_SUFFIX and path.is_file()) or (
+        path.is_dir() and RunFolder.is_run_folder(path)
+    ):
+        return encoder_from_run(path)
+    raise UserError(
         f"unknown encoder {spec!r}: use resnet18, resnet50, timm:NAME, hf-hub:ORG/NAME, an encoder YAML "
-        "(class_path/init_args) or a run checkpoint RUN/checkpoints/x.ckpt"
+        "(class_path/init_args), a run folder RUN or a run checkpoint RUN/checkpoints/x.ckpt"
     )
-
-
-def _instantiate(node: dict[str, Any]) -> nn.Module:
-    import importlib
-
-    module_name, _, cls_name = str(node["class_path"]).rpartition(".")
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    return cls(**dict(node.get("init_args") or {}))
-
-
-def _encoder_from_run(ckpt: Path) -> tuple[nn.Module, int | None]:
-    """The encoder of an end-to-end run: its config's ``model.encoder`` with the checkpoint's weights."""
-    import yaml
-
-    config_path = ckpt.resolve().parent.parent / "config.yaml"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found: a run checkpoint must sit in RUN/checkpoints/")
-    config = yaml.safe_load(config_path.read_text())
-    node = dict(config["model"].get("encoder") or {"class_path": "e2e_wsi.models.encoders.ResNetEncoder"})
-    init = dict(node.get("init_args") or {})
-    # The checkpoint holds the weights: never fetch the initial ones again.
-    init.update(
-        {k: v for k, v in {"weights": "none", "pretrained": False, "weights_path": None}.items() if k in init}
-    )
-    encoder = _instantiate({"class_path": node["class_path"], "init_args": init})
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
-    own = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
-    encoder.load_state_dict(own, strict=True)
-    encoder.requires_grad_(False)
-    return encoder, config.get("data", {}).get("eval_patch_size")

@@ -27,7 +27,6 @@ from e2e_wsi.cache.preprocess import jobs_from_dir, jobs_from_manifest
 from e2e_wsi.cache.worker import SlideJob
 from e2e_wsi.inference.pipeline import PredictOptions, predict_slides
 from e2e_wsi.inference.predict import Ensemble
-from e2e_wsi.inference.run import resolve_checkpoints
 from e2e_wsi.slides.backends.base import is_url
 from e2e_wsi.slides.reader import SlideError
 from e2e_wsi.slides.sources import slide_exists, slide_id_of
@@ -121,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         return predict_main(argv)
     args = _parser().parse_args(argv)
     try:
-        ensemble = Ensemble.from_checkpoints(resolve_checkpoints(args.run, args.ckpt))
+        ensemble = Ensemble.from_runs(args.run, args.ckpt)
         jobs = slide_jobs(args.slides, args.manifest)
         options = PredictOptions(
             mpp=args.mpp,

@@ -12,8 +12,8 @@ import torch
 from e2e_wsi.cache.store import PatchCache, mag_key
 from e2e_wsi.data.datasets import Bag, EvalBagDataset
 from e2e_wsi.data.transforms import OFFICIAL_EVAL_CROP_FRACTION, EvalTransform
-from e2e_wsi.inference.run import LoadedModel, load_model
 from e2e_wsi.models.module import SlideModule
+from e2e_wsi.runs.loading import LoadedRun, load_runs
 from e2e_wsi.tasks import get_task_spec
 from e2e_wsi.utils import validate_slide_id
 from e2e_wsi.viz.heatmap import SlideAttention
@@ -67,7 +67,7 @@ def slide_attention(
 
     Patches are encoded ``model.eval_chunk_size`` at a time without gradients, so 10k+ patch slides
     fit in memory (only uint8 patches and the [N, D] features are held whole). ``patch_size`` and
-    ``crop_fraction`` must be the run's (``LoadedModel.eval_patch_size`` / ``.eval_crop_fraction``).
+    ``crop_fraction`` must be the run's (``LoadedRun.eval_patch_size`` / ``.eval_crop_fraction``).
 
     Returns:
         (the slide's attention, the model's outputs: ``outputs`` [1, K], ``attention`` [1, H, N]).
@@ -133,7 +133,7 @@ class Ensemble:
             size (they would not see the same patches); the message names the checkpoints.
     """
 
-    def __init__(self, members: Sequence[LoadedModel]) -> None:
+    def __init__(self, members: Sequence[LoadedRun]) -> None:
         if not members:
             raise ValueError("an ensemble needs at least one checkpoint")
         self.members = list(members)
@@ -161,9 +161,9 @@ class Ensemble:
                 )
 
     @classmethod
-    def from_checkpoints(cls, checkpoints: Sequence[str | Path]) -> Ensemble:
-        """Load each checkpoint with its run folder's config."""
-        return cls([load_model(c) for c in checkpoints])
+    def from_runs(cls, run: str | Path | None, ckpts: Sequence[str | Path] | None = None) -> Ensemble:
+        """The models of :func:`e2e_wsi.runs.load_runs` (a run, every fold of a crossval folder, or files)."""
+        return cls(load_runs(run, ckpts))
 
     @property
     def task_kind(self) -> str:
@@ -204,6 +204,6 @@ class Ensemble:
         return SlidePrediction(slide_id, spec.combine(members), attention, mags, sizes)
 
 
-def _outputs(member: LoadedModel) -> int:
+def _outputs(member: LoadedRun) -> int:
     task = member.model.task
     return int(getattr(task, "num_classes", getattr(task, "num_bins", 1)))
