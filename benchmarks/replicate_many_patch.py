@@ -227,12 +227,13 @@ def where_attention(out: Path, run_dir: Path, max_slides: int = 4) -> dict[str, 
     from e2e_wsi.cache.store import PatchCache
     from e2e_wsi.evaluation.mechanism import mass_on, patch_region_labels
     from e2e_wsi.inference.predict import slide_attention
-    from e2e_wsi.inference.run import load_run
+    from e2e_wsi.runs import load_run
 
     cached = run_dir / "where.json"
     if cached.is_file():
         return json.loads(cached.read_text())
-    model, cfg = load_run(run_dir / "checkpoints" / "last.ckpt", run_dir / "config.yaml")
+    loaded = load_run(run_dir / "checkpoints" / "last.ckpt", run_dir / "config.yaml")
+    model, cfg = loaded.model, loaded.data
     cache = PatchCache(cfg["cache_dir"])
     splits = pd.read_csv(run_dir / "splits.csv")
     rows = []
