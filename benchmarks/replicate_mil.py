@@ -19,6 +19,9 @@ Prints two tables (AUROC; attention and training), one row per aggregator, and w
 
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/replicate_mil.py --out /tmp/replicate
 
+``--regime many-patch`` runs the TCGA-like regime instead (issue 23, ``replicate_many_patch.py``: thousands
+of patches per slide, MRIS samples 256, per-epoch mechanism measurements, two-stage arms).
+
 ``--ablation`` runs the attention-plus ablation instead (issue 11): the same ABMILX module with alpha
 fixed at 0 (``alpha0``) versus learnable (``alpha_learn``). Both arms of a seed start from one shared
 initial state (``benchmarks/replicate_init.py``: the first run saves its state, the other loads it and
@@ -516,11 +519,26 @@ def _parser() -> argparse.ArgumentParser:
         help="run the attention-plus ablation (alpha 0 vs learnable, paired)",
     )
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # AGG:SEED, the worker entry point
+    p.add_argument(
+        "--regime",
+        choices=("miniature", "many-patch"),
+        default="miniature",
+        help="miniature: this PANDA-like benchmark (default); many-patch: the TCGA-like regime "
+        "(benchmarks/replicate_many_patch.py, see its --help)",
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    regime = argparse.ArgumentParser(add_help=False)
+    regime.add_argument("--regime", choices=("miniature", "many-patch"), default="miniature")
+    known, rest = regime.parse_known_args(argv)
+    if known.regime == "many-patch":  # the TCGA-like regime (issue 23) has its own driver and options
+        from replicate_many_patch import main as many_patch
+
+        return many_patch(rest)
+    args = _parser().parse_args(rest)
     out = Path(args.out)
     overrides = [
         "--trainer.max_epochs",

@@ -44,6 +44,7 @@ PACKAGE_MODULES = (
     "e2e_wsi.models",
     "e2e_wsi.tasks",
     "e2e_wsi.training.callbacks",
+    "e2e_wsi.training.mechanism",  # MechanismProbe (issue 23): measures only, imports no user code
     "e2e_wsi.data.datamodule",
     "e2e_wsi.features.datamodule",
 )

@@ -35,6 +35,20 @@ def _parser() -> argparse.ArgumentParser:
         default=0.03,
         help="share of tissue covered by lesion, in [0, 1] (default 0.03)",
     )
+    parser.add_argument(
+        "--lesion_foci",
+        type=int,
+        default=None,
+        help="separate lesion foci per slide sharing the lesion area (default: a few blobs "
+        "~0.9-1.5k level-0 px across, as many as the area needs)",
+    )
+    parser.add_argument(
+        "--distractor_fraction",
+        type=float,
+        default=0.0,
+        help="share of non-lesion tissue covered by lymphoid aggregates that appear whatever the label "
+        "(mask value 192; default 0, none)",
+    )
     parser.add_argument("--num-classes", type=int, default=2, help="subtype classes (default 2)")
     parser.add_argument("--num-grades", type=int, default=6, help="grades for --task grade (default 6)")
     parser.add_argument("--slides-per-case", type=int, default=1)
@@ -93,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
             quality=args.quality,
             overwrite=args.overwrite,
             slide_format=args.slide_format,
+            lesion_foci=args.lesion_foci,
+            distractor_fraction=args.distractor_fraction,
         )
     except ValueError as err:
         print(f"e2e-wsi synth: error: {err}", file=sys.stderr)

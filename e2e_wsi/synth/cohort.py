@@ -26,7 +26,16 @@ import numpy as np
 from PIL import Image
 
 from e2e_wsi.slides.writer import SLIDE_FORMATS, slide_suffix, write_slide_levels
-from e2e_wsi.synth.render import GRID, TASKS, lesion_burden, paint_slide, render_slide, score_driven
+from e2e_wsi.synth.render import (
+    DISTRACTOR,
+    GRID,
+    TASKS,
+    check_regime_args,
+    lesion_burden,
+    paint_slide,
+    render_slide,
+    score_driven,
+)
 from e2e_wsi.tasks import synth_cohorts
 from e2e_wsi.utils import validate_slide_id
 
@@ -57,6 +66,8 @@ class SynthJob:
     scale: int
     suffix: str
     fmt: str = "svs"  # one of e2e_wsi.slides.writer.SLIDE_FORMATS
+    lesion_foci: int | None = None
+    distractor_fraction: float = 0.0
 
 
 def _check_params(
@@ -145,6 +156,8 @@ def _write_slide(job: SynthJob, root: str) -> dict[str, object]:
         num_grades=job.num_grades,
         pen_marks=job.pen_marks,
         scale=job.scale,
+        lesion_foci=job.lesion_foci,
+        distractor_fraction=job.distractor_fraction,
     )
     slide_path = Path(root, "slides", job.slide_id + job.suffix)
     write_slide_levels(
@@ -162,11 +175,14 @@ def _write_slide(job: SynthJob, root: str) -> dict[str, object]:
     )
     Image.fromarray(truth).save(Path(root, "masks", job.slide_id + ".png"), optimize=False)
     tissue = int((truth > 0).sum())
-    return {
+    summary = {
         "slide_id": job.slide_id,
         "tissue_fraction": round(tissue / truth.size, 4),
         "lesion_fraction": round(int((truth == 255).sum()) / max(tissue, 1), 4),
     }
+    if job.distractor_fraction > 0:
+        summary["distractor_fraction"] = round(int((truth == DISTRACTOR).sum()) / max(tissue, 1), 4)
+    return summary
 
 
 def _run_jobs(jobs: list[SynthJob], root: Path, workers: int) -> list[dict[str, object]]:
@@ -258,12 +274,14 @@ def synthesize_cohort(
     render_scale: int = 4,
     overwrite: bool = False,
     slide_format: str = "svs",
+    lesion_foci: int | None = None,
+    distractor_fraction: float = 0.0,
 ) -> Path:
     """Write a synthetic cohort: slides, ground-truth masks and a manifest.
 
     Writes ``out_dir/slides/<slide_id>.svs`` (``.tif`` without metadata; ``.ome.tif`` or a DICOM folder
     ``<slide_id>/`` with ``slide_format``), ``out_dir/masks/<slide_id>.png``
-    (uint8 at downsample 16: 0 background, 128 tissue, 255 lesion), ``out_dir/manifest.csv`` with
+    (uint8 at downsample 16: 0 background, 128 tissue, 192 distractor, 255 lesion), ``out_dir/manifest.csv`` with
     ``case_id,slide_id,path,label`` (``case_id,slide_id,path,time,event`` for survival; ``path``
     relative to the manifest) and ``out_dir/synth.json`` (parameters and per-slide lesion fraction).
     Everything is written into a temporary directory first, so a failure leaves no partial cohort.
@@ -292,6 +310,10 @@ def synthesize_cohort(
         overwrite: Replace an existing cohort in ``out_dir``.
         slide_format: ``svs`` (Aperio), ``ome-tiff`` (``.ome.tif`` with SubIFDs) or ``dicom`` (a folder
             ``slides/<slide_id>/`` of one ``.dcm`` per level; needs ``pip install 'e2e-wsi[dicom]'``).
+        lesion_foci: Separate lesion foci per slide sharing the lesion area (``None``: a few blobs
+            ~0.9-1.5k level-0 px across). Many small foci spread the lesion over the slide.
+        distractor_fraction: Share of the non-lesion tissue covered by label-independent lymphoid
+            aggregates (mask value 192), as salient as lesions; 0 (default) paints none.
 
     Returns:
         Path of the manifest CSV.
@@ -313,6 +335,7 @@ def synthesize_cohort(
         render_scale,
         quality,
     )
+    check_regime_args(task, num_classes, lesion_foci, distractor_fraction)
     out_dir = Path(out_dir)
     # One planning stream draws, in this order, the case labels and then a score-driven cohort's outcomes.
     plan_rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0,)))
@@ -337,6 +360,8 @@ def synthesize_cohort(
         scale=render_scale,
         suffix=_suffix(slide_format, with_metadata),
         fmt=slide_format,
+        lesion_foci=None if lesion_foci is None else int(lesion_foci),
+        distractor_fraction=float(distractor_fraction),
     )
     jobs = _plan_jobs(template, labels, num_slides, slides_per_case)
     outcomes = _case_outcomes(plan_rng, task, labels, float(lesion_fraction)) if score_driven(task) else {}
