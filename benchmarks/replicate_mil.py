@@ -19,6 +19,9 @@ Prints two tables (AUROC; attention and training), one row per aggregator, and w
 
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/replicate_mil.py --out /tmp/replicate
 
+``--regime many-patch`` runs the TCGA-like regime instead (issue 23, ``replicate_many_patch.py``: thousands
+of patches per slide, MRIS samples 256, per-epoch mechanism measurements, two-stage arms).
+
 ``--ablation`` runs the attention-plus ablation instead (issue 11): the same ABMILX module with alpha
 fixed at 0 (``alpha0``) versus learnable (``alpha_learn``). Both arms of a seed start from one shared
 initial state (``benchmarks/replicate_init.py``: the first run saves its state, the other loads it and
@@ -41,6 +44,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from e2e_wsi.runs.folder import LAST_CHECKPOINT, RunFolder
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = Path(__file__).resolve().parent / "replicate_configs"
@@ -96,11 +101,12 @@ def analyse_attention(run_dir: Path, ckpt: Path, test_ids: list[str], masks_dir:
 
     from e2e_wsi.cache.store import PatchCache
     from e2e_wsi.inference.predict import slide_attention
-    from e2e_wsi.inference.run import load_run
+    from e2e_wsi.runs import load_run
     from e2e_wsi.utils import validate_slide_id
     from e2e_wsi.viz.heatmap import localization_summary, patch_lesion_labels
 
-    model, data_cfg = load_run(ckpt, run_dir / "config.yaml")
+    loaded = load_run(ckpt)
+    model, data_cfg = loaded.model, loaded.data
     cache = PatchCache(data_cfg["cache_dir"])
     main_mag = [float(data_cfg["magnifications"][0])]
     rows = []
@@ -146,7 +152,8 @@ def run_one(out: Path, agg: str, seed: int, overrides: list[str]) -> dict:
     if result_path.is_file():
         return json.loads(result_path.read_text())
     data = ["--data.manifest", str(out / "cohort" / "manifest.csv"), "--data.cache_dir", str(out / "cache")]
-    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    run = RunFolder(run_dir)
+    ckpt = run.checkpoint(LAST_CHECKPOINT)
     t0 = time.perf_counter()
     if not (run_dir / "fit.done").is_file():
         fit = [
@@ -173,7 +180,7 @@ def run_one(out: Path, agg: str, seed: int, overrides: list[str]) -> dict:
         [
             "test",
             "--config",
-            str(run_dir / "config.yaml"),
+            str(test_config(run, out / "test_configs" / f"{agg}_s{seed}.yaml")),
             "--ckpt_path",
             str(ckpt),
             "--run_dir",
@@ -182,11 +189,13 @@ def run_one(out: Path, agg: str, seed: int, overrides: list[str]) -> dict:
             "1000",
         ]
     )
-    report = json.loads((run_dir / "metrics.json").read_text())
-    splits = pd.read_csv(run_dir / "splits.csv")
+    report = json.loads(run.metrics.read_text())
+    splits = pd.read_csv(run.splits)
     test_ids = splits.loc[splits["split"] == "test", "slide_id"].tolist()
     attention = analyse_attention(run_dir, ckpt, test_ids, out / "cohort" / "masks")
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    from e2e_wsi.runs.checkpoints import STATE_DICT, load_checkpoint
+
+    state = load_checkpoint(ckpt)[STATE_DICT]
     init = json.loads((run_dir / "init.json").read_text()) if (run_dir / "init.json").is_file() else {}
     result = {
         "aggregator": agg,
@@ -270,11 +279,29 @@ def launch(args: argparse.Namespace, agg: str, seed: int) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
+def test_config(run: RunFolder, path: Path) -> Path:
+    """The run's config for ``test``, without this benchmark's own fit-time callback (``SharedInit``).
+
+    ``test`` accepts only allow-listed classes in its configs (docs/security.md); ``SharedInit`` lives in
+    ``benchmarks/`` and matters only while fitting, so the benchmark drops it from the copy it tests with.
+    """
+    import yaml
+
+    config = yaml.safe_load(run.config.read_text())
+    callbacks = config.get("trainer", {}).get("callbacks") or []
+    config["trainer"]["callbacks"] = [
+        c for c in callbacks if c.get("class_path") != "replicate_init.SharedInit"
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
 def test_nll(run_dir: Path) -> float:
     """Mean cross-entropy of the test predictions (``predictions.csv``); unlike AUROC it does not saturate."""
     import pandas as pd
 
-    frame = pd.read_csv(run_dir / "predictions.csv")
+    frame = pd.read_csv(RunFolder(run_dir).predictions)
     p_true = frame.apply(lambda row: row[f"prob_{int(row['label'])}"], axis=1).to_numpy(dtype=np.float64)
     return float(-np.log(np.clip(p_true, 1e-7, 1.0)).mean())
 
@@ -398,7 +425,7 @@ def summarise_ablation(out: Path, seeds: list[int]) -> dict:
         if not all(p.is_file() for p in paths.values()):
             continue
         fixed, learn = (json.loads(paths[a].read_text()) for a in ("alpha0", "alpha_learn"))
-        preds = {a: pd.read_csv(out / "runs" / f"{a}_s{s}" / "predictions.csv") for a in ABLATION}
+        preds = {a: pd.read_csv(RunFolder(out / "runs" / f"{a}_s{s}").predictions) for a in ABLATION}
         case = paired_comparison(preds["alpha_learn"], preds["alpha0"], "classification", n_resamples=1000)
         rows.append(
             {
@@ -492,11 +519,26 @@ def _parser() -> argparse.ArgumentParser:
         help="run the attention-plus ablation (alpha 0 vs learnable, paired)",
     )
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # AGG:SEED, the worker entry point
+    p.add_argument(
+        "--regime",
+        choices=("miniature", "many-patch"),
+        default="miniature",
+        help="miniature: this PANDA-like benchmark (default); many-patch: the TCGA-like regime "
+        "(benchmarks/replicate_many_patch.py, see its --help)",
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    regime = argparse.ArgumentParser(add_help=False)
+    regime.add_argument("--regime", choices=("miniature", "many-patch"), default="miniature")
+    known, rest = regime.parse_known_args(argv)
+    if known.regime == "many-patch":  # the TCGA-like regime (issue 23) has its own driver and options
+        from replicate_many_patch import main as many_patch
+
+        return many_patch(rest)
+    args = _parser().parse_args(rest)
     out = Path(args.out)
     overrides = [
         "--trainer.max_epochs",

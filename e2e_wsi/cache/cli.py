@@ -48,6 +48,7 @@ def info(path: str | Path) -> int:
         table.add_column(f"{mag:g}x", justify="right")
     table.add_column("mpp", justify="right")
     table.add_column("tissue", justify="right")
+    table.add_column("reader")
     totals = dict.fromkeys(mags, 0)
     for slide_id in ids:
         meta = cache.meta(slide_id)
@@ -56,9 +57,11 @@ def info(path: str | Path) -> int:
             n = cache.count(slide_id, mag) if mag in cache.magnifications(slide_id) else 0
             totals[mag] += n
             cells.append(str(n))
-        table.add_row(slide_id, *cells, f"{meta['mpp']:.3f}", f"{meta['tissue_fraction']:.1%}")
+        # Caches written before reader backends have no "backend" key: OpenSlide was the only reader then.
+        reader = meta.get("backend", "openslide")
+        table.add_row(slide_id, *cells, f"{meta['mpp']:.3f}", f"{meta['tissue_fraction']:.1%}", reader)
     table.add_section()
-    table.add_row(f"total: {len(ids)} slides", *(str(totals[m]) for m in mags), "", "")
+    table.add_row(f"total: {len(ids)} slides", *(str(totals[m]) for m in mags), "", "", "")
     console = Console()
     console.print(table)
     disk = sum(f.stat().st_size for p in cache.paths for f in p.glob("*.mdb"))
@@ -81,7 +84,7 @@ def verify(path: str | Path, decode: bool = False, max_listed: int = 20) -> int:
     for lmdb_path, message in report.corrupted.items():
         print(f"DAMAGED LMDB {lmdb_path}: {message}")
     for slide_id, bad in sorted(report.damaged.items()):
-        print(f"slide {slide_id}: {len(bad)} damaged patch(es)")
+        print(f"slide {slide_id}: {len(bad)} damaged entr{'y' if len(bad) == 1 else 'ies'}")
         for key, why in bad[:max_listed]:
             print(f"  {key}: {why}")
         if len(bad) > max_listed:
@@ -90,6 +93,11 @@ def verify(path: str | Path, decode: bool = False, max_listed: int = 20) -> int:
         print(
             f"{len(report.unchecked)} slide(s) have no checksums (cache format 1): their patches were decoded "
             "instead; re-run preprocess into a new --out to add checksums"
+        )
+    if report.unchecked_meta:
+        print(
+            f"{len(report.unchecked_meta)} slide(s) have no metadata checksum (written by an older version); "
+            "re-run preprocess with --overwrite on them to add one"
         )
     n_bad = sum(len(v) for v in report.damaged.values())
     verdict = "OK" if report.ok else "DAMAGED"

@@ -1,8 +1,9 @@
-"""An exclusive lock on a cache folder, so two ``preprocess`` runs never write one LMDB at once.
+"""Exclusive folder locks: two ``preprocess`` runs never write one LMDB at once, two ``fit`` runs never
+share a run folder, two ``predict`` runs never write one output folder.
 
-The lock is ``flock`` on a small file in the cache folder (one per shard, so shards still run side by side
-into one folder). The kernel drops it when the process dies, so a killed run never leaves a stale lock;
-the file itself stays and only says who held it last.
+The lock is ``flock`` on a small file inside the folder (one per cache shard, so shards still run side by
+side into one cache folder). The kernel drops it when the process dies, so a killed run never leaves a
+stale lock; the file itself stays and only says who held it last.
 """
 
 from __future__ import annotations
@@ -14,38 +15,61 @@ import socket
 import time
 from pathlib import Path
 
-
-class CacheLockedError(RuntimeError):
-    """Another process holds the lock; the message says which (pid, host, start time)."""
+from e2e_wsi.errors import UserError
 
 
-class CacheLock:
+class LockedError(UserError, RuntimeError):
+    """Another process holds the lock; the message says which (pid, host, start time) and what to do.
+
+    A :class:`~e2e_wsi.errors.UserError` (one line, exit 2), and still a ``RuntimeError`` for old callers.
+    """
+
+
+CacheLockedError = LockedError  # the name preprocess has always raised
+
+
+class FolderLock:
     """Context manager holding an exclusive, non-blocking ``flock`` on ``path``.
 
     Args:
-        path: The lock file (created if missing).
-        what: What the lock protects, for the message (e.g. the LMDB's name).
+        path: The lock file (created if missing, with its folder).
+        what: What the lock protects, for the message (e.g. ``cache CACHE/patches.lmdb``).
+        holder: Who else could hold it, for the message (e.g. ``another preprocess run``).
+        advice: What the user can do instead of waiting (e.g. ``use another --out``).
 
     Raises:
-        CacheLockedError: On entry, if another process holds the lock.
+        LockedError: On entry, if another process (or another open handle in this one) holds the lock.
     """
 
-    def __init__(self, path: str | Path, what: str = "") -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        what: str = "",
+        holder: str = "another preprocess run",
+        advice: str = "use another --out",
+    ) -> None:
         self.path = Path(path)
         self.what = what or str(self.path.parent)
+        self.holder = holder
+        self.advice = advice
         self._fd: int | None = None
 
-    def __enter__(self) -> CacheLock:
+    def __enter__(self) -> FolderLock:
+        self.acquire()
+        return self
+
+    def acquire(self) -> None:
+        """Take the lock now (see :meth:`release`); the context manager does both."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = self._holder(fd)
+            info = self._holder(fd)
             os.close(fd)
-            raise CacheLockedError(
-                f"{self.what} is being written by another preprocess run ({holder}); wait for it to finish, "
-                f"or use another --out (lock file {self.path})"
+            raise LockedError(
+                f"{self.what} is in use by {self.holder} ({info}); wait for it to finish, "
+                f"or {self.advice} (lock file {self.path})"
             ) from None
         info = {
             "pid": os.getpid(),
@@ -55,7 +79,6 @@ class CacheLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
         self._fd = fd
-        return self
 
     @staticmethod
     def _holder(fd: int) -> str:
@@ -65,8 +88,15 @@ class CacheLock:
         except (ValueError, KeyError, OSError):
             return "holder unknown"
 
-    def __exit__(self, *exc: object) -> None:
+    def release(self) -> None:
+        """Drop the lock (a no-op when not held)."""
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+CacheLock = FolderLock  # preprocess's name; its defaults are the cache's wording

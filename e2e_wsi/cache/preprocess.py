@@ -20,24 +20,16 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from e2e_wsi.cache.identity import identity_change
 from e2e_wsi.cache.lock import CacheLock, CacheLockedError
-from e2e_wsi.cache.store import LMDB_SUFFIX, CacheWriter, read_staged
+from e2e_wsi.cache.store import LMDB_SUFFIX, CacheWriter, read_staged, write_failure
 from e2e_wsi.cache.worker import DEFAULT_MAX_PIXELS, PreprocessConfig, SlideJob, process_slide
+from e2e_wsi.errors import UserError
+from e2e_wsi.slides.backends import backend_names
+from e2e_wsi.slides.backends.base import is_url
+from e2e_wsi.slides.mpp import check_mpp
+from e2e_wsi.slides.sources import find_slides, slide_id_of
 from e2e_wsi.slides.tiling import GRID_ANCHORS
-
-SLIDE_EXTENSIONS = (
-    ".svs",
-    ".tif",
-    ".tiff",
-    ".ndpi",
-    ".mrxs",
-    ".scn",
-    ".vms",
-    ".vmu",
-    ".bif",
-    ".svslide",
-    ".dcm",
-)
 
 # Worker state set by the pool initializer (one per worker process).
 _WORKER: dict[str, Any] = {}
@@ -47,7 +39,8 @@ def jobs_from_manifest(manifest: str | Path) -> list[SlideJob]:
     """Slides listed in a manifest CSV (columns ``slide_id`` and ``path``; optional ``mpp``).
 
     Read with the same reader as every other verb (:func:`e2e_wsi.data.manifest.read_table`: a BOM or
-    spaces around column names are fine). Paths are relative to the manifest's folder unless absolute.
+    spaces around column names are fine). Paths are relative to the manifest's folder unless absolute or
+    fsspec URLs (``s3://...``, read by tiffslide); a path may name a DICOM folder (one slide).
     Other columns (labels) are ignored.
 
     Raises:
@@ -74,22 +67,20 @@ def jobs_from_manifest(manifest: str | Path) -> list[SlideJob]:
             raise ValueError(f"{manifest} line {line}: slide_id {slide_id!r} repeats line {seen[slide_id]}")
         seen[slide_id] = line
         mpp_text = row.get("mpp") if isinstance(row.get("mpp"), str) else ""
-        try:
-            mpp = float(mpp_text) if mpp_text else None
-        except ValueError:
-            raise ValueError(f"{manifest} line {line}: mpp {mpp_text!r} is not a number") from None
-        path = Path(rel) if Path(rel).is_absolute() else manifest.parent / rel
+        mpp = check_mpp(mpp_text, f"{manifest} line {line}") if mpp_text else None
+        path: Path | str = (
+            rel if is_url(rel) else Path(rel) if Path(rel).is_absolute() else manifest.parent / rel
+        )
         jobs.append(SlideJob(slide_id, path, mpp, f"{manifest.name} line {line}"))
     return jobs
 
 
 def jobs_from_dir(slides_dir: str | Path) -> list[SlideJob]:
-    """One job per slide file in a folder (not recursive); the id is the file name without extension."""
-    slides_dir = Path(slides_dir)
-    if not slides_dir.is_dir():
-        raise FileNotFoundError(f"slides folder {slides_dir} not found")
-    files = sorted(p for p in slides_dir.iterdir() if p.is_file() and p.suffix.lower() in SLIDE_EXTENSIONS)
-    return [SlideJob(p.stem, p, None, str(p)) for p in files]
+    """One job per slide in a folder (not recursive): slide files, and DICOM folders (one slide each).
+
+    The id is the file name without extension, or the DICOM folder's name (see :mod:`e2e_wsi.slides.sources`).
+    """
+    return [SlideJob(slide_id_of(p), p, None, str(p)) for p in find_slides(slides_dir)]
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -179,17 +170,27 @@ def preprocess(
         CacheLockedError: If another run is writing the same shard of ``out_dir``.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise write_failure(out_dir, err) or err from None
     jobs = [j for j in jobs if in_shard(j.slide_id, shard)]
     if dupes := sorted({j.slide_id for j in jobs if sum(k.slide_id == j.slide_id for k in jobs) > 1}):
         raise ValueError(f"slide ids repeat: {dupes[:5]}; give each slide file a unique id")
     lmdb_path = out_dir / shard_name(shard)
-    with CacheLock(out_dir / f".{shard_name(shard)}.lock", what=f"cache {lmdb_path}"):
+    lock = CacheLock(out_dir / f".{shard_name(shard)}.lock", what=f"cache {lmdb_path}")
+    try:
+        lock.acquire()
+    except OSError as err:
+        raise write_failure(out_dir, err) or err from None
+    try:
         rows = _preprocess_locked(
             jobs, out_dir, lmdb_path, config, workers, shard, overwrite, qc, progress, map_size
         )
         ordered = [rows[j.slide_id] for j in jobs if j.slide_id in rows]
         _write_summary(out_dir / summary_name(shard), ordered, config, shard)
+    finally:
+        lock.release()
     return ordered
 
 
@@ -216,6 +217,8 @@ def _preprocess_locked(
         if qc_dir is not None:
             qc_dir.mkdir(exist_ok=True)
         for record in _run(todo, config, staging, qc_dir, workers, progress):
+            if record.get("disk_full"):  # every later slide would fail alike: stop with one message
+                raise UserError(record["reason"])
             rows[record["slide_id"]] = _commit(writer, record)
         shutil.rmtree(staging, ignore_errors=True)
         try:
@@ -244,13 +247,24 @@ def _split_cached(
             + ". Re-run with --overwrite to replace them, or use another --out."
         )
     rows: dict[str, dict[str, Any]] = {}
-    todo = []
+    todo, changed = [], []
     for job in jobs:
         old = existing.get(job.slide_id)
-        if old is not None and old.get("params") == config.params(job.mpp):
-            rows[job.slide_id] = _ok_row(job, old, cached=True)
-        else:
+        if old is None or old.get("params") != config.params(job.mpp):
             todo.append(job)
+        elif (why := identity_change(old, job.path)) is not None:
+            changed.append(f"{job.slide_id} ({why})")
+            todo.append(job)
+        else:
+            rows[job.slide_id] = _ok_row(job, old, cached=True)
+    if changed and not overwrite:
+        raise UserError(
+            f"{len(changed)} slide(s) in {writer.path} were tiled from a different file than the one given "
+            "now (same id, other file): "
+            + "; ".join(changed[:5])
+            + ("; ..." if len(changed) > 5 else "")
+            + ". Re-run with --overwrite to re-tile them, or use another --out."
+        )
     return rows, todo
 
 
@@ -283,7 +297,7 @@ def _commit(writer: CacheWriter, record: dict[str, Any]) -> dict[str, Any]:
 
     writer.commit_slide(meta, patches)
     staging.unlink()
-    job = SlideJob(record["slide_id"], Path(record["path"]))
+    job = SlideJob(record["slide_id"], record["path"])
     return _ok_row(job, meta, cached=False)
 
 
@@ -387,11 +401,18 @@ def _print_failures(rows: list[dict[str, Any]]) -> None:
 
 def _add_annotation_args(parser: Any) -> None:
     """``--annotations DIR`` (QuPath regions) and ``--geojson`` (tissue contours)."""
-    from e2e_wsi.annotations.geojson import DEFAULT_EXCLUDE, DEFAULT_INCLUDE
+    from e2e_wsi.annotations.geojson import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, UNCLASSIFIED_CHOICES
 
     parser.add_argument("--annotations", type=Path, default=None, help="folder of QuPath <slide_id>.geojson")
     parser.add_argument("--include-classes", nargs="+", default=list(DEFAULT_INCLUDE), help="classes to tile")
     parser.add_argument("--exclude-classes", nargs="+", default=list(DEFAULT_EXCLUDE), help="classes to drop")
+    parser.add_argument(
+        "--unclassified",
+        choices=UNCLASSIFIED_CHOICES,
+        default="ignore",
+        help="polygons without a class in --annotations files: ignore (with a warning) or tissue (tile "
+        "inside them, e.g. TRIDENT/GrandQC contours); default: ignore",
+    )
     parser.add_argument(
         "--geojson", action="store_true", help="write OUT/geojson/<slide_id>.geojson contours"
     )
@@ -407,7 +428,10 @@ def _with_annotations(config: PreprocessConfig, args: Any, jobs: list[SlideJob])
     if args.annotations is not None:
         check_annotation_dir(args.annotations, [j.slide_id for j in jobs])
         rules = AnnotationRules(
-            str(args.annotations.resolve()), tuple(args.include_classes), tuple(args.exclude_classes)
+            str(args.annotations.resolve()),
+            tuple(args.include_classes),
+            tuple(args.exclude_classes),
+            args.unclassified,
         )
     geojson_dir = None
     if args.geojson:
@@ -442,6 +466,19 @@ def _parser() -> Any:
         "--overwrite", action="store_true", help="replace slides cached with other parameters"
     )
     parser.add_argument("--allow-failures", action="store_true", help="exit 0 even if some slides failed")
+    parser.add_argument(
+        "--stain_normalization",
+        choices=("none", "macenko", "reinhard"),
+        default="none",
+        help="recolour every patch to --stain_reference's stain statistics before caching (each slide with "
+        "its own statistics); recorded in the cache, so predict normalises new slides alike (default: none)",
+    )
+    parser.add_argument(
+        "--stain_reference",
+        type=Path,
+        default=None,
+        help="reference image (PNG/JPEG/TIFF of representative stained tissue) for --stain_normalization",
+    )
     parser.add_argument("--jpeg-quality", type=int, default=90)
     parser.add_argument(
         "--tissue-threshold",
@@ -470,6 +507,12 @@ def _parser() -> Any:
     parser.add_argument(
         "--saturation-threshold", default="8", help="HSV saturation threshold 0-255, or 'otsu'"
     )
+    parser.add_argument(
+        "--backend",
+        choices=backend_names(),
+        default=None,
+        help="force this slide reader for every slide (default: the first that reads each file, OpenSlide first)",
+    )
     parser.add_argument("--no-qc", action="store_true", help="do not write qc/<slide_id>.png")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_annotation_args(parser)
@@ -497,7 +540,18 @@ def _config(args: Any) -> PreprocessConfig:
         tissue=TissueParams(use_otsu=otsu, **saturation),
         mpp=args.mpp,
         max_pixels=args.max_pixels,
+        stain=_stain(args),
+        backend=args.backend,
     )
+
+
+def _stain(args: Any) -> Any:
+    """``--stain_normalization``/``--stain_reference`` as a fitted normaliser, or ``None``."""
+    if args.stain_normalization == "none" and args.stain_reference is None:
+        return None  # torch stays unimported for the common case
+    from e2e_wsi.data.stain import StainNormalizer
+
+    return StainNormalizer.from_options(args.stain_normalization, args.stain_reference)
 
 
 def main(argv: list[str] | None = None) -> int:

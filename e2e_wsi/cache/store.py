@@ -6,6 +6,8 @@ Layout of one LMDB (``CACHE_DIR/patches.lmdb`` or one shard ``CACHE_DIR/shard-00
 * ``P/<slide_id>/<mag:06d>/<index:09d>`` -> raw JPEG bytes of one patch; ``mag`` is the magnification
   times 100 (``001000`` for 10x, ``000250`` for 2.5x). The fields after the id are fixed width, so a
   slide's patches sort contiguously by magnification then index (fast random access within a slide).
+* ``H/<slide_id>`` -> JSON ``{"crc32": ...}``: the checksum of the bytes of ``M/<slide_id>`` (written with
+  it since this version; entries without one are reported by ``cache verify`` as unchecked).
 * ``F/format`` -> JSON ``{"format_version": ...}``.
 
 Nothing is pickled. The meta key is written in the same transaction as the slide's patches, so a slide
@@ -30,6 +32,7 @@ from typing import Literal
 import lmdb
 import numpy as np
 
+from e2e_wsi.errors import UserError
 from e2e_wsi.slides.tiling import decode_jpeg
 from e2e_wsi.utils import validate_slide_id
 
@@ -59,6 +62,33 @@ def corrupted(path: str | Path, err: lmdb.Error) -> CacheCorruptedError:
     )
 
 
+# What the operating system says when a cache cannot be written (py-lmdb passes the text of errno on).
+# LMDB reports a write cut short (a file-size limit, some full disks) as an input/output error.
+_WRITE_FAILURES = (
+    "No space left",
+    "Disk quota",
+    "File too large",
+    "Permission denied",
+    "Read-only file system",
+    "Input/output error",
+)
+
+
+def write_failure(path: str | Path, err: BaseException) -> UserError | None:
+    """A one-line :class:`UserError` when ``err`` means the disk is full or the folder not writable, else
+    ``None`` (the caller then reports it as damage)."""
+    text = " ".join(str(err).split())
+    if isinstance(err, OSError) and err.strerror:
+        text = err.strerror
+    if not any(s in text for s in _WRITE_FAILURES):
+        return None
+    return UserError(
+        f"cannot write the patch cache {path} ({text}: is the disk full, read-only or failing?): free disk "
+        "space, or choose a writable --out, and re-run preprocess (slides already committed are kept and "
+        "skipped)"
+    )
+
+
 def checksum(data: bytes | memoryview) -> int:
     """CRC32 of a stored value (zlib: fast, and enough to catch flipped bits)."""
     return zlib.crc32(data)
@@ -75,6 +105,11 @@ def mag_key(magnification: float) -> str:
 def meta_key(slide_id: str) -> bytes:
     """LMDB key of a slide's metadata."""
     return f"M/{validate_slide_id(slide_id)}".encode()
+
+
+def meta_sum_key(slide_id: str) -> bytes:
+    """LMDB key of the checksum of a slide's metadata."""
+    return f"H/{validate_slide_id(slide_id)}".encode()
 
 
 def patch_prefix(slide_id: str) -> bytes:
@@ -119,15 +154,65 @@ def find_lmdbs(paths: str | Path | Sequence[str | Path]) -> list[Path]:
     return found
 
 
-def iter_meta(txn: lmdb.Transaction) -> Iterator[tuple[str, dict]]:
-    """All ``(slide_id, metadata)`` pairs in one LMDB."""
+def iter_raw_meta(txn: lmdb.Transaction) -> Iterator[tuple[str, bytes]]:
+    """All ``(slide_id, metadata bytes)`` pairs in one LMDB, undecoded."""
     cursor = txn.cursor()
     if not cursor.set_range(b"M/"):
         return
     for key, value in cursor:
         if not bytes(key).startswith(b"M/"):
             break
-        yield bytes(key)[2:].decode(), json.loads(bytes(value))
+        yield bytes(key)[2:].decode(errors="replace"), bytes(value)
+
+
+def meta_damage(txn: lmdb.Transaction, slide_id: str, raw: bytes) -> tuple[dict | None, str | None]:
+    """Decode a slide's metadata, checking it against its stored checksum.
+
+    Returns:
+        ``(metadata, None)`` when intact (also when no checksum was stored: older caches), else
+        ``(None, why)``.
+    """
+    stored = txn.get(b"H/" + slide_id.encode())
+    if stored is not None:
+        try:
+            crc = int(json.loads(bytes(stored))["crc32"])
+        except (ValueError, KeyError, TypeError):
+            return None, "its checksum entry is unreadable"
+        if checksum(raw) != crc:
+            return None, "metadata checksum mismatch"
+    try:
+        meta = json.loads(raw)
+    except ValueError as err:
+        return None, f"metadata is not valid JSON ({err})"
+    if not isinstance(meta, dict) or not isinstance(meta.get("magnifications"), dict):
+        return None, "metadata lacks its magnifications"
+    return meta, None
+
+
+def iter_meta(
+    txn: lmdb.Transaction, path: str | Path = "", skip_damaged: bool = False
+) -> Iterator[tuple[str, dict]]:
+    """All ``(slide_id, metadata)`` pairs in one LMDB, each checked against its stored checksum.
+
+    Args:
+        txn: A read transaction of the LMDB.
+        path: The LMDB, for messages.
+        skip_damaged: Leave out slides whose metadata is damaged (the writer re-tiles them) instead of
+            raising.
+
+    Raises:
+        CacheCorruptedError: Naming the slide and the cache, when a slide's metadata is damaged.
+    """
+    for slide_id, raw in iter_raw_meta(txn):
+        meta, why = meta_damage(txn, slide_id, raw)
+        if meta is not None:
+            yield slide_id, meta
+        elif not skip_damaged:
+            raise CacheCorruptedError(
+                f"the metadata of slide {slide_id!r} in patch cache {path} is damaged ({why}); run "
+                f"`e2e-wsi cache verify {Path(path).parent}`, then re-run `e2e-wsi preprocess --overwrite` "
+                "on that slide"
+            )
 
 
 # One read-only handle per LMDB per process: py-lmdb refuses to open the same files twice in a process,
@@ -211,7 +296,7 @@ class PatchCache:
         for i, path in enumerate(self.paths):
             try:
                 with open_readonly(path).begin() as txn:
-                    metas = list(iter_meta(txn))
+                    metas = list(iter_meta(txn, path))
             except lmdb.Error as err:
                 raise corrupted(path, err) from None
             lost: list[str] = []
@@ -222,7 +307,8 @@ class PatchCache:
                         f"slide {slide_id!r} is in two shards ({other} and {self.paths[i]}); "
                         "delete one of them (was the cache sharded twice with different --shard n?)"
                     )
-                if meta.get("source_path") and not Path(meta["source_path"]).is_absolute():
+                source = meta.get("source_path") or ""
+                if source and "://" not in source and not Path(source).is_absolute():  # URLs stay as they are
                     meta["source_path"], found = resolve_source_path(meta["source_path"], path)
                     lost += [] if found else [slide_id]
                 self._where[slide_id] = i
@@ -461,6 +547,7 @@ class CacheWriter:
         self.path = Path(path)
         release(self.path)  # a reader handle in this process would block opening it for writing
         try:
+            self.path.mkdir(parents=True, exist_ok=True)
             self.env = lmdb.open(
                 str(self.path), map_size=map_size, subdir=True, readahead=False, meminit=False
             )
@@ -470,8 +557,8 @@ class CacheWriter:
                     txn.put(_FORMAT_KEY, json.dumps({"format_version": FORMAT_VERSION}).encode())
                     return
                 old = json.loads(bytes(raw)).get("format_version")
-        except lmdb.Error as err:
-            raise corrupted(self.path, err) from None
+        except (lmdb.Error, OSError) as err:
+            raise write_failure(self.path, err) or corrupted(self.path, err) from None
         if old != FORMAT_VERSION:
             self.env.close()
             raise ValueError(
@@ -480,10 +567,11 @@ class CacheWriter:
             )
 
     def all_meta(self) -> dict[str, dict]:
-        """Metadata of every slide already committed."""
+        """Metadata of every slide already committed; slides with damaged metadata are left out (so
+        they are tiled again and replaced)."""
         try:
             with self.env.begin() as txn:
-                return dict(iter_meta(txn))
+                return dict(iter_meta(txn, self.path, skip_damaged=True))
         except lmdb.Error as err:
             raise corrupted(self.path, err) from None
 
@@ -504,15 +592,20 @@ class CacheWriter:
                     for magnification, index, data in patches():
                         txn.put(patch_key(slide_id, magnification, index), data)
                         sums.setdefault(mag_key(magnification), {})[int(index)] = checksum(data)
-                    txn.put(meta_key(slide_id), _meta_payload(meta, sums))
+                    payload = _meta_payload(meta, sums)
+                    txn.put(meta_key(slide_id), payload)
+                    txn.put(meta_sum_key(slide_id), json.dumps({"crc32": checksum(payload)}).encode())
                 return
             except lmdb.MapFullError:
                 # The aborted transaction left nothing behind; retry the whole slide with a bigger map.
                 self.env.set_mapsize(self.env.info()["map_size"] * 2)
+            except lmdb.Error as err:  # a full disk: the aborted transaction left nothing behind either
+                raise write_failure(self.path, err) or corrupted(self.path, err) from None
 
     @staticmethod
     def _delete_slide(txn: lmdb.Transaction, slide_id: str) -> None:
         txn.delete(meta_key(slide_id))
+        txn.delete(meta_sum_key(slide_id))
         prefix = patch_prefix(slide_id)
         cursor = txn.cursor()
         if cursor.set_range(prefix):
@@ -535,14 +628,16 @@ class VerifyReport:
 
     Attributes:
         patches: Patches checked.
-        damaged: ``slide_id -> [(key, why), ...]`` of damaged patches.
-        unchecked: Slides without checksums (format-1 caches; only decoding could be checked).
+        damaged: ``slide_id -> [(key, why), ...]`` of damaged patches and metadata (key ``M/<slide_id>``).
+        unchecked: Slides without patch checksums (format-1 caches; only decoding could be checked).
+        unchecked_meta: Slides whose metadata has no checksum (written before metadata checksums).
         corrupted: ``lmdb path -> message`` for LMDBs that could not be read at all.
     """
 
     patches: int = 0
     damaged: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     unchecked: list[str] = field(default_factory=list)
+    unchecked_meta: list[str] = field(default_factory=list)
     corrupted: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -572,7 +667,13 @@ def verify_cache(paths: str | Path | Sequence[str | Path], decode: bool = False)
 
 def _verify_lmdb(path: Path, report: VerifyReport, decode: bool) -> None:
     with open_readonly(path).begin(buffers=True) as txn:
-        for slide_id, meta in list(iter_meta(txn)):
+        for slide_id, raw in list(iter_raw_meta(txn)):
+            meta, why = meta_damage(txn, slide_id, raw)
+            if meta is None:  # its patch list cannot be trusted either: only the metadata is reported
+                report.damaged.setdefault(slide_id, []).append((f"M/{slide_id}", why))
+                continue
+            if txn.get(b"H/" + slide_id.encode()) is None:
+                report.unchecked_meta.append(slide_id)
             for mag, info in meta["magnifications"].items():
                 sums = info.get("crc32")
                 if sums is None and slide_id not in report.unchecked:

@@ -11,14 +11,18 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from e2e_wsi.annotations.geojson import AnnotationRules, annotate_tissue, write_tissue_geojson
+from e2e_wsi.cache.identity import file_identity
 from e2e_wsi.cache.store import FORMAT_VERSION, append_staged, mag_key
-from e2e_wsi.slides.reader import DEFAULT_MAX_PIXELS, Slide, SlideError
+from e2e_wsi.errors import UserError
+from e2e_wsi.slides.backends.base import is_url
+from e2e_wsi.slides.mpp import check_mpp
+from e2e_wsi.slides.reader import DEFAULT_MAX_PIXELS, Slide, SlideError, open_slide
 from e2e_wsi.slides.tiling import (
     GRID_ANCHORS,
     GridAnchor,
@@ -36,8 +40,12 @@ from e2e_wsi.slides.tissue import (
     segment_tissue,
     segmentation_downsample,
 )
-from e2e_wsi.utils import validate_slide_id
+from e2e_wsi.utils import DISK_FULL_ERRNOS, validate_slide_id
 
+if TYPE_CHECKING:  # torch is imported only when a slide is stain-normalised
+    from e2e_wsi.data.stain import StainNormalizer
+
+MIN_MAGNIFICATION = 0.1  # documented limit (docs/tiling.md, "Limits")
 _PROGRESS_EVERY = 64  # patches between progress messages (keeps queue traffic negligible)
 _QC_MIN_SIDE = 768  # QC images are upscaled (nearest) to at least this longest side
 
@@ -67,6 +75,11 @@ class PreprocessConfig:
             which slides are cached, not what is cached, so it is not part of ``params``.
         annotations: QuPath include / exclude regions applied to the tissue mask, or ``None``.
         geojson_dir: Folder for ``<slide_id>.geojson`` tissue contours (``--geojson``), or ``None``.
+        stain: Stain normaliser applied to every patch before it is stored (``--stain_normalization``),
+            with the slide's own statistics from its tissue thumbnail; ``None``: patches as scanned.
+        backend: Slide reader forced for every slide (``--backend``), or ``None`` for the first that reads
+            each file. Backends read the same pixels (tested), so it is recorded per slide (``backend`` in the
+            metadata), not part of ``params``.
     """
 
     magnifications: tuple[float, ...]
@@ -80,11 +93,18 @@ class PreprocessConfig:
     max_pixels: float | None = DEFAULT_MAX_PIXELS
     annotations: AnnotationRules | None = None
     geojson_dir: str | None = None  # an output location, not a cache parameter
+    stain: StainNormalizer | None = None
+    backend: str | None = None
 
     def __post_init__(self) -> None:
         if not self.magnifications:
             raise ValueError("give at least one magnification (e.g. --magnifications 10 5)")
         keys = [mag_key(m) for m in self.magnifications]  # validates positivity
+        if low := [k for k, m in zip(keys, self.magnifications, strict=True) if m < MIN_MAGNIFICATION]:
+            raise UserError(
+                f"--magnifications {' '.join(low)}: below the limit of {MIN_MAGNIFICATION:g}x (a 256-px patch at "
+                f"{MIN_MAGNIFICATION:g}x covers 2.6 cm of tissue; docs/tiling.md, Limits)"
+            )
         if len(set(keys)) != len(keys):
             raise ValueError(f"magnifications repeat: {keys}")
         if not 16 <= self.patch_size <= 4096:
@@ -95,6 +115,8 @@ class PreprocessConfig:
             raise ValueError(f"tissue threshold must be in [0, 1), got {self.tissue_threshold}")
         if not 0.0 <= self.min_coverage <= 1.0:
             raise ValueError(f"min coverage must be in [0, 1], got {self.min_coverage}")
+        if self.mpp is not None:
+            check_mpp(self.mpp, "--mpp")
         if self.grid_anchor not in GRID_ANCHORS:
             raise ValueError(f"grid anchor must be one of {list(GRID_ANCHORS)}, got {self.grid_anchor!r}")
 
@@ -111,6 +133,7 @@ class PreprocessConfig:
             "tissue": self.tissue.to_dict(),
             "mpp_override": slide_mpp if slide_mpp is not None else self.mpp,
             **({"annotations": self.annotations.to_dict()} if self.annotations else {}),
+            **({"stain_normalization": self.stain.to_dict()} if self.stain else {}),
         }
 
 
@@ -120,13 +143,13 @@ class SlideJob:
 
     Attributes:
         slide_id: Id from the manifest or file name (validated by the worker, may be bad).
-        path: Slide file.
+        path: Slide file, DICOM folder, or fsspec URL (a string).
         mpp: Per-slide MPP override, or ``None``.
         origin: Where the job came from, for messages (e.g. ``manifest.csv line 3``).
     """
 
     slide_id: str
-    path: Path
+    path: Path | str
     mpp: float | None = None
     origin: str = ""
 
@@ -155,7 +178,9 @@ def process_slide(
     record: dict[str, Any] = {"slide_id": job.slide_id, "path": str(job.path)}
     try:
         slide_id = validate_slide_id(job.slide_id)
-        with Slide(job.path, slide_mpp=job.mpp, global_mpp=config.mpp, max_pixels=config.max_pixels) as slide:
+        with open_slide(
+            job.path, config.backend, slide_mpp=job.mpp, global_mpp=config.mpp, max_pixels=config.max_pixels
+        ) as slide:
             meta, staging = _tile_slide(slide, slide_id, job, config, staging_dir, qc_dir, progress)
         record.update(status="ok", meta=meta, staging=str(staging))
     except SlideError as err:
@@ -163,9 +188,17 @@ def process_slide(
     except ValueError as err:  # invalid slide id
         record.update(status="failed", reason=" ".join(str(err).split()))
     except Exception as err:  # noqa: BLE001 - one bad slide must never stop the batch
-        record.update(
-            status="failed", reason=f"unexpected {type(err).__name__}: {' '.join(str(err).split())}"
-        )
+        if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
+            record.update(
+                status="failed",
+                disk_full=True,  # preprocess stops: every later slide would fail alike
+                reason=f"cannot write {err.filename or staging_dir} ({err.strerror}): free disk space in "
+                "the cache folder and re-run preprocess (slides already committed are kept and skipped)",
+            )
+        else:
+            record.update(
+                status="failed", reason=f"unexpected {type(err).__name__}: {' '.join(str(err).split())}"
+            )
     record["seconds"] = round(time.perf_counter() - start, 3)
     return record
 
@@ -183,10 +216,19 @@ def _tile_slide(
     progress: ProgressSink | None,
 ) -> tuple[dict[str, Any], Path]:
     """Detect tissue, plan the grids, stage the patches and draw the QC image of one open slide."""
+    identity = file_identity(job.path)  # before reading: a file replaced meanwhile is re-tiled next time
     tissue = detect_tissue(slide, config.tissue)
     # QuPath include/exclude regions edit the mask; tissue contours go out as GeoJSON (e2e_wsi.annotations).
     if config.annotations is not None:
         tissue = annotate_tissue(tissue, slide_id, slide.dimensions, config.annotations)
+        if not tissue.mask.any():
+            rules = config.annotations
+            raise SlideError(
+                slide.path,
+                f"annotation removed all tissue: the regions of {rules.file_for(slide_id)} (include "
+                f"{list(rules.include)}, exclude {list(rules.exclude)}) leave none of the detected tissue; check "
+                "the file's classes and coordinates, or --include-classes/--exclude-classes",
+            )
     if config.geojson_dir is not None:
         write_tissue_geojson(tissue, Path(config.geojson_dir) / f"{slide_id}.geojson")
     specs = [grid_spec(slide, m, config.patch_size) for m in config.magnifications]
@@ -196,10 +238,11 @@ def _tile_slide(
         for spec, (coords, _) in zip(specs, grids, strict=True)
     ]
     staging = staging_dir / f"{slide_id}.bin"
-    _stage_patches(slide, specs, grids, config, staging, progress)
+    _stage_patches(slide, specs, grids, config, staging, progress, _patch_normaliser(config, tissue))
     if qc_dir is not None:
         _write_qc(qc_dir / f"{slide_id}.png", tissue, grids[0][0], specs[0], stats[0])
-    return _slide_meta(slide, slide_id, job, config, tissue, specs, grids, stats), staging
+    meta = _slide_meta(slide, slide_id, job, config, tissue, specs, grids, stats)
+    return {**meta, "source_identity": identity}, staging
 
 
 def detect_tissue(slide: Slide, params: TissueParams) -> TissueMask:
@@ -246,21 +289,44 @@ def _stage_patches(
     config: PreprocessConfig,
     staging: Path,
     progress: ProgressSink | None,
+    normalise: Any = None,
 ) -> None:
-    """Read and JPEG-encode every kept patch into the staging file, magnification by magnification."""
+    """Read and JPEG-encode every kept patch into the staging file, magnification by magnification.
+
+    ``normalise`` (uint8 [H, W, 3] -> uint8 [H, W, 3]) recolours each patch first (stain normalisation).
+    """
     pending = 0
     with open(staging, "wb") as handle:
         for spec, (coords, _) in zip(specs, grids, strict=True):
             for xy in coords:
-                append_staged(
-                    handle, encode_jpeg(read_patch(slide, spec, xy, config.patch_size), config.jpeg_quality)
-                )
+                patch = read_patch(slide, spec, xy, config.patch_size)
+                if normalise is not None:
+                    patch = Image.fromarray(normalise(np.asarray(patch.convert("RGB"))))
+                append_staged(handle, encode_jpeg(patch, config.jpeg_quality))
                 pending += 1
                 if progress is not None and pending == _PROGRESS_EVERY:
                     progress.put(pending)
                     pending = 0
     if progress is not None and pending:
         progress.put(pending)
+
+
+def _patch_normaliser(config: PreprocessConfig, tissue: TissueMask) -> Any:
+    """The slide's patch recolouring (its statistics from the tissue thumbnail), or ``None``."""
+    if config.stain is None:
+        return None
+    import torch
+
+    pixels = tissue.thumbnail[tissue.mask]
+    if len(pixels) < 16:
+        raise ValueError("stain normalisation: too little tissue on the thumbnail to estimate the stains")
+    stain, source = config.stain, config.stain.source_stats(pixels)
+
+    def normalise(patch: np.ndarray) -> np.ndarray:
+        images = torch.from_numpy(np.ascontiguousarray(patch)).permute(2, 0, 1)[None]
+        return stain.apply(images, source)[0].permute(1, 2, 0).numpy()
+
+    return normalise
 
 
 def _slide_meta(
@@ -279,10 +345,11 @@ def _slide_meta(
         "format_version": FORMAT_VERSION,
         "slide_id": slide_id,
         # Absolute, so heatmaps and QC find the slide from any working directory.
-        "source_path": str(Path(job.path).resolve()),
+        "source_path": str(job.path) if is_url(job.path) else str(Path(job.path).resolve()),
         "mpp": res.mpp,
         "objective_power": res.objective_power,
         "resolution_source": res.source,
+        "backend": slide.backend,  # absent in caches written before reader backends: OpenSlide read those
         "dimensions": list(slide.dimensions),
         "patch_size": config.patch_size,
         "magnifications": {

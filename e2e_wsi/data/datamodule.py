@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 from collections.abc import Iterator, Sized
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import numpy as np
@@ -25,7 +23,8 @@ from e2e_wsi.data.manifest import load_manifest
 from e2e_wsi.data.sampling import EpochSampler, OversampleMap, check_ratios
 from e2e_wsi.data.splits import apply_splits, load_splits, make_splits, save_splits
 from e2e_wsi.data.transforms import OFFICIAL_EVAL_CROP_FRACTION, EvalTransform, TrainTransform
-from e2e_wsi.task_kinds import TaskKind
+from e2e_wsi.runs.folder import RunFolder
+from e2e_wsi.tasks import get_task_spec
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +76,11 @@ class WSIDataModule(pl.LightningDataModule):
     Args:
         cache_dir: Patch cache folder(s) (shards) written by ``e2e-wsi preprocess``.
         manifest: Manifest CSV (see :mod:`e2e_wsi.data.manifest`).
-        task: ``classification``, ``grading`` or ``survival``. The CLI derives it from ``model.task``
-            (its ``kind``); a YAML never needs to give it.
-        num_classes: Classes (classification/grading) or discrete time bins (survival, default 4). The
-            CLI derives it from ``model.task`` (``num_classes`` or ``num_bins``).
+        task: A task kind of :mod:`e2e_wsi.tasks` (``classification``, ``grading``, ``survival``,
+            ``regression``). The CLI derives it from ``model.task`` (its ``kind``); a YAML never needs
+            to give it.
+        num_classes: Classes (classification/grading) or discrete time bins (survival, default 4); unused
+            by regression. The CLI derives it from ``model.task`` (``num_classes`` or ``num_bins``).
         class_names: Optional label names used in the manifest.
         magnifications: Training scales; the first is the *main* magnification.
         mag_ratios: MRIS ratios per magnification (sum 1); ``None`` = uniform.
@@ -88,9 +88,14 @@ class WSIDataModule(pl.LightningDataModule):
         sample_size: s, patches per training bag.
         train_patch_size: RandomResizedCrop output side.
         eval_patch_size: Evaluation side after resize + centre crop.
-        eval_crop_fraction: Side of the evaluation centre crop relative to the cached patch (default
-            224/256, the official geometry; 1.0 resizes the whole patch).
+        eval_crop_fraction: Side of the evaluation centre crop relative to the cached patch, then resized
+            to ``eval_patch_size``. Default 1.0: the whole patch resized, the official evaluation
+            (CLAM/save_patches.py:50-53; datasets/dataloader.py:79,102). 224/256 = central 224 px of a
+            256 px patch. A model whose encoder has ``eval_resize`` always gets 1.0.
         crop_scale: RandomResizedCrop area range.
+        crop_chunks: ``None`` (default): one RandomResizedCrop box per patch. ``k``: one box per chunk of
+            a bag, ``k`` chunks (the official transform draws one box per chunk of 4 of its batch,
+            datasets/data_utils.py:142-149, ``img_trans_chunk`` default 4 in options.py:51).
         color_jitter: Opt-in colour augmentation (off by default, as in the paper).
         split_ratios: (train, val, test) case fractions.
         split_seed: Seed of the split.
@@ -98,7 +103,18 @@ class WSIDataModule(pl.LightningDataModule):
         num_folds: k for cross-validation.
         split_file: Reload this split (``splits.csv``/``.json`` of an earlier run) instead of making one.
         oversample: Per-class target ratio of training bags per epoch, e.g. ``{0: 2, 1: 1}``.
+        oversample_mode: ``ratio`` (default): ``oversample`` is a class ratio, the extra copies rotate
+            over the slides each epoch. ``repeat``: ``oversample`` gives whole repeat counts per class,
+            fixed for the run (``{1: 2}``: each class-1 slide twice per epoch; see
+            :class:`~e2e_wsi.data.sampling.OversampleMap`).
+        mris_shortfall: ``other_scales`` (default) or ``repeat_scale`` (official): what fills a scale
+            with too few patches (:func:`~e2e_wsi.data.sampling.mris_sample`).
+        survival_bins: ``train`` (default): time-bin edges are quartiles (``num_classes`` quantiles) of
+            the uncensored times of the training cases. ``cohort``: of every case in the manifest, test
+            included, as the official ``survival_label`` does (datasets/data_utils.py:714-725).
         batch_size: Training bags per batch (evaluation is always 1).
+        drop_last: Drop the last incomplete training batch of an epoch (the official loaders do:
+            ``drop_last = not no_drop_last``, options.py:90,218; datasets/dataloader.py:90,94).
         num_workers: DataLoader workers.
         pin_memory: Pin host memory.
         persistent_workers: Keep workers between epochs (only with ``num_workers > 0``).
@@ -114,7 +130,7 @@ class WSIDataModule(pl.LightningDataModule):
         self,
         cache_dir: str | list[str],
         manifest: str,
-        task: TaskKind = "classification",
+        task: str = "classification",
         num_classes: int | None = None,
         class_names: list[str] | None = None,
         magnifications: list[float] = [10.0],  # noqa: B006 - jsonargparse needs a literal default
@@ -125,6 +141,7 @@ class WSIDataModule(pl.LightningDataModule):
         eval_patch_size: int = 224,
         eval_crop_fraction: float = OFFICIAL_EVAL_CROP_FRACTION,
         crop_scale: tuple[float, float] = (0.5, 1.0),
+        crop_chunks: int | None = None,
         color_jitter: bool = False,
         split_ratios: tuple[float, float, float] = (0.7, 0.1, 0.2),
         split_seed: int = 0,
@@ -132,7 +149,11 @@ class WSIDataModule(pl.LightningDataModule):
         num_folds: int | None = None,
         split_file: str | None = None,
         oversample: dict[int, float] | None = None,
+        oversample_mode: Literal["ratio", "repeat"] = "ratio",
+        mris_shortfall: Literal["other_scales", "repeat_scale"] = "other_scales",
+        survival_bins: Literal["train", "cohort"] = "train",
         batch_size: int = 1,
+        drop_last: bool = False,
         num_workers: int = 0,
         pin_memory: bool = False,
         persistent_workers: bool = False,
@@ -148,23 +169,24 @@ class WSIDataModule(pl.LightningDataModule):
         self.magnifications = [float(m) for m in magnifications]
         if mag_ratios is not None:
             check_ratios(mag_ratios, len(self.magnifications))
-        if task == "survival" and oversample:
-            raise ValueError("oversample is for classification/grading; survival bags are cases")
+        if oversample and not get_task_spec(task).has_classes:
+            raise ValueError(f"oversample is for classes (classification/grading), not a {task} task")
         self._init_cohort(task, num_classes, manifest, run_dir, predict_split)
         self.cache_dir = cache_dir
         self._train_dataset: TrainBagDataset | None = None
 
     def _init_cohort(
-        self, task: TaskKind, num_classes: int | None, manifest: str, run_dir: str | None, predict_split: str
+        self, task: str, num_classes: int | None, manifest: str, run_dir: str | None, predict_split: str
     ) -> None:
         """State shared with every subclass (e.g. the feature datamodule): task, manifest, split bookkeeping."""
         if predict_split not in ("all", "train", "val", "test"):
             raise ValueError(f"predict_split {predict_split!r} must be all, train, val or test")
         self.task = task
-        self.num_classes = num_classes if num_classes is not None or task != "survival" else 4
+        self.spec = get_task_spec(task)
+        self.num_classes = num_classes if num_classes is not None else self.spec.default_num_targets
         self.manifest_path, self.run_dir = manifest, run_dir
         self.table: pd.DataFrame | None = None
-        self.survival_bin_edges: list[float] | None = None
+        self.target_state: dict[str, Any] | None = None  # fitted on the training bags (spec.fit_targets)
         self.has_val = True
 
     # ------------------------------------------------------------------ setup
@@ -177,7 +199,7 @@ class WSIDataModule(pl.LightningDataModule):
         df = load_manifest(
             self.manifest_path,
             self.task,
-            None if self.task == "survival" else self.num_classes,
+            self.num_classes,
             cache=self.cache if self._manifest_checks_ids else None,
             class_names=hp.class_names,
         )
@@ -188,8 +210,12 @@ class WSIDataModule(pl.LightningDataModule):
             df["split"] = make_splits(
                 df, hp.split_ratios, hp.split_seed, fold=hp.fold, num_folds=hp.num_folds
             )
-        if self.task != "survival" and self.num_classes is None:
-            self.num_classes = int(df["label"].max()) + 1
+        if stage == "fit":  # refuse a split that cannot teach the task before any training
+            source = f"split file {hp.split_file}" if hp.split_file else f"manifest {self.manifest_path}"
+            self.spec.check_training(df[df["split"] == "train"], source)
+        self.num_classes = self.spec.num_classes(df, self.num_classes)
+        if hp.get("survival_bins", "train") == "cohort":  # official rule: bins from every case, test included
+            self.target_state = self.spec.fit_targets(self.spec.bag_units(df), self.num_classes)
         self.table = df
         self.bags = {name: self._bags(df[df["split"] == name]) for name in ("train", "val", "test")}
         self.has_val = len(self.bags["val"]) > 0
@@ -224,31 +250,16 @@ class WSIDataModule(pl.LightningDataModule):
             )
 
     def _bags(self, df: pd.DataFrame) -> list[Bag]:
-        if self.task != "survival":
-            return [
-                Bag(s, (s,), {"target": int(y)}) for s, y in zip(df["slide_id"], df["label"], strict=True)
-            ]
-        bags = []
-        for case_id, g in df.groupby("case_id", sort=False):
-            time, event = float(g["time"].iloc[0]), int(g["event"].iloc[0])
-            bags.append(Bag(str(case_id), tuple(g["slide_id"]), {"time": time, "event": event}))
-        if self.survival_bin_edges is None:  # the train split comes first: bins from training times only
-            self._set_bin_edges(bags)
-        return [
-            Bag(b.bag_id, b.slide_ids, {**b.targets, "target": self._bin(b.targets["time"])}) for b in bags
-        ]
+        """The split's bags with their targets; the first call (the train split) fits the target state."""
+        units = self.spec.bag_units(df)
+        if self.target_state is None:  # the train split comes first: e.g. survival bins from training times
+            self.target_state = self.spec.fit_targets(units, self.num_classes)
+        return [Bag(b, s, self.spec.finish_targets(t, self.target_state)) for b, s, t in units]
 
-    def _set_bin_edges(self, train_bags: list[Bag]) -> None:
-        """Quantile bins of uncensored training times (all times if none is uncensored); outer edges 0, inf."""
-        times = np.array([b.targets["time"] for b in train_bags if b.targets["event"] == 1])
-        if len(times) == 0:
-            times = np.array([b.targets["time"] for b in train_bags])
-        inner = np.quantile(times, np.linspace(0, 1, self.num_classes + 1)[1:-1]) if len(times) else []
-        self.survival_bin_edges = [0.0, *map(float, inner), math.inf]
-
-    def _bin(self, time: float) -> int:
-        assert self.survival_bin_edges is not None
-        return int(np.searchsorted(self.survival_bin_edges[1:-1], time, side="right"))
+    @property
+    def survival_bin_edges(self) -> list[float] | None:
+        """Edges of the survival time bins (0, the training quantiles, inf); ``None`` for other tasks."""
+        return (self.target_state or {}).get("bin_edges")
 
     def _write_splits(self, df: pd.DataFrame) -> None:
         run_dir = self.run_dir
@@ -258,7 +269,7 @@ class WSIDataModule(pl.LightningDataModule):
             log.info("no run_dir: the split is not written to disk")
             return
         if self.trainer is None or self.trainer.is_global_zero:
-            path = save_splits(df, df["split"], Path(run_dir) / "splits.csv")
+            path = save_splits(df, df["split"], RunFolder(run_dir).splits)
             self.split_path = path
             log.info("split written to %s", path)
 
@@ -313,16 +324,20 @@ class WSIDataModule(pl.LightningDataModule):
     # ------------------------------------------------------------ properties
     @property
     def train_targets(self) -> torch.Tensor:
-        """Training targets before oversampling: int64 [n] labels, or float32 [n, 2] (time, event)."""
-        bags = self._require("train")
-        if self.task == "survival":
-            return torch.tensor([[b.targets["time"], b.targets["event"]] for b in bags], dtype=torch.float32)
-        return torch.tensor([b.targets["target"] for b in bags], dtype=torch.int64)
+        """Training targets before oversampling: int64 [n] labels, float32 [n, 2] (time, event) for
+        survival, float32 [n] for regression."""
+        return self.spec.train_targets([b.targets for b in self._require("train")])
 
     @property
     def class_counts(self) -> list[int]:
-        """Training bags per class (classification/grading) or per time bin (survival)."""
+        """Training bags per class (classification/grading) or per time bin (survival).
+
+        Raises:
+            ValueError: For a task without discrete targets (regression).
+        """
         bags = self._require("train")
+        if self.num_classes is None:
+            raise ValueError(f"a {self.task} task has no classes to count")
         labels = np.array([b.targets["target"] for b in bags], dtype=np.int64)
         return np.bincount(labels, minlength=self.num_classes or 0).tolist()
 
@@ -358,10 +373,13 @@ class WSIDataModule(pl.LightningDataModule):
             index_map, length = None, None
             if hp.oversample:
                 labels = np.array([b.targets["target"] for b in bags])
-                index_map = OversampleMap(labels, hp.oversample, hp.seed)
+                index_map = OversampleMap(labels, hp.oversample, hp.seed, hp.oversample_mode)
                 length = len(index_map)
             transform = TrainTransform(
-                hp.train_patch_size, scale=tuple(hp.crop_scale), color_jitter=hp.color_jitter
+                hp.train_patch_size,
+                scale=tuple(hp.crop_scale),
+                color_jitter=hp.color_jitter,
+                crop_chunks=hp.crop_chunks,
             )
             self._train_dataset = TrainBagDataset(
                 self.cache,
@@ -374,6 +392,7 @@ class WSIDataModule(pl.LightningDataModule):
                 rank=rank,
                 index_map=index_map,
                 length=length,
+                shortfall=hp.mris_shortfall,
             )
         return self._train_dataset
 
@@ -383,13 +402,31 @@ class WSIDataModule(pl.LightningDataModule):
         sampler = EpochSampler(dataset, num_replicas=world, rank=rank, seed=self.hparams.seed)
         if self.trainer is not None:
             sampler.set_epoch(self.trainer.current_epoch)
+        hp = self.hparams
+        if hp.drop_last and len(sampler) < hp.batch_size:
+            raise ValueError(
+                f"drop_last with batch_size {hp.batch_size} but only {len(sampler)} training bag(s) per "
+                "process: every batch would be dropped; lower data.batch_size or set data.drop_last false"
+            )
         return DataLoader(
-            dataset, batch_size=self.hparams.batch_size, sampler=sampler, **self._loader_kwargs()
+            dataset,
+            batch_size=hp.batch_size,
+            sampler=sampler,
+            drop_last=hp.drop_last,
+            **self._loader_kwargs(),
         )
+
+    def eval_crop_fraction(self) -> float:
+        """The evaluation crop: 1.0 (whole patch resized) when the attached model requires it
+        (its encoder's ``eval_resize``, e.g. a converted official checkpoint), else ``eval_crop_fraction``."""
+        model = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        if model is not None and getattr(model, "eval_resize", False):
+            return 1.0
+        return float(self.hparams.eval_crop_fraction)
 
     def _eval_loader(self, bags: list[Bag]) -> DataLoader:
         mags = self.hparams.eval_magnifications or self.magnifications[:1]
-        transform = EvalTransform(self.hparams.eval_patch_size, crop_fraction=self.hparams.eval_crop_fraction)
+        transform = EvalTransform(self.hparams.eval_patch_size, crop_fraction=self.eval_crop_fraction())
         dataset = EvalBagDataset(self.cache, bags, mags, transform)
         rank, world = self._rank_world()
         if world == 1:
@@ -425,22 +462,12 @@ class WSIDataModule(pl.LightningDataModule):
             stage: ``val``, ``test`` or ``predict``.
 
         Returns:
-            ``case_id``, ``slide_id`` (the bag id; for survival the case id) and ``label`` for
-            classification/grading, or ``case_id``, ``time``, ``event`` for survival.
+            ``case_id``, ``slide_id`` (the bag id; for survival the case id) and the spec's truth
+            columns (``label``; ``time``, ``event``; ``target``).
         """
         rows = []
-        table = self.table.set_index("slide_id")
+        table = self._table().set_index("slide_id")
         for bag in self._eval_bags(stage):
             case_id = str(table.loc[bag.slide_ids[0], "case_id"])
-            if self.task == "survival":
-                rows.append(
-                    {
-                        "case_id": case_id,
-                        "slide_id": bag.bag_id,
-                        "time": bag.targets["time"],
-                        "event": int(bag.targets["event"]),
-                    }
-                )
-            else:
-                rows.append({"case_id": case_id, "slide_id": bag.bag_id, "label": int(bag.targets["target"])})
+            rows.append({"case_id": case_id, "slide_id": bag.bag_id, **self.spec.truth_row(bag.targets)})
         return pd.DataFrame(rows)

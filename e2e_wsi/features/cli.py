@@ -41,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--encoder",
         required=True,
-        help="resnet18 | resnet50 | timm:NAME | hf-hub:ORG/NAME | encoder.yaml | RUN/checkpoints/x.ckpt",
+        help="resnet18 | resnet50 | timm:NAME | hf-hub:ORG/NAME | encoder.yaml | RUN | RUN/checkpoints/x.ckpt "
+        "(YAML and run configs may name only allow-listed classes: docs/security.md)",
     )
     p.add_argument(
         "--weights",
@@ -74,6 +75,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--slides", nargs="*", default=None, help="only these slide ids")
     p.add_argument("--seed", type=int, default=0, help="seed of randomly initialised encoder weights")
+    p.add_argument(
+        "--pt_files",
+        action="store_true",
+        help="also write FEATURES/pt_files/<slide_id>.pt (features only, a plain tensor), the files CLAM's "
+        "main.py and the official two-stage code read (default: off, the .h5 files only)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -106,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.no_progress,
             devices=args.devices,
             accelerator=args.accelerator,
+            pt_files=args.pt_files,
         )
         rows = extract_features(args.cache, args.out, encoder, config, args.slides)
     except (ValueError, FileNotFoundError, RuntimeError) as err:

@@ -27,14 +27,19 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from e2e_wsi.cache.store import PatchCache
+from e2e_wsi.cache.store import PatchCache, mag_key
 from e2e_wsi.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, normalize_images
+from e2e_wsi.errors import UserError
 from e2e_wsi.features.store import (
+    PatchGeometry,
     describe_difference,
     feature_path,
     make_provenance,
+    pt_path,
     read_info,
+    read_slide,
     settings_of,
+    write_pt,
     write_slide,
 )
 
@@ -55,6 +60,8 @@ class ExtractConfig:
         devices: More than 1: a Lightning ``Trainer`` runs one process per device (DDP), each encoding
             whole slides; ``device`` is then unused.
         accelerator: Lightning accelerator of the multi-device run (``auto``, ``gpu``, ``cpu`` ...).
+        pt_files: Also write ``pt_files/<slide_id>.pt`` (a plain float32 tensor [N, D]), the file CLAM's
+            ``main.py`` and the official two-stage loader read.
     """
 
     magnification: float | None = None
@@ -67,6 +74,7 @@ class ExtractConfig:
     progress: bool = True
     devices: int = 1
     accelerator: str = "auto"
+    pt_files: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -180,6 +188,7 @@ class ExtractionPlan:
         shard: ``(i, n)`` of ``--shard``.
         rows: slide id -> summary row (``skipped`` until the slide is encoded).
         jobs: ``(slide_id, magnification, number of patches)`` of the slides still to encode.
+        pt_files: Also write ``pt_files/<slide_id>.pt`` beside each ``.h5``.
     """
 
     cache: PatchCache
@@ -191,6 +200,24 @@ class ExtractionPlan:
     shard: tuple[int, int]
     rows: dict[str, dict[str, Any]]
     jobs: list[tuple[str, float, int]]
+    pt_files: bool = False
+
+    def geometry(self, slide_id: str) -> PatchGeometry:
+        """The slide's patch geometry from its cache metadata (TRIDENT's and CLAM's attributes)."""
+        meta = self.cache.meta(slide_id)
+        info = meta["magnifications"][mag_key(self.magnification)]
+        width, height = (int(v) for v in meta["dimensions"])
+        patch, side = int(meta["patch_size"]), int(info["size_level0"])
+        # objective power is always recorded by our tiler; the fallback is its own formula inverted
+        power = meta.get("objective_power") or self.magnification * side / patch
+        return PatchGeometry(
+            patch_size=patch,
+            size_level0=side,
+            level0_magnification=float(power),
+            target_magnification=float(self.magnification),
+            level0_width=width,
+            level0_height=height,
+        )
 
     def record(
         self, slide_id: str, feats: np.ndarray | None, seconds: float, error: str, num_patches: int
@@ -203,7 +230,10 @@ class ExtractionPlan:
             return row
         try:
             coords = self.cache.coords(slide_id, self.magnification)
-            write_slide(self.out_dir, slide_id, feats, coords, self.provenance)  # type: ignore[arg-type]
+            geometry = self.geometry(slide_id)
+            write_slide(self.out_dir, slide_id, feats, coords, self.provenance, geometry)  # type: ignore[arg-type]
+            if self.pt_files:
+                write_pt(self.out_dir, slide_id, feats)  # type: ignore[arg-type]
             row["status"] = "ok"
         except Exception as err:  # NaN features (e.g. fp16 overflow), full disk ...: recorded, not fatal
             row.update(status="failed", error=str(err))
@@ -244,12 +274,16 @@ def plan_extraction(
         s: {"slide_id": s, "status": "skipped", "num_patches": 0, "seconds": 0.0, "error": ""} for s in ids
     }
     todo = [s for s in ids if not _done(feature_path(out_dir, s), settings)]
+    if config.pt_files:  # a resumed run asked for .pt files now: write them from the finished .h5 files
+        for s in sorted(set(ids) - set(todo)):
+            if not pt_path(out_dir, s).is_file():
+                write_pt(out_dir, s, read_slide(feature_path(out_dir, s))[0])
     jobs = [(s, mag, cache.count(s, mag)) for s in todo]
     for s, _, n in jobs:
         if n == 0:
             rows[s].update(status="failed", error=f"no patches at {mag}x")
     jobs = [j for j in jobs if j[2] > 0]
-    return ExtractionPlan(cache, out_dir, ids, mag, size, prov, config.shard, rows, jobs)
+    return ExtractionPlan(cache, out_dir, ids, mag, size, prov, config.shard, rows, jobs, config.pt_files)
 
 
 def extract_features(
@@ -359,7 +393,10 @@ def _encode_slides(
             if not slides.enter(slide_id) and not error:
                 try:
                     x = normalize_images(
-                        item["images"].to(device, non_blocking=True), tuple(mean), tuple(std)
+                        item["images"].to(device, non_blocking=True),
+                        tuple(mean),
+                        tuple(std),
+                        getattr(encoder, "channel_order", "rgb"),  # a converted official encoder wants BGR
                     )
                     with _autocast(device, precision):
                         feats = encoder(x).float().cpu()
@@ -394,16 +431,25 @@ def _write_summary(
 def encoder_from_spec(spec: str, weights: str | None = None) -> tuple[nn.Module, int | None]:
     """Build the encoder named on the command line.
 
+    Encoder YAMLs and run configs are checked against the allow-list of :mod:`e2e_wsi.runs.allowlist`
+    before anything they name is imported or built (:func:`e2e_wsi.runs.build_encoder`).
+
     Args:
         spec: ``resnet18``/``resnet50`` (truncated ResNet), ``timm:NAME`` or ``hf-hub:ORG/NAME`` (timm),
-            a YAML file with ``class_path``/``init_args``, or a run checkpoint ``RUN/checkpoints/x.ckpt``
-            (the encoder of an end-to-end run, built from ``RUN/config.yaml``).
+            a YAML file with ``class_path``/``init_args``, or an end-to-end run (``RUN/checkpoints/x.ckpt``
+            or ``RUN``, its best checkpoint): its encoder, built from ``RUN/config.yaml``.
         weights: ResNet: ``none``/``imagenet``/file; timm: ``pretrained`` or a file; ignored otherwise.
 
     Returns:
         The encoder and the input size the spec implies (a run's ``data.eval_patch_size``), or ``None``.
+
+    Raises:
+        RefusedConfigError: If the YAML or the run's config names code outside the allow-list.
+        UserError: If ``spec`` is none of the above.
     """
     from e2e_wsi.models.encoders import ResNetEncoder, TimmEncoder
+    from e2e_wsi.runs.folder import CHECKPOINT_SUFFIX, RunFolder
+    from e2e_wsi.runs.loading import build_encoder, encoder_from_run, read_run_config
 
     if spec in ("resnet18", "resnet50"):
         return ResNetEncoder(spec, weights=weights or "none", freeze=True), None
@@ -414,43 +460,14 @@ def encoder_from_spec(spec: str, weights: str | None = None) -> tuple[nn.Module,
         return TimmEncoder(name, pretrained=pretrained, weights_path=path, freeze=True), None
     path = Path(spec)
     if path.suffix in (".yaml", ".yml") and path.is_file():
-        import yaml
-
-        node = yaml.safe_load(path.read_text())
-        return _instantiate(node.get("encoder", node)), None
-    if path.suffix == ".ckpt" and path.is_file():
-        return _encoder_from_run(path)
-    raise ValueError(
+        node = read_run_config(path)
+        key = "encoder" if "encoder" in node else ""
+        return build_encoder(node.get("encoder", node), path, key), None
+    if (path.suffix == CHECKPOINT_SUFFIX and path.is_file()) or (
+        path.is_dir() and RunFolder.is_run_folder(path)
+    ):
+        return encoder_from_run(path)
+    raise UserError(
         f"unknown encoder {spec!r}: use resnet18, resnet50, timm:NAME, hf-hub:ORG/NAME, an encoder YAML "
-        "(class_path/init_args) or a run checkpoint RUN/checkpoints/x.ckpt"
+        "(class_path/init_args), a run folder RUN or a run checkpoint RUN/checkpoints/x.ckpt"
     )
-
-
-def _instantiate(node: dict[str, Any]) -> nn.Module:
-    import importlib
-
-    module_name, _, cls_name = str(node["class_path"]).rpartition(".")
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    return cls(**dict(node.get("init_args") or {}))
-
-
-def _encoder_from_run(ckpt: Path) -> tuple[nn.Module, int | None]:
-    """The encoder of an end-to-end run: its config's ``model.encoder`` with the checkpoint's weights."""
-    import yaml
-
-    config_path = ckpt.resolve().parent.parent / "config.yaml"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found: a run checkpoint must sit in RUN/checkpoints/")
-    config = yaml.safe_load(config_path.read_text())
-    node = dict(config["model"].get("encoder") or {"class_path": "e2e_wsi.models.encoders.ResNetEncoder"})
-    init = dict(node.get("init_args") or {})
-    # The checkpoint holds the weights: never fetch the initial ones again.
-    init.update(
-        {k: v for k, v in {"weights": "none", "pretrained": False, "weights_path": None}.items() if k in init}
-    )
-    encoder = _instantiate({"class_path": node["class_path"], "init_args": init})
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
-    own = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
-    encoder.load_state_dict(own, strict=True)
-    encoder.requires_grad_(False)
-    return encoder, config.get("data", {}).get("eval_patch_size")

@@ -1,9 +1,11 @@
 """Inference with trained models: the library behind ``predict``, ``heatmap``, the notebook and benchmarks.
 
-* :mod:`~e2e_wsi.inference.run`: load a run (``load_model``, ``load_run``, ``resolve_checkpoints``),
+Models come from :func:`e2e_wsi.runs.load_run`.
+
+
 * :mod:`~e2e_wsi.inference.predict`: attention of a slide (``slide_attention``), predictions of a bag
   (``predict_bag``), ensembles of checkpoints (``Ensemble``),
-* :mod:`~e2e_wsi.inference.params`: the preprocessing a run was trained with,
+* :mod:`~e2e_wsi.inference.params`: new slides tiled like a run's training slides,
 * :mod:`~e2e_wsi.inference.slides`: tiling new slides like the training slides,
 * :mod:`~e2e_wsi.inference.heatmaps`: heatmap figures of a model (``make_heatmap``),
 * :mod:`~e2e_wsi.inference.features`: attention and heatmaps of feature (two-stage) runs at the

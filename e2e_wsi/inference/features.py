@@ -2,10 +2,10 @@
 
 A feature run's model (``SlideModule`` with a ``PrecomputedFeatures`` encoder) reads ``features`` [N, D]
 from ``FEATURES/<slide_id>.h5``; its attention is drawn at the file's ``coords`` (level-0 top-left corners).
-A patch covers ``patch_size * objective_power / magnification`` level-0 pixels: the patch size and
-magnification come from the features' provenance, the objective power from the slide file. Without a slide
-file (or without provenance, as in CLAM/TRIDENT folders) the side is the coordinates' grid step and the
-canvas is white, sized from the coordinates' extent.
+A patch covers ``patch_size_level0`` level-0 pixels when the file records it (our files since this
+attribute exists, TRIDENT's, CLAM's patch attributes), else ``patch_size * objective_power /
+magnification`` from the provenance and the slide file. Without either the side is the coordinates' grid
+step. Without a slide file the canvas is white, sized from the coordinates' extent.
 """
 
 from __future__ import annotations
@@ -21,12 +21,14 @@ from PIL import Image
 from e2e_wsi.features.store import FeatureFolder, settings_of
 from e2e_wsi.inference.heatmaps import thumbnail_of, write_heatmap_figure
 from e2e_wsi.inference.predict import predict_bag
-from e2e_wsi.inference.run import LoadedModel
 from e2e_wsi.models.encoders import PrecomputedFeatures
 from e2e_wsi.models.module import _compare_settings
-from e2e_wsi.slides.reader import Slide
+from e2e_wsi.runs.loading import LoadedRun
+from e2e_wsi.slides.backends.base import is_url
+from e2e_wsi.slides.reader import Slide, open_slide
+from e2e_wsi.slides.sources import slide_exists
 from e2e_wsi.utils import validate_slide_id
-from e2e_wsi.viz.heatmap import SlideAttention, find_truth_mask, format_caption
+from e2e_wsi.viz.heatmap import SlideAttention, check_coords, find_truth_mask, format_caption
 
 # Patch side assumed for a single-patch slide of a folder without provenance: CLAM's and TRIDENT's default.
 _DEFAULT_PATCH = 256
@@ -37,7 +39,7 @@ class SlideFile:
     """The whole-slide image behind a slide's features, when known.
 
     Attributes:
-        path: The slide file, or ``None`` (the heatmap is drawn on a white canvas).
+        path: The slide file, DICOM folder or URL, or ``None`` (the heatmap is drawn on a white canvas).
         mpp: Per-slide MPP override (the manifest's ``mpp`` column), or ``None``.
     """
 
@@ -45,7 +47,7 @@ class SlideFile:
     mpp: float | None = None
 
 
-def is_feature_run(loaded: LoadedModel) -> bool:
+def is_feature_run(loaded: LoadedRun) -> bool:
     """Whether the run learned on precomputed features (two-stage) rather than on patches."""
     return isinstance(loaded.model.encoder, PrecomputedFeatures)
 
@@ -67,11 +69,14 @@ def slide_file_from_manifest(manifest: str | Path | None, slide_id: str) -> Slid
     rows = table[table["slide_id"] == slide_id]
     if rows.empty or not isinstance(rows["path"].iloc[0], str):
         return SlideFile()
-    raw = Path(rows["path"].iloc[0])
-    path = raw if raw.is_absolute() else Path(manifest).parent / raw
+    text = rows["path"].iloc[0]
     mpp_text = rows["mpp"].iloc[0] if "mpp" in rows.columns else None
     mpp = float(mpp_text) if isinstance(mpp_text, str) and mpp_text.strip() else None
-    return SlideFile(path if path.is_file() else None, mpp)
+    if is_url(text):  # an fsspec URL (tiffslide): checked when it is opened
+        return SlideFile(text, mpp)  # type: ignore[arg-type]
+    raw = Path(text)
+    path = raw if raw.is_absolute() else Path(manifest).parent / raw
+    return SlideFile(path if slide_exists(path) else None, mpp)
 
 
 def grid_step(coords: np.ndarray) -> int | None:
@@ -89,13 +94,17 @@ def feature_geometry(
 
     Args:
         coords: [N, 2] level-0 (x, y) of the patches' top-left corners.
-        provenance: The features' provenance (``magnification``, ``patch_size``), or ``None``.
+        provenance: The features' provenance (``patch_size_level0``, else ``magnification`` and
+            ``patch_size``), or ``None``.
         slide: The open slide file, or ``None``.
 
     Returns:
         ``(size_level0, (width, height))``; without a slide, the extent of the patches.
     """
-    if slide is not None and provenance is not None:
+    prov = provenance or {}
+    if prov.get("patch_size_level0"):  # recorded by extract (and TRIDENT/CLAM): the exact cached side
+        side = int(prov["patch_size_level0"])
+    elif slide is not None and "patch_size" in prov and "magnification" in prov:
         power = slide.resolution.objective_power
         # The formula of the tiling (e2e_wsi.slides.tiling.grid_spec), so squares match the cached patches.
         side = max(1, round(int(provenance["patch_size"]) * power / float(provenance["magnification"])))
@@ -108,7 +117,7 @@ def feature_geometry(
 
 
 def feature_attention(
-    loaded: LoadedModel, folder: FeatureFolder, slide_id: str, slide_file: SlideFile | None = None
+    loaded: LoadedRun, folder: FeatureFolder, slide_id: str, slide_file: SlideFile | None = None
 ) -> tuple[SlideAttention, dict[str, torch.Tensor]]:
     """Attention of a feature run over every stored feature of a slide.
 
@@ -138,10 +147,12 @@ def feature_attention(
     slide_file = slide_file or SlideFile()
     out = predict_bag(loaded.model, torch.from_numpy(features))
     if slide_file.path is not None:
-        with Slide(slide_file.path, slide_mpp=slide_file.mpp) as slide:
+        with open_slide(slide_file.path, slide_mpp=slide_file.mpp) as slide:
             side, dims = feature_geometry(coords, info.provenance, slide)
     else:
+        check_coords(coords, (2**62, 2**62), f"features of slide {slide_id!r} in {folder.path}")
         side, dims = feature_geometry(coords, info.provenance, None)
+    check_coords(coords, dims, f"features of slide {slide_id!r} in {folder.path}")
     att = SlideAttention(slide_id, out["attention"][0].float().numpy(), coords, side, dims)
     return att, out
 
@@ -156,7 +167,7 @@ def top_patches_from_slide(slide_file: SlideFile, att: SlideAttention, k: int, s
     if slide_file.path is None or not order:
         return np.zeros((0, 1, 1, 3), np.uint8)
     patches = []
-    with Slide(slide_file.path, slide_mpp=slide_file.mpp) as slide:
+    with open_slide(slide_file.path, slide_mpp=slide_file.mpp) as slide:
         level = slide.best_level(att.size_level0 / side)
         read = max(1, round(att.size_level0 / slide.level_downsamples[level]))
         for i in order:
@@ -169,7 +180,7 @@ def top_patches_from_slide(slide_file: SlideFile, att: SlideAttention, k: int, s
 
 
 def make_feature_heatmap(
-    loaded: LoadedModel,
+    loaded: LoadedRun,
     folder: FeatureFolder,
     slide_id: str,
     out_dir: str | Path,
@@ -196,7 +207,7 @@ def make_feature_heatmap(
     slide_file = slide_file or SlideFile()
     att, out = feature_attention(loaded, folder, slide_id, slide_file)
     pred = {k: v[0].numpy() for k, v in loaded.model.task.predict(out["outputs"]).items()}
-    text = format_caption(pred, loaded.data.get("class_names"))
+    text = format_caption(pred, loaded.data.get("class_names"), kind=loaded.task_kind)
     truth = find_truth_mask(
         slide_id, att.dimensions, mask=mask, mask_dir=mask_dir, annotations_dir=annotations_dir
     )

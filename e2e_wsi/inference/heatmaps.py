@@ -13,7 +13,8 @@ from e2e_wsi.cache.store import PatchCache
 from e2e_wsi.data.transforms import OFFICIAL_EVAL_CROP_FRACTION
 from e2e_wsi.inference.predict import slide_attention
 from e2e_wsi.models.module import SlideModule
-from e2e_wsi.slides.reader import Slide, SlideError
+from e2e_wsi.slides.reader import SlideError, open_slide
+from e2e_wsi.slides.sources import slide_exists
 from e2e_wsi.viz.heatmap import (
     SlideAttention,
     find_truth_mask,
@@ -38,9 +39,9 @@ def thumbnail_of(meta: dict, max_side: int = 1400) -> np.ndarray:
     scale = max_side / max(w, h)
     size = (max(1, int(w * scale)), max(1, int(h * scale)))
     source = Path(meta.get("source_path", ""))
-    if source.is_file():
+    if slide_exists(source):
         try:
-            with Slide(source, global_mpp=meta.get("mpp")) as slide:
+            with open_slide(source, meta.get("backend"), global_mpp=meta.get("mpp")) as slide:
                 view = slide.read_downsampled(max(w, h) / max_side)
             return np.asarray(Image.fromarray(view).resize(size, Image.Resampling.BOX))
         except SlideError:
@@ -171,7 +172,7 @@ def make_heatmap(
     """
     att, out = slide_attention(model, cache, slide_id, magnifications, patch_size, crop_fraction)
     pred = model.task.predict(out["outputs"])
-    text = format_caption({k: v[0].numpy() for k, v in pred.items()}, class_names)
+    text = format_caption({k: v[0].numpy() for k, v in pred.items()}, class_names, kind=model.task.kind)
     truth = find_truth_mask(
         slide_id, att.dimensions, mask=mask, mask_dir=mask_dir, annotations_dir=annotations_dir
     )

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from e2e_wsi.cache.identity import identity_change
 from e2e_wsi.cache.preprocess import preprocess
 from e2e_wsi.cache.store import PatchCache, mag_key
 from e2e_wsi.cache.worker import PreprocessConfig, SlideJob
@@ -34,12 +35,13 @@ class TiledSlides:
 def reusable(meta: dict, job: SlideJob, config: PreprocessConfig) -> bool:
     """Whether a cached slide is exactly what tiling ``job`` with ``config`` would give.
 
-    Same source file, same tiling parameters (grid rules and annotations included), the same MPP
-    override, and every magnification needed.
+    Same source file (its recorded size, modification time and sampled content hash, see
+    :mod:`e2e_wsi.cache.identity`), same tiling parameters (grid rules and annotations included), the
+    same MPP override, and every magnification needed.
     """
     try:
-        same_file = Path(meta["source_path"]).resolve() == Path(job.path).resolve()
-    except (KeyError, OSError):
+        same_file = identity_change(meta, job.path) is None
+    except OSError:
         return False
     wanted = config.params(job.mpp)
     have = meta.get("params") or {}
@@ -47,6 +49,7 @@ def reusable(meta: dict, job: SlideJob, config: PreprocessConfig) -> bool:
         all(have.get(k) == wanted[k] for k in TILING_KEYS)
         and grid_rules(have) == grid_rules(wanted)
         and have.get("annotations") == wanted.get("annotations")
+        and have.get("stain_normalization") == wanted.get("stain_normalization")
         and have.get("mpp_override") == wanted["mpp_override"]
     )
     mags = {mag_key(float(m)) for m in meta.get("magnifications", {})}

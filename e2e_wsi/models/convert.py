@@ -35,6 +35,8 @@ from collections.abc import Mapping
 
 import torch
 
+from e2e_wsi.errors import UserError
+
 # (official pattern, our replacement); the first match wins. Patterns see names without the
 # ``module.`` (DDP / EMA) prefixes.
 _RULES: list[tuple[str, str]] = [
@@ -61,8 +63,12 @@ def official_weights(checkpoint: Mapping, which: str = "auto") -> dict[str, torc
 
     Args:
         checkpoint: What ``torch.load`` returned: ``{"model", "teacher", "epoch"}`` or a bare state dict.
-        which: ``"model"`` (the live weights), ``"teacher"`` (the EMA weights, the ones the official
-            ``test_type: both_ema`` reports first) or ``"auto"`` (teacher when present, else model).
+        which: ``"model"`` (the live weights), ``"teacher"`` (the EMA weights) or ``"auto"`` (teacher
+            when present, else model). Which epoch: ``fold_k_model_best.pt`` is saved when the *live*
+            model's validation metric improves and holds the live weights and the EMA weights of that
+            epoch (main.py:375-390); ``fold_k_ema_model_best.pt`` holds only ``teacher``, saved when the
+            EMA model's metric improves (main.py:393-406). The official EMA test numbers come from the
+            latter (main.py:437-452), its live numbers from the former's ``model`` (main.py:434-443).
 
     Returns:
         The chosen state dict (names still official).
@@ -72,20 +78,57 @@ def official_weights(checkpoint: Mapping, which: str = "auto") -> dict[str, torc
     """
     if which not in ("auto", "model", "teacher"):
         raise ValueError(f"which must be auto, model or teacher, got {which!r}")
+    _require_mapping(checkpoint, "the file")
     if not any(k in checkpoint for k in ("model", "teacher")):
         if which == "teacher":
             raise ValueError("this file is a bare state dict: it has no EMA ('teacher') weights")
-        return dict(checkpoint)
+        return _state_dict(checkpoint, "the file")
     if which == "auto":
         which = "teacher" if checkpoint.get("teacher") is not None else "model"
     if checkpoint.get(which) is None:
         raise ValueError(f"the checkpoint has no {which!r} weights (keys: {sorted(checkpoint)})")
-    return dict(checkpoint[which])
+    return _state_dict(checkpoint[which], f"its {which!r} entry")
+
+
+def _require_mapping(value: object, what: str) -> None:
+    if not isinstance(value, Mapping):
+        raise UserError(
+            f"{what} holds a {type(value).__name__}, not a checkpoint: an official checkpoint is a dict "
+            "with 'model' (and 'teacher') state dicts, or a state dict of named tensors"
+        )
+
+
+def _state_dict(value: object, what: str) -> dict[str, torch.Tensor]:
+    """``value`` as a state dict, refusing anything but a mapping of names to tensors."""
+    _require_mapping(value, what)
+    bad = [k for k, v in value.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]  # type: ignore[union-attr]
+    if bad:
+        raise UserError(
+            f"{what} is not a state dict: entry {bad[0]!r} is not a named tensor; pass an official checkpoint"
+        )
+    return dict(value)  # type: ignore[arg-type]
+
+
+# Wrapper prefixes in front of the official names: DDP / EMA ``module.`` and torch.compile's
+# ``_orig_mod.`` (the official code compiles with ``--torchcompile``, main.py:227-228,258-259, and
+# strips that prefix itself only in one place, main.py:250-251).
+_WRAPPERS = ("module.", "_orig_mod.")
+
+# What the official pipeline feeds its weights, written into converted checkpoints
+# (SlideModule.input_contract): BGR channels (TurboJPEG decode, datasets/data_utils.py:227-278, used
+# by datasets/dataset_img.py:149,277; normalised with the RGB-ordered ImageNet mean/std and never
+# swapped back, datasets/data_utils.py:171-174,199-203) and whole patches resized to 224 px at
+# evaluation (CLAM/save_patches.py:50-53; datasets/dataloader.py:59,79,102-103).
+OFFICIAL_INPUT_CONTRACT: dict[str, object] = {"channel_order": "bgr", "eval_resize": True}
 
 
 def _strip_wrappers(name: str) -> str:
-    while name.startswith("module."):
-        name = name[len("module.") :]
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _WRAPPERS:
+            if name.startswith(prefix):
+                name, stripped = name[len(prefix) :], True
     return name
 
 

@@ -23,6 +23,10 @@ from e2e_wsi.slides.tissue import TissueMask, tissue_fractions
 # A target a little above the native magnification (e.g. 40x asked of a 39.6x scan) is read at level 0
 # and resized; beyond this the patches would be upsampled blur, so the slide fails instead.
 _MAX_UPSAMPLE = 1.05
+# Documented limits (docs/tiling.md, "Limits"): the region read for one patch at its pyramid level is at
+# most MAX_READ_SIDE pixels a side (8192^2 RGBA = 256 MB per read), and a patch may not cover more than the
+# whole slide. Beyond them a magnification far below the slide's pyramid asked for gigabytes per patch.
+MAX_READ_SIDE = 8192
 
 
 @dataclass(frozen=True)
@@ -67,8 +71,22 @@ def grid_spec(slide: Slide, magnification: float, patch_size: int) -> GridSpec:
             "drop that magnification or fix the slide's mpp",
         )
     size_level0 = max(1, round(patch_size * downsample))
+    width, height = slide.dimensions
+    if size_level0 > max(width, height):
+        raise SlideError(
+            slide.path,
+            f"a {patch_size}-px patch at {magnification:g}x covers {size_level0} level-0 pixels, more than the "
+            f"whole {width}x{height} slide ({native:g}x): use a higher magnification or a smaller patch size",
+        )
     level = slide.best_level(downsample)
     read_size = max(1, round(size_level0 / slide.level_downsamples[level]))
+    if read_size > MAX_READ_SIDE:
+        raise SlideError(
+            slide.path,
+            f"{magnification:g}x would read {read_size}x{read_size} pixels per patch from the nearest pyramid "
+            f"level (downsample {slide.level_downsamples[level]:g}; the limit is {MAX_READ_SIDE}): the slide "
+            "has no level near that magnification; use a higher magnification or add pyramid levels",
+        )
     return GridSpec(magnification, downsample, size_level0, level, read_size)
 
 

@@ -6,7 +6,8 @@ import argparse
 import sys
 import time
 
-from e2e_wsi.task_kinds import COHORT_KINDS, COHORT_TASK_KINDS
+from e2e_wsi.slides.writer import SLIDE_FORMATS
+from e2e_wsi.tasks import cohort_task_kinds
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -16,10 +17,11 @@ def _parser() -> argparse.ArgumentParser:
         "Aperio-like pyramidal TIFFs (40x, 0.25 um/px, downsamples 1/4/16) with H&E-like tissue and "
         "label-carrying lesions.",
     )
-    trains = ", ".join(f"{cohort} -> {kind}" for cohort, kind in COHORT_TASK_KINDS.items())
+    cohorts = cohort_task_kinds()
+    trains = ", ".join(f"{cohort} -> {kind}" for cohort, kind in cohorts.items())
     parser.add_argument(
         "--task",
-        choices=COHORT_KINDS,
+        choices=tuple(cohorts),
         default="subtype",
         help=f"cohort kind; each trains as one task kind ({trains}) (default subtype)",
     )
@@ -33,6 +35,20 @@ def _parser() -> argparse.ArgumentParser:
         default=0.03,
         help="share of tissue covered by lesion, in [0, 1] (default 0.03)",
     )
+    parser.add_argument(
+        "--lesion_foci",
+        type=int,
+        default=None,
+        help="separate lesion foci per slide sharing the lesion area (default: a few blobs "
+        "~0.9-1.5k level-0 px across, as many as the area needs)",
+    )
+    parser.add_argument(
+        "--distractor_fraction",
+        type=float,
+        default=0.0,
+        help="share of non-lesion tissue covered by lymphoid aggregates that appear whatever the label "
+        "(mask value 192; default 0, none)",
+    )
     parser.add_argument("--num-classes", type=int, default=2, help="subtype classes (default 2)")
     parser.add_argument("--num-grades", type=int, default=6, help="grades for --task grade (default 6)")
     parser.add_argument("--slides-per-case", type=int, default=1)
@@ -44,6 +60,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--no-metadata", action="store_true", help="write generic tiled TIFFs without objective power / MPP"
+    )
+    parser.add_argument(
+        "--format",
+        dest="slide_format",
+        choices=SLIDE_FORMATS,
+        default="svs",
+        help="slide files: svs (Aperio pyramidal TIFF), ome-tiff (.ome.tif, SubIFD pyramid) or dicom "
+        "(a folder of .dcm per slide; needs pip install 'e2e-wsi[dicom]') (default svs)",
     )
     parser.add_argument("--pen-marks", action="store_true", help="draw a marker stroke on each slide")
     parser.add_argument("--workers", type=int, default=2, help="parallel processes (default 2)")
@@ -82,12 +106,15 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
             quality=args.quality,
             overwrite=args.overwrite,
+            slide_format=args.slide_format,
+            lesion_foci=args.lesion_foci,
+            distractor_fraction=args.distractor_fraction,
         )
     except ValueError as err:
         print(f"e2e-wsi synth: error: {err}", file=sys.stderr)
         return 2
     print(
         f"wrote {args.num_slides} {args.task} slides in {time.perf_counter() - start:.1f} s; "
-        f"manifest: {manifest} (train it as a {COHORT_TASK_KINDS[args.task]} task)"
+        f"manifest: {manifest} (train it as a {cohort_task_kinds()[args.task]} task)"
     )
     return 0

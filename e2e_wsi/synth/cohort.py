@@ -25,8 +25,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from e2e_wsi.slides.writer import write_levels
-from e2e_wsi.synth.render import GRID, TASKS, lesion_burden, paint_slide, render_slide
+from e2e_wsi.slides.writer import SLIDE_FORMATS, slide_suffix, write_slide_levels
+from e2e_wsi.synth.render import (
+    DISTRACTOR,
+    GRID,
+    TASKS,
+    check_regime_args,
+    lesion_burden,
+    paint_slide,
+    render_slide,
+    score_driven,
+)
+from e2e_wsi.tasks import synth_cohorts
 from e2e_wsi.utils import validate_slide_id
 
 __all__ = ["TASKS", "SynthJob", "render_slide", "synthesize_cohort"]
@@ -41,7 +51,7 @@ class SynthJob:
 
     case_id: str
     slide_id: str
-    label: float  # class / grade / 0-1 diagnosis, or the survival risk in [0, 1]
+    label: float  # class / grade / 0-1 diagnosis, or the case score in [0, 1] of a score-driven cohort
     seed: int
     index: int
     size: tuple[int, int]
@@ -55,6 +65,9 @@ class SynthJob:
     quality: int
     scale: int
     suffix: str
+    fmt: str = "svs"  # one of e2e_wsi.slides.writer.SLIDE_FORMATS
+    lesion_foci: int | None = None
+    distractor_fraction: float = 0.0
 
 
 def _check_params(
@@ -117,7 +130,7 @@ def _case_labels(
     num_grades: int,
     negative_fraction: float,
 ) -> np.ndarray:
-    """Per-case label: class, grade, 0/1 diagnosis, or the survival risk in [0, 1] (stratified)."""
+    """Per-case label: class, grade, 0/1 diagnosis, or the score in [0, 1] of a score-driven cohort."""
     if task == "subtype":
         return _balanced(rng, num_cases, num_classes).astype(np.float64)
     if task == "grade":
@@ -125,21 +138,9 @@ def _case_labels(
     if task == "diagnosis":
         negatives = int(round(negative_fraction * num_cases))
         return rng.permutation(np.r_[np.zeros(negatives), np.ones(num_cases - negatives)])
-    # survival: risks spread evenly over [0, 1] so every cohort spans low to high burden
+    # score-driven (survival, regression): scores spread evenly over [0, 1], so every cohort spans low
+    # to high burden
     return (rng.permutation(num_cases) + rng.random(num_cases)) / num_cases
-
-
-def _survival(rng: np.random.Generator, risk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Weibull event times whose hazard grows with risk, with independent censoring.
-
-    Returns:
-        ``(time, event)``: months > 0 rounded to 0.01, and 1 = event observed, 0 = censored.
-    """
-    scale = 60.0 * np.exp(-2.0 * risk)  # proportional hazards: log-hazard linear in risk
-    event_time = scale * rng.weibull(1.5, risk.size)
-    censor_time = np.minimum(rng.exponential(90.0, risk.size), 120.0)  # dropout + end of study
-    time = np.maximum(np.round(np.minimum(event_time, censor_time), 2), 0.01)
-    return time, (event_time <= censor_time).astype(np.int64)
 
 
 def _write_slide(job: SynthJob, root: str) -> dict[str, object]:
@@ -155,13 +156,17 @@ def _write_slide(job: SynthJob, root: str) -> dict[str, object]:
         num_grades=job.num_grades,
         pen_marks=job.pen_marks,
         scale=job.scale,
+        lesion_foci=job.lesion_foci,
+        distractor_fraction=job.distractor_fraction,
     )
     slide_path = Path(root, "slides", job.slide_id + job.suffix)
-    write_levels(
+    write_slide_levels(
         slide_path,
         small,
         job.scale,
         job.size,
+        fmt=job.fmt,
+        key=job.slide_id,
         mpp=job.mpp,
         objective_power=job.objective_power,
         downsamples=DOWNSAMPLES,
@@ -170,11 +175,14 @@ def _write_slide(job: SynthJob, root: str) -> dict[str, object]:
     )
     Image.fromarray(truth).save(Path(root, "masks", job.slide_id + ".png"), optimize=False)
     tissue = int((truth > 0).sum())
-    return {
+    summary = {
         "slide_id": job.slide_id,
         "tissue_fraction": round(tissue / truth.size, 4),
         "lesion_fraction": round(int((truth == 255).sum()) / max(tissue, 1), 4),
     }
+    if job.distractor_fraction > 0:
+        summary["distractor_fraction"] = round(int((truth == DISTRACTOR).sum()) / max(tissue, 1), 4)
+    return summary
 
 
 def _run_jobs(jobs: list[SynthJob], root: Path, workers: int) -> list[dict[str, object]]:
@@ -195,18 +203,16 @@ def _run_jobs(jobs: list[SynthJob], root: Path, workers: int) -> list[dict[str, 
             raise
 
 
-def _manifest_text(task: str, jobs: list[SynthJob], survival: dict[str, tuple[float, int]]) -> str:
+def _manifest_text(jobs: list[SynthJob], outcomes: dict[str, dict[str, str]]) -> str:
+    """The manifest: ``label`` per slide, or a score-driven cohort's truth columns per case."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    extra = ["time", "event"] if task == "survival" else ["label"]
+    extra = list(next(iter(outcomes.values()))) if outcomes else ["label"]
     writer.writerow(["case_id", "slide_id", "path", *extra])
     for job in jobs:
         path = f"slides/{job.slide_id}{job.suffix}"
-        if task == "survival":
-            time, event = survival[job.case_id]
-            writer.writerow([job.case_id, job.slide_id, path, f"{time:.2f}", event])
-        else:
-            writer.writerow([job.case_id, job.slide_id, path, int(job.label)])
+        truth = list(outcomes[job.case_id].values()) if outcomes else [int(job.label)]
+        writer.writerow([job.case_id, job.slide_id, path, *truth])
     return buffer.getvalue()
 
 
@@ -267,11 +273,15 @@ def synthesize_cohort(
     quality: int = 90,
     render_scale: int = 4,
     overwrite: bool = False,
+    slide_format: str = "svs",
+    lesion_foci: int | None = None,
+    distractor_fraction: float = 0.0,
 ) -> Path:
     """Write a synthetic cohort: slides, ground-truth masks and a manifest.
 
-    Writes ``out_dir/slides/<slide_id>.svs`` (``.tif`` without metadata), ``out_dir/masks/<slide_id>.png``
-    (uint8 at downsample 16: 0 background, 128 tissue, 255 lesion), ``out_dir/manifest.csv`` with
+    Writes ``out_dir/slides/<slide_id>.svs`` (``.tif`` without metadata; ``.ome.tif`` or a DICOM folder
+    ``<slide_id>/`` with ``slide_format``), ``out_dir/masks/<slide_id>.png``
+    (uint8 at downsample 16: 0 background, 128 tissue, 192 distractor, 255 lesion), ``out_dir/manifest.csv`` with
     ``case_id,slide_id,path,label`` (``case_id,slide_id,path,time,event`` for survival; ``path``
     relative to the manifest) and ``out_dir/synth.json`` (parameters and per-slide lesion fraction).
     Everything is written into a temporary directory first, so a failure leaves no partial cohort.
@@ -298,6 +308,12 @@ def synthesize_cohort(
         quality: JPEG quality of the tiles.
         render_scale: Level-0 px per painted px (4 paints at 10x and upsamples level 0).
         overwrite: Replace an existing cohort in ``out_dir``.
+        slide_format: ``svs`` (Aperio), ``ome-tiff`` (``.ome.tif`` with SubIFDs) or ``dicom`` (a folder
+            ``slides/<slide_id>/`` of one ``.dcm`` per level; needs ``pip install 'e2e-wsi[dicom]'``).
+        lesion_foci: Separate lesion foci per slide sharing the lesion area (``None``: a few blobs
+            ~0.9-1.5k level-0 px across). Many small foci spread the lesion over the slide.
+        distractor_fraction: Share of the non-lesion tissue covered by label-independent lymphoid
+            aggregates (mask value 192), as salient as lesions; 0 (default) paints none.
 
     Returns:
         Path of the manifest CSV.
@@ -319,8 +335,9 @@ def synthesize_cohort(
         render_scale,
         quality,
     )
+    check_regime_args(task, num_classes, lesion_foci, distractor_fraction)
     out_dir = Path(out_dir)
-    # One planning stream draws, in this order, the case labels and then the survival outcomes.
+    # One planning stream draws, in this order, the case labels and then a score-driven cohort's outcomes.
     plan_rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0,)))
     num_cases = math.ceil(num_slides / slides_per_case)
     negatives = 0.5 if negative_fraction is None else negative_fraction
@@ -341,15 +358,33 @@ def synthesize_cohort(
         objective_power=objective_power if with_metadata else None,
         quality=quality,
         scale=render_scale,
-        suffix=".svs" if with_metadata else ".tif",
+        suffix=_suffix(slide_format, with_metadata),
+        fmt=slide_format,
+        lesion_foci=None if lesion_foci is None else int(lesion_foci),
+        distractor_fraction=float(distractor_fraction),
     )
     jobs = _plan_jobs(template, labels, num_slides, slides_per_case)
-    survival = _case_outcomes(plan_rng, labels) if task == "survival" else {}
+    outcomes = _case_outcomes(plan_rng, task, labels, float(lesion_fraction)) if score_driven(task) else {}
 
     _write_atomically(
-        out_dir, overwrite, lambda tmp: _write_cohort(tmp, jobs, survival, workers, seed, num_slides)
+        out_dir, overwrite, lambda tmp: _write_cohort(tmp, jobs, outcomes, workers, seed, num_slides)
     )
     return out_dir / "manifest.csv"
+
+
+def _suffix(slide_format: str, with_metadata: bool) -> str:
+    """The slide files' suffix; rejects a format that cannot be written before anything is painted."""
+    if slide_format not in SLIDE_FORMATS:
+        raise ValueError(f"slide format must be one of {', '.join(SLIDE_FORMATS)}, got {slide_format!r}")
+    if slide_format == "dicom":
+        if not with_metadata:
+            raise ValueError(
+                "DICOM slides need a pixel spacing: drop --no-metadata or choose another --format"
+            )
+        from e2e_wsi.slides.dicom_writer import require_wsidicom
+
+        require_wsidicom()
+    return slide_suffix(slide_format, with_metadata)
 
 
 def _write_atomically(out_dir: Path, overwrite: bool, write: Callable[[Path], None]) -> None:
@@ -397,16 +432,22 @@ def _plan_jobs(
     return jobs
 
 
-def _case_outcomes(rng: np.random.Generator, risks: np.ndarray) -> dict[str, tuple[float, int]]:
-    """case id -> (time, event) drawn from the cases' risks."""
-    times, events = _survival(rng, risks)
-    return {f"case{c:04d}": (float(times[c]), int(events[c])) for c in range(risks.size)}
+def _case_outcomes(
+    rng: np.random.Generator, task: str, scores: np.ndarray, lesion_fraction: float
+) -> dict[str, dict[str, str]]:
+    """case id -> the manifest's truth columns of a score-driven cohort, made by its task spec from the
+    cases' scores and lesion burdens (survival: Weibull time/event; regression: the target)."""
+    _, cohort = synth_cohorts()[task]
+    assert cohort.outcomes is not None
+    burden = np.array([lesion_burden(task, float(s), lesion_fraction) for s in scores])
+    columns = cohort.outcomes(rng, scores, burden)
+    return {f"case{c:04d}": {name: values[c] for name, values in columns.items()} for c in range(scores.size)}
 
 
 def _write_cohort(
     root: Path,
     jobs: list[SynthJob],
-    survival: dict[str, tuple[float, int]],
+    outcomes: dict[str, dict[str, str]],
     workers: int,
     seed: int,
     num_slides: int,
@@ -415,8 +456,7 @@ def _write_cohort(
     (root / "slides").mkdir()
     (root / "masks").mkdir()
     summaries = _run_jobs(jobs, root, workers)
-    task = jobs[0].task
-    (root / "manifest.csv").write_text(_manifest_text(task, jobs, survival), encoding="utf-8")
+    (root / "manifest.csv").write_text(_manifest_text(jobs, outcomes), encoding="utf-8")
     info = _cohort_info(jobs, summaries, seed, num_slides)
     (root / "synth.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
 
@@ -444,7 +484,7 @@ def _cohort_info(
             dict(
                 s,
                 case_id=job.case_id,
-                label=job.label if task == "survival" else int(job.label),
+                label=job.label if score_driven(task) else int(job.label),
                 target_lesion_fraction=round(
                     lesion_burden(task, job.label, first.lesion_fraction, first.num_grades), 4
                 ),

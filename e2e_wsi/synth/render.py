@@ -13,12 +13,25 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from e2e_wsi.errors import UserError
 from e2e_wsi.synth import nuclei as _nuclei
 from e2e_wsi.synth.nuclei import ARRANGEMENTS, Nuclei
-from e2e_wsi.task_kinds import COHORT_KINDS
+from e2e_wsi.tasks import synth_cohorts
 
 GRID = 16  # level-0 pixels per ground-truth pixel (the mask is at downsample 16)
-TASKS = COHORT_KINDS  # synthetic cohort kinds; COHORT_TASK_KINDS says which task kind trains each
+DISTRACTOR = 192  # mask value of label-independent lesion-like tissue (``distractor_fraction``)
+DISTRACTOR_ARRANGEMENT = "lymphoid"  # what distractors look like: dense aggregates of small dark nuclei
+# Synthetic cohort kinds, declared by the task specs (e2e_wsi.tasks; each says which task kind it trains).
+TASKS: tuple[str, ...] = tuple(synth_cohorts())
+
+
+def score_driven(task: str) -> bool:
+    """Whether cohort ``task`` is score-driven: a case score in [0, 1] sets its lesion burden and
+    morphology, and the task spec turns scores into manifest columns (survival, regression)."""
+    cohort = synth_cohorts().get(task)
+    return cohort is not None and cohort[1].outcomes is not None
+
+
 _EOSIN = np.array([214.0, 78.0, 150.0], np.float32)  # RGB at full eosin stain
 _HEMA = np.array([62.0, 30.0, 118.0], np.float32)  # RGB at full haematoxylin stain
 _PENS = np.array([[20, 120, 60], [25, 45, 150], [30, 30, 30]], np.float32)  # green, blue, black
@@ -63,11 +76,15 @@ def tissue_field(rng: np.random.Generator, grid: tuple[int, int]) -> np.ndarray:
     return field
 
 
-def lesion_grid(rng: np.random.Generator, tissue: np.ndarray, fraction: float) -> np.ndarray:
+def lesion_grid(
+    rng: np.random.Generator, tissue: np.ndarray, fraction: float, foci: int | None = None
+) -> np.ndarray:
     """Lesion mask on the coarse grid covering ``fraction`` of the tissue, bool [gh, gw].
 
     Lesions are a few irregular blobs ~0.9-1.5k level-0 px across (about one or two 10x patches),
     placed inside tissue; the blob field is thresholded at the quantile that gives the fraction.
+    ``foci`` instead fixes the number of blobs and sizes them so that together they cover the fraction
+    (many small foci, as scattered tumour nests or lymphoid aggregates are).
     """
     area = int(tissue.sum())
     if fraction <= 0 or area == 0:
@@ -76,6 +93,9 @@ def lesion_grid(rng: np.random.Generator, tissue: np.ndarray, fraction: float) -
         return tissue.copy()
     radius = rng.uniform(28.0, 48.0) * 16 / GRID  # in grid px: 450-770 level-0 px
     count = int(np.clip(round(fraction * area / (np.pi * radius**2)), 1, 40))
+    if foci is not None:  # drawn after the default radius so the default stream stays unchanged
+        count = int(foci)
+        radius = max(1.5, float(np.sqrt(fraction * area / (np.pi * count))))
     depth = ndimage.distance_transform_edt(tissue)
     inner = np.flatnonzero(depth.ravel() >= min(radius * 0.7, depth.max() * 0.6))
     centres = rng.choice(inner, size=count, replace=count > inner.size)
@@ -97,7 +117,8 @@ def lesion_plan(
 
     subtype: class c uses one arrangement (glands, chains, sheet, lymphoid, then repeating at a larger
     nuclear size). grade g: a mix of low-grade glands and high-grade sheets, more sheet with higher g.
-    survival: the same mix driven by the risk ``label`` in [0, 1]. diagnosis: a random arrangement.
+    score-driven cohorts (survival, regression): the same mix driven by the case score ``label`` in
+    [0, 1]. diagnosis: a random arrangement.
     """
     if task == "subtype":
         c = int(label)
@@ -105,7 +126,7 @@ def lesion_plan(
     if task == "grade":
         share = (int(label) - 1) / (num_grades - 2) if num_grades > 2 else 1.0
         return "glands", "sheet", float(np.clip(share, 0.0, 1.0)), 1.0
-    if task == "survival":
+    if score_driven(task):
         return "glands", "sheet", float(np.clip(label, 0.0, 1.0)), 1.0
     name = ARRANGEMENTS[int(rng.integers(len(ARRANGEMENTS)))]
     return name, name, 0.0, 1.0
@@ -114,13 +135,14 @@ def lesion_plan(
 def lesion_burden(task: str, label: float, lesion_fraction: float, num_grades: int = 6) -> float:
     """Share of tissue that a slide's lesions cover, given the task's label.
 
-    grade: grade 0 has none, then 0.5x to 1.5x ``lesion_fraction`` from grade 1 to K-1. survival:
-    0.25x to 1.75x with the risk in [0, 1]. diagnosis: none for label 0. subtype: as given.
+    grade: grade 0 has none, then 0.5x to 1.5x ``lesion_fraction`` from grade 1 to K-1. score-driven
+    (survival, regression): 0.25x to 1.75x with the case score in [0, 1]. diagnosis: none for label 0.
+    subtype: as given.
     """
     if task == "grade":
         g = int(label)
         return 0.0 if g == 0 else min(1.0, lesion_fraction * (0.5 + (g - 1) / max(num_grades - 2, 1)))
-    if task == "survival":
+    if score_driven(task):
         return min(1.0, lesion_fraction * (0.25 + 1.5 * float(label)))
     if task == "diagnosis" and int(label) == 0:
         return 0.0
@@ -254,8 +276,8 @@ def _compose(
 
 
 def _check_label(task: str, label: float, num_classes: int, num_grades: int) -> None:
-    if task == "survival":
-        ok, expected = 0.0 <= label <= 1.0, "a risk in [0, 1]"
+    if score_driven(task):
+        ok, expected = 0.0 <= label <= 1.0, "a case score (risk) in [0, 1]"
     else:
         k = {"subtype": num_classes, "grade": num_grades, "diagnosis": 2}[task]
         ok, expected = float(label).is_integer() and 0 <= label < k, f"an integer in 0..{k - 1}"
@@ -274,6 +296,8 @@ def paint_slide(
     num_grades: int = 6,
     pen_marks: bool = False,
     scale: int = 4,
+    lesion_foci: int | None = None,
+    distractor_fraction: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Like :func:`render_slide` but return the image at level-0 / ``scale`` (no upsampling).
 
@@ -282,13 +306,16 @@ def paint_slide(
     """
     height, width = (int(s) for s in size)
     _check_paint_args(height, width, task, label, lesion_fraction, num_classes, num_grades, scale)
+    check_regime_args(task, num_classes, lesion_foci, distractor_fraction)
     grid = (height // GRID, width // GRID)
     render = (height // scale, width // scale)
     # independent streams per layer: the label changes only the lesion content, not tissue or stain
     geo_rng, lesion_geo_rng, cell_rng, lesion_rng, stain_rng, pen_rng = rng.spawn(6)
     tfield = tissue_field(geo_rng, grid)
     tissue = tfield > 0
-    lesion = lesion_grid(lesion_geo_rng, tissue, lesion_burden(task, label, lesion_fraction, num_grades))
+    lesion = lesion_grid(
+        lesion_geo_rng, tissue, lesion_burden(task, label, lesion_fraction, num_grades), lesion_foci
+    )
     plan = lesion_plan(task, label, num_classes, num_grades, lesion_rng)
 
     hema = np.zeros(render, np.uint8)
@@ -298,12 +325,13 @@ def paint_slide(
     if len(lumens):
         _stamp_glands(hema, lumen, lumens, lesion_rng)
     _nuclei.stamp_ellipses(hema, lesion_nuc, lesion_rng)
+    distractor = _paint_distractors(rng, hema, tissue & ~lesion, distractor_fraction, lesion_foci, scale)
     pen = _pen_mask(pen_rng, render, scale) if pen_marks else None
     # soft tissue edge over ~2 render px: the field falls by ~1 per piece radius (~0.18 * grid side)
     ramp = 2.0 * scale / GRID / (0.18 * min(grid))
     stroma = _stroma(stain_rng, (height, width))
     small = _compose(stain_rng, tfield, ramp, stroma, hema, lumen, pen, scale)
-    truth = np.where(lesion, 255, np.where(tissue, 128, 0)).astype(np.uint8)
+    truth = np.where(lesion, 255, np.where(distractor, DISTRACTOR, np.where(tissue, 128, 0))).astype(np.uint8)
     return small, truth
 
 
@@ -327,6 +355,65 @@ def _check_paint_args(
     if scale not in (1, 2, 4):
         raise ValueError(f"scale must be 1, 2 or 4, got {scale}")
     _check_label(task, label, num_classes, num_grades)
+
+
+def check_regime_args(
+    task: str, num_classes: int, lesion_foci: int | None, distractor_fraction: float
+) -> None:
+    """Reject lesion foci / distractor settings that cannot be painted or would carry the label."""
+    if lesion_foci is not None and (
+        isinstance(lesion_foci, bool) or int(lesion_foci) != lesion_foci or lesion_foci < 1
+    ):
+        raise UserError(f"lesion_foci must be a positive integer or None, got {lesion_foci!r}")
+    if isinstance(distractor_fraction, bool) or not 0.0 <= float(distractor_fraction) < 1.0:
+        raise UserError(
+            f"distractor_fraction is the share of tissue covered by distractors and must be in [0, 1), "
+            f"got {distractor_fraction!r}"
+        )
+    if distractor_fraction <= 0:
+        return
+    if task == "diagnosis" or (
+        task == "subtype" and num_classes > ARRANGEMENTS.index(DISTRACTOR_ARRANGEMENT)
+    ):
+        raise UserError(
+            f"distractors look like {DISTRACTOR_ARRANGEMENT!r} lesions, which task {task!r} "
+            f"with {num_classes} classes uses as a label-carrying lesion; use distractor_fraction 0, or "
+            f"at most {ARRANGEMENTS.index(DISTRACTOR_ARRANGEMENT)} subtype classes"
+        )
+
+
+def _paint_distractors(
+    rng: np.random.Generator,
+    hema: np.ndarray,
+    free: np.ndarray,
+    fraction: float,
+    foci: int | None,
+    scale: int,
+) -> np.ndarray:
+    """Stamp label-independent lesion-like aggregates into ``hema``; return where they are.
+
+    Their geometry and nuclei come from a stream spawned after every other one, so a slide without
+    distractors is painted exactly as before the option existed.
+
+    Args:
+        rng: The slide's generator.
+        hema: uint8 [h, w] haematoxylin canvas at render scale, modified in place.
+        free: bool [gh, gw] tissue that is not lesion (where distractors may go).
+        fraction: Share of that tissue they cover.
+        foci: Number of aggregates (``None``: sized like default lesions).
+        scale: Level-0 px per render px.
+
+    Returns:
+        bool [gh, gw] distractor mask on the coarse grid.
+    """
+    if fraction <= 0:
+        return np.zeros_like(free)
+    geo_rng, cell_rng = rng.spawn(2)
+    region = lesion_grid(geo_rng, free, fraction, foci)
+    plan = (DISTRACTOR_ARRANGEMENT, DISTRACTOR_ARRANGEMENT, 0.0, 1.0)
+    nuclei, _ = _lesion_nuclei(cell_rng, region, plan, scale)
+    _nuclei.stamp_ellipses(hema, nuclei, cell_rng)
+    return region
 
 
 def _stamp_glands(hema: np.ndarray, lumen: np.ndarray, lumens: np.ndarray, rng: np.random.Generator) -> None:
@@ -365,25 +452,32 @@ def render_slide(
     num_grades: int = 6,
     pen_marks: bool = False,
     scale: int = 4,
+    lesion_foci: int | None = None,
+    distractor_fraction: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Paint one H&E-like slide and its ground truth.
 
     Args:
         rng: Generator; the same state gives the same pixels.
         size: Level-0 (H, W), both multiples of 16.
-        task: ``subtype``, ``grade``, ``survival`` or ``diagnosis``; with ``label`` it decides the
+        task: A cohort kind of :data:`TASKS` (``subtype``, ``grade``, ``diagnosis``, or a score-driven
+            one such as ``survival``); with ``label`` it decides the
             lesion morphology and burden (see :func:`lesion_plan`, :func:`lesion_burden`).
-        label: Class (subtype), grade 0..K-1 (0 = no lesion), risk in [0, 1] (survival) or 0/1
+        label: Class (subtype), grade 0..K-1 (0 = no lesion), case score in [0, 1] (score-driven) or 0/1
             (diagnosis, 0 = no lesion).
         lesion_fraction: Base share of tissue area covered by lesion, in [0, 1].
         num_classes: Number of subtype classes.
         num_grades: Number of grades K.
         pen_marks: Draw a marker stroke across the slide.
         scale: Level-0 pixels per painted pixel (1, 2 or 4); 4 paints at 10x and upsamples.
+        lesion_foci: Number of separate lesion foci sharing the lesion area (``None``: a few blobs
+            ~0.9-1.5k level-0 px across, as many as the area needs).
+        distractor_fraction: Share of the non-lesion tissue covered by lymphoid aggregates that look
+            as salient as lesions but appear whatever the label (in ``lesion_foci`` foci too).
 
     Returns:
         ``(image, truth)``: RGB uint8 [H, W, 3] and the mask uint8 [H/16, W/16] with 0 background,
-        128 tissue, 255 lesion.
+        128 tissue, 192 distractor, 255 lesion.
 
     Raises:
         ValueError: On a size that is not a multiple of 16, an unknown task or a bad fraction/scale.
@@ -398,6 +492,8 @@ def render_slide(
         num_grades=num_grades,
         pen_marks=pen_marks,
         scale=scale,
+        lesion_foci=lesion_foci,
+        distractor_fraction=distractor_fraction,
     )
     if scale == 1:
         return small, truth

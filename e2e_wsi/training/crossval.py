@@ -25,12 +25,13 @@ import pandas as pd
 
 from e2e_wsi.evaluation.bootstrap import bootstrap_report
 from e2e_wsi.evaluation.report import markdown_table, read_predictions, write_json
-from e2e_wsi.training.run import RunFolder
+from e2e_wsi.runs.folder import CrossvalFolder, RunFolder
+from e2e_wsi.tasks import get_task_spec
 
 
 def fold_folder(root: str | Path, fold: int) -> RunFolder:
-    """``DIR/fold_<k>``."""
-    return RunFolder(Path(root) / f"fold_{fold}")
+    """``DIR/fold_<k>`` (:meth:`CrossvalFolder.fold`)."""
+    return CrossvalFolder(root).fold(fold)
 
 
 def fold_done(run: RunFolder) -> bool:
@@ -92,7 +93,7 @@ def pooled_predictions(root: str | Path, folds: int) -> tuple[pd.DataFrame, str]
     if len(tasks) != 1:
         raise ValueError(f"folds of {root} have different tasks: {sorted(tasks)}")
     oof = pd.concat(frames, ignore_index=True)
-    unit = "case_id" if "risk" in oof.columns else "slide_id"
+    unit = get_task_spec(task).unit_column
     dup = oof[unit][oof[unit].duplicated()]
     if not dup.empty:
         raise ValueError(f"{root}: {unit} {sorted(set(dup))[:10]} predicted by two folds; the folds overlap")
@@ -127,11 +128,11 @@ def summarize(root: str | Path, folds: int, bootstrap: int = 1000, seed: int = 0
         The summary: ``task``, ``folds``, ``per_fold`` (points), ``across_folds`` (mean, std) and
         ``pooled`` (the bootstrap report of the out-of-fold predictions).
     """
-    root = Path(root)
+    folder = CrossvalFolder(root)
     oof, task = pooled_predictions(root, folds)
-    tmp = root / ".oof_predictions.csv.tmp"
+    tmp = folder.oof_predictions.with_name(f".{folder.oof_predictions.name}.tmp")
     oof.to_csv(tmp, index=False)
-    os.replace(tmp, root / "oof_predictions.csv")
+    os.replace(tmp, folder.oof_predictions)
     per_fold = fold_metrics(root, folds)
     summary = {
         "task": task,
@@ -141,8 +142,8 @@ def summarize(root: str | Path, folds: int, bootstrap: int = 1000, seed: int = 0
         "across_folds": _mean_std(per_fold),
         "pooled": bootstrap_report(oof.drop(columns="fold"), task, n_resamples=bootstrap, seed=seed),
     }
-    write_json(summary, root / "summary.json")
-    (root / "summary.md").write_text(_markdown(summary))
+    write_json(summary, folder.summary_json)
+    folder.summary_md.write_text(_markdown(summary))
     return summary
 
 

@@ -21,7 +21,9 @@ from PIL import Image  # noqa: E402
 from scipy.stats import rankdata  # noqa: E402
 
 from e2e_wsi.annotations.geojson import DEFAULT_LESION, lesion_mask  # noqa: E402
-from e2e_wsi.evaluation.metrics import binary_auroc  # noqa: E402
+from e2e_wsi.errors import UserError  # noqa: E402
+from e2e_wsi.tasks import get_task_spec, spec_of_predictions  # noqa: E402
+from e2e_wsi.tasks.metrics import binary_auroc  # noqa: E402
 from e2e_wsi.utils import validate_slide_id  # noqa: E402
 
 
@@ -43,10 +45,58 @@ class SlideAttention:
     size_level0: int
     dimensions: tuple[int, int]
 
+    def __post_init__(self) -> None:
+        check_coords(self.coords, self.dimensions, f"slide {self.slide_id!r}")
+
     @property
     def merged(self) -> np.ndarray:
         """[N] attention averaged over heads."""
         return self.attention.mean(axis=0)
+
+
+def check_coords(coords: np.ndarray, dimensions: tuple[int, int], where: str) -> None:
+    """Refuse patch coordinates that cannot belong to the slide: every top-left corner must be a finite
+    point inside the level-0 ``dimensions`` (tiling never starts a patch outside the slide).
+
+    Args:
+        coords: [N, 2] level-0 (x, y) (any numeric dtype).
+        dimensions: Level-0 (width, height).
+        where: What the coordinates are (a file, a slide), for the message.
+
+    Raises:
+        UserError: Naming the first bad row and how many there are.
+    """
+    values = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
+    width, height = dimensions
+    bad = ~np.isfinite(values).all(axis=1)
+    bad |= (values[:, 0] < 0) | (values[:, 1] < 0) | (values[:, 0] >= width) | (values[:, 1] >= height)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise UserError(
+            f"{where}: {int(bad.sum())} of {len(values)} patch coordinates are NaN or outside the "
+            f"{width}x{height} slide (e.g. row {i}: {tuple(np.asarray(coords).reshape(-1, 2)[i].tolist())}; "
+            "NaN stored as integers reads as -9223372036854775808): these coordinates do not belong to "
+            "this slide; re-extract or re-preprocess it"
+        )
+
+
+def check_mask_shape(mask: np.ndarray, dimensions: tuple[int, int], where: str) -> None:
+    """Refuse a ground-truth mask whose aspect ratio is not the slide's (it would be stretched).
+
+    The mask may be any downsample of the slide; its sides may differ from the exact ratio by the
+    rounding of one pixel (plus 1%).
+
+    Raises:
+        UserError: Naming the mask, both shapes and what to do.
+    """
+    h, w = mask.shape[:2]
+    width, height = dimensions
+    expected_h = w * height / max(width, 1)
+    if abs(h - expected_h) > 1.0 + 0.01 * max(h, expected_h):
+        raise UserError(
+            f"{where}: the mask is {w}x{h} pixels but the slide is {width}x{height}: its aspect ratio differs, "
+            "so it is not a mask of this slide (a mask covers the whole slide at any downsample)"
+        )
 
 
 def normalize_scores(scores: np.ndarray, method: str = "rank") -> np.ndarray:
@@ -158,18 +208,25 @@ def find_truth_mask(
 
     Raises:
         FileNotFoundError: If ``mask`` is given but missing.
+        UserError: If a mask's aspect ratio is not the slide's.
         ValueError: If an annotation file is invalid (names the file).
     """
     if mask is not None:
         if not Path(mask).is_file():
             raise FileNotFoundError(f"ground-truth mask {mask} not found")
-        return np.asarray(Image.open(mask).convert("L"))
+        return _read_mask(Path(mask), dimensions)
     safe = validate_slide_id(slide_id)
     if mask_dir is not None and (Path(mask_dir) / f"{safe}.png").is_file():
-        return np.asarray(Image.open(Path(mask_dir) / f"{safe}.png").convert("L"))
+        return _read_mask(Path(mask_dir) / f"{safe}.png", dimensions)
     if annotations_dir is not None and (Path(annotations_dir) / f"{safe}.geojson").is_file():
         return lesion_mask(Path(annotations_dir) / f"{safe}.geojson", dimensions, names=lesion_classes)
     return None
+
+
+def _read_mask(path: Path, dimensions: tuple[int, int]) -> np.ndarray:
+    mask = np.asarray(Image.open(path).convert("L"))
+    check_mask_shape(mask, dimensions, f"ground-truth mask {path}")
+    return mask
 
 
 def localization_summary(att: SlideAttention, labels: np.ndarray) -> dict:
@@ -203,30 +260,26 @@ def format_caption(
     prediction: Mapping[str, np.ndarray],
     class_names: Sequence[str] | None = None,
     localisation: Mapping[str, float | None] | None = None,
+    kind: str | None = None,
 ) -> str:
-    """A caption people read: the predicted class and its probability, or the risk; localisation AUROCs.
+    """A caption people read: the task spec's words for the prediction; localisation AUROCs.
 
-    Probabilities and risks get 3 digits (``0.999``; risks 3 significant digits), AUROCs 2 (``0.93``).
+    Probabilities and risks get 3 digits (``0.999``; risks and values 3 significant digits), AUROCs 2.
 
     Args:
-        prediction: One slide's ``task.predict`` output: ``probs`` [K] or [1, K], or ``risk`` [] / [1].
+        prediction: One slide's ``task.predict`` output: ``probs`` [K] or [1, K], ``risk`` or ``pred``
+            [] / [1].
         class_names: Names of the K classes; default ``class 0`` .. ``class K-1``.
         localisation: Label -> AUROC (``None`` when undefined), e.g. ``{"pixel": 0.93, "patch": 0.9}``.
+        kind: The task kind; ``None`` finds it from the prediction's keys.
 
     Returns:
         E.g. ``predicted: tumour (p = 0.999) | lesion localisation AUROC: pixel 0.93, patch 0.90``.
     """
     parts = []
-    if "probs" in prediction:
-        probs = np.asarray(prediction["probs"], dtype=np.float64).reshape(-1)
-        k = int(np.argmax(probs))
-        if class_names is not None and len(class_names) != len(probs):
-            raise ValueError(f"{len(class_names)} class names for {len(probs)} classes")
-        name = class_names[k] if class_names is not None else f"class {k}"
-        parts.append(f"predicted: {name} (p = {probs[k]:.3f})")
-    if "risk" in prediction:
-        risk = float(np.asarray(prediction["risk"], dtype=np.float64).reshape(-1)[0])
-        parts.append(f"predicted risk: {risk:.3g}")
+    if prediction:
+        spec = get_task_spec(kind) if kind is not None else spec_of_predictions(prediction)
+        parts.append(spec.caption(prediction, class_names))
     if localisation:
         aucs = ", ".join(
             f"{label} {'n/a' if auc is None else f'{auc:.2f}'}" for label, auc in localisation.items()

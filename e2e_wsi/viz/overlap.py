@@ -29,7 +29,8 @@ from PIL import Image
 from e2e_wsi.data.transforms import OFFICIAL_EVAL_CROP_FRACTION, EvalTransform
 from e2e_wsi.evaluation.metrics import binary_auroc
 from e2e_wsi.models.module import SlideModule
-from e2e_wsi.slides.reader import Slide
+from e2e_wsi.slides.reader import Slide, open_slide
+from e2e_wsi.slides.sources import slide_exists
 from e2e_wsi.slides.tiling import GridSpec, grid_spec, read_patch
 from e2e_wsi.slides.tissue import (
     TissueMask,
@@ -528,14 +529,14 @@ def make_overlap_heatmap_from_cache_meta(
         ValueError: If the slide file is gone (the message says which file).
     """
     source = Path(meta.get("source_path", ""))
-    if not source.is_file():
+    if not slide_exists(source):
         raise ValueError(
             f"slide {meta.get('slide_id')!r}: file {source} not found; overlapping heatmaps read the slide "
             "itself: put it back there, or draw the heatmap without --overlap"
         )
     params = meta.get("params") or {}
     tissue = TissueParams(**params["tissue"]) if params.get("tissue") else TissueParams()
-    with Slide(source, slide_mpp=params.get("mpp_override")) as slide:
+    with open_slide(source, meta.get("backend"), slide_mpp=params.get("mpp_override")) as slide:
         return make_overlap_heatmap(
             model,
             slide,

@@ -56,7 +56,7 @@ def test_cached_patch_equals_slide_region(cohort: Path, clean_cache: Path) -> No
 
 def test_no_pickle_only_jpeg_and_json(clean_cache: Path) -> None:
     env = open_readonly(clean_cache / "patches.lmdb")
-    kinds = {"P": 0, "M": 0, "F": 0}
+    kinds = {"P": 0, "M": 0, "H": 0, "F": 0}
     with env.begin() as txn:
         for key, value in txn.cursor():
             kind = bytes(key)[:1].decode()
@@ -65,7 +65,7 @@ def test_no_pickle_only_jpeg_and_json(clean_cache: Path) -> None:
                 assert bytes(value[:2]) == b"\xff\xd8", key
             else:
                 json.loads(bytes(value))
-    assert kinds["M"] == 3 and kinds["F"] == 1 and kinds["P"] > 100
+    assert kinds["M"] == kinds["H"] == 3 and kinds["F"] == 1 and kinds["P"] > 100
 
 
 def test_summary_and_qc(clean_cache: Path) -> None:

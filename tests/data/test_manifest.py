@@ -17,7 +17,7 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 
 def test_valid_classification_manifest(tmp_path: Path, coded_cache) -> None:
-    path = _write(tmp_path, "case_id,slide_id,label,path\nA,s00,0,x.svs\nA,s01,1,y.svs\nB,s10,1,z.svs\n")
+    path = _write(tmp_path, "case_id,slide_id,label,path\nA,s00,0,x.svs\nB,s01,1,y.svs\nB,s10,1,z.svs\n")
     df = load_manifest(path, "classification", num_classes=2, cache=PatchCache(coded_cache.path))
     assert df["label"].tolist() == [0, 1, 1] and str(df["label"].dtype) == "int64"
     assert df["line"].tolist() == [2, 3, 4] and df["path"].tolist() == ["x.svs", "y.svs", "z.svs"]
@@ -63,7 +63,7 @@ def test_empty_class_is_reported(tmp_path: Path) -> None:
 
 
 def test_all_errors_reported_at_once(tmp_path: Path) -> None:
-    path = _write(tmp_path, "case_id,slide_id,label\nA,a1,0\nA,a1,1\n\nB,b1,9\n")
+    path = _write(tmp_path, "case_id,slide_id,label\nA,a1,0\nA,a1,0\n\nB,b1,9\nC,c1,1\n")
     with pytest.raises(ValueError) as info:
         load_manifest(path, "classification", num_classes=2)
     message = str(info.value)

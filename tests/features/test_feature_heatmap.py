@@ -13,7 +13,7 @@ from e2e_wsi.cache.store import PatchCache, mag_key
 from e2e_wsi.cli import main
 from e2e_wsi.features.store import FeatureFolder
 from e2e_wsi.inference.features import feature_attention, slide_file_from_manifest
-from e2e_wsi.inference.run import load_model
+from e2e_wsi.runs import load_run
 from tests.helpers.features import TINY_FEATURE_FIT, TWO_STAGE_CONFIG, extract_random_resnet
 
 
@@ -55,7 +55,7 @@ def test_feature_attention_sits_on_the_feature_coordinates(
     ckpt, features = feature_run
     folder = FeatureFolder(features)
     slide = folder.slide_ids()[1]
-    loaded = load_model(ckpt)
+    loaded = load_run(ckpt)
     att, out = feature_attention(loaded, folder, slide, slide_file_from_manifest(manifest, slide))
     feats, coords = folder.read(slide)
     assert att.attention.shape == (out["attention"].shape[1], len(feats))
@@ -106,3 +106,30 @@ def test_geometry_without_slide_file_or_provenance() -> None:
     single = np.array([[100, 200]])  # no step to read: the provenance's patch size, else 256 (CLAM's)
     assert feature_geometry(single, {"patch_size": 224, "magnification": 20.0}, None) == (224, (324, 424))
     assert feature_geometry(single, None, None) == (256, (356, 456))
+
+
+@pytest.mark.parametrize("bad", ["outside", "nan"])
+def test_feature_coordinates_outside_the_slide_are_refused(
+    synth_cache: tuple[Path, Path], feature_run: tuple[Path, Path], tmp_path: Path, capsys, bad: str
+) -> None:
+    """Issue 21 item 9: an .h5 whose coords lie outside the slide (or are NaN) gave an empty map, exit 0."""
+    import shutil
+
+    import h5py
+
+    manifest, _ = synth_cache
+    ckpt, features = feature_run
+    copy = tmp_path / "features"
+    shutil.copytree(features, copy)
+    slide = FeatureFolder(copy).slide_ids()[0]
+    with h5py.File(copy / f"{slide}.h5", "r+") as f:
+        coords = f["coords"][()].astype(np.float64)
+        coords[1] = (10**7, 64) if bad == "outside" else (np.nan, 64)
+        del f["coords"]
+        f["coords"] = coords
+    args = ["heatmap", "--ckpt_path", str(ckpt), "--slide", slide, "--out", str(tmp_path / "o"),
+            "--features_dir", str(copy)]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"features of slide {slide!r} in {copy}: 1 of" in err and "outside the" in err
+    assert not list(tmp_path.rglob("*.png"))

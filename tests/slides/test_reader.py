@@ -45,7 +45,7 @@ def test_missing_magnification_says_which_override(tmp_path: Path) -> None:
 
 
 def test_bad_override_is_rejected(cmu_slide: Path) -> None:
-    with pytest.raises(SlideError, match="not a positive number"):
+    with pytest.raises(SlideError, match="is not a number of micrometres per pixel"):
         Slide(cmu_slide, global_mpp=-1.0)
 
 
