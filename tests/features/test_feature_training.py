@@ -41,7 +41,7 @@ def test_fit_test_predict_on_features(
     assert main(fit_args(manifest, features, run)) == 0
     ckpt = run / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    assert state["state_dict"]["aggregator.stem.1.weight"].shape[1] == 256  # width follows the features
+    assert state["state_dict"]["aggregator.stem.0.weight"].shape[1] == 256  # width follows the features (no input LayerNorm in two-stage)
     loaded = load_run(ckpt)
     model, data = loaded.model, loaded.data  # outside a Trainer the width comes from the weights
     assert model.encoder.out_dim == 256 and data["features_dir"] == str(features)

@@ -162,3 +162,31 @@ def test_mil_bias_adds_biases_only_where_the_official_mil_bias_does() -> None:
     plain, biased = make(), make(mil_bias=True)
     extra = set(biased.state_dict()) - set(plain.state_dict())
     assert extra == {"stem.0.bias", "stem.1.bias", "proj.bias", "norm_out.bias"}
+
+
+def test_two_stage_stem_has_no_layernorm_and_keeps_the_projection() -> None:
+    """input_norm/output_norm off = the official module without mil_norm (no LN in, no norm1 out)."""
+    model = make(input_norm=False, output_norm=False, mil_bias=True).eval()
+    assert not any(isinstance(m, torch.nn.LayerNorm) for m in model.stem)
+    x = torch.randn(2, 9, 24)
+    slide, attention = model(x)
+    heads = model.split_heads(x, None)
+    pooled = torch.einsum("bhn,bhnd->bhd", attention, heads).reshape(2, -1)
+    torch.testing.assert_close(slide, model.proj(pooled))  # no LayerNorm on the slide vector
+    # The E2E default keeps both LayerNorms, so the comparison above can tell them apart.
+    e2e = make().eval()
+    assert isinstance(e2e.stem[0], torch.nn.LayerNorm) and isinstance(e2e.norm_out, torch.nn.LayerNorm)
+
+
+def test_weight_init_torch_keeps_pytorch_scale_and_xavier_redraws() -> None:
+    """'torch' keeps nn.Linear's uniform(+-1/sqrt(fan_in)); 'xavier' re-draws N(0, 2/(fan_in+fan_out))."""
+    torch.manual_seed(0)
+    linear = ABMILX(in_dim=1024, inner_dim=512, heads=1, weight_init="torch").stem[1]
+    torch.manual_seed(0)
+    xavier = ABMILX(in_dim=1024, inner_dim=512, heads=1, weight_init="xavier").stem[1]
+    bound = 1 / 1024**0.5
+    assert linear.weight.abs().max() <= bound
+    assert linear.weight.std().item() == pytest.approx(bound / 3**0.5, rel=0.02)
+    assert xavier.weight.std().item() == pytest.approx((2 / (1024 + 512)) ** 0.5, rel=0.02)
+    with pytest.raises(ValueError, match="weight_init"):
+        ABMILX(in_dim=8, weight_init="kaiming")

@@ -42,6 +42,7 @@ from e2e_wsi.models.aggregators._common import (
 )
 
 FFN_VARIANTS = ("official", "prenorm")
+WEIGHT_INITS = ("xavier", "torch")
 
 
 class ABMILX(nn.Module):
@@ -67,6 +68,16 @@ class ABMILX(nn.Module):
         act: Activation of the input stem (``gelu`` or ``relu``).
         mil_bias: Biases of the input stem (LayerNorm and Linear), the projection and the output
             LayerNorm. Off, as in appendix B.3 ("disabled the bias of all fully connected layers").
+        input_norm: LayerNorm at the MIL input. On for E2E training (appendix B.3: "added a LayerNorm
+            layer at its input to better optimize the Encoder"); the official two-stage runs have none
+            (``mil_norm`` unset in ``config/feat/*.yaml``, ``options.py:103`` default None).
+        output_norm: LayerNorm on the slide vector (the official ``norm1``, present only with
+            ``mil_norm: ln``). Off in the two-stage recipe, like ``input_norm``.
+        weight_init: ``"xavier"`` re-draws every Linear weight Xavier-normal with zero biases, the
+            CLAM convention the official module applies (``modules/abmilx.py:7-21``); ``"torch"`` keeps
+            PyTorch's default Linear initialisation (uniform, bound 1/sqrt(fan_in), about half the
+            Xavier scale here). On frozen features a sparse instance signal is learned from ``"torch"``
+            but memorised away from ``"xavier"`` (docs/results.md, "Two-stage recipe").
 
     Shapes:
         forward(x [B, N, in_dim], mask [B, N] bool | None) -> (slide [B, inner_dim], attention [B, H, N]).
@@ -87,6 +98,9 @@ class ABMILX(nn.Module):
         ffn_variant: str = "official",
         act: str = "gelu",
         mil_bias: bool = False,
+        input_norm: bool = True,
+        output_norm: bool = True,
+        weight_init: str = "xavier",
     ) -> None:
         super().__init__()
         check_positive("in_dim", in_dim, "ABMILX")
@@ -96,6 +110,8 @@ class ABMILX(nn.Module):
             raise ValueError(f"ABMILX: inner_dim={inner_dim} must be divisible by heads={heads}")
         if ffn_variant not in FFN_VARIANTS:
             raise ValueError(f"ABMILX: ffn_variant must be one of {FFN_VARIANTS}, got {ffn_variant!r}")
+        if weight_init not in WEIGHT_INITS:
+            raise ValueError(f"ABMILX: weight_init must be one of {WEIGHT_INITS}, got {weight_init!r}")
         if isinstance(alpha_init, str) and alpha_init != "official":
             raise ValueError(f"ABMILX: alpha_init must be a number or 'official', got {alpha_init!r}")
         self.in_dim = in_dim
@@ -106,7 +122,9 @@ class ABMILX(nn.Module):
         self.ffn_variant = ffn_variant
         hd = self.head_dim
 
-        self.stem = InputStem(in_dim, inner_dim, dropout=dropout, act=act, bias=mil_bias)
+        self.stem = InputStem(
+            in_dim, inner_dim, dropout=dropout, act=act, input_norm=input_norm, bias=mil_bias
+        )
         self.attention = nn.Sequential(
             nn.Linear(hd, hd, bias=attn_bias), nn.GELU(), nn.Linear(hd, 1, bias=attn_bias)
         )
@@ -125,8 +143,9 @@ class ABMILX(nn.Module):
                 make_activation("gelu"),
                 nn.Linear(4 * inner_dim, inner_dim, bias=official),
             )
-        self.norm_out = nn.LayerNorm(inner_dim, bias=mil_bias)
-        self.apply(init_weights)
+        self.norm_out = nn.LayerNorm(inner_dim, bias=mil_bias) if output_norm else nn.Identity()
+        if weight_init == "xavier":
+            self.apply(init_weights)
         # Created after the Xavier pass, in the same order as the official module's weight draws end.
         if not attn_plus:
             self.alpha = None
