@@ -50,7 +50,7 @@ VERBS: dict[str, tuple[str, str]] = {
         "bootstrap report from a saved predictions.csv, or compare two runs",
     ),
     "heatmap": ("e2e_wsi.viz.cli:main", "attention heatmap of a slide from a checkpoint"),
-    "convert": ("e2e_wsi.models.convert_cli:main", "turn an official E2E-WSI-ABMILX checkpoint into ours"),
+    "convert": ("e2e_wsi.training.convert_cli:main", "turn an official E2E-WSI-ABMILX checkpoint into ours"),
 }
 
 

@@ -14,9 +14,13 @@ import socket
 import time
 from pathlib import Path
 
+from e2e_wsi.errors import UserError
 
-class CacheLockedError(RuntimeError):
-    """Another process holds the lock; the message says which (pid, host, start time)."""
+
+class CacheLockedError(UserError, RuntimeError):
+    """Another process holds the lock; the message says which (pid, host, start time).
+
+    A user error (the dispatcher prints one line); still a ``RuntimeError`` for older callers."""
 
 
 class CacheLock:

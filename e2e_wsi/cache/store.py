@@ -30,6 +30,7 @@ from typing import Literal
 import lmdb
 import numpy as np
 
+from e2e_wsi.errors import UserError
 from e2e_wsi.slides.tiling import decode_jpeg
 from e2e_wsi.utils import validate_slide_id
 
@@ -40,11 +41,11 @@ OnDamaged = Literal["error", "skip"]
 ON_DAMAGED: tuple[str, ...] = ("error", "skip")
 
 
-class DamagedPatchError(ValueError):
+class DamagedPatchError(UserError):
     """A cached patch whose bytes fail their checksum or cannot be decoded; names the slide and key."""
 
 
-class CacheCorruptedError(ValueError):
+class CacheCorruptedError(UserError):
     """The LMDB itself is damaged (``lmdb.CorruptedError`` and kin); names the cache.
 
     A ``ValueError`` like every other bad-input error, so the CLIs print it as one message.

@@ -210,7 +210,7 @@ def detect_tissue(slide: Slide, params: TissueParams) -> TissueMask:
         raise SlideError(
             slide.path,
             f"no tissue found (HSV saturation never above {tissue.threshold:g}); check the slide or "
-            "lower --saturation-threshold",
+            "lower --saturation_threshold",
         )
     return tissue
 

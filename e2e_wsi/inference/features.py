@@ -57,7 +57,7 @@ def slide_file_from_manifest(manifest: str | Path | None, slide_id: str) -> Slid
         ``SlideFile()`` when there is no manifest, no ``path`` column, no row, or the file is gone (a moved
         slide still gets its heatmap, on white).
     """
-    from e2e_wsi.data.manifest import read_table
+    from e2e_wsi.tables import read_table
 
     if manifest is None or not Path(manifest).is_file():
         return SlideFile()

@@ -15,12 +15,12 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from e2e_wsi.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_images
-from e2e_wsi.features.store import describe_difference
+from e2e_wsi.images import IMAGENET_MEAN, IMAGENET_STD, normalize_images
 from e2e_wsi.models.aggregators import ABMILX
 from e2e_wsi.models.encoders import PrecomputedFeatures, ResNetEncoder
 from e2e_wsi.models.optim import WarmupCosineLR, apply_lr_mult, encoder_param_groups
 from e2e_wsi.models.tasks import Task, default_task
+from e2e_wsi.utils import describe_difference
 
 AggregatorFactory = Callable[[int], nn.Module]
 SchedulerFactory = Callable[[Optimizer, int], LRScheduler]

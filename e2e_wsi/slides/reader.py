@@ -18,6 +18,8 @@ import numpy as np
 import openslide
 from PIL import Image
 
+from e2e_wsi.errors import UserError
+
 # Relative slack when matching a pyramid level to a requested downsample: level sizes are rounded, so a
 # "4x" level is often 3.998x or 4.002x, and we want it picked for a 4x request.
 _LEVEL_SLACK = 0.01
@@ -34,7 +36,7 @@ _MAX_PIXELS_PER_BYTE = 2000
 _SINGLE_FILE_FORMATS = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".svslide")
 
 
-class SlideError(Exception):
+class SlideError(UserError):
     """A slide that cannot be used, with a one-line reason.
 
     Attributes:

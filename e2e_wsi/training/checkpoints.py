@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.data import AttributeDict
 
+from e2e_wsi.errors import UserError
 from e2e_wsi.training.run import RunFolder
 
 # Non-tensor types a Lightning checkpoint may legitimately hold. AttributeDict is the dict subclass that
@@ -41,7 +42,7 @@ RUN_KEYWORDS = ("last", "best")
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
 
 
-class UnsafeCheckpointError(ValueError):
+class UnsafeCheckpointError(UserError):
     """A checkpoint the tool refuses to load (remote, or holding pickled objects)."""
 
 
