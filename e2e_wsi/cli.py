@@ -49,7 +49,7 @@ VERBS: dict[str, tuple[str, str]] = {
         "e2e_wsi.evaluation.cli:main",
         "bootstrap report from a saved predictions.csv, or compare two runs",
     ),
-    "heatmap": ("e2e_wsi.viz.cli:main", "attention heatmap of a slide from a checkpoint"),
+    "heatmap": ("e2e_wsi.inference.heatmap_cli:main", "attention heatmap of a slide from a checkpoint"),
     "convert": ("e2e_wsi.training.convert_cli:main", "turn an official E2E-WSI-ABMILX checkpoint into ours"),
 }
 

@@ -19,14 +19,14 @@ import torch
 from PIL import Image
 
 from e2e_wsi.features.store import FeatureFolder, settings_of
-from e2e_wsi.inference.heatmaps import thumbnail_of, write_heatmap_figure
-from e2e_wsi.inference.predict import predict_bag
+from e2e_wsi.inference.attention import SlideAttention, predict_bag
+from e2e_wsi.inference.heatmaps import DEFAULT_OPTIONS, thumbnail_of, write_heatmap_figure
 from e2e_wsi.inference.run import LoadedModel
 from e2e_wsi.models.encoders import PrecomputedFeatures
 from e2e_wsi.models.module import _compare_settings
 from e2e_wsi.slides.reader import Slide
 from e2e_wsi.utils import validate_slide_id
-from e2e_wsi.viz.heatmap import SlideAttention, find_truth_mask, format_caption
+from e2e_wsi.viz.heatmap import HeatmapOptions, format_caption
 
 # Patch side assumed for a single-patch slide of a folder without provenance: CLAM's and TRIDENT's default.
 _DEFAULT_PATCH = 256
@@ -175,16 +175,11 @@ def make_feature_heatmap(
     out_dir: str | Path,
     *,
     slide_file: SlideFile | None = None,
-    top_k: int = 16,
-    method: str = "rank",
-    per_head: bool = False,
-    mask: str | Path | None = None,
-    mask_dir: str | Path | None = None,
-    annotations_dir: str | Path | None = None,
+    options: HeatmapOptions = DEFAULT_OPTIONS,
 ) -> dict:
     """Heatmap of one slide from a feature run (the ``e2e-wsi heatmap`` of a two-stage run).
 
-    The ground truth is found as for patch runs (:func:`e2e_wsi.viz.heatmap.find_truth_mask`).
+    The ground truth is found as for patch runs (:meth:`e2e_wsi.viz.heatmap.HeatmapOptions.truth`).
 
     Returns:
         A summary dict: ``png``, ``localization`` (or ``None``), ``prediction``, ``attention`` (the
@@ -197,9 +192,7 @@ def make_feature_heatmap(
     att, out = feature_attention(loaded, folder, slide_id, slide_file)
     pred = {k: v[0].numpy() for k, v in loaded.model.task.predict(out["outputs"]).items()}
     text = format_caption(pred, loaded.data.get("class_names"))
-    truth = find_truth_mask(
-        slide_id, att.dimensions, mask=mask, mask_dir=mask_dir, annotations_dir=annotations_dir
-    )
+    truth = options.truth(slide_id, att.dimensions)
     if truth is not None and slide_file.path is None:
         raise ValueError(
             f"scoring {slide_id!r} against a ground truth needs its slide file (for its dimensions): pass "
@@ -210,11 +203,10 @@ def make_feature_heatmap(
     summary = write_heatmap_figure(
         att,
         thumbnail_of(meta),
-        top_patches_from_slide(slide_file, att, top_k, min(side, 256)),
+        top_patches_from_slide(slide_file, att, options.top_k, min(side, 256)),
         Path(out_dir),
         prediction=text,
         truth=truth,
-        method=method,
-        per_head=per_head,
+        options=options,
     )
     return {**summary, "attention": att}

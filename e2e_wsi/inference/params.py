@@ -1,48 +1,20 @@
 """The preprocessing a run was trained with, so new slides are tiled the same way.
 
 ``fit`` records the cache's per-slide ``params`` (:mod:`e2e_wsi.cache.store` metadata) as
-``RUN/preprocess.json``; runs trained before that are read lazily from the training cache named in
-their ``config.yaml``.
+``RUN/preprocess.json`` (:func:`e2e_wsi.cache.params.record_preprocess_params`); runs trained before
+that are read lazily from the training cache named in their ``config.yaml``.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 from typing import Any
 
 from e2e_wsi.annotations.geojson import AnnotationRules
-from e2e_wsi.cache.store import PatchCache
+from e2e_wsi.cache.params import cache_params
 from e2e_wsi.cache.worker import PreprocessConfig
 from e2e_wsi.slides.tissue import TissueParams
 from e2e_wsi.training.run import RunFolder
-
-
-def cache_params(cache_dir: str | list[str]) -> dict[str, Any]:
-    """The ``params`` of a training cache's first slide (every slide of a run shares them).
-
-    Raises:
-        ValueError: If the cache holds no slide.
-    """
-    cache = PatchCache(cache_dir)
-    ids = cache.slide_ids()
-    if not ids:
-        raise ValueError(f"patch cache {cache_dir} holds no slide")
-    return dict(cache.meta(ids[0])["params"])
-
-
-def record_preprocess_params(run: RunFolder, cache_dir: str | list[str]) -> Path | None:
-    """Write ``RUN/preprocess.json`` from the training cache (atomic; skipped if the cache is unreadable)."""
-    try:
-        params = cache_params(cache_dir)
-    except (ValueError, OSError, KeyError):
-        return None  # the datamodule reports a bad cache with a better message
-    run.root.mkdir(parents=True, exist_ok=True)
-    tmp = run.preprocess.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"cache_dir": cache_dir, "params": params}, indent=2) + "\n")
-    os.replace(tmp, run.preprocess)
-    return run.preprocess
 
 
 def preprocess_params(run: RunFolder, data_cfg: dict) -> dict[str, Any]:

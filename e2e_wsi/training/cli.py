@@ -164,9 +164,9 @@ class E2ECLI(LightningCLI):
         cache_dir = getattr(self.datamodule, "cache_dir", None)  # feature runs train from .h5 files
         if self.trainer.is_global_zero and cache_dir is not None:
             # RUN/preprocess.json, so `e2e-wsi predict` tiles new slides like the training ones.
-            from e2e_wsi.inference.params import record_preprocess_params
+            from e2e_wsi.cache.params import record_preprocess_params
 
-            record_preprocess_params(RunFolder(self.trainer.default_root_dir), cache_dir)
+            record_preprocess_params(RunFolder(self.trainer.default_root_dir).preprocess, cache_dir)
 
     def after_fit(self) -> None:
         run = Path(self.trainer.default_root_dir).resolve()

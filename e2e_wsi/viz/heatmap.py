@@ -1,7 +1,7 @@
 """Attention heatmaps on slide thumbnails, top-attention mosaics, and localisation scores.
 
-Everything here works on plain arrays (attention per patch, level-0 coordinates, a thumbnail), so the
-same functions serve the CLI, the notebook and the tests.
+Everything here works on plain arrays (attention per patch, level-0 coordinates, a thumbnail): this
+package only draws. Running a model on a slide lives in :mod:`e2e_wsi.inference.attention`.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import matplotlib
 
@@ -25,16 +26,19 @@ from e2e_wsi.evaluation.metrics import binary_auroc  # noqa: E402
 from e2e_wsi.utils import validate_slide_id  # noqa: E402
 
 
-@dataclass
-class SlideAttention:
-    """Attention of one slide's patches.
+class AttentionMap(Protocol):
+    """What a heatmap draws: attention per patch and where the patches lie (plain arrays).
+
+    :class:`e2e_wsi.inference.attention.SlideAttention` is the one the model-running code produces; any
+    object with these fields can be drawn.
 
     Attributes:
         slide_id: The slide.
-        attention: [H, N] attention per head (each row sums to 1 over the N patches).
+        attention: [H, N] attention per head.
         coords: [N, 2] level-0 (x, y) of each patch's top-left corner.
         size_level0: Side of a patch in level-0 pixels.
         dimensions: Level-0 (width, height) of the slide.
+        merged: [N] attention averaged over heads.
     """
 
     slide_id: str
@@ -44,9 +48,38 @@ class SlideAttention:
     dimensions: tuple[int, int]
 
     @property
-    def merged(self) -> np.ndarray:
-        """[N] attention averaged over heads."""
-        return self.attention.mean(axis=0)
+    def merged(self) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class HeatmapOptions:
+    """How heatmaps are drawn and what they are scored against: the options every heatmap path shares.
+
+    Attributes:
+        top_k: Patches in the top-attention mosaic.
+        method: Colour normalisation, ``rank`` or ``percentile`` (:func:`normalize_scores`).
+        per_head: Add one small map per attention head.
+        mask: A ground-truth PNG for the slide (255 = lesion).
+        mask_dir: Folder of ground-truth masks ``<slide_id>.png``.
+        annotations_dir: Folder of QuPath ``<slide_id>.geojson`` lesion annotations.
+    """
+
+    top_k: int = 16
+    method: str = "rank"
+    per_head: bool = False
+    mask: str | Path | None = None
+    mask_dir: str | Path | None = None
+    annotations_dir: str | Path | None = None
+
+    def truth(self, slide_id: str, dimensions: tuple[int, int]) -> np.ndarray | None:
+        """The slide's ground truth from ``mask``/``mask_dir``/``annotations_dir`` (:func:`find_truth_mask`)."""
+        return find_truth_mask(
+            slide_id,
+            dimensions,
+            mask=self.mask,
+            mask_dir=self.mask_dir,
+            annotations_dir=self.annotations_dir,
+        )
 
 
 def normalize_scores(scores: np.ndarray, method: str = "rank") -> np.ndarray:
@@ -76,7 +109,7 @@ def normalize_scores(scores: np.ndarray, method: str = "rank") -> np.ndarray:
     raise ValueError(f"unknown normalisation {method!r}: use 'rank' or 'percentile'")
 
 
-def overlay_grid(att: SlideAttention, values: np.ndarray, thumb_shape: tuple[int, int]) -> np.ndarray:
+def overlay_grid(att: AttentionMap, values: np.ndarray, thumb_shape: tuple[int, int]) -> np.ndarray:
     """Rasterise per-patch values onto the thumbnail grid.
 
     Args:
@@ -172,7 +205,7 @@ def find_truth_mask(
     return None
 
 
-def localization_summary(att: SlideAttention, labels: np.ndarray) -> dict:
+def localization_summary(att: AttentionMap, labels: np.ndarray) -> dict:
     """How well attention finds lesion patches.
 
     Returns:
@@ -236,7 +269,7 @@ def format_caption(
 
 
 def render_heatmap(
-    att: SlideAttention,
+    att: AttentionMap,
     thumbnail: np.ndarray,
     top_patches: np.ndarray,
     out_path: str | Path,
@@ -246,7 +279,7 @@ def render_heatmap(
     caption: str = "",
     cmap: str = "jet",
     alpha: float = 0.45,
-    rasterize: Callable[[SlideAttention, np.ndarray, tuple[int, int]], np.ndarray] | None = None,
+    rasterize: Callable[[AttentionMap, np.ndarray, tuple[int, int]], np.ndarray] | None = None,
     title: str | None = None,
 ) -> Path:
     """Write the heatmap figure: thumbnail + overlay + colour bar, top-k mosaic, optional per-head maps.
