@@ -10,14 +10,15 @@ import pytest
 import torch
 
 from e2e_wsi.cli import main
+from e2e_wsi.errors import UserError
 from e2e_wsi.evaluation.report import read_predictions
 from e2e_wsi.models.tasks import ClassificationTask
 
 
 @pytest.fixture
 def fit(tiny_args) -> Callable[..., int]:
-    def run_fit(manifest: Path, cache: Path, run: Path, *extra: str) -> int:
-        return main(tiny_args(manifest, cache, run, *extra))
+    def run_fit(manifest: Path, cache: Path, run: Path, *extra: str, debug: bool = False) -> int:
+        return main(["--debug"] * debug + tiny_args(manifest, cache, run, *extra))
 
     return run_fit
 
@@ -86,10 +87,13 @@ def test_resume_from_last_continues_epochs(trained_run: Path, tmp_path: Path) ->
     assert pd.read_csv(run / "splits.csv").equals(pd.read_csv(trained_run / "splits.csv"))
 
 
-def test_fresh_fit_refuses_a_used_run_folder(trained_run: Path, synth_cache: tuple[Path, Path], fit) -> None:
+def test_fresh_fit_refuses_a_used_run_folder(
+    trained_run: Path, synth_cache: tuple[Path, Path], fit, capsys: pytest.CaptureFixture[str]
+) -> None:
     manifest, cache = synth_cache
-    with pytest.raises(SystemExit, match="already holds checkpoints"):
-        fit(manifest, cache, trained_run)
+    assert fit(manifest, cache, trained_run) == 2  # a user error: one line, no traceback
+    err = capsys.readouterr().err
+    assert "already holds checkpoints" in err and "Traceback" not in err
 
 
 def test_test_writes_predictions_and_bootstrap_report(
@@ -223,10 +227,10 @@ def test_old_data_keys_must_agree_with_model_task(
 ) -> None:
     manifest, cache = synth_cache
     flags = ["--data.num_classes", "2", "--model.task.num_classes", "3"]
-    with pytest.raises(SystemExit, match=r"data.num_classes=2 disagrees with model.task.num_classes=3"):
-        fit(manifest, cache, tmp_path / "mismatch", *flags)
-    with pytest.raises(SystemExit, match=r"delete data.task"):
-        fit(manifest, cache, tmp_path / "mismatch", "--data.task=survival")
+    with pytest.raises(UserError, match=r"data.num_classes=2 disagrees with model.task.num_classes=3"):
+        fit(manifest, cache, tmp_path / "mismatch", *flags, debug=True)
+    with pytest.raises(UserError, match=r"delete data.task"):
+        fit(manifest, cache, tmp_path / "mismatch", "--data.task=survival", debug=True)
 
 
 def test_old_config_with_data_task_keys_still_parses(synth_cache: tuple[Path, Path], tmp_path: Path) -> None:

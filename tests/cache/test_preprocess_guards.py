@@ -15,9 +15,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from e2e_wsi.cache.cli import main as cache_main
 from e2e_wsi.cache.lock import CacheLock, CacheLockedError
-from e2e_wsi.cache.preprocess import jobs_from_manifest, main, preprocess
+from e2e_wsi.cache.preprocess import jobs_from_manifest, preprocess
 from e2e_wsi.cache.store import (
     CacheCorruptedError,
     DamagedPatchError,
@@ -27,8 +26,19 @@ from e2e_wsi.cache.store import (
     verify_cache,
 )
 from e2e_wsi.cache.worker import PreprocessConfig
+from e2e_wsi.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def main(argv: list[str]) -> int:
+    """``e2e-wsi preprocess ARGV`` through the dispatcher (it turns input errors into exit 2)."""
+    return cli_main(["preprocess", *argv])
+
+
+def cache_main(argv: list[str]) -> int:
+    """``e2e-wsi cache ARGV`` through the dispatcher."""
+    return cli_main(["cache", *argv])
 
 
 def _sparse_tiff(path: Path, side: int) -> Path:
