@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 _SLIDE_ID = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9._\-]{0,127}")
 
 
@@ -60,3 +62,11 @@ def describe_difference(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None
         f"{k}: {fa.get(k)!r} vs {fb.get(k)!r}" for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)
     ]
     return "; ".join(diffs[:6]) + (f"; +{len(diffs) - 6} more" if len(diffs) > 6 else "")
+
+
+def grid_step(coords: np.ndarray) -> int | None:
+    """Smallest positive spacing of [N, 2] patch coordinates along x or y (the tiling stride), if any."""
+    steps = [np.diff(np.unique(coords[:, axis])) for axis in (0, 1)]
+    positive = np.concatenate(steps)
+    positive = positive[positive > 0]
+    return int(positive.min()) if positive.size else None

@@ -85,6 +85,47 @@ def write_predictions(frame: pd.DataFrame, path: str | Path) -> Path:
     return path
 
 
+def attention_table(
+    coords: np.ndarray, size_level0: np.ndarray, magnification: np.ndarray, attention: np.ndarray
+) -> pd.DataFrame:
+    """``attention/<id>.csv``, written by both ``predict`` routes: one row per patch.
+
+    Args:
+        coords: [N, 2] level-0 (x, y) of each patch's top-left corner.
+        size_level0: [N] side of each patch in level-0 pixels (NaN when unknown, e.g. foreign features).
+        magnification: [N] magnification of each patch.
+        attention: [H, N] attention per head (or [N]).
+
+    Returns:
+        Columns ``x, y, size_level0, magnification, attention`` (mean over heads), ``attention_head_<h>``.
+    """
+    heads = np.atleast_2d(np.asarray(attention, dtype=np.float64))
+    coords = np.asarray(coords).reshape(-1, 2)
+    frame = pd.DataFrame(
+        {
+            "x": coords[:, 0],
+            "y": coords[:, 1],
+            "size_level0": np.asarray(size_level0),
+            "magnification": np.asarray(magnification),
+            "attention": heads.mean(axis=0),
+        }
+    )
+    for h, values in enumerate(heads):
+        frame[f"attention_head_{h}"] = values
+    return frame
+
+
+def unlabelled(frame: pd.DataFrame) -> pd.DataFrame:
+    """A ``predictions.csv`` frame without its truth columns: what ``predict`` writes (no labels needed).
+
+    The unit's id (``slide_id``; ``case_id`` for survival bags, which are cases) and the prediction
+    columns of :func:`prediction_columns` stay.
+    """
+    unit = "case_id" if "risk" in frame.columns else "slide_id"
+    truth = {"case_id", "slide_id", "label", "time", "event"} - {unit}
+    return frame.drop(columns=[c for c in frame.columns if c in truth])
+
+
 def prob_columns(df: pd.DataFrame, source: str = "predictions") -> list[str]:
     """Return ``prob_0 .. prob_{K-1}`` of a classification frame, in class order.
 

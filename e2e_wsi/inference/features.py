@@ -25,7 +25,7 @@ from e2e_wsi.inference.run import LoadedModel
 from e2e_wsi.models.encoders import PrecomputedFeatures
 from e2e_wsi.models.module import _compare_settings
 from e2e_wsi.slides.reader import Slide
-from e2e_wsi.utils import validate_slide_id
+from e2e_wsi.utils import grid_step, validate_slide_id
 from e2e_wsi.viz.heatmap import HeatmapOptions, format_caption
 
 # Patch side assumed for a single-patch slide of a folder without provenance: CLAM's and TRIDENT's default.
@@ -72,14 +72,6 @@ def slide_file_from_manifest(manifest: str | Path | None, slide_id: str) -> Slid
     mpp_text = rows["mpp"].iloc[0] if "mpp" in rows.columns else None
     mpp = float(mpp_text) if isinstance(mpp_text, str) and mpp_text.strip() else None
     return SlideFile(path if path.is_file() else None, mpp)
-
-
-def grid_step(coords: np.ndarray) -> int | None:
-    """Smallest positive spacing of the patch coordinates along x or y (the tiling stride), if any."""
-    steps = [np.diff(np.unique(coords[:, axis])) for axis in (0, 1)]
-    positive = np.concatenate(steps)
-    positive = positive[positive > 0]
-    return int(positive.min()) if positive.size else None
 
 
 def feature_geometry(
