@@ -12,9 +12,13 @@ import os
 import sys
 from collections.abc import Sequence
 
+from e2e_wsi.errors import UserError
+
 # Exceptions that mean "the input is wrong" (a bad manifest, a task mismatch, a missing file): the
 # message says what to fix, so the user gets it without a traceback unless they ask with --debug.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError)
+# Verbs raise these and never catch them (UserError is the project's own; SlideError, CacheLockedError,
+# UnsafeCheckpointError ... subclass it).
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ValueError, FileNotFoundError, NotADirectoryError)
 # Lightning's configuration error, matched by name so `e2e-wsi --help` does not import Lightning.
 _USER_ERROR_NAMES = {"MisconfigurationException"}
 DEBUG_ENV = "E2E_WSI_DEBUG"
