@@ -372,16 +372,12 @@ class PredictionWriter(SlidePredictionWriter):
         for b, bag_id in enumerate(batch["bag_id"]):
             if not bool(real[b]):
                 continue  # a padding bag of a DDP rank without a slide of its own
-            valid = batch["mask"][b].cpu()
-            coords = batch["coords"][b][valid].cpu().numpy()
-            mags = batch["magnification"][b][valid].cpu().numpy()
-            slides = [batch["slide_ids"][b][int(i)] for i in batch["patch_slide"][b][valid].cpu()]
-            frame = attention_table(
-                coords,
-                _patch_sides(cache, slides, mags, coords),
-                mags,
-                outputs["attention"][b][:, valid.to(outputs["attention"].device)].float().cpu().numpy(),
-            )
+            valid = batch["mask"][b].cpu()  # everything below indexed on the CPU (batches may live on a GPU)
+            coords = batch["coords"][b].cpu()[valid].numpy()
+            mags = batch["magnification"][b].cpu()[valid].numpy()
+            slides = [batch["slide_ids"][b][int(i)] for i in batch["patch_slide"][b].cpu()[valid]]
+            attention = outputs["attention"][b].float().cpu()[:, valid].numpy()
+            frame = attention_table(coords, _patch_sides(cache, slides, mags, coords), mags, attention)
             path = out / f"{validate_slide_id(bag_id)}.csv"
             tmp = path.with_name(f".{path.name}.tmp")
             frame.to_csv(tmp, index=False)
