@@ -48,6 +48,7 @@ def info(path: str | Path) -> int:
         table.add_column(f"{mag:g}x", justify="right")
     table.add_column("mpp", justify="right")
     table.add_column("tissue", justify="right")
+    table.add_column("reader")
     totals = dict.fromkeys(mags, 0)
     for slide_id in ids:
         meta = cache.meta(slide_id)
@@ -56,9 +57,11 @@ def info(path: str | Path) -> int:
             n = cache.count(slide_id, mag) if mag in cache.magnifications(slide_id) else 0
             totals[mag] += n
             cells.append(str(n))
-        table.add_row(slide_id, *cells, f"{meta['mpp']:.3f}", f"{meta['tissue_fraction']:.1%}")
+        # Caches written before reader backends have no "backend" key: OpenSlide was the only reader then.
+        reader = meta.get("backend", "openslide")
+        table.add_row(slide_id, *cells, f"{meta['mpp']:.3f}", f"{meta['tissue_fraction']:.1%}", reader)
     table.add_section()
-    table.add_row(f"total: {len(ids)} slides", *(str(totals[m]) for m in mags), "", "")
+    table.add_row(f"total: {len(ids)} slides", *(str(totals[m]) for m in mags), "", "", "")
     console = Console()
     console.print(table)
     disk = sum(f.stat().st_size for p in cache.paths for f in p.glob("*.mdb"))

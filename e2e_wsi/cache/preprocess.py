@@ -23,21 +23,10 @@ from e2e_wsi.cache.lock import CacheLock
 from e2e_wsi.cache.store import LMDB_SUFFIX, CacheWriter, read_staged
 from e2e_wsi.cache.worker import DEFAULT_MAX_PIXELS, PreprocessConfig, SlideJob, process_slide
 from e2e_wsi.errors import UserError
+from e2e_wsi.slides.backends import backend_names
+from e2e_wsi.slides.backends.base import is_url
+from e2e_wsi.slides.sources import find_slides, slide_id_of
 from e2e_wsi.slides.tiling import GRID_ANCHORS
-
-SLIDE_EXTENSIONS = (
-    ".svs",
-    ".tif",
-    ".tiff",
-    ".ndpi",
-    ".mrxs",
-    ".scn",
-    ".vms",
-    ".vmu",
-    ".bif",
-    ".svslide",
-    ".dcm",
-)
 
 # Worker state set by the pool initializer (one per worker process).
 _WORKER: dict[str, Any] = {}
@@ -47,7 +36,8 @@ def jobs_from_manifest(manifest: str | Path) -> list[SlideJob]:
     """Slides listed in a manifest CSV (columns ``slide_id`` and ``path``; optional ``mpp``).
 
     Read with the same reader as every other verb (:func:`e2e_wsi.tables.read_table`: a BOM or
-    spaces around column names are fine). Paths are relative to the manifest's folder unless absolute.
+    spaces around column names are fine). Paths are relative to the manifest's folder unless absolute or
+    fsspec URLs (``s3://...``, read by tiffslide); a path may name a DICOM folder (one slide).
     Other columns (labels) are ignored.
 
     Raises:
@@ -78,18 +68,19 @@ def jobs_from_manifest(manifest: str | Path) -> list[SlideJob]:
             mpp = float(mpp_text) if mpp_text else None
         except ValueError:
             raise ValueError(f"{manifest} line {line}: mpp {mpp_text!r} is not a number") from None
-        path = Path(rel) if Path(rel).is_absolute() else manifest.parent / rel
+        path: Path | str = (
+            rel if is_url(rel) else Path(rel) if Path(rel).is_absolute() else manifest.parent / rel
+        )
         jobs.append(SlideJob(slide_id, path, mpp, f"{manifest.name} line {line}"))
     return jobs
 
 
 def jobs_from_dir(slides_dir: str | Path) -> list[SlideJob]:
-    """One job per slide file in a folder (not recursive); the id is the file name without extension."""
-    slides_dir = Path(slides_dir)
-    if not slides_dir.is_dir():
-        raise FileNotFoundError(f"slides folder {slides_dir} not found")
-    files = sorted(p for p in slides_dir.iterdir() if p.is_file() and p.suffix.lower() in SLIDE_EXTENSIONS)
-    return [SlideJob(p.stem, p, None, str(p)) for p in files]
+    """One job per slide in a folder (not recursive): slide files, and DICOM folders (one slide each).
+
+    The id is the file name without extension, or the DICOM folder's name (see :mod:`e2e_wsi.slides.sources`).
+    """
+    return [SlideJob(slide_id_of(p), p, None, str(p)) for p in find_slides(slides_dir)]
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -283,7 +274,7 @@ def _commit(writer: CacheWriter, record: dict[str, Any]) -> dict[str, Any]:
 
     writer.commit_slide(meta, patches)
     staging.unlink()
-    job = SlideJob(record["slide_id"], Path(record["path"]))
+    job = SlideJob(record["slide_id"], record["path"])
     return _ok_row(job, meta, cached=False)
 
 
@@ -473,6 +464,12 @@ def build_parser() -> Any:
     parser.add_argument(
         "--saturation_threshold", default="8", help="HSV saturation threshold 0-255, or 'otsu'"
     )
+    parser.add_argument(
+        "--backend",
+        choices=backend_names(),
+        default=None,
+        help="force this slide reader for every slide (default: the first that reads each file, OpenSlide first)",
+    )
     parser.add_argument("--no_qc", action="store_true", help="do not write qc/<slide_id>.png")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_annotation_args(parser)
@@ -500,6 +497,7 @@ def _config(args: Any) -> PreprocessConfig:
         tissue=TissueParams(use_otsu=otsu, **saturation),
         mpp=args.mpp,
         max_pixels=args.max_pixels,
+        backend=args.backend,
     )
 
 

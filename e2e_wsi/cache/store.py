@@ -223,7 +223,8 @@ class PatchCache:
                         f"slide {slide_id!r} is in two shards ({other} and {self.paths[i]}); "
                         "delete one of them (was the cache sharded twice with different --shard n?)"
                     )
-                if meta.get("source_path") and not Path(meta["source_path"]).is_absolute():
+                source = meta.get("source_path") or ""
+                if source and "://" not in source and not Path(source).is_absolute():  # URLs stay as they are
                     meta["source_path"], found = resolve_source_path(meta["source_path"], path)
                     lost += [] if found else [slide_id]
                 self._where[slide_id] = i

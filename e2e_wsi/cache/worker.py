@@ -18,7 +18,8 @@ from PIL import Image, ImageDraw
 
 from e2e_wsi.annotations.geojson import AnnotationRules, annotate_tissue, write_tissue_geojson
 from e2e_wsi.cache.store import FORMAT_VERSION, append_staged, mag_key
-from e2e_wsi.slides.reader import DEFAULT_MAX_PIXELS, Slide, SlideError
+from e2e_wsi.slides.backends.base import is_url
+from e2e_wsi.slides.reader import DEFAULT_MAX_PIXELS, Slide, SlideError, open_slide
 from e2e_wsi.slides.tiling import (
     GRID_ANCHORS,
     GridAnchor,
@@ -67,6 +68,9 @@ class PreprocessConfig:
             which slides are cached, not what is cached, so it is not part of ``params``.
         annotations: QuPath include / exclude regions applied to the tissue mask, or ``None``.
         geojson_dir: Folder for ``<slide_id>.geojson`` tissue contours (``--geojson``), or ``None``.
+        backend: Slide reader forced for every slide (``--backend``), or ``None`` for the first that reads
+            each file. Backends read the same pixels (tested), so it is recorded per slide (``backend`` in the
+            metadata), not part of ``params``.
     """
 
     magnifications: tuple[float, ...]
@@ -80,6 +84,7 @@ class PreprocessConfig:
     max_pixels: float | None = DEFAULT_MAX_PIXELS
     annotations: AnnotationRules | None = None
     geojson_dir: str | None = None  # an output location, not a cache parameter
+    backend: str | None = None
 
     def __post_init__(self) -> None:
         if not self.magnifications:
@@ -120,13 +125,13 @@ class SlideJob:
 
     Attributes:
         slide_id: Id from the manifest or file name (validated by the worker, may be bad).
-        path: Slide file.
+        path: Slide file, DICOM folder, or fsspec URL (a string).
         mpp: Per-slide MPP override, or ``None``.
         origin: Where the job came from, for messages (e.g. ``manifest.csv line 3``).
     """
 
     slide_id: str
-    path: Path
+    path: Path | str
     mpp: float | None = None
     origin: str = ""
 
@@ -155,7 +160,9 @@ def process_slide(
     record: dict[str, Any] = {"slide_id": job.slide_id, "path": str(job.path)}
     try:
         slide_id = validate_slide_id(job.slide_id)
-        with Slide(job.path, slide_mpp=job.mpp, global_mpp=config.mpp, max_pixels=config.max_pixels) as slide:
+        with open_slide(
+            job.path, config.backend, slide_mpp=job.mpp, global_mpp=config.mpp, max_pixels=config.max_pixels
+        ) as slide:
             meta, staging = _tile_slide(slide, slide_id, job, config, staging_dir, qc_dir, progress)
         record.update(status="ok", meta=meta, staging=str(staging))
     except SlideError as err:
@@ -279,10 +286,11 @@ def _slide_meta(
         "format_version": FORMAT_VERSION,
         "slide_id": slide_id,
         # Absolute, so heatmaps and QC find the slide from any working directory.
-        "source_path": str(Path(job.path).resolve()),
+        "source_path": str(job.path) if is_url(job.path) else str(Path(job.path).resolve()),
         "mpp": res.mpp,
         "objective_power": res.objective_power,
         "resolution_source": res.source,
+        "backend": slide.backend,  # absent in caches written before reader backends: OpenSlide read those
         "dimensions": list(slide.dimensions),
         "patch_size": config.patch_size,
         "magnifications": {

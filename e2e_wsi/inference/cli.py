@@ -23,6 +23,8 @@ from e2e_wsi.errors import UserError
 from e2e_wsi.inference.pipeline import PredictOptions, predict_slides
 from e2e_wsi.inference.predict import Ensemble
 from e2e_wsi.inference.run import resolve_checkpoints
+from e2e_wsi.slides.backends.base import is_url
+from e2e_wsi.slides.sources import slide_exists, slide_id_of
 
 DESCRIPTION = """\
 Run a trained model (or an ensemble) on new, unlabelled slide files.
@@ -88,7 +90,7 @@ def annotation_rules(args: argparse.Namespace, jobs: list[SlideJob]) -> Annotati
 
 
 def slide_jobs(slides: list[str] | None, manifest: str | None) -> list[SlideJob]:
-    """Jobs from ``--slides`` (files or folders) or ``--manifest``.
+    """Jobs from ``--slides`` (slide files, DICOM slide folders, folders of slides, URLs) or ``--manifest``.
 
     Raises:
         UserError: If nothing is found or an id repeats; FileNotFoundError: a file is missing (names it).
@@ -99,10 +101,10 @@ def slide_jobs(slides: list[str] | None, manifest: str | None) -> list[SlideJob]
         jobs = []
         for item in slides or []:
             path = Path(item)
-            if path.is_dir():
+            if slide_exists(item):  # one slide: a file, a DICOM folder or a URL (e2e_wsi.slides.sources)
+                jobs.append(SlideJob(slide_id_of(item), item if is_url(item) else path, None, str(item)))
+            elif path.is_dir():
                 jobs += jobs_from_dir(path)
-            elif path.is_file():
-                jobs.append(SlideJob(path.stem, path, None, str(path)))
             else:
                 raise FileNotFoundError(f"slide file {path} not found")
     if not jobs:

@@ -24,7 +24,9 @@ from e2e_wsi.inference.heatmaps import DEFAULT_OPTIONS, thumbnail_of, write_heat
 from e2e_wsi.inference.run import LoadedModel
 from e2e_wsi.models.encoders import PrecomputedFeatures
 from e2e_wsi.models.module import _compare_settings
-from e2e_wsi.slides.reader import Slide
+from e2e_wsi.slides.backends.base import is_url
+from e2e_wsi.slides.reader import Slide, open_slide
+from e2e_wsi.slides.sources import slide_exists
 from e2e_wsi.utils import grid_step, validate_slide_id
 from e2e_wsi.viz.heatmap import HeatmapOptions, format_caption
 
@@ -37,7 +39,7 @@ class SlideFile:
     """The whole-slide image behind a slide's features, when known.
 
     Attributes:
-        path: The slide file, or ``None`` (the heatmap is drawn on a white canvas).
+        path: The slide file, DICOM folder or URL, or ``None`` (the heatmap is drawn on a white canvas).
         mpp: Per-slide MPP override (the manifest's ``mpp`` column), or ``None``.
     """
 
@@ -67,11 +69,14 @@ def slide_file_from_manifest(manifest: str | Path | None, slide_id: str) -> Slid
     rows = table[table["slide_id"] == slide_id]
     if rows.empty or not isinstance(rows["path"].iloc[0], str):
         return SlideFile()
-    raw = Path(rows["path"].iloc[0])
-    path = raw if raw.is_absolute() else Path(manifest).parent / raw
+    text = rows["path"].iloc[0]
     mpp_text = rows["mpp"].iloc[0] if "mpp" in rows.columns else None
     mpp = float(mpp_text) if isinstance(mpp_text, str) and mpp_text.strip() else None
-    return SlideFile(path if path.is_file() else None, mpp)
+    if is_url(text):  # an fsspec URL (tiffslide): checked when it is opened
+        return SlideFile(text, mpp)  # type: ignore[arg-type]
+    raw = Path(text)
+    path = raw if raw.is_absolute() else Path(manifest).parent / raw
+    return SlideFile(path if slide_exists(path) else None, mpp)
 
 
 def feature_geometry(
@@ -130,7 +135,7 @@ def feature_attention(
     slide_file = slide_file or SlideFile()
     out = predict_bag(loaded.model, torch.from_numpy(features))
     if slide_file.path is not None:
-        with Slide(slide_file.path, slide_mpp=slide_file.mpp) as slide:
+        with open_slide(slide_file.path, slide_mpp=slide_file.mpp) as slide:
             side, dims = feature_geometry(coords, info.provenance, slide)
     else:
         side, dims = feature_geometry(coords, info.provenance, None)
@@ -148,7 +153,7 @@ def top_patches_from_slide(slide_file: SlideFile, att: SlideAttention, k: int, s
     if slide_file.path is None or not order:
         return np.zeros((0, 1, 1, 3), np.uint8)
     patches = []
-    with Slide(slide_file.path, slide_mpp=slide_file.mpp) as slide:
+    with open_slide(slide_file.path, slide_mpp=slide_file.mpp) as slide:
         level = slide.best_level(att.size_level0 / side)
         read = max(1, round(att.size_level0 / slide.level_downsamples[level]))
         for i in order:

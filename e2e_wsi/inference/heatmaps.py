@@ -19,7 +19,8 @@ from e2e_wsi.data.transforms import OFFICIAL_EVAL_CROP_FRACTION
 from e2e_wsi.errors import UserError
 from e2e_wsi.inference.attention import SlideAttention, overlap_attention, read_patches, slide_attention
 from e2e_wsi.models.module import SlideModule
-from e2e_wsi.slides.reader import Slide, SlideError
+from e2e_wsi.slides.reader import Slide, SlideError, open_slide
+from e2e_wsi.slides.sources import slide_exists
 from e2e_wsi.slides.tissue import TissueParams
 from e2e_wsi.viz.heatmap import (
     HeatmapOptions,
@@ -47,9 +48,9 @@ def thumbnail_of(meta: dict, max_side: int = 1400) -> np.ndarray:
     scale = max_side / max(w, h)
     size = (max(1, int(w * scale)), max(1, int(h * scale)))
     source = Path(meta.get("source_path", ""))
-    if source.is_file():
+    if slide_exists(source):
         try:
-            with Slide(source, global_mpp=meta.get("mpp")) as slide:
+            with open_slide(source, meta.get("backend"), global_mpp=meta.get("mpp")) as slide:
                 view = slide.read_downsampled(max(w, h) / max_side)
             return np.asarray(Image.fromarray(view).resize(size, Image.Resampling.BOX))
         except SlideError:
@@ -286,14 +287,14 @@ def make_overlap_heatmap_from_cache_meta(
         UserError: If the slide file is gone (the message says which file).
     """
     source = Path(meta.get("source_path", ""))
-    if not source.is_file():
+    if not slide_exists(source):
         raise UserError(
             f"slide {meta.get('slide_id')!r}: file {source} not found; overlapping heatmaps read the slide "
             "itself: put it back there, or draw the heatmap without --overlap"
         )
     params = meta.get("params") or {}
     tissue = TissueParams(**params["tissue"]) if params.get("tissue") else TissueParams()
-    with Slide(source, slide_mpp=params.get("mpp_override")) as slide:
+    with open_slide(source, meta.get("backend"), slide_mpp=params.get("mpp_override")) as slide:
         return make_overlap_heatmap(
             model,
             slide,

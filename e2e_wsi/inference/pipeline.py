@@ -22,7 +22,7 @@ from e2e_wsi.inference.outputs import attention_frame, predictions_frame, write_
 from e2e_wsi.inference.params import preprocess_config, preprocess_params
 from e2e_wsi.inference.predict import Ensemble, SlidePrediction
 from e2e_wsi.inference.slides import TILING_KEYS, tile_for_inference
-from e2e_wsi.slides.reader import Slide, SlideError
+from e2e_wsi.slides.reader import SlideError, open_slide
 from e2e_wsi.slides.tissue import TissueParams, segment_tissue, segmentation_downsample
 from e2e_wsi.utils import validate_slide_id
 from e2e_wsi.viz.heatmap import HeatmapOptions, format_caption
@@ -140,7 +140,7 @@ def _one_slide(
     att = pred.attention
     write_csv(attention_frame(pred), out / "attention" / f"{slide_id}.csv")
     features = patch_features(att.coords, pred.size_level0, att.attention, pred.magnification)
-    with Slide(job.path, slide_mpp=job.mpp, global_mpp=options.mpp) as slide:
+    with open_slide(job.path, slide_mpp=job.mpp, global_mpp=options.mpp) as slide:
         tissue_params = TissueParams(**params["tissue"])
         ds = segmentation_downsample(slide.dimensions, tissue_params)
         tissue = segment_tissue(slide.read_downsampled(ds), ds, slide.resolution.mpp, tissue_params)

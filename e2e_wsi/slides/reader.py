@@ -1,7 +1,12 @@
-"""OpenSlide wrapper: open a slide, resolve its resolution, read RGB regions.
+"""The one front to slides: open through a reader backend, resolve the resolution, read RGB regions.
 
-A slide's *native magnification* is what the scanner's objective gave (``openslide.objective-power``);
-its *MPP* is the size of a level-0 pixel in micrometres (``openslide.mpp-x``). They are linked by the
+:class:`Slide` (or :func:`open_slide`) opens a file, a DICOM folder or an fsspec URL through the backend
+that reads it (:mod:`e2e_wsi.slides.backends`: OpenSlide by default, tiffslide, wsidicom, pylibCZIrw or
+plain images) or the one forced with ``backend=``; the rest of the code only sees :class:`Slide`.
+
+A slide's *native magnification* is what the scanner's objective gave (OpenSlide's
+``openslide.objective-power``); its *MPP* is the size of a level-0 pixel in micrometres (``openslide.mpp-x``;
+every backend reports both under these two keys). They are linked by the
 usual convention ``magnification = 10 / mpp`` (0.25 um/px ~ 40x, 0.5 um/px ~ 20x). Either may be
 overridden per slide (a manifest ``mpp`` column) or for the whole run (``--mpp``); an MPP override wins
 over the file's metadata. A slide with neither and no override cannot be tiled at a magnification and
@@ -18,7 +23,10 @@ import numpy as np
 import openslide
 from PIL import Image
 
-from e2e_wsi.errors import UserError
+from e2e_wsi.slides.backends import open_backend
+from e2e_wsi.slides.backends.base import SlideBackend, is_url
+from e2e_wsi.slides.errors import SlideError
+from e2e_wsi.slides.sources import slide_exists
 
 # Relative slack when matching a pyramid level to a requested downsample: level sizes are rounded, so a
 # "4x" level is often 3.998x or 4.002x, and we want it picked for a 4x request.
@@ -32,22 +40,8 @@ DEFAULT_MAX_PIXELS = 3e10
 # cannot hold the pixels it claims (e.g. a sparse TIFF with a forged size), and reading it would decode
 # a huge, empty level 0 for nothing.
 _MAX_PIXELS_PER_BYTE = 2000
-# Formats whose pixels live in one file (MIRAX, VMS and DICOM keep them in sibling files).
-_SINGLE_FILE_FORMATS = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".svslide")
-
-
-class SlideError(UserError):
-    """A slide that cannot be used, with a one-line reason.
-
-    Attributes:
-        path: The slide's file path (as given).
-        reason: One line saying what is wrong and, where possible, what to do.
-    """
-
-    def __init__(self, path: str | Path, reason: str) -> None:
-        self.path = str(path)
-        self.reason = " ".join(str(reason).split())  # always one line, whatever the library said
-        super().__init__(f"{self.path}: {self.reason}")
+# Formats whose pixels live in one file (MIRAX, VMS and DICOM keep them in sibling files or folders).
+_SINGLE_FILE_FORMATS = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".svslide", ".czi")
 
 
 @dataclass(frozen=True)
@@ -124,20 +118,11 @@ def resolve_resolution(
     return Resolution(mpp_meta, power, "metadata")
 
 
-def _unsupported_reason(path: Path) -> str:
-    """Tell a damaged TIFF-based slide from a file that is not a slide at all."""
-    with open(path, "rb") as handle:
-        magic = handle.read(4)
-    if magic in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
-        return "TIFF file OpenSlide cannot open: truncated or corrupt (re-copy it), or an unsupported layout"
-    return "not a slide format OpenSlide can read (unsupported or not an image)"
-
-
-def check_dimensions(path: Path, dimensions: tuple[int, int], max_pixels: float | None) -> None:
+def check_dimensions(path: str | Path, dimensions: tuple[int, int], max_pixels: float | None) -> None:
     """Fail fast on a slide whose claimed size is absurd, before anything reads its pixels.
 
     Args:
-        path: The slide file.
+        path: The slide file, folder or URL (the size check against the bytes runs on single local files).
         dimensions: Level-0 (width, height) the file claims.
         max_pixels: Largest accepted ``width * height`` (``None``: no limit).
 
@@ -153,8 +138,8 @@ def check_dimensions(path: Path, dimensions: tuple[int, int], max_pixels: float 
             f"claims {width:,} x {height:,} px ({pixels:.2g} px), more than --max-pixels {max_pixels:.2g}; "
             "if the slide is genuine, raise --max-pixels",
         )
-    if path.suffix.lower() in _SINGLE_FILE_FORMATS:
-        size = path.stat().st_size
+    if not is_url(path) and Path(path).suffix.lower() in _SINGLE_FILE_FORMATS:
+        size = Path(path).stat().st_size
         if pixels > _MAX_PIXELS_PER_BYTE * max(size, 1):
             raise SlideError(
                 path,
@@ -165,18 +150,24 @@ def check_dimensions(path: Path, dimensions: tuple[int, int], max_pixels: float 
 
 
 class Slide:
-    """An open whole-slide image with its resolved resolution.
+    """An open whole-slide image with its resolved resolution, read through one backend.
 
     Args:
-        path: Slide file (any format OpenSlide reads).
+        path: Slide file, DICOM folder, or fsspec URL (tiffslide).
         slide_mpp: Per-slide MPP override, or ``None``.
         global_mpp: Run-wide MPP override, or ``None``.
         max_pixels: Refuse a level 0 with more pixels than this (``None``: no limit on the size; the
             check of the size against the file's bytes still runs).
+        backend: Backend name to force (``--backend``), or ``None`` for the first that reads the file.
+
+    Attributes:
+        path: The source as given (a :class:`~pathlib.Path`; a URL stays a string).
+        backend: Name of the backend that reads it (``"openslide"``, ``"tiffslide"``, ...).
+        resolution: The resolved :class:`Resolution`.
 
     Raises:
-        SlideError: If the file is missing, unreadable, unsupported, claims implausible dimensions, or
-            has no usable magnification.
+        SlideError: If the source is missing, unreadable, of a format no backend reads, claims implausible
+            dimensions, or has no usable magnification.
     """
 
     def __init__(
@@ -186,50 +177,51 @@ class Slide:
         slide_mpp: float | None = None,
         global_mpp: float | None = None,
         max_pixels: float | None = DEFAULT_MAX_PIXELS,
+        backend: str | None = None,
     ) -> None:
-        self.path = Path(path)
-        if not self.path.is_file():
+        self.path: Path | str = path if is_url(path) else Path(path)
+        if (
+            not slide_exists(path) and not Path(path).is_dir()
+        ):  # a folder: the backends say why it is no slide
             raise SlideError(path, "file not found (check the path column / slides folder)")
+        self._reader: SlideBackend = open_backend(self.path, backend)
+        self.backend = self._reader.name
         try:
-            self._osr = openslide.OpenSlide(str(self.path))
-        except openslide.OpenSlideUnsupportedFormatError:
-            raise SlideError(path, _unsupported_reason(self.path)) from None
-        except (openslide.OpenSlideError, OSError) as err:
-            raise SlideError(path, f"corrupt or unreadable slide: {err}") from None
-        try:
-            check_dimensions(self.path, self._osr.dimensions, max_pixels)
+            check_dimensions(self.path, self._reader.dimensions, max_pixels)
+            properties = {
+                openslide.PROPERTY_NAME_MPP_X: self._reader.mpp,
+                openslide.PROPERTY_NAME_OBJECTIVE_POWER: self._reader.objective_power,
+            }
+            self.resolution = resolve_resolution(properties, path, slide_mpp=slide_mpp, global_mpp=global_mpp)
         except SlideError:
-            self._osr.close()
+            self._reader.close()
             raise
-        self.resolution = resolve_resolution(
-            self._osr.properties, path, slide_mpp=slide_mpp, global_mpp=global_mpp
-        )
 
     @property
     def dimensions(self) -> tuple[int, int]:
         """Level-0 (width, height) in pixels."""
-        return self._osr.dimensions
+        return self._reader.dimensions
 
     @property
     def level_downsamples(self) -> tuple[float, ...]:
         """Downsample factor of each pyramid level."""
-        return self._osr.level_downsamples
+        return self._reader.level_downsamples
 
     @property
     def level_dimensions(self) -> tuple[tuple[int, int], ...]:
         """(width, height) of each pyramid level."""
-        return self._osr.level_dimensions
+        return self._reader.level_dimensions
 
     def best_level(self, downsample: float) -> int:
         """The coarsest level that is at least as fine as ``downsample`` (with rounding slack)."""
         best = 0
-        for level, level_ds in enumerate(self._osr.level_downsamples):
+        for level, level_ds in enumerate(self._reader.level_downsamples):
             if level_ds <= downsample * (1.0 + _LEVEL_SLACK):
                 best = level
         return best
 
     def read_rgb(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
-        """Read a region as an RGB image, transparent pixels composited on white.
+        """Read a region as an RGB image; pixels outside the scan are white.
 
         Args:
             location: Level-0 (x, y) of the top-left corner.
@@ -240,18 +232,9 @@ class Slide:
             PIL RGB image of ``size``.
 
         Raises:
-            SlideError: If OpenSlide fails (e.g. a truncated file whose tiles cannot be decoded).
+            SlideError: If the backend fails (e.g. a truncated file whose tiles cannot be decoded).
         """
-        try:
-            rgba = self._osr.read_region(location, level, size)
-        except openslide.OpenSlideError as err:
-            raise SlideError(self.path, f"corrupt or truncated slide data: {err}") from None
-        if (
-            rgba.getchannel("A").getextrema()[0] < 255
-        ):  # transparent pixels (outside the scan); 4x cheaper than all bands
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            rgba = Image.alpha_composite(white, rgba)
-        return rgba.convert("RGB")
+        return self._reader.read_region(location, level, size)
 
     def read_downsampled(self, downsample: float, chunk: int = 4096) -> np.ndarray:
         """The whole slide at a given downsample, read chunk by chunk from the best level.
@@ -281,11 +264,34 @@ class Slide:
         return np.asarray(canvas)
 
     def close(self) -> None:
-        """Release the OpenSlide handle."""
-        self._osr.close()
+        """Release the backend's handles."""
+        self._reader.close()
 
     def __enter__(self) -> Slide:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def open_slide(
+    path: str | Path,
+    backend: str | None = None,
+    *,
+    slide_mpp: float | None = None,
+    global_mpp: float | None = None,
+    max_pixels: float | None = DEFAULT_MAX_PIXELS,
+) -> Slide:
+    """Open a slide through ``backend`` or the first backend that reads it (see :class:`Slide`)."""
+    return Slide(path, slide_mpp=slide_mpp, global_mpp=global_mpp, max_pixels=max_pixels, backend=backend)
+
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "Resolution",
+    "Slide",
+    "SlideError",
+    "check_dimensions",
+    "open_slide",
+    "resolve_resolution",
+]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from e2e_wsi.cli_common import ArgumentParser
+from e2e_wsi.slides.writer import SLIDE_FORMATS
 from e2e_wsi.task_kinds import COHORT_KINDS, COHORT_TASK_KINDS
 
 
@@ -45,6 +46,14 @@ def build_parser() -> ArgumentParser:
     parser.add_argument(
         "--no_metadata", action="store_true", help="write generic tiled TIFFs without objective power / MPP"
     )
+    parser.add_argument(
+        "--format",
+        dest="slide_format",
+        choices=SLIDE_FORMATS,
+        default="svs",
+        help="slide files: svs (Aperio pyramidal TIFF), ome-tiff (.ome.tif, SubIFD pyramid) or dicom "
+        "(a folder of .dcm per slide; needs pip install 'e2e-wsi[dicom]') (default svs)",
+    )
     parser.add_argument("--pen_marks", action="store_true", help="draw a marker stroke on each slide")
     parser.add_argument("--workers", type=int, default=2, help="parallel processes (default 2)")
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality of the tiles")
@@ -84,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         workers=args.workers,
         quality=args.quality,
         overwrite=args.overwrite,
+        slide_format=args.slide_format,
     )
     print(
         f"wrote {args.num_slides} {args.task} slides in {time.perf_counter() - start:.1f} s; "

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from e2e_wsi.slides.writer import write_levels
+from e2e_wsi.slides.writer import SLIDE_FORMATS, slide_suffix, write_slide_levels
 from e2e_wsi.synth.render import GRID, TASKS, lesion_burden, paint_slide, render_slide
 from e2e_wsi.utils import validate_slide_id
 
@@ -55,6 +55,7 @@ class SynthJob:
     quality: int
     scale: int
     suffix: str
+    fmt: str = "svs"  # one of e2e_wsi.slides.writer.SLIDE_FORMATS
 
 
 def _check_params(
@@ -157,11 +158,13 @@ def _write_slide(job: SynthJob, root: str) -> dict[str, object]:
         scale=job.scale,
     )
     slide_path = Path(root, "slides", job.slide_id + job.suffix)
-    write_levels(
+    write_slide_levels(
         slide_path,
         small,
         job.scale,
         job.size,
+        fmt=job.fmt,
+        key=job.slide_id,
         mpp=job.mpp,
         objective_power=job.objective_power,
         downsamples=DOWNSAMPLES,
@@ -267,10 +270,12 @@ def synthesize_cohort(
     quality: int = 90,
     render_scale: int = 4,
     overwrite: bool = False,
+    slide_format: str = "svs",
 ) -> Path:
     """Write a synthetic cohort: slides, ground-truth masks and a manifest.
 
-    Writes ``out_dir/slides/<slide_id>.svs`` (``.tif`` without metadata), ``out_dir/masks/<slide_id>.png``
+    Writes ``out_dir/slides/<slide_id>.svs`` (``.tif`` without metadata; ``.ome.tif`` or a DICOM folder
+    ``<slide_id>/`` with ``slide_format``), ``out_dir/masks/<slide_id>.png``
     (uint8 at downsample 16: 0 background, 128 tissue, 255 lesion), ``out_dir/manifest.csv`` with
     ``case_id,slide_id,path,label`` (``case_id,slide_id,path,time,event`` for survival; ``path``
     relative to the manifest) and ``out_dir/synth.json`` (parameters and per-slide lesion fraction).
@@ -298,6 +303,8 @@ def synthesize_cohort(
         quality: JPEG quality of the tiles.
         render_scale: Level-0 px per painted px (4 paints at 10x and upsamples level 0).
         overwrite: Replace an existing cohort in ``out_dir``.
+        slide_format: ``svs`` (Aperio), ``ome-tiff`` (``.ome.tif`` with SubIFDs) or ``dicom`` (a folder
+            ``slides/<slide_id>/`` of one ``.dcm`` per level; needs ``pip install 'e2e-wsi[dicom]'``).
 
     Returns:
         Path of the manifest CSV.
@@ -341,7 +348,8 @@ def synthesize_cohort(
         objective_power=objective_power if with_metadata else None,
         quality=quality,
         scale=render_scale,
-        suffix=".svs" if with_metadata else ".tif",
+        suffix=_suffix(slide_format, with_metadata),
+        fmt=slide_format,
     )
     jobs = _plan_jobs(template, labels, num_slides, slides_per_case)
     survival = _case_outcomes(plan_rng, labels) if task == "survival" else {}
@@ -350,6 +358,21 @@ def synthesize_cohort(
         out_dir, overwrite, lambda tmp: _write_cohort(tmp, jobs, survival, workers, seed, num_slides)
     )
     return out_dir / "manifest.csv"
+
+
+def _suffix(slide_format: str, with_metadata: bool) -> str:
+    """The slide files' suffix; rejects a format that cannot be written before anything is painted."""
+    if slide_format not in SLIDE_FORMATS:
+        raise ValueError(f"slide format must be one of {', '.join(SLIDE_FORMATS)}, got {slide_format!r}")
+    if slide_format == "dicom":
+        if not with_metadata:
+            raise ValueError(
+                "DICOM slides need a pixel spacing: drop --no-metadata or choose another --format"
+            )
+        from e2e_wsi.slides.dicom_writer import require_wsidicom
+
+        require_wsidicom()
+    return slide_suffix(slide_format, with_metadata)
 
 
 def _write_atomically(out_dir: Path, overwrite: bool, write: Callable[[Path], None]) -> None:

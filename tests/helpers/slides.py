@@ -67,3 +67,24 @@ def make_white_slide(path: Path, size: int = 2048) -> Path:
 
 
 CMU = Path(__file__).resolve().parents[1] / "data" / "CMU-1-Small-Region.svs"  # real 20x Aperio slide, CC0
+
+
+def write_czi(
+    path: Path, image: np.ndarray, mpp: float, *, offset: tuple[int, int] = (0, 0), scenes: int = 1
+) -> Path:
+    """A CZI written with pylibCZIrw (the Zeiss library): ``image`` cut into ``scenes`` side-by-side scenes
+    placed at ``offset`` (x, y) on the slide plane, with ``mpp`` as the scaling. libCZI writes no pyramid."""
+    from pylibCZIrw import czi
+
+    width = image.shape[1]
+    bounds = np.linspace(0, width, scenes + 1).astype(int)
+    with czi.create_czi(str(path), exist_ok=True) as writer:
+        for scene, (x0, x1) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            bgr = np.ascontiguousarray(image[:, x0:x1, ::-1])  # libCZI stores Bgr24
+            writer.write(
+                bgr, plane={"C": 0, "Z": 0, "T": 0}, location=(offset[0] + int(x0), offset[1]), scene=scene
+            )
+        writer.write_metadata(
+            document_name="test", channel_names={0: "TL"}, scale_x=mpp * 1e-6, scale_y=mpp * 1e-6
+        )
+    return path

@@ -75,3 +75,70 @@ def test_bad_input_is_rejected(tmp_path: Path, image: np.ndarray, kwargs: dict, 
     with pytest.raises(ValueError, match=message):
         write_pyramidal_tiff(tmp_path / "bad.svs", image, **kwargs)
     assert not (tmp_path / "bad.svs").exists()
+
+
+def _tifffile_levels_and_mpp(path: Path) -> tuple[list[tuple[int, int]], float | None]:
+    """Levels of tifffile's first series (W, H) and the MPP its metadata states (SVS or OME)."""
+    import tifffile
+    from tifffile.tifffile import svs_description_metadata
+
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        levels = [(lv.shape[1], lv.shape[0]) for lv in series.levels]
+        if tif.is_svs:
+            return levels, float(svs_description_metadata(tif.pages[0].description)["MPP"])
+        import re
+
+        match = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata or "")
+        return levels, float(match.group(1)) if match else None
+
+
+@pytest.mark.parametrize("fmt", ["svs", "ome-tiff"])
+def test_every_reader_sees_every_level_with_its_mpp(tmp_path: Path, fmt: str) -> None:
+    """tifffile, tiffslide and (for SVS) OpenSlide see the same 3 levels and the MPP written.
+
+    Before the Aperio layout (no thumbnail page, reduced levels flagged subfiletype=1) tifffile and tiffslide
+    saw one level of an .svs: this test failed with [(1536, 1024)] against the three levels.
+    """
+    import tiffslide
+
+    path = write_pyramidal_tiff(
+        tmp_path / ("a.svs" if fmt == "svs" else "a.ome.tif"), _image(), mpp=0.25, fmt=fmt
+    )
+    expected = [(1536, 1024), (384, 256), (96, 64)]
+    levels, mpp = _tifffile_levels_and_mpp(path)
+    assert levels == expected and mpp == pytest.approx(0.25)
+    with tiffslide.TiffSlide(path) as slide:
+        assert list(slide.level_dimensions) == expected
+        assert float(slide.properties["tiffslide.mpp-x"]) == pytest.approx(0.25)
+    with openslide.OpenSlide(str(path)) as slide:
+        assert float(slide.properties["openslide.mpp-x"]) == pytest.approx(0.25)
+        if fmt == "svs":
+            assert list(slide.level_dimensions) == expected
+            assert slide.associated_images["thumbnail"].size[0] <= 1024  # the stripped page 1
+        else:  # OpenSlide's generic TIFF does not read SubIFDs: level 0 only (tiffslide is preferred for it)
+            assert list(slide.level_dimensions) == expected[:1]
+
+
+def test_overlay_pyramid_is_seen_by_every_reader(tmp_path: Path) -> None:
+    """Heatmap overlays go through the same writer (viz/overlap.py): a 10x overlay of a 40x slide."""
+    import tiffslide
+
+    path = write_pyramidal_tiff(
+        tmp_path / "x.overlay.tif", _image(), mpp=1.0, objective_power=10, downsamples=(1, 4)
+    )
+    levels, mpp = _tifffile_levels_and_mpp(path)
+    assert levels == [(1536, 1024), (384, 256)] and mpp == pytest.approx(1.0)
+    with tiffslide.TiffSlide(path) as ts, openslide.OpenSlide(str(path)) as os_:
+        assert ts.level_dimensions == os_.level_dimensions == ((1536, 1024), (384, 256))
+        assert (
+            float(ts.properties["tiffslide.objective-power"])
+            == float(os_.properties["openslide.objective-power"])
+            == 10
+        )
+
+
+def test_writer_is_deterministic(tmp_path: Path) -> None:
+    for fmt in ("svs", "ome-tiff"):
+        a = write_pyramidal_tiff(tmp_path / f"1.{fmt}", _image(), fmt=fmt).read_bytes()
+        assert a == write_pyramidal_tiff(tmp_path / f"2.{fmt}", _image(), fmt=fmt).read_bytes()
