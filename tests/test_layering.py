@@ -7,6 +7,7 @@ Allowed order, lowest first. A package may import itself and anything in a lower
 one. The base modules are shared helpers every stage may use; ``cli`` (the dispatcher) is the top.
 
     base        errors, utils, images, tables, task_kinds, cli_common (and the package's __init__)
+    tasks       task specs (columns, targets, metrics, captions) on plain arrays and frames
     slides      reading slide files, tiling geometry, tissue masks
     annotations QuPath GeoJSON in and out
     evaluation  metrics and bootstrap reports on plain arrays/frames
@@ -37,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1] / "e2e_wsi"
 
 LAYERS: list[tuple[str, ...]] = [
     ("__init__", "__main__", "errors", "utils", "images", "tables", "task_kinds", "cli_common"),
+    ("tasks",),
     ("slides",),
     ("annotations",),
     ("evaluation",),

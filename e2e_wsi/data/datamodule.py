@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 from collections.abc import Iterator, Sized
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from e2e_wsi.data.manifest import load_manifest
 from e2e_wsi.data.sampling import EpochSampler, OversampleMap, check_ratios
 from e2e_wsi.data.splits import apply_splits, load_splits, make_splits, save_splits
 from e2e_wsi.data.transforms import OFFICIAL_EVAL_CROP_FRACTION, EvalTransform, TrainTransform
-from e2e_wsi.task_kinds import TaskKind
+from e2e_wsi.tasks import get_task_spec
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +76,11 @@ class WSIDataModule(pl.LightningDataModule):
     Args:
         cache_dir: Patch cache folder(s) (shards) written by ``e2e-wsi preprocess``.
         manifest: Manifest CSV (see :mod:`e2e_wsi.data.manifest`).
-        task: ``classification``, ``grading`` or ``survival``. The CLI derives it from ``model.task``
-            (its ``kind``); a YAML never needs to give it.
-        num_classes: Classes (classification/grading) or discrete time bins (survival, default 4). The
-            CLI derives it from ``model.task`` (``num_classes`` or ``num_bins``).
+        task: A task kind of :mod:`e2e_wsi.tasks` (``classification``, ``grading``, ``survival``,
+            ``regression``). The CLI derives it from ``model.task`` (its ``kind``); a YAML never needs
+            to give it.
+        num_classes: Classes (classification/grading) or discrete time bins (survival, default 4); unused
+            by regression. The CLI derives it from ``model.task`` (``num_classes`` or ``num_bins``).
         class_names: Optional label names used in the manifest.
         magnifications: Training scales; the first is the *main* magnification.
         mag_ratios: MRIS ratios per magnification (sum 1); ``None`` = uniform.
@@ -114,7 +114,7 @@ class WSIDataModule(pl.LightningDataModule):
         self,
         cache_dir: str | list[str],
         manifest: str,
-        task: TaskKind = "classification",
+        task: str = "classification",
         num_classes: int | None = None,
         class_names: list[str] | None = None,
         magnifications: list[float] = [10.0],  # noqa: B006 - jsonargparse needs a literal default
@@ -148,23 +148,24 @@ class WSIDataModule(pl.LightningDataModule):
         self.magnifications = [float(m) for m in magnifications]
         if mag_ratios is not None:
             check_ratios(mag_ratios, len(self.magnifications))
-        if task == "survival" and oversample:
-            raise ValueError("oversample is for classification/grading; survival bags are cases")
+        if oversample and not get_task_spec(task).has_classes:
+            raise ValueError(f"oversample is for classes (classification/grading), not a {task} task")
         self._init_cohort(task, num_classes, manifest, run_dir, predict_split)
         self.cache_dir = cache_dir
         self._train_dataset: TrainBagDataset | None = None
 
     def _init_cohort(
-        self, task: TaskKind, num_classes: int | None, manifest: str, run_dir: str | None, predict_split: str
+        self, task: str, num_classes: int | None, manifest: str, run_dir: str | None, predict_split: str
     ) -> None:
         """State shared with every subclass (e.g. the feature datamodule): task, manifest, split bookkeeping."""
         if predict_split not in ("all", "train", "val", "test"):
             raise ValueError(f"predict_split {predict_split!r} must be all, train, val or test")
         self.task = task
-        self.num_classes = num_classes if num_classes is not None or task != "survival" else 4
+        self.spec = get_task_spec(task)
+        self.num_classes = num_classes if num_classes is not None else self.spec.default_num_targets
         self.manifest_path, self.run_dir = manifest, run_dir
         self.table: pd.DataFrame | None = None
-        self.survival_bin_edges: list[float] | None = None
+        self.target_state: dict[str, Any] | None = None  # fitted on the training bags (spec.fit_targets)
         self.has_val = True
 
     # ------------------------------------------------------------------ setup
@@ -177,7 +178,7 @@ class WSIDataModule(pl.LightningDataModule):
         df = load_manifest(
             self.manifest_path,
             self.task,
-            None if self.task == "survival" else self.num_classes,
+            self.num_classes,
             cache=self.cache if self._manifest_checks_ids else None,
             class_names=hp.class_names,
         )
@@ -188,8 +189,7 @@ class WSIDataModule(pl.LightningDataModule):
             df["split"] = make_splits(
                 df, hp.split_ratios, hp.split_seed, fold=hp.fold, num_folds=hp.num_folds
             )
-        if self.task != "survival" and self.num_classes is None:
-            self.num_classes = int(df["label"].max()) + 1
+        self.num_classes = self.spec.num_classes(df, self.num_classes)
         self.table = df
         self.bags = {name: self._bags(df[df["split"] == name]) for name in ("train", "val", "test")}
         self.has_val = len(self.bags["val"]) > 0
@@ -224,31 +224,16 @@ class WSIDataModule(pl.LightningDataModule):
             )
 
     def _bags(self, df: pd.DataFrame) -> list[Bag]:
-        if self.task != "survival":
-            return [
-                Bag(s, (s,), {"target": int(y)}) for s, y in zip(df["slide_id"], df["label"], strict=True)
-            ]
-        bags = []
-        for case_id, g in df.groupby("case_id", sort=False):
-            time, event = float(g["time"].iloc[0]), int(g["event"].iloc[0])
-            bags.append(Bag(str(case_id), tuple(g["slide_id"]), {"time": time, "event": event}))
-        if self.survival_bin_edges is None:  # the train split comes first: bins from training times only
-            self._set_bin_edges(bags)
-        return [
-            Bag(b.bag_id, b.slide_ids, {**b.targets, "target": self._bin(b.targets["time"])}) for b in bags
-        ]
+        """The split's bags with their targets; the first call (the train split) fits the target state."""
+        units = self.spec.bag_units(df)
+        if self.target_state is None:  # the train split comes first: e.g. survival bins from training times
+            self.target_state = self.spec.fit_targets(units, self.num_classes)
+        return [Bag(b, s, self.spec.finish_targets(t, self.target_state)) for b, s, t in units]
 
-    def _set_bin_edges(self, train_bags: list[Bag]) -> None:
-        """Quantile bins of uncensored training times (all times if none is uncensored); outer edges 0, inf."""
-        times = np.array([b.targets["time"] for b in train_bags if b.targets["event"] == 1])
-        if len(times) == 0:
-            times = np.array([b.targets["time"] for b in train_bags])
-        inner = np.quantile(times, np.linspace(0, 1, self.num_classes + 1)[1:-1]) if len(times) else []
-        self.survival_bin_edges = [0.0, *map(float, inner), math.inf]
-
-    def _bin(self, time: float) -> int:
-        assert self.survival_bin_edges is not None
-        return int(np.searchsorted(self.survival_bin_edges[1:-1], time, side="right"))
+    @property
+    def survival_bin_edges(self) -> list[float] | None:
+        """Edges of the survival time bins (0, the training quantiles, inf); ``None`` for other tasks."""
+        return (self.target_state or {}).get("bin_edges")
 
     def _write_splits(self, df: pd.DataFrame) -> None:
         run_dir = self.run_dir
@@ -313,16 +298,20 @@ class WSIDataModule(pl.LightningDataModule):
     # ------------------------------------------------------------ properties
     @property
     def train_targets(self) -> torch.Tensor:
-        """Training targets before oversampling: int64 [n] labels, or float32 [n, 2] (time, event)."""
-        bags = self._require("train")
-        if self.task == "survival":
-            return torch.tensor([[b.targets["time"], b.targets["event"]] for b in bags], dtype=torch.float32)
-        return torch.tensor([b.targets["target"] for b in bags], dtype=torch.int64)
+        """Training targets before oversampling: int64 [n] labels, float32 [n, 2] (time, event) for
+        survival, float32 [n] for regression."""
+        return self.spec.train_targets([b.targets for b in self._require("train")])
 
     @property
     def class_counts(self) -> list[int]:
-        """Training bags per class (classification/grading) or per time bin (survival)."""
+        """Training bags per class (classification/grading) or per time bin (survival).
+
+        Raises:
+            ValueError: For a task without discrete targets (regression).
+        """
         bags = self._require("train")
+        if self.num_classes is None:
+            raise ValueError(f"a {self.task} task has no classes to count")
         labels = np.array([b.targets["target"] for b in bags], dtype=np.int64)
         return np.bincount(labels, minlength=self.num_classes or 0).tolist()
 
@@ -425,22 +414,12 @@ class WSIDataModule(pl.LightningDataModule):
             stage: ``val``, ``test`` or ``predict``.
 
         Returns:
-            ``case_id``, ``slide_id`` (the bag id; for survival the case id) and ``label`` for
-            classification/grading, or ``case_id``, ``time``, ``event`` for survival.
+            ``case_id``, ``slide_id`` (the bag id; for survival the case id) and the spec's truth
+            columns (``label``; ``time``, ``event``; ``target``).
         """
         rows = []
-        table = self.table.set_index("slide_id")
+        table = self._table().set_index("slide_id")
         for bag in self._eval_bags(stage):
             case_id = str(table.loc[bag.slide_ids[0], "case_id"])
-            if self.task == "survival":
-                rows.append(
-                    {
-                        "case_id": case_id,
-                        "slide_id": bag.bag_id,
-                        "time": bag.targets["time"],
-                        "event": int(bag.targets["event"]),
-                    }
-                )
-            else:
-                rows.append({"case_id": case_id, "slide_id": bag.bag_id, "label": int(bag.targets["target"])})
+            rows.append({"case_id": case_id, "slide_id": bag.bag_id, **self.spec.truth_row(bag.targets)})
         return pd.DataFrame(rows)

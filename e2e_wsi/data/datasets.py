@@ -6,8 +6,9 @@ A *bag* is one slide (classification, grading) or all slides of a case (survival
   of the bag), ``images`` uint8 [n, 3, h, w] RGB (float32 if the transform normalises), ``mask`` bool [n]
   (False = padding), ``coords`` int64 [n, 2] (level-0 x, y of each patch's top-left),
   ``magnification`` float32 [n], ``patch_slide`` int64 [n] (index into ``slide_ids``),
-* targets: ``target`` int64 scalar (class index; survival: discrete time-bin index), and for survival
-  ``time`` float32 and ``event`` float32 scalars.
+* targets, as the task spec makes them (:meth:`e2e_wsi.tasks.base.TaskSpec.bag_units`): ``target``
+  int64 scalar (class index; survival: discrete time-bin index) or float32 (regression), and for
+  survival ``time`` float32 and ``event`` float32 scalars.
 
 :func:`collate_bags` stacks items into ``images`` [B, N, 3, h, w] and ``mask`` [B, N], padding shorter
 bags with masked zeros.
@@ -46,9 +47,11 @@ class Bag:
 
 
 def _target_tensors(targets: Mapping[str, float | int]) -> dict[str, torch.Tensor]:
+    """Scalar tensors of a bag's targets, typed by the task spec that made them: a Python ``int`` becomes
+    int64 (class index, time bin), a ``float`` float32 (time, event, a regression target)."""
     out: dict[str, torch.Tensor] = {}
     for key, value in targets.items():
-        dtype = torch.int64 if key == "target" else torch.float32
+        dtype = torch.int64 if isinstance(value, int | np.integer) else torch.float32
         out[key] = torch.tensor(value, dtype=dtype)
     return out
 
@@ -257,7 +260,7 @@ def collate_bags(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         for b, it in enumerate(items):
             batch[b, : it[key].shape[0]] = it[key]
         out[key] = batch
-    for key in ("target", "time", "event", "index"):
-        if key in items[0]:
+    for key, value in items[0].items():  # targets and index: one scalar tensor per bag
+        if isinstance(value, torch.Tensor) and value.ndim == 0:
             out[key] = torch.stack([it[key] for it in items])
     return out

@@ -1,9 +1,11 @@
 """Load and validate a cohort manifest (the users' CSV convention).
 
-Columns:
+Columns: ``case_id,slide_id`` and the task's truth columns (its spec's ``manifest_columns``, checked
+by its ``parse_manifest``):
 
-* classification / grading: ``case_id,slide_id,label``
-* survival: ``case_id,slide_id,time,event``
+* classification / grading: ``label``
+* survival: ``time,event``
+* regression: ``target``
 * optional: ``split`` (``train``/``val``/``test``) and ``path`` (the slide file, written by ``synth``).
 
 Every problem is collected first and reported in one :class:`ValueError` that names each offending CSV
@@ -13,16 +15,15 @@ line (the header is line 1) and slide id, so a user fixes the file in one pass.
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
 import pandas as pd
 
 from e2e_wsi.tables import read_table
-from e2e_wsi.task_kinds import TaskKind, check_task_kind
+from e2e_wsi.tasks import get_task_spec
+from e2e_wsi.tasks._checks import where as _where
 from e2e_wsi.utils import validate_slide_id
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -31,31 +32,6 @@ _MAX_LISTED = 50  # a 10k-row broken manifest should not print 10k lines
 
 class _SlideLister(Protocol):
     def slide_ids(self) -> list[str]: ...
-
-
-def _parse_int(value: object) -> int | None:
-    """Parse an integer label written as ``1`` or ``1.0``; ``None`` when it is not one."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    try:
-        number = float(str(value).strip())
-    except ValueError:
-        return None
-    if not math.isfinite(number) or not number.is_integer():
-        return None
-    return int(number)
-
-
-def _parse_float(value: object) -> float | None:
-    try:
-        number = float(str(value).strip())
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
-def _where(row: pd.Series) -> str:
-    return f"line {row['line']} (slide_id {row.get('slide_id')!r})"
 
 
 def _check_ids(df: pd.DataFrame, errors: list[str], cache: _SlideLister | None) -> None:
@@ -161,61 +137,6 @@ def _duplicate_message(row: pd.Series, first: pd.Series, how: str, file: Path) -
     )
 
 
-def _check_labels(
-    df: pd.DataFrame, errors: list[str], num_classes: int | None, class_names: Sequence[str] | None
-) -> int | None:
-    """Turn ``label`` into ints in place; return the number of classes (given or inferred)."""
-    names = {name: i for i, name in enumerate(class_names)} if class_names else {}
-    if class_names is not None and num_classes is not None and len(class_names) != num_classes:
-        raise ValueError(f"class_names has {len(class_names)} names but num_classes is {num_classes}")
-    k = num_classes if num_classes is not None else (len(class_names) if class_names else None)
-    parsed: list[int | None] = []
-    for _, row in df.iterrows():
-        raw = row["label"]
-        value = names.get(raw) if isinstance(raw, str) and raw in names else _parse_int(raw)
-        if value is None:
-            hint = f" (known names: {list(class_names)})" if class_names else " (use an integer 0..K-1)"
-            errors.append(f"{_where(row)}: label {raw!r} is missing or unknown{hint}")
-        elif value < 0 or (k is not None and value >= k):
-            errors.append(f"{_where(row)}: label {value} is outside 0..{(k or 1) - 1}")
-            value = None
-        parsed.append(value)
-    valid = [v for v in parsed if v is not None]
-    if k is None:
-        k = max(valid) + 1 if valid else 0
-    df["label"] = pd.array(parsed, dtype="Int64")
-    counts = np.bincount(np.asarray(valid, dtype=np.int64), minlength=k) if k else np.zeros(0)
-    for cls in np.flatnonzero(counts == 0):
-        name = f" ({class_names[cls]!r})" if class_names else ""
-        errors.append(
-            f"class {cls}{name} has no slide in the manifest: fix num_classes/class_names or the labels"
-        )
-    return k
-
-
-def _check_survival(df: pd.DataFrame, errors: list[str]) -> None:
-    times: list[float | None] = []
-    events: list[int | None] = []
-    for _, row in df.iterrows():
-        time = _parse_float(row["time"])
-        if time is None or time <= 0:
-            errors.append(f"{_where(row)}: time {row['time']!r} must be a positive number")
-            time = None
-        event = _parse_int(row["event"])
-        if event not in (0, 1):
-            errors.append(f"{_where(row)}: event {row['event']!r} must be 0 (censored) or 1 (event)")
-            event = None
-        times.append(time)
-        events.append(event)
-    df["time"] = pd.array(times, dtype="Float64")
-    df["event"] = pd.array(events, dtype="Int64")
-    # A case is one bag in survival, so its slides must agree on the outcome.
-    for case_id, group in df.dropna(subset=["time", "event"]).groupby("case_id", sort=False):
-        if group["time"].nunique() > 1 or group["event"].nunique() > 1:
-            lines = ", ".join(str(v) for v in group["line"])
-            errors.append(f"lines {lines} (case_id {case_id!r}): slides of one case disagree on time/event")
-
-
 def _check_split(df: pd.DataFrame, errors: list[str]) -> None:
     if "split" not in df.columns:
         return
@@ -235,7 +156,7 @@ def _check_split(df: pd.DataFrame, errors: list[str]) -> None:
 
 def load_manifest(
     path: str | Path,
-    task: TaskKind,
+    task: str,
     num_classes: int | None = None,
     cache: _SlideLister | None = None,
     class_names: Sequence[str] | None = None,
@@ -244,25 +165,26 @@ def load_manifest(
 
     Args:
         path: The CSV file.
-        task: ``classification``/``grading`` need ``label``; ``survival`` needs ``time`` and ``event``.
+        task: A task kind; its spec names the truth columns (``label``; ``time`` and ``event``; ``target``).
         num_classes: K for classification/grading; labels must lie in 0..K-1 and every class must have a
-            slide. ``None`` infers K from the largest label (or from ``class_names``). Ignored for survival.
+            slide. ``None`` infers K from the largest label (or from ``class_names``). Ignored by the
+            other kinds.
         cache: A :class:`~e2e_wsi.cache.store.PatchCache` (anything with ``slide_ids()``); when given,
             every slide must be in it.
         class_names: Optional names; a label equal to a name maps to its index.
 
     Returns:
-        One row per slide with ``case_id``, ``slide_id`` (str), ``label`` (int64) or ``time`` (float64)
-        and ``event`` (int64), ``line`` (the CSV line), plus ``split``/``path`` when present.
+        One row per slide with ``case_id``, ``slide_id`` (str), the truth columns (``label`` int64;
+        ``time`` float64 and ``event`` int64; ``target`` float64), ``line`` (the CSV line), plus ``split``/``path`` when present.
 
     Raises:
         FileNotFoundError: If the file is missing.
         ValueError: Listing every offending line (and the missing columns, if any).
     """
-    check_task_kind(task)
+    spec = get_task_spec(task)
     path = Path(path)
     df = read_table(path)
-    needed = ["case_id", "slide_id"] + (["time", "event"] if task == "survival" else ["label"])
+    needed = ["case_id", "slide_id", *spec.manifest_columns]
     missing = [c for c in needed if c not in df.columns]
     if missing:
         raise ValueError(
@@ -274,18 +196,11 @@ def load_manifest(
     errors: list[str] = []
     _check_ids(df, errors, cache)
     errors += check_duplicate_files(df, path.parent, cache)
-    if task == "survival":
-        _check_survival(df, errors)
-    else:
-        _check_labels(df, errors, num_classes, class_names)
+    spec.parse_manifest(df, errors, num_classes, class_names)
     _check_split(df, errors)
     if errors:
         shown = errors[:_MAX_LISTED]
         more = f"\n  ... and {len(errors) - _MAX_LISTED} more" if len(errors) > _MAX_LISTED else ""
         raise ValueError(f"manifest {path} has {len(errors)} problem(s):\n  " + "\n  ".join(shown) + more)
-    if task == "survival":
-        df["time"] = df["time"].astype("float64")
-        df["event"] = df["event"].astype("int64")
-    else:
-        df["label"] = df["label"].astype("int64")
+    spec.finish_manifest(df)
     return df

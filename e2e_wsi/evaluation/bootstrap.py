@@ -2,9 +2,9 @@
 
 A resample draws ``n_cases`` case ids with replacement (seeded ``numpy.random.default_rng``) and
 takes all rows of each drawn case, so the slides of one patient always move together. It is stored
-as a count matrix ``weights [R, n_units]`` and every metric scores all resamples at once (see
-:mod:`e2e_wsi.evaluation.metrics`). The CI is the percentile interval of the resamples in which the
-metric is defined; the others are skipped and counted (``n_valid``).
+as a count matrix ``weights [R, n_units]`` and every metric scores all resamples at once (the task
+spec's metric functions, see :mod:`e2e_wsi.tasks.metrics`). The CI is the percentile interval of the
+resamples in which the metric is defined; the others are skipped and counted (``n_valid``).
 """
 
 from __future__ import annotations
@@ -15,58 +15,40 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from e2e_wsi.evaluation import metrics as M
-from e2e_wsi.evaluation.report import prob_columns, validate_predictions
-from e2e_wsi.task_kinds import TaskKind
+from e2e_wsi.evaluation.report import validate_predictions
+from e2e_wsi.tasks import get_task_spec, task_specs
+from e2e_wsi.tasks.base import MetricDef
 
 MetricFn = Callable[[pd.DataFrame, np.ndarray], np.ndarray]
 
-# The metric each task is compared on: the paper reports AUC for sub-typing, top-1 accuracy for
-# grading and the C-index for survival.
-MAIN_METRIC: dict[str, str] = {"classification": "auroc", "grading": "accuracy", "survival": "c_index"}
 # Bound on the [R_chunk, n_units] weight matrix held at once (float64, ~32 MB).
 _CHUNK_ELEMENTS = 4_000_000
 
 
-def _cls_metric(fn: Callable[..., np.ndarray]) -> MetricFn:
+def __getattr__(name: str) -> Any:
+    if name == "MAIN_METRIC":  # the metric each task is compared on, from the task specs
+        return {kind: spec.main_metric for kind, spec in task_specs().items()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _on_frame(kind: str, metric: MetricDef) -> MetricFn:
+    spec = get_task_spec(kind)
+
     def score(df: pd.DataFrame, w: np.ndarray) -> np.ndarray:
-        return fn(df["label"].to_numpy(), df["pred"].to_numpy(), len(prob_columns(df)), w)
+        return metric.fn(spec.metric_arrays(df), w)
 
     return score
 
 
-def _auroc(df: pd.DataFrame, w: np.ndarray) -> np.ndarray:
-    return M.auroc(df["label"].to_numpy(), df[prob_columns(df)].to_numpy(), w)
-
-
-def _c_index(df: pd.DataFrame, w: np.ndarray) -> np.ndarray:
-    return M.c_index(df["time"].to_numpy(), df["event"].to_numpy(), df["risk"].to_numpy(), w)
-
-
 def metric_functions(task: str) -> dict[str, MetricFn]:
-    """The metrics reported for ``task``, in report order.
+    """The metrics reported for ``task`` (its spec's), in report order.
 
     Each maps ``(validated predictions, weights [R, n]) -> [R]`` values (``NaN`` = undefined).
 
     Raises:
         ValueError: For an unknown task.
     """
-    if task == "classification":
-        return {
-            "auroc": _auroc,
-            "accuracy": _cls_metric(M.accuracy),
-            "balanced_accuracy": _cls_metric(M.balanced_accuracy),
-            "f1_macro": _cls_metric(M.f1_macro),
-        }
-    if task == "grading":
-        return {
-            "accuracy": _cls_metric(M.accuracy),
-            "qwk": _cls_metric(M.quadratic_weighted_kappa),
-            "balanced_accuracy": _cls_metric(M.balanced_accuracy),
-        }
-    if task == "survival":
-        return {"c_index": _c_index}
-    raise ValueError(f"unknown task {task!r}; use classification, grading or survival")
+    return {m.name: _on_frame(task, m) for m in get_task_spec(task).metrics}
 
 
 def case_codes(df: pd.DataFrame) -> tuple[np.ndarray, int]:
@@ -169,14 +151,15 @@ def bootstrap_values(
 
 
 def bootstrap_report(
-    predictions: pd.DataFrame, task: TaskKind, n_resamples: int = 1000, seed: int = 0, ci: float = 0.95
+    predictions: pd.DataFrame, task: str, n_resamples: int = 1000, seed: int = 0, ci: float = 0.95
 ) -> dict[str, Any]:
     """Point estimates and case-level bootstrap statistics of the task's metrics.
 
     Args:
         predictions: Frame in the ``predictions.csv`` layout (validated here).
-        task: ``classification`` (auroc, accuracy, balanced_accuracy, f1_macro), ``grading``
-            (accuracy, qwk, balanced_accuracy) or ``survival`` (c_index).
+        task: A task kind; its spec lists the metrics (classification: auroc, accuracy,
+            balanced_accuracy, f1_macro; grading: accuracy, qwk, balanced_accuracy; survival: c_index;
+            regression: pearson_r, spearman_rho, mae, r2).
         n_resamples: Number of bootstrap resamples ``R``.
         seed: Seed of the resampling; equal seeds give identical reports.
         ci: Coverage of the percentile interval.
@@ -200,10 +183,10 @@ def bootstrap_report(
     }
 
 
-def align_runs(a: pd.DataFrame, b: pd.DataFrame, task: TaskKind) -> tuple[pd.DataFrame, pd.DataFrame]:
+def align_runs(a: pd.DataFrame, b: pd.DataFrame, task: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Validate two runs' predictions and order ``b``'s rows like ``a``'s, unit by unit.
 
-    Units are matched on ``slide_id`` (classification, grading) or ``case_id`` (survival).
+    Units are matched on the spec's unit column (``slide_id``; ``case_id`` for survival).
 
     Raises:
         ValueError: If the runs hold different units, map a slide to different cases, or disagree
@@ -211,7 +194,8 @@ def align_runs(a: pd.DataFrame, b: pd.DataFrame, task: TaskKind) -> tuple[pd.Dat
     """
     a = validate_predictions(a, task, "run A")
     b = validate_predictions(b, task, "run B")
-    key = "case_id" if task == "survival" else "slide_id"
+    spec = get_task_spec(task)
+    key = spec.unit_column
     only_a = sorted(set(a[key]) - set(b[key]))
     only_b = sorted(set(b[key]) - set(a[key]))
     if only_a or only_b:
@@ -220,9 +204,9 @@ def align_runs(a: pd.DataFrame, b: pd.DataFrame, task: TaskKind) -> tuple[pd.Dat
             f"{len(only_b)} only in B (e.g. {only_b[:3]}); compare predictions on the same test set"
         )
     b = b.set_index(key).loc[a[key]].reset_index()[list(b.columns)]
-    truth = ["time", "event"] if task == "survival" else ["case_id", "label"]
-    if task != "survival" and len(prob_columns(a)) != len(prob_columns(b)):
-        raise ValueError(f"run A has {len(prob_columns(a))} classes and run B {len(prob_columns(b))}")
+    truth = [*(c for c in spec.id_columns if c != key), *spec.truth_columns]
+    if list(a.columns) != list(b.columns):  # e.g. prob_0 .. prob_{K-1} with another K
+        raise ValueError(f"run A has columns {list(a.columns)} and run B {list(b.columns)}")
     for col in truth:
         differ = a[col].to_numpy() != b[col].to_numpy()
         if differ.any():
@@ -236,7 +220,7 @@ def align_runs(a: pd.DataFrame, b: pd.DataFrame, task: TaskKind) -> tuple[pd.Dat
 def paired_comparison(
     a: pd.DataFrame,
     b: pd.DataFrame,
-    task: TaskKind,
+    task: str,
     n_resamples: int = 1000,
     seed: int = 0,
     ci: float = 0.95,
@@ -251,7 +235,7 @@ def paired_comparison(
         n_resamples: ``R``.
         seed: Resampling seed.
         ci: Coverage of the percentile interval.
-        metric: Metric to compare; defaults to :data:`MAIN_METRIC` of the task.
+        metric: Metric to compare; defaults to the spec's ``main_metric``.
 
     Returns:
         ``{"task", "metric", "n", "n_cases", "bootstrap", "a": summary, "b": summary,
@@ -261,11 +245,9 @@ def paired_comparison(
     """
     _check_args(n_resamples, ci)
     a, b = align_runs(a, b, task)
-    name = metric or MAIN_METRIC[task]
-    fns = metric_functions(task)
-    if name not in fns:
-        raise ValueError(f"metric {name!r} is not reported for task {task!r}; use one of {list(fns)}")
-    fn = fns[name]
+    spec = get_task_spec(task)
+    name = metric or spec.main_metric
+    fn = _on_frame(task, spec.metric(name))
     values_a = bootstrap_values(a, {name: fn}, n_resamples, seed)[name]
     values_b = bootstrap_values(b, {name: fn}, n_resamples, seed)[name]
     diff = values_a - values_b  # NaN where either run is undefined: skipped in both.

@@ -21,7 +21,7 @@ from e2e_wsi.evaluation.bootstrap import (
     paired_comparison,
 )
 from e2e_wsi.evaluation.report import format_table, read_predictions, write_json, write_report
-from e2e_wsi.task_kinds import TASK_KINDS
+from e2e_wsi.tasks import task_kinds
 
 
 def build_parser() -> ArgumentParser:
@@ -48,9 +48,10 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--ci", type=float, default=0.95, help="percentile interval coverage (default 0.95)")
     parser.add_argument(
         "--task",
-        choices=TASK_KINDS,
+        choices=task_kinds(),
         default=None,
-        help="task of the file; default: survival if it has time/event/risk, else the task of a "
+        help="task of the file; default: survival if it has time/event/risk, regression if it has "
+        "target/pred, else the task of a "
         "metrics.json next to it, else classification (grading files look the same: pass --task grading)",
     )
     parser.add_argument(

@@ -8,7 +8,10 @@ It builds the predictions frame a run writes (:func:`predictions_frame`), reads 
 * classification / grading (one row per slide): ``case_id,slide_id,label,pred,prob_0,...,prob_{K-1}``
   with class indices in ``[0, K)`` and probabilities summing to 1;
 * survival (one row per case): ``case_id,time,event,risk`` with ``event`` in {0, 1} and higher
-  ``risk`` = shorter expected survival.
+  ``risk`` = shorter expected survival;
+* regression (one row per slide): ``case_id,slide_id,target,pred``.
+
+Each layout and its checks belong to the task's spec (:mod:`e2e_wsi.tasks`); this module dispatches.
 
 The report written next to it is ``metrics.json`` (layout in :func:`e2e_wsi.evaluation.bootstrap.
 bootstrap_report`) and ``metrics.md``, a Markdown table of the same numbers.
@@ -18,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,52 +28,56 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from e2e_wsi.task_kinds import TASK_KINDS, TaskKind
-from e2e_wsi.utils import validate_slide_id
+from e2e_wsi.tasks import get_task_spec, spec_of_predictions, task_specs
+from e2e_wsi.tasks.classification import PROB_SUM_TOLERANCE, prob_columns
 
-CLASSIFICATION_COLUMNS: tuple[str, ...] = ("case_id", "slide_id", "label", "pred")
-SURVIVAL_COLUMNS: tuple[str, ...] = ("case_id", "time", "event", "risk")
-# Probabilities written as CSV text with a few decimals still sum to 1 within this.
-PROB_SUM_TOLERANCE = 1e-3
-_PROB_COLUMN = re.compile(r"prob_(\d+)")
+__all__ = [
+    "PROB_SUM_TOLERANCE",
+    "format_table",
+    "markdown_table",
+    "num_classes",
+    "prediction_columns",
+    "predictions_frame",
+    "prob_columns",
+    "read_predictions",
+    "validate_predictions",
+    "write_json",
+    "write_predictions",
+    "write_report",
+]
 
 
-def prediction_columns(preds: Mapping[str, np.ndarray]) -> dict[str, list]:
-    """Flatten per-unit predictions into ``predictions.csv`` columns.
+def prediction_columns(preds: Mapping[str, np.ndarray], kind: str | None = None) -> dict[str, list]:
+    """Flatten per-unit predictions into ``predictions.csv`` columns (the task spec's layout).
 
     Args:
-        preds: ``probs`` [M, K] (classification / grading) or ``risk`` [M] (survival), as arrays.
+        preds: The task's predictions as arrays (``probs`` [M, K], ``risk`` [M], ``pred`` [M], ...).
+        kind: The task kind; ``None`` picks the first spec whose prediction keys ``preds`` holds.
 
     Returns:
-        ``pred`` (argmax) and ``prob_0 .. prob_{K-1}``, or ``risk``; each a list of M values.
+        The prediction columns, each a list of M values.
     """
-    if "probs" in preds:
-        probs = np.asarray(preds["probs"], dtype=np.float64)
-        cols: dict[str, list] = {"pred": probs.argmax(-1).tolist()}
-        for k in range(probs.shape[-1]):
-            cols[f"prob_{k}"] = probs[:, k].tolist()
-        return cols
-    if "risk" in preds:
-        return {"risk": np.asarray(preds["risk"], dtype=np.float64).tolist()}
-    raise ValueError(f"predictions hold neither 'probs' nor 'risk' (got {sorted(preds)})")
+    spec = spec_of_predictions(preds) if kind is None else get_task_spec(kind)
+    return spec.prediction_columns(preds)
 
 
-def predictions_frame(units: pd.DataFrame, kind: TaskKind, preds: Mapping[str, np.ndarray]) -> pd.DataFrame:
+def predictions_frame(units: pd.DataFrame, kind: str, preds: Mapping[str, np.ndarray]) -> pd.DataFrame:
     """The ``predictions.csv`` frame: per-unit truth joined with predictions by dataset index.
 
     Args:
-        units: One row per evaluated unit, in dataset order, with ``case_id`` and ``slide_id``
-            (classification / grading: ``label``; survival: ``time``, ``event``).
-        kind: The task kind; survival rows are cases, the others slides.
-        preds: ``index`` [M] (positions in ``units``) and ``probs`` [M, K] or ``risk`` [M].
+        units: One row per evaluated unit, in dataset order, with ``case_id``, ``slide_id`` and the
+            task's truth columns (:meth:`e2e_wsi.data.datamodule.WSIDataModule.eval_frame`).
+        kind: The task kind.
+        preds: ``index`` [M] (positions in ``units``) and the task's predictions.
 
     Returns:
-        ``case_id,slide_id,label,pred,prob_0..`` or ``case_id,time,event,risk``, one row per index.
+        The spec's id and truth columns, then its prediction columns, one row per index.
     """
+    spec = get_task_spec(kind)
     index = np.asarray(preds["index"], dtype=np.int64)
     rows = units.iloc[index].reset_index(drop=True)
-    cols = prediction_columns({k: v for k, v in preds.items() if k != "index"})
-    base = rows[list(SURVIVAL_COLUMNS[:3])] if kind == "survival" else rows[list(CLASSIFICATION_COLUMNS[:3])]
+    cols = spec.prediction_columns({k: v for k, v in preds.items() if k != "index"})
+    base = rows[[*spec.id_columns, *spec.truth_columns]]
     return pd.concat([base, pd.DataFrame(cols)], axis=1)
 
 
@@ -126,132 +132,9 @@ def unlabelled(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.drop(columns=[c for c in frame.columns if c in truth])
 
 
-def prob_columns(df: pd.DataFrame, source: str = "predictions") -> list[str]:
-    """Return ``prob_0 .. prob_{K-1}`` of a classification frame, in class order.
-
-    Args:
-        df: Predictions frame.
-        source: Name of the file or frame, used in error messages.
-
-    Returns:
-        The probability column names, ``K >= 2`` of them.
-
-    Raises:
-        ValueError: If there are fewer than two or the indices are not ``0 .. K-1``.
-    """
-    indices = sorted(int(m.group(1)) for c in df.columns if (m := _PROB_COLUMN.fullmatch(str(c))))
-    if len(indices) < 2 or indices != list(range(len(indices))):
-        found = [str(c) for c in df.columns if str(c).startswith("prob_")]
-        raise ValueError(
-            f"{source}: expected probability columns prob_0 .. prob_{{K-1}} with K >= 2, found {found}; "
-            "write one column per class in the config's class order"
-        )
-    return [f"prob_{k}" for k in indices]
-
-
 def num_classes(df: pd.DataFrame) -> int:
     """Number of classes ``K`` of a classification / grading frame (its prob columns)."""
     return len(prob_columns(df))
-
-
-def _row(df: pd.DataFrame, mask: np.ndarray | pd.Series) -> int:
-    """1-based CSV line of the first flagged row (line 1 is the header)."""
-    return int(np.flatnonzero(np.asarray(mask))[0]) + 2
-
-
-def _require(df: pd.DataFrame, columns: tuple[str, ...] | list[str], source: str) -> None:
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise ValueError(f"{source}: missing column(s) {missing}; found {list(map(str, df.columns))}")
-    for col in columns:
-        bad = df[col].isna().to_numpy()
-        if bad.any():
-            raise ValueError(f"{source}: empty or NaN value in column {col!r} at line {_row(df, bad)}")
-
-
-def _as_numbers(df: pd.DataFrame, col: str, source: str, integer: bool) -> np.ndarray:
-    values = pd.to_numeric(df[col], errors="coerce").to_numpy(dtype=np.float64)
-    bad = ~np.isfinite(values)
-    if integer:
-        bad |= np.isfinite(values) & (values != np.round(values))
-    if bad.any():
-        kind = "an integer" if integer else "a finite number"
-        line = _row(df, bad)
-        raise ValueError(
-            f"{source}: column {col!r} at line {line} is {df[col].iloc[line - 2]!r}, expected {kind}"
-        )
-    return values
-
-
-def _check_ids(df: pd.DataFrame, col: str, source: str) -> None:
-    for i, value in enumerate(df[col]):
-        try:
-            validate_slide_id(value)
-        except ValueError as err:
-            raise ValueError(f"{source}: column {col!r} at line {i + 2}: {err}") from None
-
-
-def _check_unique(df: pd.DataFrame, col: str, source: str) -> None:
-    dup = df[col].duplicated().to_numpy()
-    if dup.any():
-        line = _row(df, dup)
-        raise ValueError(
-            f"{source}: {col} {df[col].iloc[line - 2]!r} appears twice (line {line}); one row per unit"
-        )
-
-
-def _validate_classification(df: pd.DataFrame, source: str) -> pd.DataFrame:
-    probs = prob_columns(df, source)
-    _require(df, [*CLASSIFICATION_COLUMNS, *probs], source)
-    out = df[[*CLASSIFICATION_COLUMNS, *probs]].copy()
-    for col in ("case_id", "slide_id"):
-        out[col] = out[col].astype(str)
-        _check_ids(out, col, source)
-    _check_unique(out, "slide_id", source)
-    k = len(probs)
-    for col in ("label", "pred"):
-        values = _as_numbers(out, col, source, integer=True)
-        bad = (values < 0) | (values >= k)
-        if bad.any():
-            line = _row(out, bad)
-            raise ValueError(
-                f"{source}: {col} {int(values[line - 2])} at line {line} is outside [0, {k - 1}] (K = {k} prob columns)"
-            )
-        out[col] = values.astype(np.int64)
-    matrix = np.stack([_as_numbers(out, c, source, integer=False) for c in probs], axis=1)
-    bad = ((matrix < -PROB_SUM_TOLERANCE) | (matrix > 1 + PROB_SUM_TOLERANCE)).any(axis=1)
-    if bad.any():
-        raise ValueError(f"{source}: probabilities at line {_row(out, bad)} are outside [0, 1]")
-    sums = matrix.sum(axis=1)
-    bad = np.abs(sums - 1.0) > PROB_SUM_TOLERANCE
-    if bad.any():
-        line = _row(out, bad)
-        raise ValueError(
-            f"{source}: probabilities at line {line} sum to {sums[line - 2]:.6f}, not 1 (tolerance "
-            f"{PROB_SUM_TOLERANCE}); write softmax outputs, not logits"
-        )
-    out[probs] = matrix
-    return out.reset_index(drop=True)
-
-
-def _validate_survival(df: pd.DataFrame, source: str) -> pd.DataFrame:
-    _require(df, SURVIVAL_COLUMNS, source)
-    out = df[list(SURVIVAL_COLUMNS)].copy()
-    out["case_id"] = out["case_id"].astype(str)
-    _check_ids(out, "case_id", source)
-    _check_unique(out, "case_id", source)
-    out["time"] = _as_numbers(out, "time", source, integer=False)
-    if (out["time"] < 0).any():
-        raise ValueError(f"{source}: negative time at line {_row(out, out['time'] < 0)}")
-    event = _as_numbers(out, "event", source, integer=True)
-    bad = (event != 0) & (event != 1)
-    if bad.any():
-        raise ValueError(
-            f"{source}: event at line {_row(out, bad)} is {event[bad][0]:g}; use 1 = event, 0 = censored"
-        )
-    out["event"] = event.astype(np.int64)
-    out["risk"] = _as_numbers(out, "risk", source, integer=False)
-    return out.reset_index(drop=True)
 
 
 def validate_predictions(df: pd.DataFrame, task: str, source: str = "predictions") -> pd.DataFrame:
@@ -259,7 +142,7 @@ def validate_predictions(df: pd.DataFrame, task: str, source: str = "predictions
 
     Args:
         df: Frame in the ``predictions.csv`` layout.
-        task: ``classification``, ``grading`` or ``survival``.
+        task: A registered task kind.
         source: File or frame name for error messages.
 
     Returns:
@@ -268,19 +151,21 @@ def validate_predictions(df: pd.DataFrame, task: str, source: str = "predictions
 
     Raises:
         ValueError: Naming the column and CSV line of the first problem (missing column, NaN,
-            label outside ``[0, K)``, probabilities not summing to 1, duplicate unit, bad id).
+            label outside ``[0, K)``, probabilities not summing to 1, duplicate unit, bad id), or a
+            file that holds another task kind's columns.
     """
-    if task not in TASK_KINDS:
-        raise ValueError(f"unknown task {task!r}; use one of {list(TASK_KINDS)}")
+    spec = get_task_spec(task)
     if len(df) == 0:
         raise ValueError(f"{source}: no rows to evaluate")
-    if task == "survival":
-        return _validate_survival(df, source)
-    if set(SURVIVAL_COLUMNS[1:]) <= set(map(str, df.columns)) and "label" not in df.columns:
-        raise ValueError(
-            f"{source}: holds survival columns (time, event, risk) but task {task!r} was asked for"
-        )
-    return _validate_classification(df, source)
+    columns = set(map(str, df.columns))
+    if not set(spec.truth_columns) <= columns:
+        for other in task_specs().values():
+            if other.kind != spec.kind and other.recognises(columns):
+                raise ValueError(
+                    f"{source}: holds {other.kind} columns ({', '.join(other.truth_columns)}) but task "
+                    f"{task!r} was asked for"
+                )
+    return spec.validate_predictions(df, source)
 
 
 def _sidecar_task(path: Path) -> str | None:
@@ -291,15 +176,16 @@ def _sidecar_task(path: Path) -> str | None:
         task = json.loads(sidecar.read_text()).get("task")
     except (json.JSONDecodeError, AttributeError, OSError):
         return None
-    return task if task in TASK_KINDS else None
+    return task if task in task_specs() else None
 
 
-def read_predictions(path: str | Path, task: str | None = None) -> tuple[pd.DataFrame, TaskKind]:
+def read_predictions(path: str | Path, task: str | None = None) -> tuple[pd.DataFrame, str]:
     """Read and validate a ``predictions.csv`` and work out its task.
 
-    The task is, in order: ``task`` if given; survival if the file has ``time``, ``event`` and
-    ``risk``; the ``task`` of a ``metrics.json`` in the same folder; else classification (grading
-    and classification files have the same columns).
+    The task is, in order: ``task`` if given; the kind whose columns the file surely has (survival:
+    ``time``, ``event``, ``risk``; regression: ``target``, ``pred``); the ``task`` of a
+    ``metrics.json`` in the same folder; else classification (grading and classification files have
+    the same columns).
 
     Args:
         path: The CSV file.
@@ -320,11 +206,10 @@ def read_predictions(path: str | Path, task: str | None = None) -> tuple[pd.Data
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not a readable CSV ({err})") from None
     if task is None:
-        if set(SURVIVAL_COLUMNS[1:]) <= set(df.columns):
-            task = "survival"
-        else:
-            task = _sidecar_task(path) or "classification"
-    return validate_predictions(df, task, source=str(path)), task  # type: ignore[return-value]
+        columns = set(map(str, df.columns))
+        surely = [s.kind for s in task_specs().values() if s.recognises(columns)]
+        task = surely[0] if surely else (_sidecar_task(path) or "classification")
+    return validate_predictions(df, task, source=str(path)), task
 
 
 def _json_ready(value: Any) -> Any:

@@ -1,103 +1,81 @@
-"""torchmetrics ``Metric`` classes that torchmetrics itself does not ship (gathered across DDP ranks)."""
+"""The report's metrics as torchmetrics ``Metric`` objects, for the values logged during training.
+
+:class:`ReportMetric` collects per-unit predictions and truth over an epoch (gathered across DDP ranks),
+builds the ``predictions.csv`` frame with the task spec and scores it with the same function the
+bootstrap report uses (:mod:`e2e_wsi.tasks.metrics`): each metric has one implementation.
+"""
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 
+import numpy as np
+import pandas as pd
 import torch
 from torch import Tensor
 from torchmetrics import Metric
-from torchmetrics.classification import MulticlassAUROC
 from torchmetrics.utilities import dim_zero_cat
 
+from e2e_wsi.tasks import get_task_spec
 
-def harrell_c_index(risk: Tensor, time: Tensor, event: Tensor) -> Tensor:
-    """Harrell's concordance index, higher ``risk`` meaning shorter survival.
 
-    A pair (i, j) is comparable when i had the event and either died first or tied with a censored j
-    (the censored subject is known to have lived at least as long). Concordant pairs count 1, risk ties 0.5.
+class ReportMetric(Metric):
+    """One metric of a task spec, accumulated over an epoch.
+
+    Undefined values (e.g. AUROC of a split holding one class) are NaN, never 0: checkpoint selection
+    skips them (:class:`e2e_wsi.training.callbacks.DefinedMetricCheckpoint`). When the metric says why
+    it is undefined, a warning says so once per process and metric.
 
     Args:
-        risk: [n] predicted risk.
-        time: [n] observed times.
-        event: [n] 1 for an observed event, 0 for censoring.
-
-    Returns:
-        Scalar tensor; NaN when there is no comparable pair.
+        kind: The task kind.
+        name: The metric's name in the spec (``auroc``, ``c_index``, ``pearson_r``, ...).
     """
-    risk, time, event = risk.double(), time.double(), event.bool()
-    earlier = time[:, None] < time[None, :]
-    tied_vs_censored = (time[:, None] == time[None, :]) & ~event[None, :]
-    comparable = event[:, None] & (earlier | tied_vs_censored)
-    comparable.fill_diagonal_(False)
-    diff = risk[:, None] - risk[None, :]
-    score = (diff > 0).double() + 0.5 * (diff == 0).double()
-    n_pairs = comparable.sum()
-    if n_pairs == 0:
-        return torch.tensor(float("nan"), dtype=torch.float64)
-    return (score * comparable).sum() / n_pairs
-
-
-class ConcordanceIndex(Metric):
-    """Harrell's C-index accumulated over an epoch; states are concatenated across ranks."""
 
     is_differentiable = False
-    higher_is_better = True
     full_state_update = False
+    _warned: set[tuple[str, str]] = set()
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, kind: str, name: str, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.add_state("risk", default=[], dist_reduce_fx="cat")
-        self.add_state("time", default=[], dist_reduce_fx="cat")
-        self.add_state("event", default=[], dist_reduce_fx="cat")
+        self.spec = get_task_spec(kind)
+        self.definition = self.spec.metric(name)
+        self.keys = (*self.spec.prediction_keys, *self.spec.truth_columns)
+        for key in self.keys:
+            self.add_state(key, default=[], dist_reduce_fx="cat")
 
-    def update(self, risk: Tensor, time: Tensor, event: Tensor) -> None:
-        """Add a batch: ``risk``, ``time`` and ``event`` each [B]."""
-        self.risk.append(risk.detach().flatten().float())
-        self.time.append(time.detach().flatten().float())
-        self.event.append(event.detach().flatten().float())
+    def update(self, preds: Mapping[str, Tensor], truth: Mapping[str, Tensor]) -> None:
+        """Add a batch: the task's predictions (``probs`` [B, K], ``risk`` [B], ...) and truth columns [B]."""
+        values = {**preds, **truth}
+        for key in self.keys:
+            getattr(self, key).append(values[key].detach().float())
 
-    def compute(self) -> Tensor:
-        return harrell_c_index(
-            dim_zero_cat(self.risk), dim_zero_cat(self.time), dim_zero_cat(self.event)
-        ).float()
-
-
-class DefinedMulticlassAUROC(MulticlassAUROC):
-    """Macro one-vs-rest AUROC that is NaN (undefined) unless every class occurs in the targets.
-
-    torchmetrics returns 0.0 for a split holding a single class, which reads as "worst possible" and
-    keeps checkpoint selection on ``val/auroc`` at epoch 0. The AUROC of a class without positives or
-    negatives is undefined; like :func:`e2e_wsi.evaluation.metrics.auroc` (the test report), the macro
-    average is then NaN. A warning says so once per process; checkpoint selection skips NaN
-    (:class:`e2e_wsi.training.callbacks.DefinedMetricCheckpoint`).
-    """
-
-    _warned = False
-
-    def compute(self) -> Tensor:
-        present = self._classes_present()
-        if present is not None and int(present.sum()) < self.num_classes:
-            if not DefinedMulticlassAUROC._warned:
-                DefinedMulticlassAUROC._warned = True
-                warnings.warn(
-                    f"AUROC is undefined (logged as NaN): the evaluated slides hold only classes "
-                    f"{present.nonzero().flatten().tolist()} of {self.num_classes}; put slides of every "
-                    "class in the validation split (checkpoints are not selected on undefined values)",
-                    UserWarning,
-                    stacklevel=2,
-                )
-            return torch.tensor(float("nan"), device=self.device)
-        return super().compute()
-
-    def _classes_present(self) -> Tensor | None:
-        """[K] bool: classes with at least one target in the (gathered) states; None without updates."""
-        if self.thresholds is None:
-            if isinstance(self.target, list) and not self.target:
+    def frame(self) -> pd.DataFrame | None:
+        """The epoch's units in the ``predictions.csv`` layout (no id columns); ``None`` when empty."""
+        arrays = {}
+        for key in self.keys:
+            state = getattr(self, key)
+            if isinstance(state, list) and not state:
                 return None
-            target = dim_zero_cat(self.target).long()  # a list, or one tensor after a DDP sync
-            if self.ignore_index is not None:
-                target = target[target != self.ignore_index]
-            return torch.bincount(target, minlength=self.num_classes)[: self.num_classes] > 0
-        # Binned states: confmat [T, K, 2, 2]; row 1 of a class's matrix counts its positives.
-        return self.confmat[0, :, 1, :].sum(-1) > 0
+            arrays[key] = dim_zero_cat(state).cpu().double().numpy()  # a list, or one tensor after a sync
+        if len(arrays[self.keys[0]]) == 0:
+            return None
+        preds = {k: arrays[k] for k in self.spec.prediction_keys}
+        truth = {k: arrays[k] for k in self.spec.truth_columns}
+        return pd.DataFrame({**truth, **self.spec.prediction_columns(preds)})
+
+    def compute(self) -> Tensor:
+        frame = self.frame()
+        if frame is None:
+            return torch.tensor(float("nan"), device=self.device)
+        arrays = self.spec.metric_arrays(frame)
+        value = float(self.definition.fn(arrays, None)[0])
+        if np.isnan(value) and self.definition.why_undefined is not None:
+            key = (self.spec.kind, self.definition.name)
+            if key not in ReportMetric._warned:
+                ReportMetric._warned.add(key)
+                warnings.warn(self.definition.why_undefined(arrays), UserWarning, stacklevel=2)
+        return torch.tensor(value, dtype=torch.float32, device=self.device)
+
+
+__all__ = ["ReportMetric"]

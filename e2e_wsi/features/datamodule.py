@@ -25,7 +25,6 @@ from torch.utils.data import DataLoader, Dataset
 from e2e_wsi.data.datamodule import EvalShardSampler, PaddedEvalDataset, WSIDataModule
 from e2e_wsi.data.datasets import Bag, _target_tensors, collate_bags
 from e2e_wsi.features.store import FeatureFolder
-from e2e_wsi.task_kinds import TaskKind
 
 
 class FeatureBagDataset(Dataset):
@@ -110,7 +109,7 @@ class FeatureDataModule(WSIDataModule):
         self,
         features_dir: str,
         manifest: str,
-        task: TaskKind = "classification",
+        task: str = "classification",
         num_classes: int | None = None,
         class_names: list[str] | None = None,
         max_instances: int | None = None,

@@ -66,8 +66,8 @@ def predict_bag(model: SlideModule, images: torch.Tensor, mask: torch.Tensor | N
         mask: bool [N] (False = padding), or ``None``.
 
     Returns:
-        ``outputs`` [1, K], ``attention`` [1, H, N] and the task's predictions (``probs`` [1, K] or
-        ``risk`` [1]).
+        ``outputs`` [1, K], ``attention`` [1, H, N] and the task's predictions (``probs`` [1, K],
+        ``risk`` [1] or ``pred`` [1]).
     """
     with model.evaluating():
         out = model(images[None], None if mask is None else mask[None])

@@ -188,7 +188,7 @@ def make_feature_heatmap(
     slide_file = slide_file or SlideFile()
     att, out = feature_attention(loaded, folder, slide_id, slide_file)
     pred = {k: v[0].numpy() for k, v in loaded.model.task.predict(out["outputs"]).items()}
-    text = format_caption(pred, loaded.data.get("class_names"))
+    text = format_caption(pred, loaded.data.get("class_names"), kind=loaded.task_kind)
     truth = options.truth(slide_id, att.dimensions)
     if truth is not None and slide_file.path is None:
         raise ValueError(

@@ -170,7 +170,7 @@ def make_heatmap(
     """
     att, out = slide_attention(model, cache, slide_id, magnifications, patch_size, crop_fraction)
     pred = model.task.predict(out["outputs"])
-    text = format_caption({k: v[0].numpy() for k, v in pred.items()}, class_names)
+    text = format_caption({k: v[0].numpy() for k, v in pred.items()}, class_names, kind=model.task.kind)
     return write_heatmap(
         att,
         cache,

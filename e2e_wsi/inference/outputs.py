@@ -1,6 +1,7 @@
 """Files ``e2e-wsi predict`` writes, each written to a temporary name and renamed (never half-written).
 
-``OUT/predictions.csv``  ``slide_id,pred,prob_0,...`` (classification, grading) or ``slide_id,risk``
+``OUT/predictions.csv``  ``slide_id`` and the task's prediction columns: ``pred,prob_0,...`` (classification,
+                          grading), ``risk`` (survival), ``pred`` (regression)
 ``OUT/attention/<slide_id>.csv``  one row per patch: level-0 ``x,y``, ``size_level0``, ``magnification``,
                           ``attention`` (mean over heads), ``attention_head_<h>``
 ``OUT/<slide_id>.geojson``  patches + tissue contours for QuPath (:mod:`e2e_wsi.annotations.geojson`)
@@ -18,8 +19,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from e2e_wsi.evaluation.report import attention_table, prediction_columns
+from e2e_wsi.evaluation.report import attention_table
 from e2e_wsi.inference.predict import SlidePrediction
+from e2e_wsi.tasks import get_task_spec
 
 
 def _replace(tmp: Path, path: Path) -> Path:
@@ -51,12 +53,12 @@ def attention_frame(pred: SlidePrediction) -> pd.DataFrame:
 
 
 def predictions_frame(preds: list[SlidePrediction], task_kind: str) -> pd.DataFrame:
-    """``predictions.csv`` of new slides: ``slide_id`` and the prediction columns of
-    :func:`e2e_wsi.evaluation.report.prediction_columns` (no truth columns: the slides have no labels)."""
+    """``predictions.csv`` of new slides: ``slide_id`` and the task spec's prediction columns (no truth
+    columns: the slides have no labels)."""
+    spec = get_task_spec(task_kind)
     if not preds:
-        return pd.DataFrame(columns=["slide_id", "risk"] if task_kind == "survival" else ["slide_id", "pred"])
-    if task_kind == "survival":
-        values = {"risk": np.array([float(p.risk) for p in preds])}  # type: ignore[arg-type]
-    else:
-        values = {"probs": np.stack([np.asarray(p.probs, dtype=np.float64) for p in preds])}
-    return pd.DataFrame({"slide_id": [p.slide_id for p in preds], **prediction_columns(values)})
+        return pd.DataFrame(columns=["slide_id", spec.main_prediction_column])
+    values = {
+        k: np.stack([np.asarray(p.preds[k], dtype=np.float64) for p in preds]) for k in spec.prediction_keys
+    }
+    return pd.DataFrame({"slide_id": [p.slide_id for p in preds], **spec.prediction_columns(values)})

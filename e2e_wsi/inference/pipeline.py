@@ -7,8 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from e2e_wsi.annotations.geojson import (
     AnnotationRules,
     feature_collection,
@@ -147,8 +145,9 @@ def _one_slide(
     features += tissue_features(tissue.mask, tissue.downsample)
     write_feature_collection(feature_collection(features), out / f"{slide_id}.geojson")
     if options.heatmaps:
-        shown = {"risk": np.asarray([pred.risk])} if pred.probs is None else {"probs": np.asarray(pred.probs)}
-        text = format_caption(shown, ensemble.members[0].data.get("class_names"))
+        text = format_caption(
+            pred.preds, ensemble.members[0].data.get("class_names"), kind=ensemble.task_kind
+        )
         if len(ensemble.members) > 1:
             text += f" (mean of {len(ensemble.members)} checkpoints)"
         write_heatmap(

@@ -11,6 +11,7 @@ import numpy as np
 from e2e_wsi.cache.store import PatchCache, mag_key
 from e2e_wsi.inference.attention import SlideAttention, cached_attention, cached_bag, predict_bag
 from e2e_wsi.inference.run import LoadedModel, load_model
+from e2e_wsi.tasks import get_task_spec
 
 
 @dataclass
@@ -19,23 +20,33 @@ class SlidePrediction:
 
     Attributes:
         slide_id: The slide.
-        probs: [K] class probabilities (classification, grading), else ``None``.
-        risk: Risk score (survival), else ``None``.
+        preds: The task's predictions for the slide, combined over members by the task spec
+            (``probs`` [K], ``risk`` [], ``pred`` []).
         attention: Attention over the slide's patches ([H, N]; [1, N] when members differ in heads).
         magnification: [N] magnification of each patch.
         size_level0: [N] side of each patch in level-0 pixels.
     """
 
     slide_id: str
-    probs: np.ndarray | None
-    risk: float | None
+    preds: dict[str, np.ndarray]
     attention: SlideAttention
     magnification: np.ndarray
     size_level0: np.ndarray
 
+    @property
+    def probs(self) -> np.ndarray | None:
+        """[K] class probabilities (classification, grading), else ``None``."""
+        return self.preds.get("probs")
+
+    @property
+    def risk(self) -> float | None:
+        """Risk score (survival), else ``None``."""
+        return float(self.preds["risk"]) if "risk" in self.preds else None
+
 
 class Ensemble:
-    """One or more trained models that predict together: probabilities (or risks) and attention averaged.
+    """One or more trained models that predict together: outputs combined by the task spec (probabilities,
+    risks, values averaged) and attention averaged.
 
     Args:
         members: The loaded models (at least one).
@@ -96,8 +107,9 @@ class Ensemble:
     def predict_slide(self, cache: PatchCache, slide_id: str) -> SlidePrediction:
         """Average the members' predictions and attention over every patch of a cached slide.
 
-        Probabilities (or risks) are arithmetic means over members; attention is the mean of the members'
-        [H, N] maps when they have the same heads, else of their head-averaged maps ([1, N]).
+        Predictions are combined by the task spec (:meth:`e2e_wsi.tasks.base.TaskSpec.combine`: the
+        arithmetic mean of probabilities, risks or values); attention is the mean of the members' [H, N]
+        maps when they have the same heads, else of their head-averaged maps ([1, N]).
         """
         item = cached_bag(
             cache, slide_id, self.magnifications, self.patch_size, self.members[0].eval_crop_fraction
@@ -110,11 +122,9 @@ class Ensemble:
         mags = item["magnification"].numpy()
         meta = cache.meta(slide_id)["magnifications"]
         sizes = np.array([int(meta[mag_key(float(m))]["size_level0"]) for m in mags], dtype=np.int64)
-        if "probs" in outs[0]:
-            probs = np.mean([o["probs"][0].double().numpy() for o in outs], axis=0)
-            return SlidePrediction(slide_id, probs, None, attention, mags, sizes)
-        risk = float(np.mean([float(o["risk"][0]) for o in outs]))
-        return SlidePrediction(slide_id, None, risk, attention, mags, sizes)
+        spec = get_task_spec(self.task_kind)
+        members = [{k: o[k][0].double().numpy() for k in spec.prediction_keys} for o in outs]
+        return SlidePrediction(slide_id, spec.combine(members), attention, mags, sizes)
 
 
 def _outputs(member: LoadedModel) -> int:

@@ -6,6 +6,7 @@ Build them after the aggregator with ``in_dim=aggregator.out_dim``.
   :class:`ClassificationHead` -> logits [B, K].
 * Survival: :class:`SurvivalHead` -> hazard logits [B, K] over K discrete time bins (use with
   ``DiscreteTimeSurvivalLoss``); ``num_bins=1`` gives one log-risk score for ``CoxLoss``.
+* Regression: :class:`RegressionHead` -> one value [B, 1] (use with ``RegressionLoss``).
 
 The linear layer has no bias by default: appendix B.3 of the paper disables "the bias of all fully
 connected layers in MIL", and the official classifier is ``nn.Linear(inner_dim, n_classes, bias=mil_bias)``
@@ -87,3 +88,20 @@ class SurvivalHead(_LinearHead):
     def __init__(self, in_dim: int, num_bins: int = 4, dropout: float = 0.0, bias: bool = False) -> None:
         super().__init__(in_dim, num_bins, dropout, "num_bins", bias)
         self.num_bins = num_bins
+
+
+class RegressionHead(_LinearHead):
+    """One continuous value per slide (in the task's standardised units).
+
+    Args:
+        in_dim: Slide feature width (the aggregator's ``out_dim``).
+        dropout: Dropout before the linear layer.
+        bias: Bias of the linear layer (the intercept; :class:`~e2e_wsi.models.tasks.RegressionTask`
+            turns it on by default).
+
+    Shapes:
+        forward(slide [B, in_dim]) -> value [B, 1].
+    """
+
+    def __init__(self, in_dim: int, dropout: float = 0.0, bias: bool = True) -> None:
+        super().__init__(in_dim, 1, dropout, "outputs", bias)

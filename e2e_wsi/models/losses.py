@@ -62,6 +62,34 @@ class ClassificationLoss(nn.Module):
         )
 
 
+class RegressionLoss(nn.Module):
+    """Mean squared error, or the Huber loss (quadratic within ``delta``, linear beyond: robust to outliers).
+
+    Args:
+        kind: ``mse`` or ``huber``.
+        delta: Huber threshold, in the units of the values compared (> 0).
+
+    Shapes:
+        forward(pred [B], target [B]) -> scalar.
+    """
+
+    def __init__(self, kind: str = "mse", delta: float = 1.0) -> None:
+        super().__init__()
+        if kind not in ("mse", "huber"):
+            raise ValueError(f"regression loss must be 'mse' or 'huber', got {kind!r}")
+        if not delta > 0:
+            raise ValueError(f"huber delta must be > 0, got {delta}")
+        self.kind = kind
+        self.delta = delta
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean loss over the batch."""
+        pred, target = pred.float().view(-1), target.float().view(-1)
+        if self.kind == "huber":
+            return F.huber_loss(pred, target, delta=self.delta)
+        return F.mse_loss(pred, target)
+
+
 class DiscreteTimeSurvivalLoss(nn.Module):
     """Negative log-likelihood of a discrete-time hazard model (Zadeh & Schmid 2020; CLAM/MCAT style).
 

@@ -217,7 +217,7 @@ class SlideModule(L.LightningModule):
             )
         model_k = self.task.num_targets
         if data_k is not None and model_k is not None and int(data_k) != int(model_k):
-            what = "num_bins" if self.task.kind == "survival" else "num_classes"
+            what = self.task.num_targets_name
             raise ValueError(
                 f"model.task.{what}={model_k} but data.num_classes={data_k}: set both to the same number"
             )

@@ -1,11 +1,14 @@
 """Tasks: what a slide vector is trained to predict.
 
-A task bundles the head it needs, its loss, its torchmetrics, what it reports per slide, and which
-validation metric selects checkpoints. :class:`~e2e_wsi.models.module.SlideModule` holds one task,
+A task bundles the head it needs, its loss, what it predicts per slide, and which validation metric
+selects checkpoints. Everything else about its kind (manifest columns, bag targets, predictions.csv,
+the metrics, captions) is the kind's spec in :mod:`e2e_wsi.tasks`, named by :attr:`Task.kind`.
+:class:`~e2e_wsi.models.module.SlideModule` holds one task,
 chosen in YAML with ``class_path`` (no string switches), and never branches on the task type.
 
-Batches carry ``target`` [B] (long): the class index for classification and grading, the discrete-time
-bin of ``time`` for survival, which also carries ``time`` [B] (float) and ``event`` [B] (float, 1 = observed).
+Batches carry ``target`` [B]: the class index (long) for classification and grading, the discrete-time
+bin (long) of ``time`` for survival, which also carries ``time`` [B] (float) and ``event`` [B] (float,
+1 = observed), the value (float) for regression.
 """
 
 from __future__ import annotations
@@ -14,17 +17,18 @@ from abc import ABC, abstractmethod
 from typing import Literal
 
 from torch import Tensor, nn
-from torchmetrics import MetricCollection
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassCohenKappa,
-    MulticlassF1Score,
-)
+from torchmetrics import Metric, MetricCollection
 
-from e2e_wsi.evaluation.torch_metrics import ConcordanceIndex, DefinedMulticlassAUROC
-from e2e_wsi.models.heads import ClassificationHead, SurvivalHead
-from e2e_wsi.models.losses import ClassificationLoss, CoxLoss, DiscreteTimeSurvivalLoss, hazards_to_risk
-from e2e_wsi.task_kinds import TaskKind
+from e2e_wsi.evaluation.torch_metrics import ReportMetric
+from e2e_wsi.models.heads import ClassificationHead, RegressionHead, SurvivalHead
+from e2e_wsi.models.losses import (
+    ClassificationLoss,
+    CoxLoss,
+    DiscreteTimeSurvivalLoss,
+    RegressionLoss,
+    hazards_to_risk,
+)
+from e2e_wsi.tasks import get_task_spec
 
 
 class Task(ABC):
@@ -35,15 +39,17 @@ class Task(ABC):
     :attr:`monitor` / :attr:`monitor_mode`.
 
     Attributes:
-        kind: The task kind (:data:`e2e_wsi.task_kinds.TaskKind`): ``classification``, ``grading`` or
-            ``survival``; also the bootstrap report's task name.
+        kind: The task kind, a registered spec of :mod:`e2e_wsi.tasks` (``classification``,
+            ``grading``, ``survival``, ``regression``); also the bootstrap report's task name.
         monitor: Validation metric key that selects checkpoints, e.g. ``val/auroc``.
         monitor_mode: ``max`` or ``min``.
+        num_targets_name: The init argument that sets :attr:`num_targets` (for messages).
     """
 
-    kind: TaskKind
+    kind: str
     monitor: str
     monitor_mode: Literal["min", "max"] = "max"
+    num_targets_name: str = "num_classes"
 
     @property
     def num_targets(self) -> int | None:
@@ -62,17 +68,21 @@ class Task(ABC):
     def loss(self, loss_fn: nn.Module, outputs: Tensor, batch: dict) -> Tensor:
         """Scalar training loss from head outputs [B, K] and the batch targets."""
 
-    @abstractmethod
     def metrics(self) -> MetricCollection:
-        """A fresh metric collection (one per stage)."""
+        """A fresh collection (one per stage) of the spec's report metrics, computed as the report does."""
+        spec = get_task_spec(self.kind)
+        return MetricCollection(
+            {m.name: ReportMetric(self.kind, m.name) for m in spec.metrics}, compute_groups=False
+        )
 
-    @abstractmethod
-    def update_metrics(self, metrics: MetricCollection, outputs: Tensor, batch: dict) -> None:
-        """Feed one batch of head outputs [B, K] to the stage's metrics."""
+    def update_metrics(self, metrics: MetricCollection | Metric, outputs: Tensor, batch: dict) -> None:
+        """Feed one batch of head outputs [B, K] (and the batch's truth) to the stage's metrics."""
+        metrics.update(self.predict(outputs), get_task_spec(self.kind).batch_truth(batch))
 
     @abstractmethod
     def predict(self, outputs: Tensor) -> dict[str, Tensor]:
-        """Per-slide predictions from head outputs [B, K]: ``probs`` [B, K] or ``risk`` [B]."""
+        """Per-slide predictions from head outputs [B, K], keyed by the spec's ``prediction_keys``:
+        ``probs`` [B, K], ``risk`` [B] or ``pred`` [B]."""
 
 
 class ClassificationTask(Task):
@@ -121,20 +131,6 @@ class ClassificationTask(Task):
     def loss(self, loss_fn: nn.Module, outputs: Tensor, batch: dict) -> Tensor:
         return loss_fn(outputs, batch["target"])
 
-    def metrics(self) -> MetricCollection:
-        k = self.num_classes
-        return MetricCollection(
-            {
-                "auroc": DefinedMulticlassAUROC(num_classes=k, average="macro"),
-                "accuracy": MulticlassAccuracy(num_classes=k, average="micro"),
-                "balanced_accuracy": MulticlassAccuracy(num_classes=k, average="macro"),
-                "f1_macro": MulticlassF1Score(num_classes=k, average="macro"),
-            }
-        )
-
-    def update_metrics(self, metrics: MetricCollection, outputs: Tensor, batch: dict) -> None:
-        metrics.update(outputs.float().softmax(-1), batch["target"])
-
     def predict(self, outputs: Tensor) -> dict[str, Tensor]:
         return {"probs": outputs.float().softmax(-1)}
 
@@ -157,26 +153,10 @@ class GradingTask(ClassificationTask):
     ) -> None:
         super().__init__(num_classes, class_weights, label_smoothing, dropout, head_bias)
 
-    def metrics(self) -> MetricCollection:
-        k = self.num_classes
-        return MetricCollection(
-            {
-                "accuracy": MulticlassAccuracy(num_classes=k, average="micro"),
-                "balanced_accuracy": MulticlassAccuracy(num_classes=k, average="macro"),
-                "qwk": MulticlassCohenKappa(num_classes=k, weights="quadratic"),
-            }
-        )
-
 
 class _SurvivalTask(Task):
     kind = "survival"
     monitor = "val/c_index"
-
-    def metrics(self) -> MetricCollection:
-        return MetricCollection({"c_index": ConcordanceIndex()})
-
-    def update_metrics(self, metrics: MetricCollection, outputs: Tensor, batch: dict) -> None:
-        metrics.update(self.predict(outputs)["risk"], batch["time"], batch["event"])
 
 
 class DiscreteSurvivalTask(_SurvivalTask):
@@ -196,6 +176,7 @@ class DiscreteSurvivalTask(_SurvivalTask):
     # steps and ties.
     monitor = "val/loss"
     monitor_mode = "min"
+    num_targets_name = "num_bins"
 
     def __init__(
         self, num_bins: int = 4, alpha: float = 0.0, dropout: float = 0.0, head_bias: bool = False
@@ -254,6 +235,62 @@ class CoxSurvivalTask(_SurvivalTask):
         return {"risk": outputs[:, 0].float()}
 
 
+class RegressionTask(Task):
+    """A continuous target per slide (a biomarker score), MSE or Huber loss.
+
+    The head predicts in standardised units, ``(target - target_offset) / target_scale``, so targets of
+    any scale train at the learning rates of the classification recipes; predictions are mapped back.
+    Set ``target_offset``/``target_scale`` near the training targets' mean and standard deviation.
+
+    Args:
+        loss: ``mse`` or ``huber``.
+        huber_delta: Huber threshold, in standardised units.
+        target_offset: Subtracted from the targets before the loss (added back to predictions).
+        target_scale: Divides the targets before the loss (multiplies predictions); > 0.
+        dropout: Dropout before the head's linear layer.
+        head_bias: Bias (intercept) of the head's linear layer; on by default, unlike the classification
+            heads, because a value needs an intercept that the bias-free MIL layers do not give.
+    """
+
+    kind = "regression"
+    # The validation loss: r and rho of a small validation set move in coarse steps.
+    monitor = "val/loss"
+    monitor_mode = "min"
+    num_targets_name = "outputs"
+
+    def __init__(
+        self,
+        loss: Literal["mse", "huber"] = "mse",
+        huber_delta: float = 1.0,
+        target_offset: float = 0.0,
+        target_scale: float = 1.0,
+        dropout: float = 0.0,
+        head_bias: bool = True,
+    ) -> None:
+        if not target_scale > 0:
+            raise ValueError(f"target_scale must be > 0, got {target_scale}")
+        self.loss_kind = loss
+        self.huber_delta = huber_delta
+        self.target_offset = float(target_offset)
+        self.target_scale = float(target_scale)
+        self.dropout = dropout
+        self.head_bias = head_bias
+        RegressionLoss(loss, huber_delta)  # check the options now, not at the first step
+
+    def build_head(self, in_dim: int) -> nn.Module:
+        return RegressionHead(in_dim=in_dim, dropout=self.dropout, bias=self.head_bias)
+
+    def build_loss(self) -> nn.Module:
+        return RegressionLoss(self.loss_kind, self.huber_delta)
+
+    def loss(self, loss_fn: nn.Module, outputs: Tensor, batch: dict) -> Tensor:
+        standardised = (batch["target"].float() - self.target_offset) / self.target_scale
+        return loss_fn(outputs[:, 0], standardised)
+
+    def predict(self, outputs: Tensor) -> dict[str, Tensor]:
+        return {"pred": self.target_offset + self.target_scale * outputs[:, 0].float()}
+
+
 def default_task(task: Task | None) -> Task:
     """``task``, or the default of :class:`~e2e_wsi.models.module.SlideModule`: ``ClassificationTask()``."""
     return task if task is not None else ClassificationTask()
@@ -265,5 +302,6 @@ __all__ = [
     "GradingTask",
     "DiscreteSurvivalTask",
     "CoxSurvivalTask",
+    "RegressionTask",
     "default_task",
 ]

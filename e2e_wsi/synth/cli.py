@@ -6,7 +6,7 @@ import time
 
 from e2e_wsi.cli_common import ArgumentParser
 from e2e_wsi.slides.writer import SLIDE_FORMATS
-from e2e_wsi.task_kinds import COHORT_KINDS, COHORT_TASK_KINDS
+from e2e_wsi.tasks import cohort_task_kinds
 
 
 def build_parser() -> ArgumentParser:
@@ -17,10 +17,11 @@ def build_parser() -> ArgumentParser:
         "Aperio-like pyramidal TIFFs (40x, 0.25 um/px, downsamples 1/4/16) with H&E-like tissue and "
         "label-carrying lesions.",
     )
-    trains = ", ".join(f"{cohort} -> {kind}" for cohort, kind in COHORT_TASK_KINDS.items())
+    cohorts = cohort_task_kinds()
+    trains = ", ".join(f"{cohort} -> {kind}" for cohort, kind in cohorts.items())
     parser.add_argument(
         "--task",
-        choices=COHORT_KINDS,
+        choices=tuple(cohorts),
         default="subtype",
         help=f"cohort kind; each trains as one task kind ({trains}) (default subtype)",
     )
@@ -97,6 +98,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"wrote {args.num_slides} {args.task} slides in {time.perf_counter() - start:.1f} s; "
-        f"manifest: {manifest} (train it as a {COHORT_TASK_KINDS[args.task]} task)"
+        f"manifest: {manifest} (train it as a {cohort_task_kinds()[args.task]} task)"
     )
     return 0

@@ -26,7 +26,8 @@ import numpy as np
 from PIL import Image
 
 from e2e_wsi.slides.writer import SLIDE_FORMATS, slide_suffix, write_slide_levels
-from e2e_wsi.synth.render import GRID, TASKS, lesion_burden, paint_slide, render_slide
+from e2e_wsi.synth.render import GRID, TASKS, lesion_burden, paint_slide, render_slide, score_driven
+from e2e_wsi.tasks import synth_cohorts
 from e2e_wsi.utils import validate_slide_id
 
 __all__ = ["TASKS", "SynthJob", "render_slide", "synthesize_cohort"]
@@ -41,7 +42,7 @@ class SynthJob:
 
     case_id: str
     slide_id: str
-    label: float  # class / grade / 0-1 diagnosis, or the survival risk in [0, 1]
+    label: float  # class / grade / 0-1 diagnosis, or the case score in [0, 1] of a score-driven cohort
     seed: int
     index: int
     size: tuple[int, int]
@@ -118,7 +119,7 @@ def _case_labels(
     num_grades: int,
     negative_fraction: float,
 ) -> np.ndarray:
-    """Per-case label: class, grade, 0/1 diagnosis, or the survival risk in [0, 1] (stratified)."""
+    """Per-case label: class, grade, 0/1 diagnosis, or the score in [0, 1] of a score-driven cohort."""
     if task == "subtype":
         return _balanced(rng, num_cases, num_classes).astype(np.float64)
     if task == "grade":
@@ -126,21 +127,9 @@ def _case_labels(
     if task == "diagnosis":
         negatives = int(round(negative_fraction * num_cases))
         return rng.permutation(np.r_[np.zeros(negatives), np.ones(num_cases - negatives)])
-    # survival: risks spread evenly over [0, 1] so every cohort spans low to high burden
+    # score-driven (survival, regression): scores spread evenly over [0, 1], so every cohort spans low
+    # to high burden
     return (rng.permutation(num_cases) + rng.random(num_cases)) / num_cases
-
-
-def _survival(rng: np.random.Generator, risk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Weibull event times whose hazard grows with risk, with independent censoring.
-
-    Returns:
-        ``(time, event)``: months > 0 rounded to 0.01, and 1 = event observed, 0 = censored.
-    """
-    scale = 60.0 * np.exp(-2.0 * risk)  # proportional hazards: log-hazard linear in risk
-    event_time = scale * rng.weibull(1.5, risk.size)
-    censor_time = np.minimum(rng.exponential(90.0, risk.size), 120.0)  # dropout + end of study
-    time = np.maximum(np.round(np.minimum(event_time, censor_time), 2), 0.01)
-    return time, (event_time <= censor_time).astype(np.int64)
 
 
 def _write_slide(job: SynthJob, root: str) -> dict[str, object]:
@@ -198,18 +187,16 @@ def _run_jobs(jobs: list[SynthJob], root: Path, workers: int) -> list[dict[str, 
             raise
 
 
-def _manifest_text(task: str, jobs: list[SynthJob], survival: dict[str, tuple[float, int]]) -> str:
+def _manifest_text(jobs: list[SynthJob], outcomes: dict[str, dict[str, str]]) -> str:
+    """The manifest: ``label`` per slide, or a score-driven cohort's truth columns per case."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    extra = ["time", "event"] if task == "survival" else ["label"]
+    extra = list(next(iter(outcomes.values()))) if outcomes else ["label"]
     writer.writerow(["case_id", "slide_id", "path", *extra])
     for job in jobs:
         path = f"slides/{job.slide_id}{job.suffix}"
-        if task == "survival":
-            time, event = survival[job.case_id]
-            writer.writerow([job.case_id, job.slide_id, path, f"{time:.2f}", event])
-        else:
-            writer.writerow([job.case_id, job.slide_id, path, int(job.label)])
+        truth = list(outcomes[job.case_id].values()) if outcomes else [int(job.label)]
+        writer.writerow([job.case_id, job.slide_id, path, *truth])
     return buffer.getvalue()
 
 
@@ -327,7 +314,7 @@ def synthesize_cohort(
         quality,
     )
     out_dir = Path(out_dir)
-    # One planning stream draws, in this order, the case labels and then the survival outcomes.
+    # One planning stream draws, in this order, the case labels and then a score-driven cohort's outcomes.
     plan_rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0,)))
     num_cases = math.ceil(num_slides / slides_per_case)
     negatives = 0.5 if negative_fraction is None else negative_fraction
@@ -352,10 +339,10 @@ def synthesize_cohort(
         fmt=slide_format,
     )
     jobs = _plan_jobs(template, labels, num_slides, slides_per_case)
-    survival = _case_outcomes(plan_rng, labels) if task == "survival" else {}
+    outcomes = _case_outcomes(plan_rng, task, labels, float(lesion_fraction)) if score_driven(task) else {}
 
     _write_atomically(
-        out_dir, overwrite, lambda tmp: _write_cohort(tmp, jobs, survival, workers, seed, num_slides)
+        out_dir, overwrite, lambda tmp: _write_cohort(tmp, jobs, outcomes, workers, seed, num_slides)
     )
     return out_dir / "manifest.csv"
 
@@ -420,16 +407,22 @@ def _plan_jobs(
     return jobs
 
 
-def _case_outcomes(rng: np.random.Generator, risks: np.ndarray) -> dict[str, tuple[float, int]]:
-    """case id -> (time, event) drawn from the cases' risks."""
-    times, events = _survival(rng, risks)
-    return {f"case{c:04d}": (float(times[c]), int(events[c])) for c in range(risks.size)}
+def _case_outcomes(
+    rng: np.random.Generator, task: str, scores: np.ndarray, lesion_fraction: float
+) -> dict[str, dict[str, str]]:
+    """case id -> the manifest's truth columns of a score-driven cohort, made by its task spec from the
+    cases' scores and lesion burdens (survival: Weibull time/event; regression: the target)."""
+    _, cohort = synth_cohorts()[task]
+    assert cohort.outcomes is not None
+    burden = np.array([lesion_burden(task, float(s), lesion_fraction) for s in scores])
+    columns = cohort.outcomes(rng, scores, burden)
+    return {f"case{c:04d}": {name: values[c] for name, values in columns.items()} for c in range(scores.size)}
 
 
 def _write_cohort(
     root: Path,
     jobs: list[SynthJob],
-    survival: dict[str, tuple[float, int]],
+    outcomes: dict[str, dict[str, str]],
     workers: int,
     seed: int,
     num_slides: int,
@@ -438,8 +431,7 @@ def _write_cohort(
     (root / "slides").mkdir()
     (root / "masks").mkdir()
     summaries = _run_jobs(jobs, root, workers)
-    task = jobs[0].task
-    (root / "manifest.csv").write_text(_manifest_text(task, jobs, survival), encoding="utf-8")
+    (root / "manifest.csv").write_text(_manifest_text(jobs, outcomes), encoding="utf-8")
     info = _cohort_info(jobs, summaries, seed, num_slides)
     (root / "synth.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
 
@@ -467,7 +459,7 @@ def _cohort_info(
             dict(
                 s,
                 case_id=job.case_id,
-                label=job.label if task == "survival" else int(job.label),
+                label=job.label if score_driven(task) else int(job.label),
                 target_lesion_fraction=round(
                     lesion_burden(task, job.label, first.lesion_fraction, first.num_grades), 4
                 ),

@@ -15,10 +15,20 @@ from scipy import ndimage
 
 from e2e_wsi.synth import nuclei as _nuclei
 from e2e_wsi.synth.nuclei import ARRANGEMENTS, Nuclei
-from e2e_wsi.task_kinds import COHORT_KINDS
+from e2e_wsi.tasks import synth_cohorts
 
 GRID = 16  # level-0 pixels per ground-truth pixel (the mask is at downsample 16)
-TASKS = COHORT_KINDS  # synthetic cohort kinds; COHORT_TASK_KINDS says which task kind trains each
+# Synthetic cohort kinds, declared by the task specs (e2e_wsi.tasks; each says which task kind it trains).
+TASKS: tuple[str, ...] = tuple(synth_cohorts())
+
+
+def score_driven(task: str) -> bool:
+    """Whether cohort ``task`` is score-driven: a case score in [0, 1] sets its lesion burden and
+    morphology, and the task spec turns scores into manifest columns (survival, regression)."""
+    cohort = synth_cohorts().get(task)
+    return cohort is not None and cohort[1].outcomes is not None
+
+
 _EOSIN = np.array([214.0, 78.0, 150.0], np.float32)  # RGB at full eosin stain
 _HEMA = np.array([62.0, 30.0, 118.0], np.float32)  # RGB at full haematoxylin stain
 _PENS = np.array([[20, 120, 60], [25, 45, 150], [30, 30, 30]], np.float32)  # green, blue, black
@@ -97,7 +107,8 @@ def lesion_plan(
 
     subtype: class c uses one arrangement (glands, chains, sheet, lymphoid, then repeating at a larger
     nuclear size). grade g: a mix of low-grade glands and high-grade sheets, more sheet with higher g.
-    survival: the same mix driven by the risk ``label`` in [0, 1]. diagnosis: a random arrangement.
+    score-driven cohorts (survival, regression): the same mix driven by the case score ``label`` in
+    [0, 1]. diagnosis: a random arrangement.
     """
     if task == "subtype":
         c = int(label)
@@ -105,7 +116,7 @@ def lesion_plan(
     if task == "grade":
         share = (int(label) - 1) / (num_grades - 2) if num_grades > 2 else 1.0
         return "glands", "sheet", float(np.clip(share, 0.0, 1.0)), 1.0
-    if task == "survival":
+    if score_driven(task):
         return "glands", "sheet", float(np.clip(label, 0.0, 1.0)), 1.0
     name = ARRANGEMENTS[int(rng.integers(len(ARRANGEMENTS)))]
     return name, name, 0.0, 1.0
@@ -114,13 +125,14 @@ def lesion_plan(
 def lesion_burden(task: str, label: float, lesion_fraction: float, num_grades: int = 6) -> float:
     """Share of tissue that a slide's lesions cover, given the task's label.
 
-    grade: grade 0 has none, then 0.5x to 1.5x ``lesion_fraction`` from grade 1 to K-1. survival:
-    0.25x to 1.75x with the risk in [0, 1]. diagnosis: none for label 0. subtype: as given.
+    grade: grade 0 has none, then 0.5x to 1.5x ``lesion_fraction`` from grade 1 to K-1. score-driven
+    (survival, regression): 0.25x to 1.75x with the case score in [0, 1]. diagnosis: none for label 0.
+    subtype: as given.
     """
     if task == "grade":
         g = int(label)
         return 0.0 if g == 0 else min(1.0, lesion_fraction * (0.5 + (g - 1) / max(num_grades - 2, 1)))
-    if task == "survival":
+    if score_driven(task):
         return min(1.0, lesion_fraction * (0.25 + 1.5 * float(label)))
     if task == "diagnosis" and int(label) == 0:
         return 0.0
@@ -254,8 +266,8 @@ def _compose(
 
 
 def _check_label(task: str, label: float, num_classes: int, num_grades: int) -> None:
-    if task == "survival":
-        ok, expected = 0.0 <= label <= 1.0, "a risk in [0, 1]"
+    if score_driven(task):
+        ok, expected = 0.0 <= label <= 1.0, "a case score (risk) in [0, 1]"
     else:
         k = {"subtype": num_classes, "grade": num_grades, "diagnosis": 2}[task]
         ok, expected = float(label).is_integer() and 0 <= label < k, f"an integer in 0..{k - 1}"
@@ -371,9 +383,10 @@ def render_slide(
     Args:
         rng: Generator; the same state gives the same pixels.
         size: Level-0 (H, W), both multiples of 16.
-        task: ``subtype``, ``grade``, ``survival`` or ``diagnosis``; with ``label`` it decides the
+        task: A cohort kind of :data:`TASKS` (``subtype``, ``grade``, ``diagnosis``, or a score-driven
+            one such as ``survival``); with ``label`` it decides the
             lesion morphology and burden (see :func:`lesion_plan`, :func:`lesion_burden`).
-        label: Class (subtype), grade 0..K-1 (0 = no lesion), risk in [0, 1] (survival) or 0/1
+        label: Class (subtype), grade 0..K-1 (0 = no lesion), case score in [0, 1] (score-driven) or 0/1
             (diagnosis, 0 = no lesion).
         lesion_fraction: Base share of tissue area covered by lesion, in [0, 1].
         num_classes: Number of subtype classes.

@@ -263,7 +263,7 @@ def _check_derived_data_keys(cfg: Namespace, flags: dict[str, str]) -> None:
         )
     k = task.num_targets
     if "num_classes" in given and k is not None and str(given["num_classes"]).strip() != str(k):
-        what = "num_bins" if task.kind == "survival" else "num_classes"
+        what = task.num_targets_name
         raise UserError(
             f"data.num_classes={given['num_classes']} disagrees with model.task.{what}={k} ({name}). "
             f"The data now follows model.task: delete data.num_classes and set model.task.init_args.{what}."

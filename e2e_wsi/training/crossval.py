@@ -26,6 +26,7 @@ import pandas as pd
 from e2e_wsi.errors import UserError
 from e2e_wsi.evaluation.bootstrap import bootstrap_report
 from e2e_wsi.evaluation.report import markdown_table, read_predictions, write_json
+from e2e_wsi.tasks import get_task_spec
 from e2e_wsi.training.run import RunFolder
 
 
@@ -91,7 +92,7 @@ def pooled_predictions(root: str | Path, folds: int) -> tuple[pd.DataFrame, str]
     if len(tasks) != 1:
         raise ValueError(f"folds of {root} have different tasks: {sorted(tasks)}")
     oof = pd.concat(frames, ignore_index=True)
-    unit = "case_id" if "risk" in oof.columns else "slide_id"
+    unit = get_task_spec(task).unit_column
     dup = oof[unit][oof[unit].duplicated()]
     if not dup.empty:
         raise ValueError(f"{root}: {unit} {sorted(set(dup))[:10]} predicted by two folds; the folds overlap")

@@ -22,7 +22,8 @@ from PIL import Image  # noqa: E402
 from scipy.stats import rankdata  # noqa: E402
 
 from e2e_wsi.annotations.geojson import DEFAULT_LESION, lesion_mask  # noqa: E402
-from e2e_wsi.evaluation.metrics import binary_auroc  # noqa: E402
+from e2e_wsi.tasks import get_task_spec, spec_of_predictions  # noqa: E402
+from e2e_wsi.tasks.metrics import binary_auroc  # noqa: E402
 from e2e_wsi.utils import validate_slide_id  # noqa: E402
 
 
@@ -236,30 +237,26 @@ def format_caption(
     prediction: Mapping[str, np.ndarray],
     class_names: Sequence[str] | None = None,
     localisation: Mapping[str, float | None] | None = None,
+    kind: str | None = None,
 ) -> str:
-    """A caption people read: the predicted class and its probability, or the risk; localisation AUROCs.
+    """A caption people read: the task spec's words for the prediction; localisation AUROCs.
 
-    Probabilities and risks get 3 digits (``0.999``; risks 3 significant digits), AUROCs 2 (``0.93``).
+    Probabilities and risks get 3 digits (``0.999``; risks and values 3 significant digits), AUROCs 2.
 
     Args:
-        prediction: One slide's ``task.predict`` output: ``probs`` [K] or [1, K], or ``risk`` [] / [1].
+        prediction: One slide's ``task.predict`` output: ``probs`` [K] or [1, K], ``risk`` or ``pred``
+            [] / [1].
         class_names: Names of the K classes; default ``class 0`` .. ``class K-1``.
         localisation: Label -> AUROC (``None`` when undefined), e.g. ``{"pixel": 0.93, "patch": 0.9}``.
+        kind: The task kind; ``None`` finds it from the prediction's keys.
 
     Returns:
         E.g. ``predicted: tumour (p = 0.999) | lesion localisation AUROC: pixel 0.93, patch 0.90``.
     """
     parts = []
-    if "probs" in prediction:
-        probs = np.asarray(prediction["probs"], dtype=np.float64).reshape(-1)
-        k = int(np.argmax(probs))
-        if class_names is not None and len(class_names) != len(probs):
-            raise ValueError(f"{len(class_names)} class names for {len(probs)} classes")
-        name = class_names[k] if class_names is not None else f"class {k}"
-        parts.append(f"predicted: {name} (p = {probs[k]:.3f})")
-    if "risk" in prediction:
-        risk = float(np.asarray(prediction["risk"], dtype=np.float64).reshape(-1)[0])
-        parts.append(f"predicted risk: {risk:.3g}")
+    if prediction:
+        spec = get_task_spec(kind) if kind is not None else spec_of_predictions(prediction)
+        parts.append(spec.caption(prediction, class_names))
     if localisation:
         aucs = ", ".join(
             f"{label} {'n/a' if auc is None else f'{auc:.2f}'}" for label, auc in localisation.items()

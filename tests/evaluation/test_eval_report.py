@@ -176,5 +176,5 @@ def test_predictions_frame_survival_rows_are_cases() -> None:
     frame = predictions_frame(units, "survival", {"index": np.array([0, 1]), "risk": np.array([0.7, -0.2])})
     assert list(frame.columns) == ["case_id", "time", "event", "risk"]
     validate_predictions(frame, "survival")
-    with pytest.raises(ValueError, match="neither 'probs' nor 'risk'"):
+    with pytest.raises(ValueError, match="survival predictions need 'risk'"):
         predictions_frame(units, "survival", {"index": np.array([0])})

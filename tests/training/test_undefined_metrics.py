@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from e2e_wsi.cli import main
-from e2e_wsi.evaluation.torch_metrics import DefinedMulticlassAUROC
+from e2e_wsi.evaluation.torch_metrics import ReportMetric
 from e2e_wsi.training.callbacks import DefinedMetricCheckpoint, DefinedMetricEarlyStopping
 
 
@@ -47,25 +47,25 @@ def _tensorboard_scalars(run: Path, tag: str) -> list[float]:
 
 @pytest.fixture(autouse=True)
 def _fresh_warning_flag() -> None:
-    DefinedMulticlassAUROC._warned = False
+    ReportMetric._warned.clear()
 
 
 def test_auroc_of_a_single_class_is_nan_and_warns_once() -> None:
     probs = torch.tensor([[0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
-    metric = DefinedMulticlassAUROC(num_classes=2, average="macro")
-    metric.update(probs, torch.tensor([1, 1, 1]))
+    metric = ReportMetric("classification", "auroc")
+    metric.update({"probs": probs}, {"label": torch.tensor([1, 1, 1])})
     with pytest.warns(UserWarning, match="AUROC is undefined"):
         assert torch.isnan(metric.compute())
     # The next epoch (a fresh state) is undefined again but does not warn again; after a DDP sync the
     # list states are single concatenated tensors.
-    again = DefinedMulticlassAUROC(num_classes=2, average="macro")
-    again.preds, again.target = probs, torch.tensor([0, 0, 0])
+    again = ReportMetric("classification", "auroc")
+    again.probs, again.label = probs, torch.tensor([0.0, 0.0, 0.0])
     again._update_count = 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert torch.isnan(again.compute())
-    both = DefinedMulticlassAUROC(num_classes=2, average="macro")
-    both.update(probs, torch.tensor([1, 0, 1]))
+    both = ReportMetric("classification", "auroc")
+    both.update({"probs": probs}, {"label": torch.tensor([1, 0, 1])})
     assert float(both.compute()) == pytest.approx(1.0)
 
 

@@ -14,7 +14,7 @@ from torchmetrics.functional.classification import (
     multiclass_f1_score,
 )
 
-from e2e_wsi.evaluation import metrics as M
+from e2e_wsi.tasks import metrics as M
 
 
 def _pairwise_auroc(positive: np.ndarray, scores: np.ndarray) -> float:
