@@ -121,15 +121,15 @@ def attention_table(
     return frame
 
 
-def unlabelled(frame: pd.DataFrame) -> pd.DataFrame:
+def unlabelled(frame: pd.DataFrame, kind: str) -> pd.DataFrame:
     """A ``predictions.csv`` frame without its truth columns: what ``predict`` writes (no labels needed).
 
-    The unit's id (``slide_id``; ``case_id`` for survival bags, which are cases) and the prediction
-    columns of :func:`prediction_columns` stay.
+    The unit's id (``slide_id``; ``case_id`` for tasks whose units are cases, e.g. survival) and the
+    task spec's prediction columns stay, as in ``predict --run`` (:mod:`e2e_wsi.inference.outputs`).
     """
-    unit = "case_id" if "risk" in frame.columns else "slide_id"
-    truth = {"case_id", "slide_id", "label", "time", "event"} - {unit}
-    return frame.drop(columns=[c for c in frame.columns if c in truth])
+    spec = get_task_spec(kind)
+    drop = {*spec.id_columns[:-1], *spec.truth_columns}
+    return frame.drop(columns=[c for c in frame.columns if c in drop])
 
 
 def num_classes(df: pd.DataFrame) -> int:

@@ -387,7 +387,7 @@ class PredictionWriter(SlidePredictionWriter):
         self, trainer: L.Trainer, pl_module: L.LightningModule, frame: pd.DataFrame
     ) -> None:
         path = RunFolder(trainer.default_root_dir).predict_dir / "predictions.csv"
-        path = write_predictions(unlabelled(frame), path)
+        path = write_predictions(unlabelled(frame, pl_module.task.kind), path)
         print(f"e2e-wsi: predictions {path.resolve()} ; attention in {path.parent / 'attention'}", flush=True)
 
 
