@@ -10,7 +10,7 @@ import hashlib
 import logging
 from collections.abc import Iterator, Sized
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import numpy as np
@@ -88,9 +88,14 @@ class WSIDataModule(pl.LightningDataModule):
         sample_size: s, patches per training bag.
         train_patch_size: RandomResizedCrop output side.
         eval_patch_size: Evaluation side after resize + centre crop.
-        eval_crop_fraction: Side of the evaluation centre crop relative to the cached patch (default
-            224/256, the official geometry; 1.0 resizes the whole patch).
+        eval_crop_fraction: Side of the evaluation centre crop relative to the cached patch, then resized
+            to ``eval_patch_size``. Default 1.0: the whole patch resized, the official evaluation
+            (CLAM/save_patches.py:50-53; datasets/dataloader.py:79,102). 224/256 = central 224 px of a
+            256 px patch. A model whose encoder has ``eval_resize`` always gets 1.0.
         crop_scale: RandomResizedCrop area range.
+        crop_chunks: ``None`` (default): one RandomResizedCrop box per patch. ``k``: one box per chunk of
+            a bag, ``k`` chunks (the official transform draws one box per chunk of 4 of its batch,
+            datasets/data_utils.py:142-149, ``img_trans_chunk`` default 4 in options.py:51).
         color_jitter: Opt-in colour augmentation (off by default, as in the paper).
         split_ratios: (train, val, test) case fractions.
         split_seed: Seed of the split.
@@ -98,7 +103,18 @@ class WSIDataModule(pl.LightningDataModule):
         num_folds: k for cross-validation.
         split_file: Reload this split (``splits.csv``/``.json`` of an earlier run) instead of making one.
         oversample: Per-class target ratio of training bags per epoch, e.g. ``{0: 2, 1: 1}``.
+        oversample_mode: ``ratio`` (default): ``oversample`` is a class ratio, the extra copies rotate
+            over the slides each epoch. ``repeat``: ``oversample`` gives whole repeat counts per class,
+            fixed for the run (``{1: 2}``: each class-1 slide twice per epoch; see
+            :class:`~e2e_wsi.data.sampling.OversampleMap`).
+        mris_shortfall: ``other_scales`` (default) or ``repeat_scale`` (official): what fills a scale
+            with too few patches (:func:`~e2e_wsi.data.sampling.mris_sample`).
+        survival_bins: ``train`` (default): time-bin edges are quartiles (``num_classes`` quantiles) of
+            the uncensored times of the training cases. ``cohort``: of every case in the manifest, test
+            included, as the official ``survival_label`` does (datasets/data_utils.py:714-725).
         batch_size: Training bags per batch (evaluation is always 1).
+        drop_last: Drop the last incomplete training batch of an epoch (the official loaders do:
+            ``drop_last = not no_drop_last``, options.py:90,218; datasets/dataloader.py:90,94).
         num_workers: DataLoader workers.
         pin_memory: Pin host memory.
         persistent_workers: Keep workers between epochs (only with ``num_workers > 0``).
@@ -125,6 +141,7 @@ class WSIDataModule(pl.LightningDataModule):
         eval_patch_size: int = 224,
         eval_crop_fraction: float = OFFICIAL_EVAL_CROP_FRACTION,
         crop_scale: tuple[float, float] = (0.5, 1.0),
+        crop_chunks: int | None = None,
         color_jitter: bool = False,
         split_ratios: tuple[float, float, float] = (0.7, 0.1, 0.2),
         split_seed: int = 0,
@@ -132,7 +149,11 @@ class WSIDataModule(pl.LightningDataModule):
         num_folds: int | None = None,
         split_file: str | None = None,
         oversample: dict[int, float] | None = None,
+        oversample_mode: Literal["ratio", "repeat"] = "ratio",
+        mris_shortfall: Literal["other_scales", "repeat_scale"] = "other_scales",
+        survival_bins: Literal["train", "cohort"] = "train",
         batch_size: int = 1,
+        drop_last: bool = False,
         num_workers: int = 0,
         pin_memory: bool = False,
         persistent_workers: bool = False,
@@ -190,6 +211,8 @@ class WSIDataModule(pl.LightningDataModule):
                 df, hp.split_ratios, hp.split_seed, fold=hp.fold, num_folds=hp.num_folds
             )
         self.num_classes = self.spec.num_classes(df, self.num_classes)
+        if hp.get("survival_bins", "train") == "cohort":  # official rule: bins from every case, test included
+            self.target_state = self.spec.fit_targets(self.spec.bag_units(df), self.num_classes)
         self.table = df
         self.bags = {name: self._bags(df[df["split"] == name]) for name in ("train", "val", "test")}
         self.has_val = len(self.bags["val"]) > 0
@@ -347,10 +370,13 @@ class WSIDataModule(pl.LightningDataModule):
             index_map, length = None, None
             if hp.oversample:
                 labels = np.array([b.targets["target"] for b in bags])
-                index_map = OversampleMap(labels, hp.oversample, hp.seed)
+                index_map = OversampleMap(labels, hp.oversample, hp.seed, hp.oversample_mode)
                 length = len(index_map)
             transform = TrainTransform(
-                hp.train_patch_size, scale=tuple(hp.crop_scale), color_jitter=hp.color_jitter
+                hp.train_patch_size,
+                scale=tuple(hp.crop_scale),
+                color_jitter=hp.color_jitter,
+                crop_chunks=hp.crop_chunks,
             )
             self._train_dataset = TrainBagDataset(
                 self.cache,
@@ -363,6 +389,7 @@ class WSIDataModule(pl.LightningDataModule):
                 rank=rank,
                 index_map=index_map,
                 length=length,
+                shortfall=hp.mris_shortfall,
             )
         return self._train_dataset
 
@@ -372,13 +399,31 @@ class WSIDataModule(pl.LightningDataModule):
         sampler = EpochSampler(dataset, num_replicas=world, rank=rank, seed=self.hparams.seed)
         if self.trainer is not None:
             sampler.set_epoch(self.trainer.current_epoch)
+        hp = self.hparams
+        if hp.drop_last and len(sampler) < hp.batch_size:
+            raise ValueError(
+                f"drop_last with batch_size {hp.batch_size} but only {len(sampler)} training bag(s) per "
+                "process: every batch would be dropped; lower data.batch_size or set data.drop_last false"
+            )
         return DataLoader(
-            dataset, batch_size=self.hparams.batch_size, sampler=sampler, **self._loader_kwargs()
+            dataset,
+            batch_size=hp.batch_size,
+            sampler=sampler,
+            drop_last=hp.drop_last,
+            **self._loader_kwargs(),
         )
+
+    def eval_crop_fraction(self) -> float:
+        """The evaluation crop: 1.0 (whole patch resized) when the attached model requires it
+        (its encoder's ``eval_resize``, e.g. a converted official checkpoint), else ``eval_crop_fraction``."""
+        model = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        if model is not None and getattr(model, "eval_resize", False):
+            return 1.0
+        return float(self.hparams.eval_crop_fraction)
 
     def _eval_loader(self, bags: list[Bag]) -> DataLoader:
         mags = self.hparams.eval_magnifications or self.magnifications[:1]
-        transform = EvalTransform(self.hparams.eval_patch_size, crop_fraction=self.hparams.eval_crop_fraction)
+        transform = EvalTransform(self.hparams.eval_patch_size, crop_fraction=self.eval_crop_fraction())
         dataset = EvalBagDataset(self.cache, bags, mags, transform)
         rank, world = self._rank_world()
         if world == 1:

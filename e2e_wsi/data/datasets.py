@@ -123,6 +123,7 @@ class TrainBagDataset(Dataset):
         index_map: Optional callable ``(position, epoch) -> bag index`` used for oversampling; its
             length is given by ``length``.
         length: Number of positions when ``index_map`` is given.
+        shortfall: MRIS rule for a scale with too few patches (:func:`~e2e_wsi.data.sampling.mris_sample`).
 
     The epoch lives in a shared-memory tensor so persistent DataLoader workers see
     :meth:`set_epoch` calls made in the main process.
@@ -140,9 +141,11 @@ class TrainBagDataset(Dataset):
         rank: int = 0,
         index_map: Callable[[int, int], int] | None = None,
         length: int | None = None,
+        shortfall: str = "other_scales",
     ) -> None:
         if not bags:
             raise ValueError("the training split has no bags")
+        self.shortfall = shortfall
         self.bags = list(bags)
         self.sample_size = int(sample_size)
         ratios = mag_ratios if mag_ratios is not None else [1.0 / len(magnifications)] * len(magnifications)
@@ -174,7 +177,7 @@ class TrainBagDataset(Dataset):
         rng = sample_rng(self.seed, epoch, self.rank, position)
         counts = self.reader.counts(bag).sum(axis=1)
         try:
-            scale, idx, valid = mris_sample(counts, self.sample_size, self.mag_ratios, rng)
+            scale, idx, valid = mris_sample(counts, self.sample_size, self.mag_ratios, rng, self.shortfall)
         except ValueError as exc:
             raise ValueError(f"bag {bag.bag_id!r} (slides {list(bag.slide_ids)}): {exc}") from exc
         return bag, scale, idx, valid, int(rng.integers(2**62))

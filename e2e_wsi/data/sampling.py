@@ -8,9 +8,15 @@ The surplus is taken back one patch at a time from the scales that were rounded 
 (largest ``ceil(x) - x``), ties going to the later scale, so the total is exactly s and the result is
 the largest-remainder apportionment of s. It is deterministic (no randomness in the counts).
 
-Small bags: when a scale has fewer than ``s_j`` patches, the shortfall is drawn (without replacement)
-from the patches not yet drawn at the other scales; only when the whole bag has fewer than s patches
-are entries repeated, and those repeats are marked ``valid = False`` so batching masks them.
+Small bags: when a scale has fewer than ``s_j`` patches, by default (``shortfall="other_scales"``) the
+shortfall is drawn (without replacement) from the patches not yet drawn at the other scales; only when
+the whole bag has fewer than s patches are entries repeated, and those repeats are marked
+``valid = False`` so batching masks them. ``shortfall="repeat_scale"`` is the official rule: each scale
+is sampled on its own and a short scale is padded with random duplicates of its own patches, which
+count as real patches (``datasets/data_utils.py:432-437``, ``get_same_psize_img`` with ``pad_enc_bs``;
+one call per scale, ``datasets/dataloader.py:67-74``). Example: 200 patches at 10x, 20 at 5x,
+s = 128 with ratio 4: official 96 + 32 (12 of them duplicates), ``other_scales`` 108 + 20. A scale
+with no patch at all still borrows from the others under both rules.
 
 Seeding: :func:`sample_rng` builds a NumPy generator from ``SeedSequence([seed, epoch, rank, index])``,
 one per bag and epoch, so the draw does not depend on the number of DataLoader workers or on which
@@ -28,7 +34,10 @@ Each class c gets ``t_c`` positions, ``t_c = round(f * w_c)`` with the smallest 
 any slide of a weighted class (classes without a weight keep their count). Position p of class c maps to
 slide ``perm_epoch[p mod n_c]``, with a fresh permutation per epoch, so every slide appears
 ``floor(t_c / n_c)`` or ``ceil`` times and the extra copies change each epoch; the sampler then shuffles
-and shards the positions across ranks.
+and shards the positions across ranks. ``mode="repeat"`` reads the weights as whole repeat counts
+instead (``{1: 2}``: every class-1 slide twice per epoch, the others once), the same every epoch, like
+the official fixed resampled label file (``labels/subtyping_tcga_brca_resample.csv``: 276 ILC training
+rows for 138 slides, i.e. 518:276).
 """
 
 from __future__ import annotations
@@ -100,8 +109,15 @@ def sample_rng(seed: int, epoch: int, rank: int, index: int) -> np.random.Genera
     return np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch), int(rank), int(index)]))
 
 
+SHORTFALL_RULES = ("other_scales", "repeat_scale")
+
+
 def mris_sample(
-    counts: Sequence[int], sample_size: int, ratios: Sequence[float], rng: np.random.Generator
+    counts: Sequence[int],
+    sample_size: int,
+    ratios: Sequence[float],
+    rng: np.random.Generator,
+    shortfall: str = "other_scales",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Draw one MRIS sample of a bag.
 
@@ -110,6 +126,9 @@ def mris_sample(
         sample_size: Total number of entries s.
         ratios: sigma_j, one per magnification, summing to 1.
         rng: From :func:`sample_rng`.
+        shortfall: What fills a scale with fewer patches than its share: ``other_scales`` (undrawn
+            patches of the other scales) or ``repeat_scale`` (random duplicates of the same scale,
+            valid, as the official code does). See the module doc.
 
     Returns:
         ``(scale, index, valid)``, each of length s: ``scale`` int64 (position in ``counts``), ``index``
@@ -124,9 +143,13 @@ def mris_sample(
         raise ValueError(f"{len(avail)} magnification counts but {len(ratios)} ratios")
     if avail.sum() <= 0:
         raise ValueError("cannot sample a bag with no patches at any magnification")
+    if shortfall not in SHORTFALL_RULES:
+        raise ValueError(f"shortfall must be one of {SHORTFALL_RULES}, got {shortfall!r}")
     want = allocate_counts(sample_size, ratios)
     taken = np.minimum(want, avail)
-    shortfall = int(sample_size - taken.sum())
+    # repeat_scale: a short scale that has patches pads itself with duplicates of its own patches.
+    dup = np.where(avail > 0, want - taken, 0) if shortfall == "repeat_scale" else np.zeros_like(want)
+    shortfall = int(sample_size - taken.sum() - dup.sum())
     if shortfall > 0:
         # Fill from the undrawn patches of the other scales, uniformly over all of them.
         spare = avail - taken
@@ -134,8 +157,16 @@ def mris_sample(
         taken = taken + np.bincount(
             np.searchsorted(np.cumsum(spare), extra_draw, side="right"), minlength=len(avail)
         )
-    scales = [np.full(int(k), j, dtype=np.int64) for j, k in enumerate(taken)]
-    indices = [rng.choice(int(avail[j]), size=int(k), replace=False) for j, k in enumerate(taken)]
+    scales = [np.full(int(k + dup[j]), j, dtype=np.int64) for j, k in enumerate(taken)]
+    indices = [
+        np.concatenate(
+            [
+                rng.choice(int(avail[j]), size=int(k), replace=False),
+                rng.integers(0, max(1, avail[j]), int(dup[j])),
+            ]
+        )
+        for j, k in enumerate(taken)
+    ]
     scale = np.concatenate(scales)
     index = np.concatenate(indices).astype(np.int64)
     valid = np.ones(len(scale), dtype=bool)
@@ -168,8 +199,11 @@ class EpochSampler(DistributedSampler):
 class OversampleMap:
     """Position -> bag index for class oversampling, re-permuted per epoch (see module doc)."""
 
-    def __init__(self, labels: np.ndarray, weights: dict[int, float], seed: int) -> None:
+    def __init__(self, labels: np.ndarray, weights: dict[int, float], seed: int, mode: str = "ratio") -> None:
+        if mode not in ("ratio", "repeat"):
+            raise ValueError(f"oversample_mode must be 'ratio' or 'repeat', got {mode!r}")
         self.seed = seed
+        self.mode = mode
         self.groups: list[np.ndarray] = []
         weighted = {int(c): float(w) for c, w in weights.items()}
         present = {int(c): int((labels == c).sum()) for c in np.unique(labels)}
@@ -178,11 +212,16 @@ class OversampleMap:
                 f"oversample {weights}: weights must be positive and name classes present in the training "
                 f"split (classes there: {sorted(present)})"
             )
+        if mode == "repeat" and any(w != int(w) for w in weighted.values()):
+            raise ValueError(f"oversample {weights} with oversample_mode repeat: give whole repeat counts")
         factor = max(present[c] / w for c, w in weighted.items())
         self.targets: list[int] = []
         for c in sorted(present):
             self.groups.append(np.flatnonzero(labels == c))
-            self.targets.append(max(1, round(factor * weighted[c])) if c in weighted else present[c])
+            if mode == "repeat":
+                self.targets.append(present[c] * int(weighted.get(c, 1)))
+            else:
+                self.targets.append(max(1, round(factor * weighted[c])) if c in weighted else present[c])
         self.offsets = np.cumsum([0, *self.targets])
 
     def __len__(self) -> int:
@@ -191,5 +230,7 @@ class OversampleMap:
     def __call__(self, position: int, epoch: int) -> int:
         g = int(np.searchsorted(self.offsets, position, side="right") - 1)
         members = self.groups[g]
+        if self.mode == "repeat":  # every slide its repeat count, the same every epoch
+            return int(members[(position - self.offsets[g]) % len(members)])
         perm = np.random.default_rng([self.seed, epoch, g, 0x0DD]).permutation(len(members))
         return int(members[perm[(position - self.offsets[g]) % len(members)]])

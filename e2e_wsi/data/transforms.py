@@ -5,9 +5,17 @@ keeps the tensors crossing process boundaries 4x smaller. Conversion to float an
 with the encoder's own mean/std happen afterwards with :func:`normalize_images`, on the device, chunk by chunk inside
 :class:`~e2e_wsi.models.module.SlideModule` (so a 10k-patch evaluation bag never exists as float).
 
-Per-patch randomness: every patch gets its own RandomResizedCrop box and flips. The random numbers come
-from a seed given by the caller (derived from (seed, epoch, rank, bag index)), so augmentation is
-reproducible and independent of the number of workers.
+Per-patch randomness: by default every patch gets its own RandomResizedCrop box and flips
+(``crop_chunks=None``); ``crop_chunks=k`` draws one box per chunk of the bag, k chunks in all, as the
+official GPU transform does per chunk of its batch (torchaug ``SequentialTransform(num_chunks=4)``,
+``datasets/data_utils.py:142-149`` of DearCaat/E2E-WSI-ABMILX). The random numbers come from a seed given
+by the caller (derived from (seed, epoch, rank, bag index)), so augmentation is reproducible and
+independent of the number of workers.
+
+Channel order: images stay RGB everywhere; an encoder trained on BGR input (the official code decodes
+its JPEGs with TurboJPEG in BGR, ``datasets/data_utils.py:227-278``, and normalises them with the
+RGB-ordered ImageNet statistics without swapping back, ``datasets/data_utils.py:171-174,199-203``)
+declares ``channel_order = "bgr"`` and :func:`normalize_images` swaps the channels before normalising.
 """
 
 from __future__ import annotations
@@ -16,11 +24,18 @@ import torch
 from torchvision.transforms import RandomResizedCrop, v2
 from torchvision.transforms.v2 import functional as F
 
-from e2e_wsi.images import IMAGENET_MEAN, IMAGENET_STD, normalize_images  # noqa: F401 - re-exported
+from e2e_wsi.images import (  # noqa: F401 - re-exported: the pixel conventions live in e2e_wsi.images
+    CHANNEL_ORDERS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ChannelOrder,
+    check_channel_order,
+    normalize_images,
+)
 
 
 class TrainTransform:
-    """Random flips + RandomResizedCrop (+ optional ColorJitter), per patch, uint8 in and out.
+    """Random flips + RandomResizedCrop (+ optional ColorJitter), uint8 in and out.
 
     Args:
         size: Output side (the encoder's input size), e.g. 224.
@@ -31,6 +46,11 @@ class TrainTransform:
         color_jitter: Opt-in colour augmentation (off by default: the paper found it hurts on H&E).
         jitter_strength: (brightness, contrast, saturation, hue) of the ColorJitter when enabled.
         normalize: Return normalised float32 instead of uint8 (for use without the datamodule hook).
+        crop_chunks: ``None``: one crop box per patch. ``k``: the patches are cut into ``k`` consecutive
+            chunks (``torch.chunk``) and each chunk shares one box, as the official transform does
+            (``img_trans_chunk`` 4, ``options.py:51``; ``datasets/data_utils.py:142-149``, where the
+            chunks are of the per-GPU batch; here of one bag). Flips stay per patch (the paper's
+            "flipping"; the official ``weak`` transform has none, ``datasets/data_utils.py:131-133``).
     """
 
     def __init__(
@@ -43,7 +63,10 @@ class TrainTransform:
         color_jitter: bool = False,
         jitter_strength: tuple[float, float, float, float] = (0.1, 0.1, 0.1, 0.02),
         normalize: bool = False,
+        crop_chunks: int | None = None,
     ) -> None:
+        if crop_chunks is not None and crop_chunks < 1:
+            raise ValueError(f"crop_chunks must be None or >= 1, got {crop_chunks}")
         if not 0 < scale[0] <= scale[1] <= 1:
             raise ValueError(f"crop scale {scale} must satisfy 0 < low <= high <= 1")
         if not 0 < ratio[0] <= ratio[1]:
@@ -54,6 +77,13 @@ class TrainTransform:
         self.hflip, self.vflip = float(hflip), float(vflip)
         self.jitter = v2.ColorJitter(*jitter_strength) if color_jitter else None
         self.normalize = normalize
+        self.crop_chunks = crop_chunks
+
+    def _groups(self, n: int) -> list[torch.Tensor]:
+        """Index groups sharing one crop box: one per patch, or ``crop_chunks`` consecutive chunks."""
+        if self.crop_chunks is None:
+            return [torch.tensor([i]) for i in range(n)]
+        return list(torch.arange(n).chunk(self.crop_chunks))
 
     def __call__(self, images: torch.Tensor, seed: int | None = None) -> torch.Tensor:
         """Augment a stack of patches.
@@ -73,10 +103,15 @@ class TrainTransform:
             if seed is not None:
                 torch.manual_seed(seed)
             out = torch.empty((images.shape[0], 3, self.size, self.size), dtype=images.dtype)
-            for i in range(images.shape[0]):
-                top, left, h, w = RandomResizedCrop.get_params(images[i], list(self.scale), list(self.ratio))
-                out[i] = F.resized_crop(images[i], top, left, h, w, [self.size, self.size], antialias=True)
-                if self.jitter is not None:
+            for group in self._groups(images.shape[0]):
+                top, left, h, w = RandomResizedCrop.get_params(
+                    images[group[0]], list(self.scale), list(self.ratio)
+                )
+                out[group] = F.resized_crop(
+                    images[group], top, left, h, w, [self.size, self.size], antialias=True
+                )
+            if self.jitter is not None:
+                for i in range(images.shape[0]):
                     out[i] = self.jitter(out[i])
             flip_h = torch.rand(images.shape[0]) < self.hflip
             flip_v = torch.rand(images.shape[0]) < self.vflip
@@ -85,17 +120,21 @@ class TrainTransform:
         return normalize_images(out) if self.normalize else out
 
 
-# The official evaluation centre-crops 224 px out of the cached 256 px patches without resizing
-# (``datasets/data_utils.py`` of DearCaat/E2E-WSI-ABMILX: ``CenterCrop(224)`` for validation and test).
-OFFICIAL_EVAL_CROP_FRACTION = 224 / 256
+# The official evaluation sees the whole patch resized to 224 px: its validation/test LMDB is written
+# at ``img_size`` 224 with ``v2.Resize((224, 224), antialias=True)`` (CLAM/save_patches.py:50-53; README
+# lines 107-108), the test loaders read 224 px images (datasets/dataloader.py:59,79; main.py:545-547) and
+# the evaluation PrefetchLoader applies no transform (datasets/dataloader.py:102-103 leave
+# ``need_transform`` at its default False, datasets/data_utils.py:100,114). Its ``CenterCrop(224)``
+# (datasets/data_utils.py:151-160) is never built.
+OFFICIAL_EVAL_CROP_FRACTION = 1.0
 
 
 class EvalTransform:
     """Centre-crop a fraction of each patch and resize it to the model size, batched, uint8 in and out.
 
-    By default this is the official evaluation geometry: the central 224/256 of the patch's side, so a
-    256 px patch gives its central 224 px unchanged, and a smaller model size sees the same field of view
-    (e.g. 96 px from the central 224 of 256). ``crop_fraction=1.0`` resizes the whole patch instead.
+    By default this is the official evaluation geometry (see :data:`OFFICIAL_EVAL_CROP_FRACTION`): the
+    whole patch resized to ``size`` (256 -> 224). ``crop_fraction=224/256`` takes the central 224 px of a
+    256 px patch unchanged instead (a smaller field of view than training's full-area crops).
 
     Args:
         size: Output side, e.g. 224.

@@ -100,7 +100,10 @@ def _encode_slides(
             if not slides.enter(slide_id) and not error:
                 try:
                     x = normalize_images(
-                        item["images"].to(device, non_blocking=True), tuple(mean), tuple(std)
+                        item["images"].to(device, non_blocking=True),
+                        tuple(mean),
+                        tuple(std),
+                        getattr(encoder, "channel_order", "rgb"),  # a converted official encoder wants BGR
                     )
                     with _autocast(device, precision):
                         feats = encoder(x).float().cpu()

@@ -90,7 +90,10 @@ class PatchEncoderModule(pl.LightningModule):
         out = {"slide_id": item["slide_id"], "last": item["last"], "features": None, "error": item["error"]}
         if not out["error"]:
             try:
-                x = normalize_images(item["images"], self.mean, self.std)
+                order = getattr(
+                    self.encoder, "channel_order", "rgb"
+                )  # a converted official encoder wants BGR
+                x = normalize_images(item["images"], self.mean, self.std, order)
                 out["features"] = self.encoder(x).float().cpu()
             except Exception as err:  # a bad batch fails its slide only
                 out["error"] = repr(err)

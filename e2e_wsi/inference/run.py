@@ -48,7 +48,10 @@ class LoadedModel:
 
     @property
     def eval_crop_fraction(self) -> float:
-        """Centre crop of the cached patch the model saw at evaluation (``data.eval_crop_fraction``)."""
+        """Centre crop of the cached patch the model sees at evaluation: 1.0 (whole patch resized) when
+        the model requires it (``eval_resize``), else ``data.eval_crop_fraction``."""
+        if self.model.eval_resize:
+            return 1.0
         return float(self.data.get("eval_crop_fraction") or OFFICIAL_EVAL_CROP_FRACTION)
 
 
@@ -75,9 +78,10 @@ def load_model(ckpt_path: str | Path, config_path: str | Path | None = None) -> 
     cfg = parser.parse_object({"model": config.get("model") or {}})
     model = parser.instantiate_classes(cfg).model
     checkpoint = load_checkpoint(ckpt_path)  # weights_only=True; remote or unsafe files refused
-    model.load_state_dict(checkpoint["state_dict"])
-    # Feature runs: the training features' settings, so other features are refused at inference.
+    # Before the weights, as Lightning does: the input contract (channel order, evaluation resize),
+    # converted EMA keys, and for feature runs the training features' settings.
     model.on_load_checkpoint(checkpoint)
+    model.load_state_dict(checkpoint["state_dict"])
     model.eval()
     return LoadedModel(model, config.get("data") or {}, ckpt_path, RunFolder(config_path.parent))
 

@@ -61,8 +61,12 @@ def official_weights(checkpoint: Mapping, which: str = "auto") -> dict[str, torc
 
     Args:
         checkpoint: What ``torch.load`` returned: ``{"model", "teacher", "epoch"}`` or a bare state dict.
-        which: ``"model"`` (the live weights), ``"teacher"`` (the EMA weights, the ones the official
-            ``test_type: both_ema`` reports first) or ``"auto"`` (teacher when present, else model).
+        which: ``"model"`` (the live weights), ``"teacher"`` (the EMA weights) or ``"auto"`` (teacher
+            when present, else model). Which epoch: ``fold_k_model_best.pt`` is saved when the *live*
+            model's validation metric improves and holds the live weights and the EMA weights of that
+            epoch (main.py:375-390); ``fold_k_ema_model_best.pt`` holds only ``teacher``, saved when the
+            EMA model's metric improves (main.py:393-406). The official EMA test numbers come from the
+            latter (main.py:437-452), its live numbers from the former's ``model`` (main.py:434-443).
 
     Returns:
         The chosen state dict (names still official).
@@ -83,9 +87,26 @@ def official_weights(checkpoint: Mapping, which: str = "auto") -> dict[str, torc
     return dict(checkpoint[which])
 
 
+# Wrapper prefixes in front of the official names: DDP / EMA ``module.`` and torch.compile's
+# ``_orig_mod.`` (the official code compiles with ``--torchcompile``, main.py:227-228,258-259, and
+# strips that prefix itself only in one place, main.py:250-251).
+_WRAPPERS = ("module.", "_orig_mod.")
+
+# What the official pipeline feeds its weights, written into converted checkpoints
+# (SlideModule.input_contract): BGR channels (TurboJPEG decode, datasets/data_utils.py:227-278, used
+# by datasets/dataset_img.py:149,277; normalised with the RGB-ordered ImageNet mean/std and never
+# swapped back, datasets/data_utils.py:171-174,199-203) and whole patches resized to 224 px at
+# evaluation (CLAM/save_patches.py:50-53; datasets/dataloader.py:59,79,102-103).
+OFFICIAL_INPUT_CONTRACT: dict[str, object] = {"channel_order": "bgr", "eval_resize": True}
+
+
 def _strip_wrappers(name: str) -> str:
-    while name.startswith("module."):
-        name = name[len("module.") :]
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _WRAPPERS:
+            if name.startswith(prefix):
+                name, stripped = name[len(prefix) :], True
     return name
 
 

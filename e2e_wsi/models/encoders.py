@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
+from e2e_wsi.images import ChannelOrder, check_channel_order
 from e2e_wsi.models.registry import register_encoder
 from e2e_wsi.models.timm_encoder import state_sha256
 from e2e_wsi.utils import sha256_file
@@ -157,7 +158,21 @@ class ResNetEncoder(nn.Module):
             one chunk live at a time. In train-mode BatchNorm each chunk is normalised with its own
             statistics, and the recomputation in backward does not update the running statistics a
             second time.
+            The chunks are the BatchNorm groups of training: set it to the official group (the
+            patches one official encoder call normalises together) to get the official statistics.
+            Patches arrive bag by bag and, within a bag, scale by scale, so a chunk smaller than a bag
+            holds one scale only (see ``mix_chunks``).
+        mix_chunks: With ``checkpoint_chunk``, shuffle the patches of the batch before chunking (and
+            restore the order after), so every BatchNorm group mixes scales and bags in the batch's
+            proportions. Off by default: the paper configs' chunks hold whole bags, as official.
         channels_last: Store weights and inputs in channels-last memory format (faster convolutions).
+        channel_order: The channel order the weights expect: ``rgb`` (torchvision's ImageNet weights,
+            our training) or ``bgr`` (weights trained by the official code, which feeds BGR patches
+            normalised with the RGB-ordered ImageNet statistics). :meth:`SlideModule.encode
+            <e2e_wsi.models.module.SlideModule.encode>` reverses the channels for ``bgr``.
+        eval_resize: The model must be evaluated on whole patches resized to ``input_size`` (the
+            official evaluation), whatever ``data.eval_crop_fraction`` says. ``e2e-wsi convert`` sets
+            it (and ``channel_order: bgr``) in the checkpoints it writes; checkpoints carry both.
 
     Raises:
         ValueError: Unknown arch, unreadable or mismatching state dict.
@@ -183,8 +198,14 @@ class ResNetEncoder(nn.Module):
         bn_eval: bool = False,
         checkpoint_chunk: int | None = None,
         channels_last: bool = True,
+        channel_order: ChannelOrder = "rgb",
+        eval_resize: bool = False,
+        mix_chunks: bool = False,
     ) -> None:
         super().__init__()
+        self.mix_chunks = bool(mix_chunks)
+        self.channel_order = check_channel_order(channel_order)
+        self.eval_resize = bool(eval_resize)
         builder, _, out_dim = _ARCHS[_check_arch(arch)]
         if checkpoint_chunk is not None and checkpoint_chunk <= 0:
             raise ValueError(
@@ -281,13 +302,21 @@ class ResNetEncoder(nn.Module):
         x = self._prepare(x)
         if not self._needs_checkpoint(x):
             return self._features(x)
+        order = torch.randperm(x.shape[0], device=x.device) if self.mix_chunks else None
+        if order is not None:
+            x = x[order]
         chunks = x.split(self.checkpoint_chunk)
-        return torch.cat(
+        out = torch.cat(
             [
                 checkpoint(self._features, chunk, use_reentrant=False, context_fn=self._checkpoint_contexts)
                 for chunk in chunks
             ]
         )
+        if order is None:
+            return out
+        restored = torch.empty_like(out)
+        restored[order] = out
+        return restored
 
     def _checkpoint_contexts(
         self,

@@ -10,12 +10,13 @@ from contextlib import contextmanager
 import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from e2e_wsi.images import IMAGENET_MEAN, IMAGENET_STD, normalize_images
+from e2e_wsi.images import IMAGENET_MEAN, IMAGENET_STD, check_channel_order, normalize_images
 from e2e_wsi.models.aggregators import ABMILX
 from e2e_wsi.models.encoders import PrecomputedFeatures, ResNetEncoder
 from e2e_wsi.models.optim import WarmupCosineLR, apply_lr_mult, encoder_param_groups
@@ -23,6 +24,8 @@ from e2e_wsi.models.tasks import Task, default_task
 from e2e_wsi.utils import describe_difference
 
 AggregatorFactory = Callable[[int], nn.Module]
+# Checkpoint entry holding what the weights need from their input (SlideModule.input_contract).
+INPUT_CONTRACT_KEY = "e2e_wsi_input"
 SchedulerFactory = Callable[[Optimizer, int], LRScheduler]
 
 
@@ -41,8 +44,9 @@ class SlideModule(L.LightningModule):
             without ``in_dim``); returns a module ``(x [B, N, D], mask [B, N]) -> (slide, attention)``.
         optimizer: Factory called with the parameter groups (encoder group scaled by
             ``encoder_lr_mult``).
-        lr_scheduler: Factory called with ``(optimizer, total_steps)``; stepped every optimizer step.
-            ``None`` keeps the rate constant.
+        lr_scheduler: Factory called with ``(optimizer, total_steps)``; stepped every optimizer step,
+            or every epoch when the scheduler says ``interval = "epoch"`` (``EpochCosineLR``, the
+            official schedule). ``None`` keeps the rate constant.
         encoder_lr_mult: Learning-rate multiplier for the encoder relative to the MIL part.
         ema_decay: If set, keep an exponential moving average of all weights and evaluate with it.
         eval_chunk_size: Patches encoded at once during evaluation (bounds memory for 10k+ bags).
@@ -153,12 +157,41 @@ class SlideModule(L.LightningModule):
             return encoder(images)
         mean = getattr(encoder, "mean", IMAGENET_MEAN)
         std = getattr(encoder, "std", IMAGENET_STD)
+        order = getattr(encoder, "channel_order", "rgb")
         if torch.is_grad_enabled() and self.training and not getattr(encoder, "frozen", False):
-            return encoder(normalize_images(images, mean, std))
+            return encoder(normalize_images(images, mean, std, order))
         # A frozen encoder needs no graph even in training: chunking bounds its activations.
         with torch.no_grad() if getattr(encoder, "frozen", False) else contextlib.nullcontext():
-            chunks = [encoder(normalize_images(c, mean, std)) for c in images.split(self.eval_chunk_size)]
+            chunks = [
+                encoder(normalize_images(c, mean, std, order)) for c in images.split(self.eval_chunk_size)
+            ]
         return torch.cat(chunks)
+
+    # ------------------------------------------------------------------------------ input contract
+    @property
+    def channel_order(self) -> str:
+        """Channel order the encoder's weights expect (``rgb`` or ``bgr``), see ``ResNetEncoder``."""
+        return str(getattr(self.encoder, "channel_order", "rgb"))
+
+    @property
+    def eval_resize(self) -> bool:
+        """True when evaluation must feed whole patches resized to the encoder's input size."""
+        return bool(getattr(self.encoder, "eval_resize", False))
+
+    def input_contract(self) -> dict[str, object]:
+        """What the weights need from their input: ``{"channel_order", "eval_resize"}`` (plain data)."""
+        return {"channel_order": self.channel_order, "eval_resize": self.eval_resize}
+
+    def set_input_contract(self, channel_order: str, eval_resize: bool) -> None:
+        """Make the live and EMA encoders expect ``channel_order`` and ``eval_resize`` (a checkpoint's)."""
+        check_channel_order(channel_order)
+        encoders = [self.encoder]
+        if self.ema is not None:
+            encoders.append(self.ema.module[0])
+        for enc in encoders:
+            if not isinstance(enc, PrecomputedFeatures):
+                enc.channel_order = channel_order
+                enc.eval_resize = bool(eval_resize)
 
     def forward(self, images: Tensor, mask: Tensor | None = None) -> dict[str, Tensor]:
         """Run the whole model on bags.
@@ -250,11 +283,27 @@ class SlideModule(L.LightningModule):
             self.feature_settings = settings
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if isinstance(self.encoder, PrecomputedFeatures):
+        if not isinstance(self.encoder, PrecomputedFeatures):
+            checkpoint[INPUT_CONTRACT_KEY] = self.input_contract()
+        else:
             checkpoint["e2e_wsi_features"] = {"dim": self.encoder.out_dim, "settings": self.feature_settings}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Build a lazy feature model from the checkpoint; refuse features from another encoder."""
+        """Apply the checkpoint's input contract; fit converted EMA keys; build a lazy feature model.
+
+        A checkpoint's ``e2e_wsi_input`` (channel order, evaluation resize) describes its weights and
+        wins over the config's encoder settings. A checkpoint written by ``e2e-wsi convert`` gets its
+        ``ema.*`` keys filled from (or dropped to) what this model has, so no ``--ema`` flag is needed.
+        """
+        contract = checkpoint.get(INPUT_CONTRACT_KEY)
+        if contract is not None and not isinstance(self.encoder, PrecomputedFeatures):
+            if contract != self.input_contract():
+                rank_zero_info(
+                    f"input contract from the checkpoint: {contract} (config: {self.input_contract()})"
+                )
+            self.set_input_contract(str(contract["channel_order"]), bool(contract["eval_resize"]))
+        if "converted_from" in checkpoint and "state_dict" in checkpoint:
+            checkpoint["state_dict"] = self._fit_ema_keys(checkpoint["state_dict"])
         saved = checkpoint.get("e2e_wsi_features")
         if saved is None:
             return
@@ -273,6 +322,17 @@ class SlideModule(L.LightningModule):
             _compare_settings(trained, now, getattr(dm, "hparams", {}).get("features_dir"))
         if self.feature_settings is None:
             self.feature_settings = trained
+
+    def _fit_ema_keys(self, state: dict) -> dict:
+        """Add ``ema.*`` copies of the live weights when this model keeps an EMA, drop them otherwise."""
+        from e2e_wsi.models.convert import with_ema_copy  # convert imports nothing from here
+
+        has_ema = any(k.startswith("ema.") for k in state)
+        if self.ema is not None and not has_ema:
+            return with_ema_copy(state)
+        if self.ema is None and has_ema:
+            return {k: v for k, v in state.items() if not k.startswith("ema.")}
+        return state
 
     # -------------------------------------------------------------------------------------- training
     def step(self, batch: dict, stage: str) -> dict[str, Tensor]:
@@ -357,7 +417,10 @@ class SlideModule(L.LightningModule):
             return optimizer
         total = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = self.scheduler_factory(optimizer, total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        interval = getattr(scheduler, "interval", "step")  # EpochCosineLR: once per epoch
+        if interval == "epoch":
+            scheduler.set_epochs(int(self.trainer.max_epochs))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
 
     @contextmanager
     def evaluating(self) -> Iterator[SlideModule]:

@@ -49,6 +49,68 @@ class WarmupCosineLR(LambdaLR):
         return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * cosine
 
 
+class EpochCosineLR(LambdaLR):
+    """The official schedule: timm's cosine stepped once per epoch, with ``warmup_prefix=False``.
+
+    The official run builds ``create_scheduler_v2(sched="cosine", num_epochs, warmup_lr, warmup_epochs,
+    min_lr=1e-7)`` (train_utils.py:94-95; ``warmup_lr`` 1e-6, options.py:75) and steps it with the epoch
+    number after every epoch (engines/base_engine.py:253-254). Epoch ``t`` of ``T`` then trains at
+
+    * ``t < w``: ``warmup + t * (base - warmup) / w`` (linear warm-up from ``warmup``),
+    * ``t >= w``: ``min + (base - min) * (1 + cos(pi * t / T)) / 2``: the cosine counts epochs from
+      the start of the run, not from the end of the warm-up, so right after a warm-up of ``w = 10`` of
+      ``T = 75`` epochs the rate is 0.957 x base, not 1.0.
+
+    :class:`~e2e_wsi.models.module.SlideModule` steps it once per epoch (``interval = "epoch"``) and
+    gives it ``trainer.max_epochs`` as ``T``.
+
+    Args:
+        optimizer: The optimizer; each group's rate is scaled by the same factor.
+        total_steps: Unused (the factory signature of every schedule); the length is the epoch count
+            given by :meth:`set_epochs` (``SlideModule`` calls it with ``trainer.max_epochs``).
+        warmup_epochs: ``w`` (official ``warmup_epochs``).
+        warmup_lr_ratio: Warm-up start as a fraction of the base rate (official 1e-6 / lr).
+        min_lr_ratio: Final rate as a fraction of the base rate (official 1e-7 / lr).
+    """
+
+    interval = "epoch"
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        total_steps: int = 1,
+        warmup_epochs: int = 0,
+        warmup_lr_ratio: float = 0.0125,
+        min_lr_ratio: float = 0.00125,
+    ) -> None:
+        del total_steps
+        if warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+        if not 0.0 <= min_lr_ratio <= 1.0 or not 0.0 <= warmup_lr_ratio <= 1.0:
+            raise ValueError("warmup_lr_ratio and min_lr_ratio must be in [0, 1]")
+        self.warmup_epochs = int(warmup_epochs)
+        self.warmup_lr_ratio = float(warmup_lr_ratio)
+        self.min_lr_ratio = float(min_lr_ratio)
+        self.epochs = max(1, self.warmup_epochs + 1)
+        super().__init__(optimizer, self._factor)
+
+    def set_epochs(self, epochs: int) -> None:
+        """Set ``T``, the run's number of epochs, and re-apply the current epoch's rate."""
+        if epochs < 1:
+            raise ValueError(f"the run needs at least one epoch, got {epochs}")
+        self.epochs = int(epochs)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * self._factor(self.last_epoch)
+
+    def _factor(self, epoch: int) -> float:
+        if epoch < self.warmup_epochs:
+            return self.warmup_lr_ratio + epoch * (1.0 - self.warmup_lr_ratio) / self.warmup_epochs
+        if epoch >= self.epochs:
+            return self.min_lr_ratio
+        cosine = 0.5 * (1.0 + math.cos(math.pi * epoch / self.epochs))
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * cosine
+
+
 def encoder_param_groups(encoder: nn.Module, rest: list[nn.Module], encoder_lr_mult: float) -> list[dict]:
     """Split trainable parameters into an encoder group and a group for everything else.
 

@@ -136,7 +136,8 @@ class ClassificationTask(Task):
 
 
 class GradingTask(ClassificationTask):
-    """Ordinal grading (e.g. ISUP 0-5): cross-entropy; accuracy and quadratic weighted kappa."""
+    """Ordinal grading (e.g. ISUP 0-5): cross-entropy; balanced accuracy (the official PANDA "Acc"),
+    accuracy, unweighted kappa (the official "CK") and quadratic weighted kappa."""
 
     kind = "grading"
     # Validation loss: QWK on a small validation set jumps between a few values and ties often.

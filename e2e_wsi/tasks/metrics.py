@@ -26,11 +26,13 @@ __all__ = [
     "balanced_accuracy",
     "binary_auroc",
     "c_index",
+    "cohen_kappa",
     "confusion_matrices",
     "f1_macro",
     "grouped_sums",
     "quadratic_weighted_kappa",
     "safe_ratio",
+    "unweighted_kappa",
 ]
 
 # Elements of a [block, n] pair matrix built at once in the C-index; bounds memory to ~32 MB.
@@ -190,22 +192,47 @@ def f1_macro(
     return safe_ratio(np.where(used, f1, 0.0).sum(axis=1), used.sum(axis=1))
 
 
+def cohen_kappa(
+    labels: np.ndarray,
+    preds: np.ndarray,
+    num_classes: int,
+    weights: np.ndarray | None = None,
+    disagreement: str = "none",
+) -> np.ndarray:
+    """Cohen's kappa per resample, ``[R]``: unweighted (``disagreement="none"``) or quadratic.
+
+    Unweighted kappa is the official PANDA "CK" (torchmetrics ``CohenKappa(task="multiclass")``,
+    ``engines/metrics.py:150`` of DearCaat/E2E-WSI-ABMILX); quadratic weights ``(i - j)^2 / (K - 1)^2``
+    give the PANDA challenge's QWK. ``NaN`` where the expected disagreement is zero (labels and
+    predictions all in one class), where kappa is 0 / 0.
+    """
+    if disagreement not in ("none", "quadratic"):
+        raise ValueError(f"disagreement must be 'none' or 'quadratic', got {disagreement!r}")
+    cm = confusion_matrices(labels, preds, num_classes, weights)
+    idx = np.arange(num_classes, dtype=np.float64)
+    if disagreement == "quadratic":
+        cost = (idx[:, None] - idx[None, :]) ** 2 / max(num_classes - 1, 1) ** 2
+    else:
+        cost = (idx[:, None] != idx[None, :]).astype(np.float64)
+    total = cm.sum(axis=(1, 2))
+    expected = safe_ratio(cm.sum(axis=2)[:, :, None] * cm.sum(axis=1)[:, None, :], total[:, None, None])
+    observed_d = (cm * cost).sum(axis=(1, 2))
+    expected_d = (np.nan_to_num(expected) * cost).sum(axis=(1, 2))
+    return 1.0 - safe_ratio(observed_d, expected_d)
+
+
 def quadratic_weighted_kappa(
     labels: np.ndarray, preds: np.ndarray, num_classes: int, weights: np.ndarray | None = None
 ) -> np.ndarray:
-    """Cohen's kappa with quadratic disagreement weights ``(i - j)^2 / (K - 1)^2``, ``[R]``.
+    """Cohen's kappa with quadratic disagreement weights, ``[R]`` (see :func:`cohen_kappa`)."""
+    return cohen_kappa(labels, preds, num_classes, weights, "quadratic")
 
-    ``NaN`` where the expected weighted disagreement is zero (labels and predictions all in one
-    class), where kappa is 0 / 0.
-    """
-    cm = confusion_matrices(labels, preds, num_classes, weights)
-    idx = np.arange(num_classes, dtype=np.float64)
-    disagreement = (idx[:, None] - idx[None, :]) ** 2 / max(num_classes - 1, 1) ** 2
-    total = cm.sum(axis=(1, 2))
-    expected = safe_ratio(cm.sum(axis=2)[:, :, None] * cm.sum(axis=1)[:, None, :], total[:, None, None])
-    observed_d = (cm * disagreement).sum(axis=(1, 2))
-    expected_d = (np.nan_to_num(expected) * disagreement).sum(axis=(1, 2))
-    return 1.0 - safe_ratio(observed_d, expected_d)
+
+def unweighted_kappa(
+    labels: np.ndarray, preds: np.ndarray, num_classes: int, weights: np.ndarray | None = None
+) -> np.ndarray:
+    """Cohen's kappa without disagreement weights (the official PANDA "CK"), ``[R]``."""
+    return cohen_kappa(labels, preds, num_classes, weights, "none")
 
 
 def c_index(

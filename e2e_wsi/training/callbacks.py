@@ -163,12 +163,78 @@ class BestCheckpoint(DefinedMetricCheckpoint):
         if self._resolved:
             return
         self._resolved = True
-        self.monitor = self.monitor or task.monitor
-        _aim(self, self.monitor, self._given_mode or _mode_of(self.monitor, task))
+        _aim(self, *selection_metric(self.monitor, self._given_mode, task))
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.follow_task(pl_module.task)
         super().setup(trainer, pl_module, stage)
+
+
+class TaskEarlyStopping(DefinedMetricEarlyStopping):
+    """Early stopping on the same metric family as :class:`BestCheckpoint`, stated once by the task.
+
+    Args:
+        monitor: ``None`` (default): the task's ``monitor`` (validation loss for the paper tasks);
+            ``"official"``: the official code's metric (:func:`official_selection`); or a logged metric.
+        mode: ``None``: follows the metric (see :func:`selection_metric`).
+        patience: Validation epochs without improvement before stopping (official ``patient``).
+        **kwargs: Any other Lightning ``EarlyStopping`` argument (``strict``, ``min_delta`` ...).
+    """
+
+    def __init__(
+        self,
+        monitor: str | None = None,
+        mode: Literal["min", "max"] | None = None,
+        patience: int = 3,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(monitor=monitor or "val/loss", mode=mode or "min", patience=patience, **kwargs)
+        self._given_monitor, self._given_mode = monitor, mode
+        self._resolved = False
+
+    def follow_task(self, task: Task) -> None:
+        """Resolve ``monitor``/``mode`` against ``task`` (idempotent; before the first check)."""
+        if self._resolved:
+            return
+        self._resolved = True
+        self.monitor, self.mode = selection_metric(self._given_monitor, self._given_mode, task)
+        self.min_delta = abs(self.min_delta) * (1 if self.monitor_op == torch.gt else -1)
+        self.best_score = torch.tensor(math.inf if self.mode == "min" else -math.inf)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.follow_task(pl_module.task)
+        super().setup(trainer, pl_module, stage)
+
+
+def official_selection(task: Task) -> tuple[str, Literal["min", "max"]]:
+    """The official code's selection and early-stopping metric for ``task``, always maximised.
+
+    DearCaat/E2E-WSI-ABMILX stops early and keeps checkpoints on the validation value of its main
+    metric: index ``best_metric_index`` of the metric list, 0 (AUC) for two classes and survival
+    (C-index), 1 (macro-averaged accuracy) otherwise (options.py:253-254; engines/metrics.py:196-204,
+    227-228; main.py:375,394), with ``EarlyStopping(score = -metric)`` (utils.py:288-327,
+    train_utils.py:108-114). Under ``test_type: both_ema`` the early-stopping value is the EMA model's
+    (engines/base_engine.py:343-364, main.py:305-307). Our validation metrics are the EMA model's
+    whenever ``model.ema_decay`` is set (``SlideModule`` evaluates the EMA weights).
+    """
+    if task.kind == "survival":
+        return "val/c_index", "max"
+    if task.kind == "classification" and getattr(task, "num_classes", 2) == 2:
+        return "val/auroc", "max"
+    return "val/balanced_accuracy", "max"
+
+
+def selection_metric(
+    monitor: str | None, mode: Literal["min", "max"] | None, task: Task
+) -> tuple[str, Literal["min", "max"]]:
+    """``(monitor, mode)`` of a selection callback: ``None`` = the task's own metric, ``"official"`` =
+    :func:`official_selection`, else the named metric with ``mode`` or :func:`_mode_of`."""
+    if monitor is None:
+        return task.monitor, mode or task.monitor_mode
+    if monitor == "official":
+        official, official_mode = official_selection(task)
+        return official, mode or official_mode
+    return monitor, mode or _mode_of(monitor, task)
 
 
 def _mode_of(monitor: str, task: Task) -> Literal["min", "max"]:

@@ -13,20 +13,47 @@ import torch
 from e2e_wsi.cli_common import ArgumentParser
 from e2e_wsi.errors import UserError
 from e2e_wsi.models import convert
-from e2e_wsi.models.convert import convert_state_dict, official_weights, with_ema_copy
+from e2e_wsi.models.convert import (
+    OFFICIAL_INPUT_CONTRACT,
+    convert_state_dict,
+    official_weights,
+    with_ema_copy,
+)
+from e2e_wsi.models.module import INPUT_CONTRACT_KEY
 from e2e_wsi.training.checkpoints import load_torch_file
+
+_EPILOG = """\
+Which official file gives which numbers (DearCaat/E2E-WSI-ABMILX, main.py):
+  fold_k_ema_model_best.pt   'teacher' only: the EMA weights of the epoch with the best EMA validation
+                             metric (main.py:393-406). The official EMA test numbers come from this
+                             file (main.py:437-452): convert it (--weights auto or teacher).
+  fold_k_model_best.pt       'model' = the live weights of the epoch with the best live validation
+                             metric, 'teacher' = the EMA weights of that same epoch (main.py:375-390).
+                             The official live test numbers come from 'model' (--weights model);
+                             --weights auto picks its 'teacher', which is NOT the official EMA result.
+The converted checkpoint records what the official weights need (BGR channels, whole 256 -> 224
+resize at evaluation), so `e2e-wsi test|predict --ckpt_path OUT` feeds them like the official pipeline;
+its EMA keys are fitted to the config at load time (the --ema flag is no longer needed)."""
 
 
 def build_parser() -> ArgumentParser:
     """The ``e2e-wsi convert`` command line."""
-    p = ArgumentParser(prog="e2e-wsi convert", description=convert.__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="e2e-wsi convert", description=convert.__doc__.split("\n\n")[0], epilog=_EPILOG)
     p.add_argument("official", help="official checkpoint (e.g. fold_0_model_best.pt) or state dict file")
     p.add_argument("out", help="where to write the converted checkpoint (.ckpt)")
     p.add_argument(
         "--weights", default="auto", choices=["auto", "model", "teacher"], help="live or EMA weights"
     )
     p.add_argument(
-        "--ema", action="store_true", help="also fill ema.* keys (for configs with model.ema_decay)"
+        "--ema",
+        action="store_true",
+        help="also fill ema.* keys now (default: off; loading fits them to the config anyway)",
+    )
+    p.add_argument(
+        "--channel_order",
+        default=str(OFFICIAL_INPUT_CONTRACT["channel_order"]),
+        choices=["bgr", "rgb"],
+        help="channel order the weights were trained on (default: bgr, the official TurboJPEG decode)",
     )
     return p
 
@@ -56,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         "epoch": 0,
         "global_step": 0,
         "converted_from": str(Path(args.official).resolve()),
+        INPUT_CONTRACT_KEY: {**OFFICIAL_INPUT_CONTRACT, "channel_order": args.channel_order},
     }
     torch.save(payload, tmp)
     tmp.replace(out)  # never leave a half-written checkpoint

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -133,6 +134,44 @@ def test_survival_bags_and_bins(coded_cache: CodedCache, tmp_path: Path) -> None
     assert item["images"].shape[0] == 16 and len(item["slide_ids"]) >= 2  # a case's slides form one bag
     assert 0 <= int(item["target"]) < 4 and item["event"].dtype == torch.float32
     assert dm.train_targets.shape[1] == 2
+
+
+def test_cohort_survival_bins_use_every_case_train_bins_the_training_cases(
+    coded_cache: CodedCache, tmp_path: Path
+) -> None:
+    rows = ["case_id,slide_id,time,event"]
+    for sid in coded_cache.slides:
+        case = int(sid[1])
+        rows.append(f"case{case},{sid},{10 + 7 * case},1")
+    (tmp_path / "surv.csv").write_text("\n".join(rows) + "\n")
+    edges = {}
+    for rule in ("train", "cohort"):
+        dm = _dm(coded_cache, tmp_path / "surv.csv", task="survival", num_classes=None,
+                 split_ratios=(0.5, 0.0, 0.5), survival_bins=rule)  # fmt: skip
+        dm.setup("fit")
+        edges[rule] = dm.survival_bin_edges
+        times = [
+            b.targets["time"]
+            for b in (dm.bags["train"] if rule == "train" else dm.bags["train"] + dm.bags["test"])
+        ]
+        expected = np.quantile(times, [0.25, 0.5, 0.75])  # official: pd.qcut quartiles, linear interpolation
+        np.testing.assert_allclose(edges[rule][1:-1], expected)
+    assert edges["train"] != edges["cohort"]
+
+
+def test_drop_last_drops_the_incomplete_batch(coded_cache: CodedCache, coded_manifest: Path) -> None:
+    dm = _dm(coded_cache, coded_manifest, split_ratios=(1.0, 0.0, 0.0), batch_size=4)
+    dm.setup("fit")
+    n = len(dm.train_dataset())
+    assert n % 4 != 0, "the fixture must leave an incomplete batch"
+    assert len(dm.train_dataloader()) == -(-n // 4)
+    dropped = _dm(coded_cache, coded_manifest, split_ratios=(1.0, 0.0, 0.0), batch_size=4, drop_last=True)
+    dropped.setup("fit")
+    assert len(dropped.train_dataloader()) == n // 4
+    too_big = _dm(coded_cache, coded_manifest, split_ratios=(1.0, 0.0, 0.0), batch_size=n + 1, drop_last=True)
+    too_big.setup("fit")
+    with pytest.raises(ValueError, match="drop_last"):
+        too_big.train_dataloader()
 
 
 class _TinyModule(pl.LightningModule):

@@ -87,3 +87,34 @@ def test_seeding_reproducible_and_varies_by_epoch_rank_and_bag() -> None:
     assert np.array_equal(base, _draw(0, 0, 0, 0))
     for other in (_draw(0, 1, 0, 0), _draw(0, 0, 1, 0), _draw(0, 0, 0, 1), _draw(1, 0, 0, 0)):
         assert not np.array_equal(base, other)
+
+
+def test_repeat_scale_pads_a_short_scale_with_its_own_duplicates() -> None:
+    # The example: 200 patches at 10x, 20 at 5x, s = 128 with ratio 4 (official 96 + 32).
+    scale, index, valid = mris_sample([200, 20], 128, [0.75, 0.25], sample_rng(0, 0, 0, 0), "repeat_scale")
+    assert np.bincount(scale).tolist() == [96, 32] and valid.all()  # duplicates count, as officially
+    sub = index[scale == 1]
+    assert set(sub.tolist()) == set(range(20)) and len(sub) - len(set(sub.tolist())) == 12
+    assert len(set(index[scale == 0].tolist())) == 96  # the full scale is drawn without repeats
+    # Our default borrows the shortfall from the other scale instead: 108 + 20, no repeats.
+    scale, index, valid = mris_sample([200, 20], 128, [0.75, 0.25], sample_rng(0, 0, 0, 0))
+    assert np.bincount(scale).tolist() == [108, 20] and valid.all()
+    with pytest.raises(ValueError, match="shortfall"):
+        mris_sample([200, 20], 128, [0.75, 0.25], sample_rng(0, 0, 0, 0), "nearest")
+
+
+def test_repeat_oversampling_is_exact_and_the_same_every_epoch() -> None:
+    from e2e_wsi.data.sampling import OversampleMap
+
+    labels = np.array([0] * 7 + [1] * 3)
+    fixed = OversampleMap(labels, {1: 2}, seed=0, mode="repeat")
+    assert len(fixed) == 7 + 6
+    for epoch in (0, 1, 5):
+        drawn = np.bincount([fixed(p, epoch) for p in range(len(fixed))], minlength=10)
+        assert drawn[:7].tolist() == [1] * 7 and drawn[7:].tolist() == [2, 2, 2]
+    # The ratio mode rotates which slides repeat: 7:3 at 2:1 -> 7 + 4 positions, copies differ by epoch.
+    rotating = OversampleMap(labels, {0: 2, 1: 1}, seed=0)
+    epochs = [tuple(rotating(p, e) for p in range(len(rotating))) for e in range(4)]
+    assert len(rotating) == 11 and len(set(epochs)) > 1
+    with pytest.raises(ValueError, match="whole repeat counts"):
+        OversampleMap(labels, {1: 1.5}, seed=0, mode="repeat")

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torchvision.transforms.v2 import functional as F
 
-from e2e_wsi.data.transforms import EvalTransform, TrainTransform, normalize_images
+from e2e_wsi.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    EvalTransform,
+    TrainTransform,
+    normalize_images,
+)
 
 
 def _patches(n: int = 16, size: int = 64) -> torch.Tensor:
@@ -73,22 +80,41 @@ def test_eval_transform_resizes_and_centre_crops() -> None:
     assert torch.equal(crop, x[:, :, 16:48, 16:48])
 
 
-def test_eval_default_is_the_official_centre_crop_not_a_resize() -> None:
-    # Official evaluation: CenterCrop(224) of the 256 px patch, pixels untouched.
+def test_eval_default_is_the_official_whole_patch_resize_not_a_centre_crop() -> None:
+    # Official evaluation: the whole 256 px patch resized to 224 (CLAM/save_patches.py:50-53), no crop.
     x = _patches(2, 256)
     out = EvalTransform(224)(x)
-    assert torch.equal(out, x[:, :, 16:240, 16:240])
-    # crop_fraction=1.0 is the whole patch resized (the former default): a different image.
-    whole = EvalTransform(224, crop_fraction=1.0)(x)
-    assert whole.shape == out.shape and not torch.equal(whole, out)
-    # A smaller model size keeps the official field of view: the central 224/256, then resized.
-    small = EvalTransform(56)(x)
-    assert small.shape == (2, 3, 56, 56) and EvalTransform(56).resize == 64
+    assert torch.equal(out, F.resize(x, [224, 224], antialias=True))
+    # crop_fraction=224/256 is the central 224 px unchanged: a different image.
+    crop = EvalTransform(224, crop_fraction=224 / 256)(x)
+    assert torch.equal(crop, x[:, :, 16:240, 16:240]) and not torch.equal(crop, out)
     assert torch.equal(
         EvalTransform(32, crop_fraction=0.5)(_patches(1, 64)), _patches(1, 64)[:, :, 16:48, 16:48]
     )
     with pytest.raises(ValueError, match="crop_fraction"):
         EvalTransform(224, crop_fraction=1.5)
+
+
+def test_bgr_normalisation_reverses_channels_before_the_rgb_statistics() -> None:
+    x = _patches(2, 8)
+    ref = (x.flip(1).float() / 255 - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(
+        IMAGENET_STD
+    ).view(3, 1, 1)
+    torch.testing.assert_close(normalize_images(x, channel_order="bgr"), ref)
+    assert not torch.allclose(normalize_images(x), ref)
+    with pytest.raises(ValueError, match="channel_order"):
+        normalize_images(x, channel_order="brg")  # type: ignore[arg-type]
+
+
+def test_crop_chunks_share_one_box_per_chunk() -> None:
+    # Identical patches: one box per chunk gives identical crops within a chunk (flips off).
+    x = _patches(1, 64).expand(8, -1, -1, -1).contiguous()
+    chunked = TrainTransform(32, scale=(0.1, 0.5), hflip=0, vflip=0, crop_chunks=2)(x, seed=3)
+    assert all(torch.equal(chunked[i], chunked[0]) for i in range(4))
+    assert all(torch.equal(chunked[i], chunked[4]) for i in range(4, 8))
+    assert not torch.equal(chunked[0], chunked[4])
+    per_patch = TrainTransform(32, scale=(0.1, 0.5), hflip=0, vflip=0)(x, seed=3)
+    assert not all(torch.equal(per_patch[i], per_patch[0]) for i in range(4))
 
 
 def test_bad_arguments() -> None:

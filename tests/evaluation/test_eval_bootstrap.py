@@ -61,7 +61,7 @@ def survival_frame(n: int, seed: int = 0) -> pd.DataFrame:
     ("task", "names"),
     [
         ("classification", ["auroc", "accuracy", "balanced_accuracy", "f1_macro"]),
-        ("grading", ["accuracy", "qwk", "balanced_accuracy"]),
+        ("grading", ["balanced_accuracy", "accuracy", "kappa", "qwk"]),
         ("survival", ["c_index"]),
     ],
 )
@@ -193,9 +193,9 @@ def test_paired_comparison_detects_a_better_run() -> None:
     assert d["std"] == pytest.approx(np.std(va - vb, ddof=1))
 
 
-def test_paired_comparison_uses_accuracy_for_grading_and_c_index_for_survival() -> None:
-    grading = classification_frame(40, k=4, seed=1)
-    assert paired_comparison(grading, grading, "grading", n_resamples=10)["metric"] == "accuracy"
+def test_paired_comparison_uses_balanced_accuracy_for_grading_and_c_index_for_survival() -> None:
+    grading = classification_frame(40, k=4, seed=1)  # official PANDA "Acc": macro-averaged accuracy
+    assert paired_comparison(grading, grading, "grading", n_resamples=10)["metric"] == "balanced_accuracy"
     surv = survival_frame(40)
     reversed_risk = paired_comparison(surv, surv.assign(risk=-surv["risk"]), "survival", n_resamples=50)
     assert reversed_risk["metric"] == "c_index" and reversed_risk["difference"]["point"] > 0

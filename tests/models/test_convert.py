@@ -9,8 +9,6 @@ operations (no code shared with the modules under test).
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,73 +17,10 @@ from e2e_wsi.cli import main as cli
 from e2e_wsi.models.aggregators import ABMIL, ABMILX
 from e2e_wsi.models.convert import convert_state_dict, load_official, official_weights
 from e2e_wsi.models.heads import ClassificationHead
+from tests.helpers.official import CLASSES, INNER, D, official_abmilx_forward, official_abmilx_state
+from tests.helpers.official import ln as _ln
 
-D, INNER, N, CLASSES = 12, 16, 7, 3
-
-
-def _ln(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    mu = x.mean(-1, keepdim=True)
-    var = x.var(-1, unbiased=False, keepdim=True)
-    y = (x - mu) / torch.sqrt(var + 1e-5) * weight
-    return y if bias is None else y + bias
-
-
-def official_abmilx_state(heads: int, attn_bias: bool, ffn: bool, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random weights under the official DAttentionX names (E2E wrapper prefix ``mil.``)."""
-    g = torch.Generator().manual_seed(seed)
-    hd = INNER // heads
-
-    def r(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g) * 0.5
-
-    s = {
-        "mil.feature.0.weight": 1 + r(D) * 0.2,  # LayerNorm(input_dim, bias=False)
-        "mil.feature.1.weight": r(INNER, D),
-        "mil.attention.fc1.weight": r(hd, hd),
-        "mil.attention.fc2.weight": r(1, hd),
-        "mil.attn_plus_fn.qk.weight": r(2 * hd, hd),
-        "mil.attn_plus_fn.v.weight": torch.tensor([[-0.7]]),  # alpha, negative on purpose
-        "mil.attn_plus_fn.norm_x.weight": 1 + r(hd) * 0.2,
-        "mil.attn_plus_fn.norm_x.bias": r(hd) * 0.2,
-        "mil.proj.weight": r(INNER, INNER),
-        "mil.norm1.weight": 1 + r(INNER) * 0.2,
-        "mil.classifier.weight": r(CLASSES, INNER),
-    }
-    if attn_bias:
-        s["mil.attention.fc1.bias"] = r(hd)
-        s["mil.attention.fc2.bias"] = r(1)
-    if ffn:
-        s.update(
-            {
-                "mil.mlp.fc1.weight": r(4 * INNER, INNER),
-                "mil.mlp.fc1.bias": r(4 * INNER),
-                "mil.mlp.fc2.weight": r(INNER, 4 * INNER),
-                "mil.mlp.fc2.bias": r(INNER),
-            }
-        )
-    return s
-
-
-def official_abmilx_forward(s: dict[str, torch.Tensor], x: torch.Tensor, heads: int) -> torch.Tensor:
-    """The official DAttentionX forward in eval mode, written out: logits [B, CLASSES]."""
-    b, n, _ = x.shape
-    hd = INNER // heads
-    h = F.gelu(_ln(x, s["mil.feature.0.weight"]) @ s["mil.feature.1.weight"].T)
-    h = h.reshape(b, n, heads, hd).transpose(1, 2)  # [B, H, N, hd]
-    a = F.gelu(h @ s["mil.attention.fc1.weight"].T + s.get("mil.attention.fc1.bias", 0))
-    a = a @ s["mil.attention.fc2.weight"].T + s.get("mil.attention.fc2.bias", 0)  # [B, H, N, 1]
-    qk = _ln(h, s["mil.attn_plus_fn.norm_x.weight"], s["mil.attn_plus_fn.norm_x.bias"])
-    qk = qk @ s["mil.attn_plus_fn.qk.weight"].T
-    q, k = qk[..., :hd], qk[..., hd:]
-    u = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd), dim=-1)  # [B, H, N, N]
-    a = a + u @ (a * s["mil.attn_plus_fn.v.weight"][0, 0])
-    w = torch.softmax(a.transpose(-1, -2), dim=-1)  # [B, H, 1, N]
-    z = (w @ h).reshape(b, INNER) @ s["mil.proj.weight"].T
-    if "mil.mlp.fc1.weight" in s:
-        hidden = F.gelu(z @ s["mil.mlp.fc1.weight"].T + s["mil.mlp.fc1.bias"])
-        z = z + hidden @ s["mil.mlp.fc2.weight"].T + s["mil.mlp.fc2.bias"]
-    z = _ln(z, s["mil.norm1.weight"])
-    return z @ s["mil.classifier.weight"].T
+N = 7
 
 
 class MilAndHead(torch.nn.Module):
@@ -182,3 +117,17 @@ def test_cli_writes_a_loadable_checkpoint(tmp_path) -> None:
     torch.save({"model": {**official, "mil.bogus.weight": torch.ones(1)}}, src)
     assert cli(["convert", str(src), str(tmp_path / "bad.ckpt")]) == 2
     assert not (tmp_path / "bad.ckpt").exists()
+
+
+def test_torch_compile_prefix_is_stripped() -> None:
+    official = {f"_orig_mod.module.{k}": v for k, v in official_abmilx_state(8, False, False).items()}
+    converted = convert_state_dict({"model": official, "teacher": None, "epoch": 0})
+    assert "aggregator.alpha" in converted and not any("_orig_mod" in k for k in converted)
+
+
+def test_converted_checkpoint_records_the_official_input(tmp_path) -> None:
+    src, dst = tmp_path / "fold_0_ema_model_best.pt", tmp_path / "converted.ckpt"
+    torch.save({"teacher": official_abmilx_state(8, False, False), "epoch": 1}, src)
+    assert cli(["convert", str(src), str(dst)]) == 0
+    saved = torch.load(dst, weights_only=True)
+    assert saved["e2e_wsi_input"] == {"channel_order": "bgr", "eval_resize": True}

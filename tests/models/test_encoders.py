@@ -255,3 +255,28 @@ def test_frozen_timm_encoder_is_a_fixed_function() -> None:
     assert not encoder.training and not any(p.requires_grad for p in encoder.parameters())
     x = patches(2, size=32)
     torch.testing.assert_close(encoder(x), encoder(x))  # BatchNorm uses running stats, not the batch
+
+
+def test_chunk_is_the_batchnorm_group_and_mix_chunks_restores_order() -> None:
+    # Train-mode BatchNorm: a chunk equal to the whole batch gives the unchunked output (one BN group);
+    # a smaller chunk normalises each chunk on its own, which changes the features (issue 18, item 3).
+    torch.manual_seed(5)
+    plain = ResNetEncoder("resnet18").train()
+    x = patches(8)
+    whole = ResNetEncoder("resnet18", checkpoint_chunk=8).train()
+    whole.load_state_dict(plain.state_dict())
+    small = ResNetEncoder("resnet18", checkpoint_chunk=2).train()
+    small.load_state_dict(plain.state_dict())
+    reference = plain(x)
+    torch.testing.assert_close(whole(x), reference, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(small(x), reference, atol=1e-3)
+    # mix_chunks: each group is a random subset, and the output rows come back in the input order.
+    mixed = ResNetEncoder("resnet18", checkpoint_chunk=4, mix_chunks=True).train()
+    mixed.load_state_dict(plain.state_dict())
+    torch.manual_seed(0)
+    order = torch.randperm(8)
+    torch.manual_seed(0)
+    out = mixed(x)
+    expected = torch.empty_like(out)
+    expected[order] = torch.cat([plain(c) for c in x[order].split(4)])
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)

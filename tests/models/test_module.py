@@ -178,3 +178,48 @@ def test_warmup_cosine_schedule() -> None:
     assert lrs[55] == pytest.approx(0.5, abs=0.02)  # half-way through the cosine
     with pytest.raises(ValueError):
         WarmupCosineLR(opt, total_steps=0)
+
+
+def test_epoch_cosine_matches_timm_with_warmup_prefix_false() -> None:
+    from e2e_wsi.models.optim import EpochCosineLR
+
+    timm_scheduler = pytest.importorskip("timm.scheduler")
+    p = torch.nn.Parameter(torch.zeros(1))
+    ours_opt, timm_opt = torch.optim.AdamW([p], lr=8e-5), torch.optim.AdamW([p], lr=8e-5)
+    ours = EpochCosineLR(ours_opt, 0, warmup_epochs=10, warmup_lr_ratio=1e-6 / 8e-5, min_lr_ratio=1e-7 / 8e-5)
+    ours.set_epochs(75)
+    # The official call (train_utils.py:95), stepped with the epoch number after every epoch.
+    ref, _ = timm_scheduler.create_scheduler_v2(
+        timm_opt, sched="cosine", num_epochs=75, warmup_lr=1e-6, warmup_epochs=10, min_lr=1e-7
+    )
+    for epoch in range(75):
+        assert ours_opt.param_groups[0]["lr"] == pytest.approx(timm_opt.param_groups[0]["lr"], rel=1e-9)
+        ours_opt.step()
+        ours.step()
+        ref.step(epoch + 1)
+    ours2 = EpochCosineLR(torch.optim.AdamW([p], lr=1.0), 0, warmup_epochs=10)
+    ours2.set_epochs(75)
+    assert ours2._factor(10) == pytest.approx(
+        0.00125 + (1 - 0.00125) * 0.5 * (1 + math.cos(math.pi * 10 / 75))
+    )
+    assert ours2._factor(10) < 0.96  # no restart at 1.0 after the warm-up (warmup_prefix=False)
+
+
+def test_input_contract_travels_with_checkpoints_and_reverses_channels() -> None:
+    torch.manual_seed(0)
+    model = SlideModule(encoder=ResNetEncoder("resnet18", channels_last=False), ema_decay=0.9).eval()
+    x = torch.randint(0, 256, (1, 3, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        rgb_of_reversed = model(x.flip(2))["outputs"]
+        rgb = model(x)["outputs"]
+    ckpt = {"state_dict": model.state_dict()}
+    model.on_save_checkpoint(ckpt)
+    assert ckpt["e2e_wsi_input"] == {"channel_order": "rgb", "eval_resize": False}
+    ckpt["e2e_wsi_input"] = {"channel_order": "bgr", "eval_resize": True}
+    model.on_load_checkpoint(ckpt)  # the checkpoint's contract wins over the config's
+    assert model.channel_order == "bgr" and model.eval_resize
+    assert model.ema.module[0].channel_order == "bgr"  # the EMA copy evaluates, so it must follow
+    with torch.no_grad():
+        bgr = model(x)["outputs"]
+    torch.testing.assert_close(bgr, rgb_of_reversed)  # BGR model on x == RGB model on reversed x
+    assert not torch.allclose(bgr, rgb)

@@ -126,6 +126,19 @@ def test_qwk_matches_confusion_matrix_formula(seed: int) -> None:
     assert got == pytest.approx(ref.item(), abs=1e-5)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_unweighted_kappa_matches_torchmetrics_official_ck(seed: int) -> None:
+    # The official PANDA "CK" is torchmetrics CohenKappa(task="multiclass") without weights.
+    k = 6
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, k, 150)
+    preds = np.clip(labels + rng.integers(-2, 3, 150), 0, k - 1)
+    got = M.unweighted_kappa(labels, preds, k)[0]
+    ref = multiclass_cohen_kappa(torch.tensor(preds), torch.tensor(labels), num_classes=k)
+    assert got == pytest.approx(ref.item(), abs=1e-5)
+    assert abs(got - M.quadratic_weighted_kappa(labels, preds, k)[0]) > 0.05  # a different statistic
+
+
 def test_qwk_undefined_when_everything_in_one_class() -> None:
     labels = np.array([2, 2, 2])
     assert np.isnan(M.quadratic_weighted_kappa(labels, labels, 4)[0])

@@ -46,3 +46,25 @@ def test_an_explicit_monitor_wins_with_the_right_direction() -> None:
 def test_bad_top_k_is_rejected() -> None:
     with pytest.raises(ValueError, match="save_top_k"):
         BestCheckpoint(save_top_k=-2)
+
+
+@pytest.mark.parametrize(
+    ("task", "metric"),
+    [
+        (ClassificationTask(num_classes=2), "val/auroc"),  # official best_metric_index 0 (AUC)
+        (ClassificationTask(num_classes=3), "val/balanced_accuracy"),  # index 1: macro accuracy
+        (GradingTask(num_classes=6), "val/balanced_accuracy"),
+        (CoxSurvivalTask(), "val/c_index"),
+    ],
+)
+def test_official_selection_and_early_stopping_follow_the_official_main_metric(task, metric: str) -> None:
+    from e2e_wsi.training.callbacks import TaskEarlyStopping
+
+    best, stop = BestCheckpoint(monitor="official"), TaskEarlyStopping(monitor="official", patience=10)
+    best.follow_task(task)
+    stop.follow_task(task)
+    assert (best.monitor, best.mode) == (stop.monitor, stop.mode) == (metric, "max")
+    assert stop.best_score == -math.inf and stop.patience == 10
+    default = TaskEarlyStopping(patience=10)  # our default: the task's own metric (validation loss)
+    default.follow_task(GradingTask())
+    assert (default.monitor, default.mode, default.best_score) == ("val/loss", "min", math.inf)
