@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from e2e_wsi.runs.folder import LAST_CHECKPOINT, RunFolder
+
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "e2e_wsi"]
 
@@ -59,9 +61,11 @@ def main() -> None:
     e2e = runs / "e2e"
     run(["fit", "--config", str(base / "base.yaml"), "--config", str(base / "abmilx.yaml"),
          "--data.manifest", str(cohort / "manifest.csv"), "--data.cache_dir", str(cache), "--run_dir", str(e2e),
-         "--trainer.max_epochs", str(a.e2e_epochs)], e2e / "checkpoints" / "last.ckpt")  # fmt: skip
-    ckpt = e2e / "checkpoints" / "last.ckpt"
-    run(["test", "--config", str(e2e / "config.yaml"), "--ckpt_path", str(ckpt)], e2e / "predictions.csv")
+         "--trainer.max_epochs", str(a.e2e_epochs)], RunFolder(e2e).checkpoint(LAST_CHECKPOINT))  # fmt: skip
+    ckpt = RunFolder(e2e).checkpoint(LAST_CHECKPOINT)
+    run(
+        ["test", "--config", str(RunFolder(e2e).config), "--ckpt_path", str(ckpt)], RunFolder(e2e).predictions
+    )
     extract = ["extract", "--cache", str(cache), "--magnification", "10", "--input-size", "64", "--workers", "1",
                "--no-progress"]  # fmt: skip
     feats = {"init": out / "features_init", "e2e": out / "features_e2e"}
@@ -74,19 +78,19 @@ def main() -> None:
         r = runs / f"two_stage_{name}"
         run(["fit", "--config", str(REPO / "configs" / "two_stage_abmilx.yaml"), "--data.manifest",
              str(cohort / "manifest.csv"), "--data.features_dir", str(folder), "--run_dir", str(r),
-             "--data.split_file", str(e2e / "splits.csv"), "--trainer.accelerator", "cpu",
+             "--data.split_file", str(RunFolder(e2e).splits), "--trainer.accelerator", "cpu",
              "--trainer.max_epochs", str(a.two_stage_epochs), "--trainer.enable_progress_bar", "false",
-             "--data.num_workers", "0"], r / "checkpoints" / "last.ckpt")  # fmt: skip
-        run(["test", "--config", str(r / "config.yaml"), "--ckpt_path", str(r / "checkpoints" / "last.ckpt")],
-            r / "predictions.csv")  # fmt: skip
+             "--data.num_workers", "0"], RunFolder(r).checkpoint(LAST_CHECKPOINT))  # fmt: skip
+        run(["test", "--config", str(RunFolder(r).config), "--ckpt_path",
+             str(RunFolder(r).checkpoint(LAST_CHECKPOINT))], RunFolder(r).predictions)  # fmt: skip
     results = {}
     for other in ("two_stage_init", "two_stage_e2e"):
         cmp = out / f"compare_e2e_vs_{other}"
-        run(["evaluate", "--predictions", str(e2e / "predictions.csv"), "--compare",
-             str(runs / other / "predictions.csv"), "--out", str(cmp)], None)  # fmt: skip
+        run(["evaluate", "--predictions", str(RunFolder(e2e).predictions), "--compare",
+             str(RunFolder(runs / other).predictions), "--out", str(cmp)], None)  # fmt: skip
         results[other] = sorted(p.name for p in cmp.iterdir())
     for name in ("e2e", "two_stage_init", "two_stage_e2e"):
-        metrics = json.loads((runs / name / "metrics.json").read_text())
+        metrics = json.loads(RunFolder(runs / name).metrics.read_text())
         print(name, json.dumps(metrics)[:400])
     print(json.dumps(results))
 

@@ -20,6 +20,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from e2e_wsi.runs.checkpoints import load_torch_file
+
 
 def state_digest(state: dict[str, torch.Tensor], skip: list[str]) -> str:
     """SHA-256 over the names and bytes of every tensor except ``skip`` (a pairing check)."""
@@ -67,7 +69,7 @@ class SharedInit(Callback):
                         f"no shared initial state at {path} after {self.timeout_s} s"
                     ) from None
                 time.sleep(1)
-        shared = torch.load(path, map_location="cpu", weights_only=True)
+        shared = load_torch_file(path)
         for key in self.keep:
             shared[key] = own[key]
         pl_module.load_state_dict(shared)

@@ -42,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
+from e2e_wsi.runs.folder import LAST_CHECKPOINT, RunFolder
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = Path(__file__).resolve().parent / "replicate_configs"
 AGGREGATORS = {
@@ -96,11 +98,12 @@ def analyse_attention(run_dir: Path, ckpt: Path, test_ids: list[str], masks_dir:
 
     from e2e_wsi.cache.store import PatchCache
     from e2e_wsi.inference.attention import slide_attention
-    from e2e_wsi.inference.run import load_run
+    from e2e_wsi.runs import load_run
     from e2e_wsi.utils import validate_slide_id
     from e2e_wsi.viz.heatmap import localization_summary, patch_lesion_labels
 
-    model, data_cfg = load_run(ckpt, run_dir / "config.yaml")
+    loaded = load_run(ckpt)
+    model, data_cfg = loaded.model, loaded.data
     cache = PatchCache(data_cfg["cache_dir"])
     main_mag = [float(data_cfg["magnifications"][0])]
     rows = []
@@ -146,7 +149,8 @@ def run_one(out: Path, agg: str, seed: int, overrides: list[str]) -> dict:
     if result_path.is_file():
         return json.loads(result_path.read_text())
     data = ["--data.manifest", str(out / "cohort" / "manifest.csv"), "--data.cache_dir", str(out / "cache")]
-    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    run = RunFolder(run_dir)
+    ckpt = run.checkpoint(LAST_CHECKPOINT)
     t0 = time.perf_counter()
     if not (run_dir / "fit.done").is_file():
         fit = [
@@ -173,7 +177,7 @@ def run_one(out: Path, agg: str, seed: int, overrides: list[str]) -> dict:
         [
             "test",
             "--config",
-            str(run_dir / "config.yaml"),
+            str(test_config(run, out / "test_configs" / f"{agg}_s{seed}.yaml")),
             "--ckpt_path",
             str(ckpt),
             "--run_dir",
@@ -182,11 +186,13 @@ def run_one(out: Path, agg: str, seed: int, overrides: list[str]) -> dict:
             "1000",
         ]
     )
-    report = json.loads((run_dir / "metrics.json").read_text())
-    splits = pd.read_csv(run_dir / "splits.csv")
+    report = json.loads(run.metrics.read_text())
+    splits = pd.read_csv(run.splits)
     test_ids = splits.loc[splits["split"] == "test", "slide_id"].tolist()
     attention = analyse_attention(run_dir, ckpt, test_ids, out / "cohort" / "masks")
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    from e2e_wsi.runs.checkpoints import STATE_DICT, load_checkpoint
+
+    state = load_checkpoint(ckpt)[STATE_DICT]
     init = json.loads((run_dir / "init.json").read_text()) if (run_dir / "init.json").is_file() else {}
     result = {
         "aggregator": agg,
@@ -270,11 +276,29 @@ def launch(args: argparse.Namespace, agg: str, seed: int) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
+def test_config(run: RunFolder, path: Path) -> Path:
+    """The run's config for ``test``, without this benchmark's own fit-time callback (``SharedInit``).
+
+    ``test`` accepts only allow-listed classes in its configs (docs/security.md); ``SharedInit`` lives in
+    ``benchmarks/`` and matters only while fitting, so the benchmark drops it from the copy it tests with.
+    """
+    import yaml
+
+    config = yaml.safe_load(run.config.read_text())
+    callbacks = config.get("trainer", {}).get("callbacks") or []
+    config["trainer"]["callbacks"] = [
+        c for c in callbacks if c.get("class_path") != "replicate_init.SharedInit"
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
 def test_nll(run_dir: Path) -> float:
     """Mean cross-entropy of the test predictions (``predictions.csv``); unlike AUROC it does not saturate."""
     import pandas as pd
 
-    frame = pd.read_csv(run_dir / "predictions.csv")
+    frame = pd.read_csv(RunFolder(run_dir).predictions)
     p_true = frame.apply(lambda row: row[f"prob_{int(row['label'])}"], axis=1).to_numpy(dtype=np.float64)
     return float(-np.log(np.clip(p_true, 1e-7, 1.0)).mean())
 
@@ -398,7 +422,7 @@ def summarise_ablation(out: Path, seeds: list[int]) -> dict:
         if not all(p.is_file() for p in paths.values()):
             continue
         fixed, learn = (json.loads(paths[a].read_text()) for a in ("alpha0", "alpha_learn"))
-        preds = {a: pd.read_csv(out / "runs" / f"{a}_s{s}" / "predictions.csv") for a in ABLATION}
+        preds = {a: pd.read_csv(RunFolder(out / "runs" / f"{a}_s{s}").predictions) for a in ABLATION}
         case = paired_comparison(preds["alpha_learn"], preds["alpha0"], "classification", n_resamples=1000)
         rows.append(
             {

@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from e2e_wsi.cli import main as cli
+from e2e_wsi.runs.folder import LAST_CHECKPOINT, RunFolder
 
 CONFIG = "configs/demo_subtype.yaml"
 
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     cohort, cache, run_dir = out / "cohort", out / "cache", out / "run"
+    folder = RunFolder(run_dir)
     start = time.perf_counter()
 
     t0 = stage("synthesize cohort")
@@ -118,20 +120,20 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if args.max_epochs is not None:
         fit += ["--trainer.max_epochs", str(args.max_epochs)]
-    if (run_dir / "checkpoints" / "last.ckpt").is_file():
+    if folder.last_checkpoint() is not None:
         fit += ["--ckpt_path", "last"]
     run(fit)
     done(t0, "training")
 
     t0 = stage("test (bootstrap report)")
-    ckpt = run_dir / "checkpoints" / "last.ckpt"
-    best = sorted((run_dir / "checkpoints").glob("best*.ckpt"))
+    ckpt = folder.checkpoint(LAST_CHECKPOINT)
+    best = folder.best_checkpoints()
     ckpt = best[-1] if best else ckpt
     run(
         [
             "test",
             "--config",
-            str(run_dir / "config.yaml"),
+            str(folder.config),
             "--ckpt_path",
             str(ckpt),
             "--run_dir",
@@ -141,16 +143,16 @@ def main(argv: list[str] | None = None) -> int:
     done(t0, "test")
 
     t0 = stage("heatmaps")
-    splits = pd.read_csv(run_dir / "splits.csv")
+    splits = pd.read_csv(folder.splits)
     test_ids = splits.loc[splits["split"] == "test", "slide_id"].tolist()[: args.heatmaps]
     # The synthetic cohort's lesion masks are the ground truth of the localisation scores.
     heatmap = ["heatmap", "--ckpt_path", str(ckpt), "--slide", *test_ids, "--mask_dir", str(cohort / "masks")]
     run(heatmap + (["--overlap", str(args.overlap)] if args.overlap > 0 else []))
     done(t0, "heatmaps")
 
-    report = json.loads((run_dir / "metrics.json").read_text())
+    report = json.loads(folder.metrics.read_text())
     auroc = report["metrics"]["auroc"]
-    locs = [json.loads(p.read_text()) for p in sorted((run_dir / "heatmaps").glob("*.localization.json"))]
+    locs = [json.loads(p.read_text()) for p in sorted(folder.heatmaps_dir.glob("*.localization.json"))]
     loc_aucs = [_localisation_text(loc) for loc in locs]
     TIMINGS["total"] = {"wall_s": round(time.perf_counter() - start, 1), "cpu_s": round(cpu_seconds(), 1)}
     (run_dir / "timings.json").write_text(json.dumps(TIMINGS, indent=2) + "\n")
@@ -162,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         f"test AUROC:   {auroc['point']:.3f} (bootstrap mean {auroc['mean']:.3f}, "
         f"95% CI {auroc['ci_low']:.3f}-{auroc['ci_high']:.3f})"
     )
-    print(f"heatmaps:     {(run_dir / 'heatmaps').resolve()}")
+    print(f"heatmaps:     {folder.heatmaps_dir.resolve()}")
     print(f"lesion localisation AUROC of attention: {', '.join(loc_aucs) or 'n/a'}")
     print_outputs(out)
     return 0

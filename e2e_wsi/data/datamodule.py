@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterator, Sized
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -24,6 +23,7 @@ from e2e_wsi.data.manifest import load_manifest
 from e2e_wsi.data.sampling import EpochSampler, OversampleMap, check_ratios
 from e2e_wsi.data.splits import apply_splits, load_splits, make_splits, save_splits
 from e2e_wsi.data.transforms import OFFICIAL_EVAL_CROP_FRACTION, EvalTransform, TrainTransform
+from e2e_wsi.runs.folder import RunFolder
 from e2e_wsi.tasks import get_task_spec
 
 log = logging.getLogger(__name__)
@@ -266,7 +266,7 @@ class WSIDataModule(pl.LightningDataModule):
             log.info("no run_dir: the split is not written to disk")
             return
         if self.trainer is None or self.trainer.is_global_zero:
-            path = save_splits(df, df["split"], Path(run_dir) / "splits.csv")
+            path = save_splits(df, df["split"], RunFolder(run_dir).splits)
             self.split_path = path
             log.info("split written to %s", path)
 

@@ -44,7 +44,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument(
         "--encoder",
         required=True,
-        help="resnet18 | resnet50 | timm:NAME | hf-hub:ORG/NAME | encoder.yaml | RUN/checkpoints/x.ckpt",
+        help="resnet18 | resnet50 | timm:NAME | hf-hub:ORG/NAME | encoder.yaml | RUN | RUN/checkpoints/x.ckpt "
+        "(YAML and run configs may name only allow-listed classes: docs/security.md)",
     )
     p.add_argument(
         "--weights",

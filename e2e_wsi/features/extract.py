@@ -117,18 +117,27 @@ def _encode_slides(
 def encoder_from_spec(spec: str, weights: str | None = None) -> tuple[nn.Module, int | None]:
     """Build the encoder named on the command line.
 
+    Encoder YAMLs and run configs are checked against the allow-list of :mod:`e2e_wsi.runs.allowlist`
+    before anything they name is imported or built (:func:`e2e_wsi.runs.build_encoder`).
+
     Args:
         spec: A registered encoder name (:func:`e2e_wsi.models.registry.list_encoders`: ``resnet18``,
-            ``resnet50``, ``timm:NAME``, ``hf-hub:ORG/NAME``),
-            a YAML file with ``class_path``/``init_args``, or a run checkpoint ``RUN/checkpoints/x.ckpt``
-            (the encoder of an end-to-end run, built from ``RUN/config.yaml``).
+            ``resnet50``, ``timm:NAME``, ``hf-hub:ORG/NAME``), a YAML file with ``class_path``/``init_args``,
+            or an end-to-end run (``RUN/checkpoints/x.ckpt`` or ``RUN``, its best checkpoint): its encoder,
+            built from ``RUN/config.yaml``.
         weights: ``--weights``, turned into constructor arguments by the encoder class's
             ``weights_kwargs`` (ResNet: ``none``/``imagenet``/file; timm: ``pretrained`` or a file).
 
     Returns:
         The encoder and the input size the spec implies (a run's ``data.eval_patch_size``), or ``None``.
+
+    Raises:
+        RefusedConfigError: If the YAML or the run's config names code outside the allow-list.
+        UserError: If ``spec`` is none of the above.
     """
     from e2e_wsi.models.registry import ENCODERS, encoder_from_name, is_encoder_name
+    from e2e_wsi.runs.folder import CHECKPOINT_SUFFIX, RunFolder
+    from e2e_wsi.runs.loading import build_encoder, encoder_from_run, read_run_config
 
     if is_encoder_name(spec):  # a registered name: resnet18, timm:NAME, hf-hub:ORG/NAME, ...
         factory = ENCODERS[spec.partition(":")[0]]
@@ -137,44 +146,15 @@ def encoder_from_spec(spec: str, weights: str | None = None) -> tuple[nn.Module,
         return encoder_from_name(spec, freeze=True, **extra), None
     path = Path(spec)
     if path.suffix in (".yaml", ".yml") and path.is_file():
-        import yaml
-
-        node = yaml.safe_load(path.read_text())
-        return _instantiate(node.get("encoder", node)), None
-    if path.suffix == ".ckpt" and path.is_file():
-        return _encoder_from_run(path)
+        node = read_run_config(path)
+        key = "encoder" if "encoder" in node else ""
+        return build_encoder(node.get("encoder", node), path, key), None
+    if (path.suffix == CHECKPOINT_SUFFIX and path.is_file()) or (
+        path.is_dir() and RunFolder.is_run_folder(path)
+    ):
+        return encoder_from_run(path)
     raise UserError(
         f"unknown encoder {spec!r}: use a registered name ({', '.join(ENCODERS.names())}; NAME:ARG for "
-        "timm:NAME and hf-hub:ORG/NAME), an encoder YAML (class_path/init_args) or a run checkpoint "
-        "RUN/checkpoints/x.ckpt"
+        "timm:NAME and hf-hub:ORG/NAME), an encoder YAML (class_path/init_args), a run folder RUN or a "
+        "run checkpoint RUN/checkpoints/x.ckpt"
     )
-
-
-def _instantiate(node: dict[str, Any]) -> nn.Module:
-    import importlib
-
-    module_name, _, cls_name = str(node["class_path"]).rpartition(".")
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    return cls(**dict(node.get("init_args") or {}))
-
-
-def _encoder_from_run(ckpt: Path) -> tuple[nn.Module, int | None]:
-    """The encoder of an end-to-end run: its config's ``model.encoder`` with the checkpoint's weights."""
-    import yaml
-
-    config_path = ckpt.resolve().parent.parent / "config.yaml"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found: a run checkpoint must sit in RUN/checkpoints/")
-    config = yaml.safe_load(config_path.read_text())
-    node = dict(config["model"].get("encoder") or {"class_path": "e2e_wsi.models.encoders.ResNetEncoder"})
-    init = dict(node.get("init_args") or {})
-    # The checkpoint holds the weights: never fetch the initial ones again.
-    init.update(
-        {k: v for k, v in {"weights": "none", "pretrained": False, "weights_path": None}.items() if k in init}
-    )
-    encoder = _instantiate({"class_path": node["class_path"], "init_args": init})
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
-    own = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
-    encoder.load_state_dict(own, strict=True)
-    encoder.requires_grad_(False)
-    return encoder, config.get("data", {}).get("eval_patch_size")

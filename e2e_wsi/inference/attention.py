@@ -126,7 +126,7 @@ def slide_attention(
 
     Patches are encoded ``model.eval_chunk_size`` at a time without gradients, so 10k+ patch slides
     fit in memory (only uint8 patches and the [N, D] features are held whole). ``patch_size`` and
-    ``crop_fraction`` must be the run's (``LoadedModel.eval_patch_size`` / ``.eval_crop_fraction``).
+    ``crop_fraction`` must be the run's (``LoadedRun.eval_patch_size`` / ``.eval_crop_fraction``).
 
     Returns:
         (the slide's attention, the model's outputs: ``outputs`` [1, K], ``attention`` [1, H, N] and the

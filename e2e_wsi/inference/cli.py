@@ -22,7 +22,6 @@ from e2e_wsi.cli_common import ArgumentParser
 from e2e_wsi.errors import UserError
 from e2e_wsi.inference.pipeline import PredictOptions, predict_slides
 from e2e_wsi.inference.predict import Ensemble
-from e2e_wsi.inference.run import resolve_checkpoints
 from e2e_wsi.slides.backends.base import is_url
 from e2e_wsi.slides.sources import slide_exists, slide_id_of
 
@@ -131,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return predict_main(argv)
     args = build_parser().parse_args(argv)
-    ensemble = Ensemble.from_checkpoints(resolve_checkpoints(args.run, args.ckpt_path))
+    ensemble = Ensemble.from_runs(args.run, args.ckpt_path)
     jobs = slide_jobs(args.slides, args.manifest)
     options = PredictOptions(
         mpp=args.mpp,

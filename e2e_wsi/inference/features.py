@@ -21,9 +21,9 @@ from PIL import Image
 from e2e_wsi.features.store import FeatureFolder, settings_of
 from e2e_wsi.inference.attention import SlideAttention, predict_bag
 from e2e_wsi.inference.heatmaps import DEFAULT_OPTIONS, thumbnail_of, write_heatmap_figure
-from e2e_wsi.inference.run import LoadedModel
 from e2e_wsi.models.encoders import PrecomputedFeatures
 from e2e_wsi.models.module import _compare_settings
+from e2e_wsi.runs.loading import LoadedRun
 from e2e_wsi.slides.backends.base import is_url
 from e2e_wsi.slides.reader import Slide, open_slide
 from e2e_wsi.slides.sources import slide_exists
@@ -47,7 +47,7 @@ class SlideFile:
     mpp: float | None = None
 
 
-def is_feature_run(loaded: LoadedModel) -> bool:
+def is_feature_run(loaded: LoadedRun) -> bool:
     """Whether the run learned on precomputed features (two-stage) rather than on patches."""
     return isinstance(loaded.model.encoder, PrecomputedFeatures)
 
@@ -105,7 +105,7 @@ def feature_geometry(
 
 
 def feature_attention(
-    loaded: LoadedModel, folder: FeatureFolder, slide_id: str, slide_file: SlideFile | None = None
+    loaded: LoadedRun, folder: FeatureFolder, slide_id: str, slide_file: SlideFile | None = None
 ) -> tuple[SlideAttention, dict[str, torch.Tensor]]:
     """Attention of a feature run over every stored feature of a slide.
 
@@ -166,7 +166,7 @@ def top_patches_from_slide(slide_file: SlideFile, att: SlideAttention, k: int, s
 
 
 def make_feature_heatmap(
-    loaded: LoadedModel,
+    loaded: LoadedRun,
     folder: FeatureFolder,
     slide_id: str,
     out_dir: str | Path,

@@ -23,8 +23,9 @@ from e2e_wsi.inference.features import (
     slide_file_from_manifest,
 )
 from e2e_wsi.inference.heatmaps import make_heatmap, make_overlap_heatmap_from_cache_meta
-from e2e_wsi.inference.run import LoadedModel, load_model, resolve_checkpoints
-from e2e_wsi.training.run import RunFolder
+from e2e_wsi.runs.folder import RunFolder
+from e2e_wsi.runs.loading import LoadedRun, load_run
+from e2e_wsi.runs.resolve import resolve_checkpoints
 from e2e_wsi.viz.heatmap import HeatmapOptions
 
 
@@ -111,7 +112,7 @@ def _heatmaps(args: argparse.Namespace) -> int:
     if bool(args.ckpt_path) == bool(args.run):
         raise UserError("give exactly one of --ckpt_path CKPT or --run RUN")
     ckpt = resolve_checkpoints(args.run, [args.ckpt_path] if args.ckpt_path else None)[0]
-    loaded = load_model(ckpt, args.config)
+    loaded = load_run(ckpt, args.config)
     data_cfg = loaded.data
     out_dir = Path(args.out) if args.out else RunFolder.of_checkpoint(ckpt).heatmaps_dir
     if is_feature_run(loaded):
@@ -147,7 +148,7 @@ def _report(summary: dict) -> None:
         print(f"e2e-wsi: localisation AUROC {summary['localization']['auroc']}")
 
 
-def _feature_heatmaps(loaded: LoadedModel, args: argparse.Namespace, out_dir: Path) -> int:
+def _feature_heatmaps(loaded: LoadedRun, args: argparse.Namespace, out_dir: Path) -> int:
     """Heatmaps of a feature run: attention over the slide's features, drawn at their coordinates."""
     if args.overlap is not None:
         raise UserError("--overlap reads patches for a patch encoder; a feature run has none: drop --overlap")
@@ -176,7 +177,7 @@ def _feature_heatmaps(loaded: LoadedModel, args: argparse.Namespace, out_dir: Pa
 
 
 def _overlap_heatmap(
-    loaded: LoadedModel,
+    loaded: LoadedRun,
     cache: PatchCache,
     slide_id: str,
     out_dir: Path,

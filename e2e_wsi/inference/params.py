@@ -1,38 +1,16 @@
-"""The preprocessing a run was trained with, so new slides are tiled the same way.
+"""New slides tiled like a run's training slides: its preprocessing params as a ``PreprocessConfig``.
 
-``fit`` records the cache's per-slide ``params`` (:mod:`e2e_wsi.cache.store` metadata) as
-``RUN/preprocess.json`` (:func:`e2e_wsi.cache.params.record_preprocess_params`); runs trained before
-that are read lazily from the training cache named in their ``config.yaml``.
+The params themselves (``RUN/preprocess.json``, or the training cache's for older runs) are read by
+:mod:`e2e_wsi.runs.preprocess`, which owns that file.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from e2e_wsi.annotations.geojson import AnnotationRules
-from e2e_wsi.cache.params import cache_params
 from e2e_wsi.cache.worker import PreprocessConfig
 from e2e_wsi.slides.tissue import TissueParams
-from e2e_wsi.training.run import RunFolder
-
-
-def preprocess_params(run: RunFolder, data_cfg: dict) -> dict[str, Any]:
-    """The run's preprocessing parameters: ``RUN/preprocess.json``, else its training cache's.
-
-    Raises:
-        FileNotFoundError: If neither is available (the message says what to do).
-    """
-    if run.preprocess.is_file():
-        return dict(json.loads(run.preprocess.read_text())["params"])
-    cache_dir = data_cfg.get("cache_dir")
-    try:
-        return cache_params(cache_dir)
-    except (ValueError, OSError, KeyError, TypeError):
-        raise FileNotFoundError(
-            f"run folder {run.root} has no preprocess.json and its training cache {cache_dir!r} is not "
-            "readable: copy the cache back, or write preprocess.json from the cache's summary.json params"
-        ) from None
 
 
 def preprocess_config(

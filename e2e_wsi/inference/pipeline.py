@@ -17,7 +17,7 @@ from e2e_wsi.annotations.geojson import (
 from e2e_wsi.cache.worker import SlideJob
 from e2e_wsi.inference.heatmaps import write_heatmap
 from e2e_wsi.inference.outputs import attention_frame, predictions_frame, write_csv, write_json
-from e2e_wsi.inference.params import preprocess_config, preprocess_params
+from e2e_wsi.inference.params import preprocess_config
 from e2e_wsi.inference.predict import Ensemble, SlidePrediction
 from e2e_wsi.inference.slides import TILING_KEYS, tile_for_inference
 from e2e_wsi.slides.reader import SlideError, open_slide
@@ -118,9 +118,9 @@ def _shared_params(ensemble: Ensemble) -> dict[str, Any]:
         ValueError: Naming two checkpoints whose runs were trained on differently tiled caches.
     """
     first = ensemble.members[0]
-    params = preprocess_params(first.run, first.data)
+    params = first.preprocess_params()
     for m in ensemble.members[1:]:
-        other = preprocess_params(m.run, m.data)
+        other = m.preprocess_params()
         differ = sorted(k for k in TILING_KEYS if other.get(k) != params.get(k))
         if differ:
             raise ValueError(

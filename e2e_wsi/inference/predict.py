@@ -10,7 +10,7 @@ import numpy as np
 
 from e2e_wsi.cache.store import PatchCache, mag_key
 from e2e_wsi.inference.attention import SlideAttention, cached_attention, cached_bag, predict_bag
-from e2e_wsi.inference.run import LoadedModel, load_model
+from e2e_wsi.runs.loading import LoadedRun, load_runs
 from e2e_wsi.tasks import get_task_spec
 
 
@@ -56,7 +56,7 @@ class Ensemble:
             size (they would not see the same patches); the message names the checkpoints.
     """
 
-    def __init__(self, members: Sequence[LoadedModel]) -> None:
+    def __init__(self, members: Sequence[LoadedRun]) -> None:
         if not members:
             raise ValueError("an ensemble needs at least one checkpoint")
         self.members = list(members)
@@ -84,9 +84,9 @@ class Ensemble:
                 )
 
     @classmethod
-    def from_checkpoints(cls, checkpoints: Sequence[str | Path]) -> Ensemble:
-        """Load each checkpoint with its run folder's config."""
-        return cls([load_model(c) for c in checkpoints])
+    def from_runs(cls, run: str | Path | None, ckpts: Sequence[str | Path] | None = None) -> Ensemble:
+        """The models of :func:`e2e_wsi.runs.load_runs` (a run, every fold of a crossval folder, or files)."""
+        return cls(load_runs(run, ckpts))
 
     @property
     def task_kind(self) -> str:
@@ -127,6 +127,6 @@ class Ensemble:
         return SlidePrediction(slide_id, spec.combine(members), attention, mags, sizes)
 
 
-def _outputs(member: LoadedModel) -> int:
+def _outputs(member: LoadedRun) -> int:
     task = member.model.task
     return int(getattr(task, "num_classes", getattr(task, "num_bins", 1)))

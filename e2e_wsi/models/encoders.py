@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from e2e_wsi.images import ChannelOrder, check_channel_order
 from e2e_wsi.models.registry import register_encoder
 from e2e_wsi.models.timm_encoder import state_sha256
+from e2e_wsi.runs.checkpoints import load_torch_file, state_dict_of
 from e2e_wsi.utils import sha256_file
 
 _ARCHS = {
@@ -103,7 +104,7 @@ def load_resnet_state_dict(path: Path) -> dict[str, torch.Tensor]:
     dropped because the encoder has no last stage.
 
     Args:
-        path: File written by ``torch.save``; read with ``torch.load(weights_only=True)``.
+        path: File written by ``torch.save``; read by :func:`e2e_wsi.runs.checkpoints.load_torch_file`.
 
     Returns:
         Mapping from torchvision parameter/buffer names to tensors.
@@ -111,14 +112,7 @@ def load_resnet_state_dict(path: Path) -> dict[str, torch.Tensor]:
     Raises:
         ValueError: If the file cannot be read tensor-only or holds no ResNet stem.
     """
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types (UnpicklingError, RuntimeError, EOFError)
-        raise ValueError(
-            f"cannot read {path} as a tensor-only state dict (torch.load weights_only=True): {err}"
-        ) from err
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]
+    obj = state_dict_of(load_torch_file(path))  # weights_only=True: unsafe files are refused
     if not isinstance(obj, Mapping):
         raise ValueError(
             f"{path} holds a {type(obj).__name__}, not a state dict (a mapping of names to tensors)"

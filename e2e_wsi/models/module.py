@@ -21,6 +21,7 @@ from e2e_wsi.models.aggregators import ABMILX
 from e2e_wsi.models.encoders import PrecomputedFeatures, ResNetEncoder
 from e2e_wsi.models.optim import WarmupCosineLR, apply_lr_mult, encoder_param_groups
 from e2e_wsi.models.tasks import Task, default_task
+from e2e_wsi.runs.checkpoints import FEATURES
 from e2e_wsi.utils import describe_difference
 
 AggregatorFactory = Callable[[int], nn.Module]
@@ -286,7 +287,7 @@ class SlideModule(L.LightningModule):
         if not isinstance(self.encoder, PrecomputedFeatures):
             checkpoint[INPUT_CONTRACT_KEY] = self.input_contract()
         else:
-            checkpoint["e2e_wsi_features"] = {"dim": self.encoder.out_dim, "settings": self.feature_settings}
+            checkpoint[FEATURES] = {"dim": self.encoder.out_dim, "settings": self.feature_settings}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Apply the checkpoint's input contract; fit converted EMA keys; build a lazy feature model.
@@ -304,7 +305,7 @@ class SlideModule(L.LightningModule):
             self.set_input_contract(str(contract["channel_order"]), bool(contract["eval_resize"]))
         if "converted_from" in checkpoint and "state_dict" in checkpoint:
             checkpoint["state_dict"] = self._fit_ema_keys(checkpoint["state_dict"])
-        saved = checkpoint.get("e2e_wsi_features")
+        saved = checkpoint.get(FEATURES)
         if saved is None:
             return
         if not self.built:

@@ -21,6 +21,7 @@ from torch import nn
 
 from e2e_wsi.errors import UserError
 from e2e_wsi.models.registry import register_encoder
+from e2e_wsi.runs.checkpoints import load_torch_file, state_dict_of
 from e2e_wsi.utils import sha256_file
 
 _HUB_HELP = (
@@ -70,12 +71,8 @@ def _load_weights_file(model: nn.Module, path: Path) -> None:
 
         state = load_file(str(path))
     else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # UnpicklingError, RuntimeError, EOFError ...
-            raise ValueError(f"cannot read {path} as a tensor-only state dict: {err}") from err
-    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
-        state = state["state_dict"]
+        state = load_torch_file(path)  # weights_only=True: unsafe files are refused
+    state = state_dict_of(state)
     if not isinstance(state, Mapping):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
     own = model.state_dict()

@@ -33,7 +33,7 @@ from e2e_wsi.evaluation.report import (
 )
 from e2e_wsi.models.module import real_rows
 from e2e_wsi.models.tasks import Task
-from e2e_wsi.training.run import RunFolder
+from e2e_wsi.runs.folder import RunFolder
 from e2e_wsi.utils import grid_step, validate_slide_id
 
 
@@ -67,7 +67,7 @@ class DefinedMetricCheckpoint(ModelCheckpoint):
     without a comparable pair). Lightning ranks NaN as the worst value but still saves it while fewer
     than ``save_top_k`` checkpoints exist, so an undefined epoch 0 became "best". Here an epoch whose
     monitored value is NaN is skipped; if every epoch is undefined no ``best-*`` checkpoint is written
-    and evaluation falls back to ``last.ckpt`` (:meth:`e2e_wsi.training.run.RunFolder.best_checkpoint`).
+    and evaluation falls back to ``last.ckpt`` (:meth:`e2e_wsi.runs.RunFolder.best_checkpoint`).
     The CLI substitutes this class for every plain ``ModelCheckpoint`` of a config, whatever it monitors.
     """
 
@@ -431,7 +431,7 @@ class PredictionWriter(SlidePredictionWriter):
     def write_on_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: dict, batch: dict
     ) -> None:
-        out = RunFolder(trainer.default_root_dir).predict_dir / "attention"
+        out = RunFolder(trainer.default_root_dir).predict_attention_dir
         out.mkdir(parents=True, exist_ok=True)
         real = real_rows(batch)
         cache = getattr(trainer.datamodule, "cache", None)  # patch runs; feature runs have none
@@ -452,8 +452,9 @@ class PredictionWriter(SlidePredictionWriter):
     def write_on_epoch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, frame: pd.DataFrame
     ) -> None:
-        path = RunFolder(trainer.default_root_dir).predict_dir / "predictions.csv"
-        path = write_predictions(unlabelled(frame, pl_module.task.kind), path)
+        path = write_predictions(
+            unlabelled(frame, pl_module.task.kind), RunFolder(trainer.default_root_dir).predict_predictions
+        )
         print(f"e2e-wsi: predictions {path.resolve()} ; attention in {path.parent / 'attention'}", flush=True)
 
 

@@ -29,6 +29,11 @@ from e2e_wsi.errors import UserError
 from e2e_wsi.evaluation.bootstrap import check_resamples
 from e2e_wsi.models.module import SlideModule
 from e2e_wsi.models.tasks import Task, default_task
+from e2e_wsi.runs.allowlist import check_parsed, checked_command_configs, config_arguments
+from e2e_wsi.runs.checkpoints import UnsafeCheckpointError, is_remote, verify_checkpoint
+from e2e_wsi.runs.folder import DEFAULT_RUN_DIR, RunFolder
+from e2e_wsi.runs.preprocess import record_preprocess_params
+from e2e_wsi.runs.resolve import command_run_folder, resolve_checkpoint
 from e2e_wsi.training.callbacks import (
     LastCheckpoint,
     NoValidationFallback,
@@ -36,14 +41,7 @@ from e2e_wsi.training.callbacks import (
     TestReportWriter,
     defined_metric_class_path,
 )
-from e2e_wsi.training.checkpoints import (
-    UnsafeCheckpointError,
-    is_remote,
-    load_checkpoint,
-    resolve_checkpoint,
-)
 from e2e_wsi.training.progress import PlainProgress, wants_plain_progress
-from e2e_wsi.training.run import DEFAULT_RUN_DIR, RunFolder
 
 
 class RunConfigSaver(SaveConfigCallback):
@@ -51,8 +49,7 @@ class RunConfigSaver(SaveConfigCallback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         stage = str(getattr(stage, "value", stage))
-        if stage != "fit":
-            self.config_filename = f"config.{stage}.yaml"
+        self.config_filename = RunFolder(trainer.default_root_dir).stage_config(stage).name
         self.overwrite = True
         super().setup(trainer, pl_module, stage)
 
@@ -89,12 +86,19 @@ class E2ECLI(LightningCLI):
         """
         # Remember what the user typed: an explicit --run_dir wins over the run_dir stored in a config.
         self._cli_args = [str(a) for a in (sys.argv[1:] if args is None else args)]
+        # Configs from run folders may name only allow-listed classes: checked on the YAML data before
+        # jsonargparse imports anything they name, and again once parsed, before instantiation.
+        subcommand = self._cli_args[0] if self._cli_args else "fit"
+        checked = checked_command_configs(subcommand, config_arguments(self._cli_args[1:]))
         if isinstance(args, list):
             args, self._derived_flags = _pop_derived_flags(args)
         if isinstance(args, (dict, Namespace)):
             self.config = parser.parse_object(args)
         else:
             self.config = parser.parse_args(args)
+        if checked:
+            parsed = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
+            check_parsed(parsed, ", ".join(map(str, checked)))
 
     def _parse_ckpt_path(self) -> None:
         # Lightning reads the checkpoint's hyperparameters here, before anything else touches the file:
@@ -102,7 +106,7 @@ class E2ECLI(LightningCLI):
         cfg = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
         ckpt_path = cfg.get("ckpt_path")
         if ckpt_path and (is_remote(ckpt_path) or Path(ckpt_path).is_file()):
-            _check_checkpoint(str(ckpt_path))
+            verify_checkpoint(str(ckpt_path))
         super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
@@ -172,9 +176,7 @@ class E2ECLI(LightningCLI):
         cache_dir = getattr(self.datamodule, "cache_dir", None)  # feature runs train from .h5 files
         if self.trainer.is_global_zero and cache_dir is not None:
             # RUN/preprocess.json, so `e2e-wsi predict` tiles new slides like the training ones.
-            from e2e_wsi.cache.params import record_preprocess_params
-
-            record_preprocess_params(RunFolder(self.trainer.default_root_dir).preprocess, cache_dir)
+            record_preprocess_params(RunFolder(self.trainer.default_root_dir), cache_dir)
 
     def after_fit(self) -> None:
         run = Path(self.trainer.default_root_dir).resolve()
@@ -194,8 +196,7 @@ _EVENTS = "events.out.tfevents.*"
 def _remove_stray_events(run: Path, before: set[Path], started: float) -> None:
     """After a failed command: delete the TensorBoard events files it created, unless it got far enough
     to write a checkpoint (then the curves belong to a run that can be resumed)."""
-    ckpts = RunFolder(run).checkpoints_dir
-    if ckpts.is_dir() and any(p.stat().st_mtime >= started for p in ckpts.glob("*.ckpt")):
+    if any(p.stat().st_mtime >= started for p in RunFolder(run).checkpoints()):
         return
     for events in set(run.glob(_EVENTS)) - before:
         events.unlink(missing_ok=True)
@@ -206,7 +207,7 @@ def _write_metrics(trainer, stage: str) -> None:
     if not trainer.is_global_zero:
         return
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    path = Path(trainer.default_root_dir) / f"{stage}_metrics.json"
+    path = RunFolder(trainer.default_root_dir).stage_metrics(stage)
     path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     print(f"e2e-wsi: {stage} metrics {path.resolve()}", flush=True)
 
@@ -286,44 +287,14 @@ def _ckpt_argument(cfg: Namespace, subcommand: str, cli_args: list[str]) -> str 
 
 
 def resolve_run_folder(cfg: Namespace, ckpt_path: str | None, cli_args: list[str]) -> RunFolder:
-    """The run folder a command writes into.
-
-    In order: ``--run_dir`` typed on the command line; the folder of a ``--config`` that lies in a run
-    folder (so ``test --config COPY/config.yaml`` writes into COPY, never into the original run named
-    inside the copied config); the run folder of ``--ckpt_path RUN/checkpoints/x.ckpt``; the ``run_dir``
-    of the config; ``runs/default``.
-    """
-    if _explicit(cli_args, "--run_dir") and cfg.get("run_dir"):
-        return RunFolder(cfg.run_dir)
-    for config in reversed(cfg.get("config") or []):
-        folder = Path(getattr(config, "absolute", config)).parent
-        if RunFolder.is_run_folder(folder):
-            return RunFolder(folder)
-    if ckpt_path and str(ckpt_path) not in {"last", "best", "hpc", "registry"} and not is_remote(ckpt_path):
-        ckpt = Path(ckpt_path)
-        if ckpt.parent.name == "checkpoints":
-            return RunFolder.of_checkpoint(ckpt)
-    return RunFolder.resolve(cfg.get("run_dir"), None)
-
-
-_CHECKED: set[tuple[str, int, int]] = set()
-
-
-def _check_checkpoint(path: str) -> None:
-    """Load ``path`` with ``weights_only=True`` once; raises :class:`UnsafeCheckpointError` if unsafe."""
-    file = Path(path)
-    key = (
-        str(file.resolve()),
-        *((file.stat().st_mtime_ns, file.stat().st_size) if file.is_file() else (0, 0)),
-    )
-    if key not in _CHECKED:
-        load_checkpoint(path)
-        _CHECKED.add(key)
+    """The run folder a command writes into (:func:`e2e_wsi.runs.resolve.command_run_folder`)."""
+    configs = [Path(getattr(c, "absolute", c)) for c in cfg.get("config") or []]
+    return command_run_folder(cfg.get("run_dir"), _explicit(cli_args, "--run_dir"), configs, ckpt_path)
 
 
 def _secure_checkpoint(cfg: Namespace, subcommand: str, run: RunFolder, ckpt_path: str | None) -> str | None:
     """Resolve ``ckpt_path`` to a local file and check that it loads with ``weights_only=True``
-    (see :mod:`e2e_wsi.training.checkpoints`); Lightning then loads it with ``weights_only=True`` too.
+    (see :mod:`e2e_wsi.runs.checkpoints`); Lightning then loads it with ``weights_only=True`` too.
 
     Returns:
         The checkpoint file (or a Lightning keyword such as ``hpc``), ``None`` for a fresh fit.
@@ -338,7 +309,7 @@ def _secure_checkpoint(cfg: Namespace, subcommand: str, run: RunFolder, ckpt_pat
     if ckpt is not None and str(ckpt) not in {"hpc", "registry"}:
         if str(ckpt_path) != ckpt:
             print(f"e2e-wsi {subcommand}: checkpoint {Path(ckpt).resolve()}", flush=True)
-        _check_checkpoint(ckpt)
+        verify_checkpoint(ckpt)
     if subcommand != "fit":
         cfg.ckpt_path = ckpt  # config.<stage>.yaml records the checkpoint that was evaluated
     return ckpt
@@ -390,8 +361,7 @@ def _reuse_split(
 
 def _refuse_clobbering(run_dir: Path, ckpt_path: str | None) -> None:
     """A fresh fit must not mix its checkpoints with an earlier run's."""
-    ckpts = run_dir / "checkpoints"
-    if ckpt_path is None and ckpts.is_dir() and any(ckpts.glob("*.ckpt")):
+    if ckpt_path is None and RunFolder(run_dir).has_checkpoints():
         raise UserError(
             f"run folder {run_dir} already holds checkpoints. Resume it with "
             "`--ckpt_path last`, or start a new run with another `--run_dir`."

@@ -1,6 +1,6 @@
 """``e2e-wsi convert``: thin command line over :mod:`e2e_wsi.models.convert`.
 
-It lives with training because it reads a checkpoint safely (:mod:`e2e_wsi.training.checkpoints`) and
+It lives with training because it reads a checkpoint safely (:mod:`e2e_wsi.runs.checkpoints`) and
 writes a Lightning one; the conversion itself (key mapping) stays with the models.
 """
 
@@ -20,7 +20,7 @@ from e2e_wsi.models.convert import (
     with_ema_copy,
 )
 from e2e_wsi.models.module import INPUT_CONTRACT_KEY
-from e2e_wsi.training.checkpoints import load_torch_file
+from e2e_wsi.runs.checkpoints import checkpoint_payload, load_torch_file
 
 _EPILOG = """\
 Which official file gives which numbers (DearCaat/E2E-WSI-ABMILX, main.py):
@@ -65,7 +65,6 @@ def main(argv: list[str] | None = None) -> int:
         UserError: The file cannot be read safely or holds no official weights (names the file).
     """
     args = build_parser().parse_args(argv)
-    import lightning
 
     try:
         raw = load_torch_file(args.official)  # weights_only=True: an unsafe file is refused, never run
@@ -77,14 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    payload = {
-        "state_dict": state,
-        "pytorch-lightning_version": lightning.__version__,
-        "epoch": 0,
-        "global_step": 0,
-        "converted_from": str(Path(args.official).resolve()),
-        INPUT_CONTRACT_KEY: {**OFFICIAL_INPUT_CONTRACT, "channel_order": args.channel_order},
-    }
+    payload = checkpoint_payload(
+        state,
+        converted_from=str(Path(args.official).resolve()),
+        **{INPUT_CONTRACT_KEY: {**OFFICIAL_INPUT_CONTRACT, "channel_order": args.channel_order}},
+    )
     torch.save(payload, tmp)
     tmp.replace(out)  # never leave a half-written checkpoint
     print(f"e2e-wsi convert: wrote {out} ({len(state)} tensors)")

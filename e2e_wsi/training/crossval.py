@@ -26,13 +26,13 @@ import pandas as pd
 from e2e_wsi.errors import UserError
 from e2e_wsi.evaluation.bootstrap import bootstrap_report
 from e2e_wsi.evaluation.report import markdown_table, read_predictions, write_json
+from e2e_wsi.runs.folder import CrossvalFolder, RunFolder
 from e2e_wsi.tasks import get_task_spec
-from e2e_wsi.training.run import RunFolder
 
 
 def fold_folder(root: str | Path, fold: int) -> RunFolder:
-    """``DIR/fold_<k>``."""
-    return RunFolder(Path(root) / f"fold_{fold}")
+    """``DIR/fold_<k>`` (:meth:`CrossvalFolder.fold`)."""
+    return CrossvalFolder(root).fold(fold)
 
 
 def fold_done(run: RunFolder) -> bool:
@@ -127,11 +127,11 @@ def summarize(root: str | Path, folds: int, bootstrap: int = 1000, seed: int = 0
         The summary: ``task``, ``folds``, ``per_fold`` (points), ``across_folds`` (mean, std) and
         ``pooled`` (the bootstrap report of the out-of-fold predictions).
     """
-    root = Path(root)
+    folder = CrossvalFolder(root)
     oof, task = pooled_predictions(root, folds)
-    tmp = root / ".oof_predictions.csv.tmp"
+    tmp = folder.oof_predictions.with_name(f".{folder.oof_predictions.name}.tmp")
     oof.to_csv(tmp, index=False)
-    os.replace(tmp, root / "oof_predictions.csv")
+    os.replace(tmp, folder.oof_predictions)
     per_fold = fold_metrics(root, folds)
     summary = {
         "task": task,
@@ -141,8 +141,8 @@ def summarize(root: str | Path, folds: int, bootstrap: int = 1000, seed: int = 0
         "across_folds": _mean_std(per_fold),
         "pooled": bootstrap_report(oof.drop(columns="fold"), task, n_resamples=bootstrap, seed=seed),
     }
-    write_json(summary, root / "summary.json")
-    (root / "summary.md").write_text(_markdown(summary))
+    write_json(summary, folder.summary_json)
+    folder.summary_md.write_text(_markdown(summary))
     return summary
 
 

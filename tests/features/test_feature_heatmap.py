@@ -13,7 +13,7 @@ from e2e_wsi.cache.store import PatchCache, mag_key
 from e2e_wsi.cli import main
 from e2e_wsi.features.store import FeatureFolder
 from e2e_wsi.inference.features import feature_attention, slide_file_from_manifest
-from e2e_wsi.inference.run import load_model
+from e2e_wsi.runs import load_run
 from tests.helpers.features import TINY_FEATURE_FIT, TWO_STAGE_CONFIG, extract_random_resnet
 
 
@@ -55,7 +55,7 @@ def test_feature_attention_sits_on_the_feature_coordinates(
     ckpt, features = feature_run
     folder = FeatureFolder(features)
     slide = folder.slide_ids()[1]
-    loaded = load_model(ckpt)
+    loaded = load_run(ckpt)
     att, out = feature_attention(loaded, folder, slide, slide_file_from_manifest(manifest, slide))
     feats, coords = folder.read(slide)
     assert att.attention.shape == (out["attention"].shape[1], len(feats))

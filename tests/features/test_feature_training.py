@@ -12,7 +12,7 @@ import torch
 
 from e2e_wsi.cli import main
 from e2e_wsi.features.store import FeatureFolder
-from e2e_wsi.inference.run import load_run
+from e2e_wsi.runs import load_run
 from tests.helpers.features import TINY_FEATURE_FIT, TWO_STAGE_CONFIG, extract_random_resnet
 
 
@@ -42,7 +42,8 @@ def test_fit_test_predict_on_features(
     ckpt = run / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert state["state_dict"]["aggregator.stem.1.weight"].shape[1] == 256  # width follows the features
-    model, data = load_run(ckpt)  # outside a Trainer the width comes from the weights
+    loaded = load_run(ckpt)
+    model, data = loaded.model, loaded.data  # outside a Trainer the width comes from the weights
     assert model.encoder.out_dim == 256 and data["features_dir"] == str(features)
     assert (
         main(["test", "--config", str(run / "config.yaml"), "--ckpt_path", str(ckpt), "--bootstrap", "50"])

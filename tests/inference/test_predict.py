@@ -18,9 +18,9 @@ from e2e_wsi.annotations.geojson import mask_to_geometry
 from e2e_wsi.cache.store import PatchCache
 from e2e_wsi.cli import main
 from e2e_wsi.inference.predict import Ensemble
-from e2e_wsi.inference.run import LoadedModel, load_model
 from e2e_wsi.models.module import SlideModule
 from e2e_wsi.models.tasks import CoxSurvivalTask
+from e2e_wsi.runs import LoadedRun, load_run
 from e2e_wsi.slides.reader import Slide
 from e2e_wsi.slides.writer import write_pyramidal_tiff
 from e2e_wsi.viz.heatmap import patch_lesion_labels
@@ -199,7 +199,7 @@ def test_an_ensemble_averages_probabilities_and_attention(
 ) -> None:
     last = tiny_run / "checkpoints" / "last.ckpt"
     other = _perturbed_copy(last, tmp_path / "other.ckpt")
-    a, b = load_model(last), load_model(other, tiny_run / "config.yaml")
+    a, b = load_run(last), load_run(other, tiny_run / "config.yaml")
     cache = PatchCache(synth_cache[1])
     slide_id = cache.slide_ids()[0]
     pa, pb = Ensemble([a]).predict_slide(cache, slide_id), Ensemble([b]).predict_slide(cache, slide_id)
@@ -237,8 +237,8 @@ def test_the_cli_lists_the_checkpoints_of_an_ensemble(
 
 
 def test_checkpoints_of_different_tasks_are_refused(tiny_run: Path) -> None:
-    cls = load_model(tiny_run / "checkpoints" / "last.ckpt")
-    surv = LoadedModel(SlideModule(task=CoxSurvivalTask()), cls.data, Path("surv.ckpt"), cls.run)
+    cls = load_run(tiny_run / "checkpoints" / "last.ckpt")
+    surv = LoadedRun(SlideModule(task=CoxSurvivalTask()), cls.data, Path("surv.ckpt"), cls.run)
     with pytest.raises(ValueError, match="different tasks.*classification.*surv.ckpt is survival"):
         Ensemble([cls, surv])
 
@@ -289,10 +289,10 @@ def test_a_run_folder_without_checkpoint_is_a_clear_error(
 
 
 def test_preprocess_params_fall_back_to_the_training_cache(tiny_run: Path, tmp_path: Path) -> None:
-    from e2e_wsi.inference.params import preprocess_config, preprocess_params
-    from e2e_wsi.training.run import RunFolder
+    from e2e_wsi.inference.params import preprocess_config
+    from e2e_wsi.runs import RunFolder, preprocess_params
 
-    loaded = load_model(tiny_run / "checkpoints" / "last.ckpt")
+    loaded = load_run(tiny_run / "checkpoints" / "last.ckpt")
     recorded = preprocess_params(loaded.run, loaded.data)
     bare = RunFolder(tmp_path)  # a run folder without preprocess.json (trained before it existed)
     assert preprocess_params(bare, loaded.data) == recorded
@@ -319,9 +319,9 @@ def test_survival_models_write_a_risk_per_slide(
     from e2e_wsi.inference.cli import slide_jobs
     from e2e_wsi.inference.pipeline import PredictOptions, predict_slides
 
-    cls = load_model(tiny_run / "checkpoints" / "last.ckpt")
+    cls = load_run(tiny_run / "checkpoints" / "last.ckpt")
     members = [
-        LoadedModel(SlideModule(task=CoxSurvivalTask()).eval(), cls.data, Path(f"cox{i}.ckpt"), cls.run)
+        LoadedRun(SlideModule(task=CoxSurvivalTask()).eval(), cls.data, Path(f"cox{i}.ckpt"), cls.run)
         for i in range(2)
     ]
     slides = sorted((synth_cache[0].parent / "slides").glob("*.svs"))[:2]
@@ -343,15 +343,15 @@ def test_survival_models_write_a_risk_per_slide(
 
 def test_an_ensemble_of_differently_tiled_runs_is_refused(tiny_run: Path, tmp_path: Path) -> None:
     from e2e_wsi.inference.pipeline import predict_slides
-    from e2e_wsi.training.run import RunFolder
+    from e2e_wsi.runs import RunFolder
 
-    a = load_model(tiny_run / "checkpoints" / "last.ckpt")
+    a = load_run(tiny_run / "checkpoints" / "last.ckpt")
     other = RunFolder(tmp_path / "other")
     other.root.mkdir()
     recorded = json.loads((tiny_run / "preprocess.json").read_text())
     recorded["params"]["patch_size"] = 128
     other.preprocess.write_text(json.dumps(recorded))
-    b = LoadedModel(a.model, a.data, other.root / "b.ckpt", other)
+    b = LoadedRun(a.model, a.data, other.root / "b.ckpt", other)
     with pytest.raises(ValueError, match="tiled differently \\(patch_size\\)"):
         predict_slides(Ensemble([a, b]), [], tmp_path / "out")
 

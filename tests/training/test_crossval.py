@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from e2e_wsi.cli import main
-from e2e_wsi.inference.run import resolve_checkpoints
+from e2e_wsi.runs import resolve_checkpoints
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from e2e_wsi.cache.store import PatchCache, mag_key
 from e2e_wsi.cli import main
 from e2e_wsi.inference.attention import SlideAttention, slide_attention
 from e2e_wsi.inference.heatmaps import thumbnail_of
-from e2e_wsi.inference.run import load_run
+from e2e_wsi.runs import load_run
 from e2e_wsi.viz.heatmap import (
     localization_summary,
     normalize_scores,
@@ -242,7 +242,8 @@ def test_localization_json_reports_auroc(
 
 
 def test_slide_attention_covers_every_patch(tiny_run: Path, synth_cache: tuple[Path, Path]) -> None:
-    model, data_cfg = load_run(tiny_run / "checkpoints" / "last.ckpt")
+    loaded = load_run(tiny_run / "checkpoints" / "last.ckpt")
+    model, data_cfg = loaded.model, loaded.data
     cache = PatchCache(synth_cache[1])
     slide_id = cache.slide_ids()[0]
     att, out = slide_attention(model, cache, slide_id, [10.0], int(data_cfg["eval_patch_size"]))

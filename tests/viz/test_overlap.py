@@ -14,7 +14,7 @@ from PIL import Image
 from e2e_wsi.cache.store import PatchCache, mag_key
 from e2e_wsi.cli import main
 from e2e_wsi.inference.attention import overlap_attention
-from e2e_wsi.inference.run import load_run
+from e2e_wsi.runs import load_run
 from e2e_wsi.slides.reader import Slide
 from e2e_wsi.slides.tissue import TissueMask
 from e2e_wsi.viz.heatmap import format_caption
@@ -201,7 +201,8 @@ def test_chunked_scoring_matches_one_chunk(tiny_run: Path, synth_cache: tuple[Pa
     manifest, cache_dir = synth_cache
     cache = PatchCache(cache_dir)
     slide_id = _lesion_slide(manifest, cache)
-    model, data_cfg = load_run(tiny_run / "checkpoints" / "last.ckpt")
+    loaded = load_run(tiny_run / "checkpoints" / "last.ckpt")
+    model, data_cfg = loaded.model, loaded.data
     kwargs = dict(
         magnification=10.0, patch_size=64, eval_patch_size=int(data_cfg["eval_patch_size"]), overlap=0.5
     )

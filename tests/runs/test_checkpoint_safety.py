@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from e2e_wsi.cli import main
-from e2e_wsi.training.checkpoints import UnsafeCheckpointError, load_checkpoint
+from e2e_wsi.runs.checkpoints import UnsafeCheckpointError, load_checkpoint
 
 
 class _Payload:
@@ -181,7 +181,7 @@ def test_input_error_exits_2_without_traceback_unless_debug(
 
 
 def test_heatmap_refuses_the_payload_checkpoint(tiny_run: Path, evil_ckpt: tuple[Path, Path]) -> None:
-    from e2e_wsi.inference.run import load_run
+    from e2e_wsi.runs import load_run
 
     path, marker = evil_ckpt
     with pytest.raises(UnsafeCheckpointError, match="refusing checkpoint"):

@@ -1,7 +1,9 @@
-"""Checkpoints the tool may load, and how they are found.
+"""Safe loading of checkpoints and other ``torch.save`` files, and the Lightning checkpoint key names.
 
-Every checkpoint ``e2e-wsi`` reads goes through :func:`load_checkpoint`: ``torch.load(weights_only=True)``
-with the small allow-list :data:`SAFE_GLOBALS`, so a checkpoint can hold tensors and plain containers but
+This is the only module that calls ``torch.load``. Every checkpoint ``e2e-wsi`` reads goes through
+:func:`load_checkpoint`, every other ``torch.save`` file (pretrained encoder weights, official checkpoints
+for ``convert``) through :func:`load_torch_file`: ``torch.load(weights_only=True)``
+with the small allow-list :func:`safe_globals`, so a checkpoint can hold tensors and plain containers but
 never a pickled object whose ``__reduce__`` runs code. Lightning 2.6 loads ``trainer.fit/test(ckpt_path=...)``
 with ``weights_only=False`` unless told otherwise and fetches ``http(s)://`` checkpoints through
 ``torch.hub`` (again unpickling everything), so the CLI
@@ -15,29 +17,44 @@ with ``weights_only=False`` unless told otherwise and fetches ``http(s)://`` che
 
 Checkpoints written by ``e2e-wsi fit`` need no allow-listed type today (the module stores no
 ``hyper_parameters``; datamodule hyperparameters, loop, callback, optimizer and scheduler states are plain
-containers of numbers, strings and tensors); ``tests/training/test_checkpoints.py`` checks that a real
+containers of numbers, strings and tensors); ``tests/runs/test_checkpoint_safety.py`` checks that a real
 checkpoint loads under the allow-list.
+
+This module imports only torch (and Lightning's ``AttributeDict`` when it loads), so the packages below
+``runs`` (the models' pretrained-weight loaders) use it without importing the rest of :mod:`e2e_wsi.runs`.
 """
 
 from __future__ import annotations
 
 import pickle
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.data import AttributeDict
 
 from e2e_wsi.errors import UserError
-from e2e_wsi.training.run import RunFolder
 
-# Non-tensor types a Lightning checkpoint may legitimately hold. AttributeDict is the dict subclass that
-# Lightning uses for ``hyper_parameters`` of modules calling ``save_hyperparameters``.
-SAFE_GLOBALS: list[Any] = [AttributeDict]
 
-# Lightning's ckpt_path keywords that name a checkpoint of the run folder rather than a file.
-RUN_KEYWORDS = ("last", "best")
+def safe_globals() -> list[Any]:
+    """Non-tensor types a Lightning checkpoint may legitimately hold.
+
+    ``AttributeDict`` is the dict subclass Lightning uses for ``hyper_parameters`` of modules calling
+    ``save_hyperparameters``. Imported here, not at module level, so loading pretrained weights does not
+    import Lightning.
+    """
+    from lightning.fabric.utilities.data import AttributeDict
+
+    return [AttributeDict]
+
+
+# Keys of a Lightning checkpoint that e2e-wsi reads or writes, spelled once.
+STATE_DICT = "state_dict"
+EPOCH = "epoch"
+GLOBAL_STEP = "global_step"
+LIGHTNING_VERSION = "pytorch-lightning_version"
+FEATURES = "e2e_wsi_features"  # feature (two-stage) runs: width and settings of the training features
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
 
@@ -52,7 +69,7 @@ def is_remote(path: str | Path) -> bool:
 
 
 def _torch_load(path: Path) -> Any:
-    with torch.serialization.safe_globals(SAFE_GLOBALS):
+    with torch.serialization.safe_globals(safe_globals()):
         try:  # mmap: validating a large checkpoint should not read all of it into memory
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as err:
@@ -77,15 +94,64 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ValueError: If the file is not a readable Lightning checkpoint.
     """
     ckpt = load_torch_file(path)
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise ValueError(
-            f"{path} is not a Lightning checkpoint (no 'state_dict'): pass a file from RUN/checkpoints/"
+    if not isinstance(ckpt, dict) or STATE_DICT not in ckpt:
+        raise UserError(
+            f"{path} is not a Lightning checkpoint (no {STATE_DICT!r}): pass a file from RUN/checkpoints/"
         )
     return ckpt
 
 
+_VERIFIED: set[tuple[str, int, int]] = set()
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Check that ``path`` loads with :func:`load_checkpoint`, once per file version (path, mtime, size).
+
+    The LightningCLI verbs call it before Lightning reads the file (Lightning reads it more than once).
+
+    Raises:
+        UnsafeCheckpointError: If the checkpoint is remote or holds pickled objects.
+        FileNotFoundError: If the file does not exist.
+    """
+    file = Path(path)
+    stat = file.stat() if file.is_file() else None
+    key = (str(file.resolve()), *((stat.st_mtime_ns, stat.st_size) if stat else (0, 0)))
+    if key not in _VERIFIED:
+        load_checkpoint(path)
+        _VERIFIED.add(key)
+
+
+def state_dict_of(obj: Any) -> Any:
+    """The weights inside what :func:`load_torch_file` returned: a checkpoint's ``state_dict``, else ``obj``.
+
+    Pretrained-weight files are either a bare state dict or a dict with a ``state_dict`` entry (a
+    Lightning checkpoint saved tensor-only).
+    """
+    if isinstance(obj, Mapping) and isinstance(obj.get(STATE_DICT), Mapping):
+        return obj[STATE_DICT]
+    return obj
+
+
+def checkpoint_payload(state_dict: dict[str, torch.Tensor], **extra: Any) -> dict[str, Any]:
+    """A minimal Lightning checkpoint around ``state_dict`` (epoch and step 0) that every verb loads.
+
+    Args:
+        state_dict: The module's weights.
+        **extra: More top-level entries (plain data only), e.g. ``converted_from``.
+    """
+    import lightning
+
+    return {
+        STATE_DICT: state_dict,
+        LIGHTNING_VERSION: lightning.__version__,
+        EPOCH: 0,
+        GLOBAL_STEP: 0,
+        **extra,
+    }
+
+
 def load_torch_file(path: str | Path) -> Any:
-    """Load any ``torch.save`` file safely (``weights_only=True`` plus :data:`SAFE_GLOBALS`).
+    """Load any ``torch.save`` file safely (``weights_only=True`` plus :func:`safe_globals`).
 
     Raises:
         UnsafeCheckpointError: If ``path`` is a URL, or the file holds objects outside the allow-list.
@@ -99,7 +165,7 @@ def load_torch_file(path: str | Path) -> Any:
         )
     file = Path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"checkpoint {file} not found (--ckpt_path)")
+        raise FileNotFoundError(f"checkpoint {file} not found")
     try:
         ckpt = _torch_load(file)
     except pickle.UnpicklingError as err:
@@ -111,36 +177,5 @@ def load_torch_file(path: str | Path) -> Any:
             "torch.save in a trusted session"
         ) from None
     except (RuntimeError, EOFError, KeyError, OSError) as err:
-        raise ValueError(f"cannot read checkpoint {file}: {err}") from None
+        raise UserError(f"cannot read checkpoint {file}: {err}") from None
     return ckpt
-
-
-def resolve_checkpoint(subcommand: str, ckpt_path: str | None, run: RunFolder) -> str | None:
-    """The checkpoint file a verb will load (``None``: a fresh fit).
-
-    ``fit``: no ``ckpt_path`` is a fresh run; ``last``/``best`` name the run folder's checkpoints and
-    must exist (a resume that silently starts from scratch is refused). ``validate``/``test``/``predict``:
-    no ``ckpt_path`` means the run's best checkpoint (:meth:`RunFolder.best_checkpoint`), and a run
-    without checkpoints is refused (scoring random weights is never what the user wants). Other
-    keywords (``hpc``, ``registry``) are left to Lightning, which then loads with ``weights_only=True``.
-
-    Raises:
-        FileNotFoundError: If the checkpoint the command needs does not exist.
-    """
-    if ckpt_path is None and subcommand == "fit":
-        return None
-    if ckpt_path is None or str(ckpt_path) in RUN_KEYWORDS:
-        which = str(ckpt_path or "best")
-        found = run.last_checkpoint() if which == "last" else run.best_checkpoint()
-        if found is None:
-            hint = (
-                "start a fresh fit without --ckpt_path, or pass --ckpt_path FILE"
-                if subcommand == "fit"
-                else "pass --ckpt_path FILE, or train first with `e2e-wsi fit`"
-            )
-            raise FileNotFoundError(
-                f"e2e-wsi {subcommand}: run folder {run.root} holds no {which} checkpoint "
-                f"(looked in {run.checkpoints_dir}): {hint}"
-            )
-        return str(found)
-    return str(ckpt_path)
