@@ -45,6 +45,10 @@ VERBS: dict[str, tuple[str, str]] = {
         "e2e_wsi.inference.cli:main",
         "run a trained model (or an ensemble) on new slide files: predictions, heatmaps, GeoJSON",
     ),
+    "export": (
+        "e2e_wsi.export.cli:main",
+        "write a trained run as an ONNX or TorchScript model with model.json (for other runtimes)",
+    ),
     "crossval": (
         "e2e_wsi.training.crossval_cli:main",
         "k-fold patient-level cross-validation with pooled out-of-fold predictions",

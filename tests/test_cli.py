@@ -21,6 +21,7 @@ VERB_NAMES = (
     "validate",
     "test",
     "predict",
+    "export",
     "crossval",
     "evaluate",
     "heatmap",

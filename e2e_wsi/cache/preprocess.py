@@ -378,11 +378,18 @@ def _print_failures(rows: list[dict[str, Any]]) -> None:
 
 def _add_annotation_args(parser: Any) -> None:
     """``--annotations DIR`` (QuPath regions) and ``--geojson`` (tissue contours)."""
-    from e2e_wsi.annotations.geojson import DEFAULT_EXCLUDE, DEFAULT_INCLUDE
+    from e2e_wsi.annotations.geojson import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, UNCLASSIFIED_CHOICES
 
     parser.add_argument("--annotations", type=Path, default=None, help="folder of QuPath <slide_id>.geojson")
     parser.add_argument("--include_classes", nargs="+", default=list(DEFAULT_INCLUDE), help="classes to tile")
     parser.add_argument("--exclude_classes", nargs="+", default=list(DEFAULT_EXCLUDE), help="classes to drop")
+    parser.add_argument(
+        "--unclassified",
+        choices=UNCLASSIFIED_CHOICES,
+        default="ignore",
+        help="polygons without a class in --annotations files: ignore (with a warning) or tissue (tile "
+        "inside them, e.g. TRIDENT/GrandQC contours); default: ignore",
+    )
     parser.add_argument(
         "--geojson", action="store_true", help="write OUT/geojson/<slide_id>.geojson contours"
     )
@@ -398,7 +405,10 @@ def _with_annotations(config: PreprocessConfig, args: Any, jobs: list[SlideJob])
     if args.annotations is not None:
         check_annotation_dir(args.annotations, [j.slide_id for j in jobs])
         rules = AnnotationRules(
-            str(args.annotations.resolve()), tuple(args.include_classes), tuple(args.exclude_classes)
+            str(args.annotations.resolve()),
+            tuple(args.include_classes),
+            tuple(args.exclude_classes),
+            args.unclassified,
         )
     geojson_dir = None
     if args.geojson:
@@ -436,6 +446,19 @@ def build_parser() -> Any:
         "--overwrite", action="store_true", help="replace slides cached with other parameters"
     )
     parser.add_argument("--allow_failures", action="store_true", help="exit 0 even if some slides failed")
+    parser.add_argument(
+        "--stain_normalization",
+        choices=("none", "macenko", "reinhard"),
+        default="none",
+        help="recolour every patch to --stain_reference's stain statistics before caching (each slide with "
+        "its own statistics); recorded in the cache, so predict normalises new slides alike (default: none)",
+    )
+    parser.add_argument(
+        "--stain_reference",
+        type=Path,
+        default=None,
+        help="reference image (PNG/JPEG/TIFF of representative stained tissue) for --stain_normalization",
+    )
     parser.add_argument("--jpeg_quality", type=int, default=90, help="JPEG quality of the cached patches")
     parser.add_argument(
         "--tissue_threshold",
@@ -497,8 +520,18 @@ def _config(args: Any) -> PreprocessConfig:
         tissue=TissueParams(use_otsu=otsu, **saturation),
         mpp=args.mpp,
         max_pixels=args.max_pixels,
+        stain=_stain(args),
         backend=args.backend,
     )
+
+
+def _stain(args: Any) -> Any:
+    """``--stain_normalization``/``--stain_reference`` as a fitted normaliser, or ``None``."""
+    if args.stain_normalization == "none" and args.stain_reference is None:
+        return None  # torch stays unimported for the common case
+    from e2e_wsi.stain import StainNormalizer
+
+    return StainNormalizer.from_options(args.stain_normalization, args.stain_reference)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -38,6 +38,9 @@ from e2e_wsi.slides.tissue import (
     segmentation_downsample,
 )
 from e2e_wsi.utils import validate_slide_id
+
+if TYPE_CHECKING:  # torch is imported only when a slide is stain-normalised
+    from e2e_wsi.stain import StainNormalizer
 
 _PROGRESS_EVERY = 64  # patches between progress messages (keeps queue traffic negligible)
 _QC_MIN_SIDE = 768  # QC images are upscaled (nearest) to at least this longest side
@@ -68,6 +71,8 @@ class PreprocessConfig:
             which slides are cached, not what is cached, so it is not part of ``params``.
         annotations: QuPath include / exclude regions applied to the tissue mask, or ``None``.
         geojson_dir: Folder for ``<slide_id>.geojson`` tissue contours (``--geojson``), or ``None``.
+        stain: Stain normaliser applied to every patch before it is stored (``--stain_normalization``),
+            with the slide's own statistics from its tissue thumbnail; ``None``: patches as scanned.
         backend: Slide reader forced for every slide (``--backend``), or ``None`` for the first that reads
             each file. Backends read the same pixels (tested), so it is recorded per slide (``backend`` in the
             metadata), not part of ``params``.
@@ -84,6 +89,7 @@ class PreprocessConfig:
     max_pixels: float | None = DEFAULT_MAX_PIXELS
     annotations: AnnotationRules | None = None
     geojson_dir: str | None = None  # an output location, not a cache parameter
+    stain: StainNormalizer | None = None
     backend: str | None = None
 
     def __post_init__(self) -> None:
@@ -116,6 +122,7 @@ class PreprocessConfig:
             "tissue": self.tissue.to_dict(),
             "mpp_override": slide_mpp if slide_mpp is not None else self.mpp,
             **({"annotations": self.annotations.to_dict()} if self.annotations else {}),
+            **({"stain_normalization": self.stain.to_dict()} if self.stain else {}),
         }
 
 
@@ -203,7 +210,7 @@ def _tile_slide(
         for spec, (coords, _) in zip(specs, grids, strict=True)
     ]
     staging = staging_dir / f"{slide_id}.bin"
-    _stage_patches(slide, specs, grids, config, staging, progress)
+    _stage_patches(slide, specs, grids, config, staging, progress, _patch_normaliser(config, tissue))
     if qc_dir is not None:
         _write_qc(qc_dir / f"{slide_id}.png", tissue, grids[0][0], specs[0], stats[0])
     return _slide_meta(slide, slide_id, job, config, tissue, specs, grids, stats), staging
@@ -253,21 +260,44 @@ def _stage_patches(
     config: PreprocessConfig,
     staging: Path,
     progress: ProgressSink | None,
+    normalise: Any = None,
 ) -> None:
-    """Read and JPEG-encode every kept patch into the staging file, magnification by magnification."""
+    """Read and JPEG-encode every kept patch into the staging file, magnification by magnification.
+
+    ``normalise`` (uint8 [H, W, 3] -> uint8 [H, W, 3]) recolours each patch first (stain normalisation).
+    """
     pending = 0
     with open(staging, "wb") as handle:
         for spec, (coords, _) in zip(specs, grids, strict=True):
             for xy in coords:
-                append_staged(
-                    handle, encode_jpeg(read_patch(slide, spec, xy, config.patch_size), config.jpeg_quality)
-                )
+                patch = read_patch(slide, spec, xy, config.patch_size)
+                if normalise is not None:
+                    patch = Image.fromarray(normalise(np.asarray(patch.convert("RGB"))))
+                append_staged(handle, encode_jpeg(patch, config.jpeg_quality))
                 pending += 1
                 if progress is not None and pending == _PROGRESS_EVERY:
                     progress.put(pending)
                     pending = 0
     if progress is not None and pending:
         progress.put(pending)
+
+
+def _patch_normaliser(config: PreprocessConfig, tissue: TissueMask) -> Any:
+    """The slide's patch recolouring (its statistics from the tissue thumbnail), or ``None``."""
+    if config.stain is None:
+        return None
+    import torch
+
+    pixels = tissue.thumbnail[tissue.mask]
+    if len(pixels) < 16:
+        raise ValueError("stain normalisation: too little tissue on the thumbnail to estimate the stains")
+    stain, source = config.stain, config.stain.source_stats(pixels)
+
+    def normalise(patch: np.ndarray) -> np.ndarray:
+        images = torch.from_numpy(np.ascontiguousarray(patch)).permute(2, 0, 1)[None]
+        return stain.apply(images, source)[0].permute(1, 2, 0).numpy()
+
+    return normalise
 
 
 def _slide_meta(

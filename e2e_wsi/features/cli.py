@@ -83,6 +83,12 @@ def build_parser() -> ArgumentParser:
     )
     p.add_argument("--slides", nargs="*", default=None, help="only these slide ids")
     p.add_argument("--seed", type=int, default=0, help="seed of randomly initialised encoder weights")
+    p.add_argument(
+        "--pt_files",
+        action="store_true",
+        help="also write FEATURES/pt_files/<slide_id>.pt (features only, a plain tensor), the files CLAM's "
+        "main.py and the official two-stage code read (default: off, the .h5 files only)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -114,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         progress=not args.quiet,
         devices=args.devices,
         accelerator=args.accelerator,
+        pt_files=args.pt_files,
     )
     rows = extract_features(args.cache, args.out, encoder, config, args.slides)
     if args.devices > 1 and not _is_rank_zero():

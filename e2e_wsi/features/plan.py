@@ -22,14 +22,18 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from e2e_wsi.cache.store import PatchCache
+from e2e_wsi.cache.store import PatchCache, mag_key
 from e2e_wsi.data.transforms import EvalTransform
 from e2e_wsi.features.store import (
+    PatchGeometry,
     describe_difference,
     feature_path,
     make_provenance,
+    pt_path,
     read_info,
+    read_slide,
     settings_of,
+    write_pt,
     write_slide,
 )
 
@@ -50,6 +54,8 @@ class ExtractConfig:
         devices: More than 1: a Lightning ``Trainer`` runs one process per device (DDP), each encoding
             whole slides; ``device`` is then unused.
         accelerator: Lightning accelerator of the multi-device run (``auto``, ``gpu``, ``cpu`` ...).
+        pt_files: Also write ``pt_files/<slide_id>.pt`` (a plain float32 tensor [N, D]), the file CLAM's
+            ``main.py`` and the official two-stage loader read.
     """
 
     magnification: float | None = None
@@ -62,6 +68,7 @@ class ExtractConfig:
     progress: bool = True
     devices: int = 1
     accelerator: str = "auto"
+    pt_files: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -175,6 +182,7 @@ class ExtractionPlan:
         shard: ``(i, n)`` of ``--shard``.
         rows: slide id -> summary row (``skipped`` until the slide is encoded).
         jobs: ``(slide_id, magnification, number of patches)`` of the slides still to encode.
+        pt_files: Also write ``pt_files/<slide_id>.pt`` beside each ``.h5``.
     """
 
     cache: PatchCache
@@ -186,6 +194,24 @@ class ExtractionPlan:
     shard: tuple[int, int]
     rows: dict[str, dict[str, Any]]
     jobs: list[tuple[str, float, int]]
+    pt_files: bool = False
+
+    def geometry(self, slide_id: str) -> PatchGeometry:
+        """The slide's patch geometry from its cache metadata (TRIDENT's and CLAM's attributes)."""
+        meta = self.cache.meta(slide_id)
+        info = meta["magnifications"][mag_key(self.magnification)]
+        width, height = (int(v) for v in meta["dimensions"])
+        patch, side = int(meta["patch_size"]), int(info["size_level0"])
+        # objective power is always recorded by our tiler; the fallback is its own formula inverted
+        power = meta.get("objective_power") or self.magnification * side / patch
+        return PatchGeometry(
+            patch_size=patch,
+            size_level0=side,
+            level0_magnification=float(power),
+            target_magnification=float(self.magnification),
+            level0_width=width,
+            level0_height=height,
+        )
 
     def record(
         self, slide_id: str, feats: np.ndarray | None, seconds: float, error: str, num_patches: int
@@ -198,7 +224,10 @@ class ExtractionPlan:
             return row
         try:
             coords = self.cache.coords(slide_id, self.magnification)
-            write_slide(self.out_dir, slide_id, feats, coords, self.provenance)  # type: ignore[arg-type]
+            geometry = self.geometry(slide_id)
+            write_slide(self.out_dir, slide_id, feats, coords, self.provenance, geometry)  # type: ignore[arg-type]
+            if self.pt_files:
+                write_pt(self.out_dir, slide_id, feats)  # type: ignore[arg-type]
             row["status"] = "ok"
         except Exception as err:  # NaN features (e.g. fp16 overflow), full disk ...: recorded, not fatal
             row.update(status="failed", error=str(err))
@@ -239,12 +268,16 @@ def plan_extraction(
         s: {"slide_id": s, "status": "skipped", "num_patches": 0, "seconds": 0.0, "error": ""} for s in ids
     }
     todo = [s for s in ids if not _done(feature_path(out_dir, s), settings)]
+    if config.pt_files:  # a resumed run asked for .pt files now: write them from the finished .h5 files
+        for s in sorted(set(ids) - set(todo)):
+            if not pt_path(out_dir, s).is_file():
+                write_pt(out_dir, s, read_slide(feature_path(out_dir, s))[0])
     jobs = [(s, mag, cache.count(s, mag)) for s in todo]
     for s, _, n in jobs:
         if n == 0:
             rows[s].update(status="failed", error=f"no patches at {mag}x")
     jobs = [j for j in jobs if j[2] > 0]
-    return ExtractionPlan(cache, out_dir, ids, mag, size, prov, config.shard, rows, jobs)
+    return ExtractionPlan(cache, out_dir, ids, mag, size, prov, config.shard, rows, jobs, config.pt_files)
 
 
 class SlideAssembler:

@@ -2,12 +2,20 @@
 
 Layout of ``FEATURES/<slide_id>.h5`` (the layout CLAM and TRIDENT write, so folders move both ways):
 
-* ``features``: float32 [N, D], one row per patch;
+* ``features``: float32 [N, D], one row per patch; attributes ``encoder`` and ``name`` (TRIDENT's);
 * ``coords``: int64 [N, 2], level-0 (x, y) of each patch's top-left corner, row i <-> feature row i;
-* root attribute ``e2e_wsi_provenance`` (ours only): a JSON string, see :func:`make_provenance`.
+  attributes ``patch_size``, ``patch_size_level0``, ``level0_magnification``, ``target_magnification``,
+  ``level0_width``, ``level0_height``, ``name`` (TRIDENT's coords reader and slide encoders need them),
+  and ``downsample``/``level_dim`` (CLAM's patch attributes, read by the official ``get_seq_pos_fn``);
+* root attribute ``e2e_wsi_provenance`` (ours only): a JSON string, see :func:`make_provenance`;
+* optionally ``FEATURES/pt_files/<slide_id>.pt``: the features alone as a plain float32 tensor, the file
+  CLAM's ``main.py`` and the official two-stage loader read (``torch.load(..., weights_only=True)``).
 
 Files are written to ``<slide_id>.h5.tmp`` and renamed, so a reader (or a resumed extraction) never sees a
-half-written file. Folders from other tools have no provenance; they are accepted with a warning.
+half-written file. Files of other tools carry no provenance of ours: TRIDENT's (and CLAM's patch)
+attributes are turned into provenance (:func:`foreign_provenance`); files with neither are accepted with a
+warning. A dataset stored outside the file (external raw storage, an external link, a virtual dataset) or
+of a non-numeric type is refused: a feature file is data read from itself alone (docs/security.md).
 """
 
 from __future__ import annotations
@@ -23,12 +31,19 @@ from typing import Any
 import h5py
 import numpy as np
 
+from e2e_wsi.errors import UserError
 from e2e_wsi.utils import describe_difference, sha256_file, validate_slide_id  # noqa: F401 - re-exported
 
 PROVENANCE_ATTR = "e2e_wsi_provenance"
 SUFFIX = ".h5"
-# Keys that describe one slide, not the settings: they may differ between files of one folder.
-PER_SLIDE_KEYS = frozenset({"slide_id", "num_patches", "created"})
+PT_DIR = "pt_files"
+# Keys that describe one slide, not the settings: they may differ between files of one folder
+# (the level-0 side of a patch depends on the slide's objective power).
+PER_SLIDE_KEYS = frozenset(
+    {"slide_id", "num_patches", "created", "patch_size_level0", "level0_magnification", "level0_width",
+     "level0_height"}
+)  # fmt: skip
+_DATASETS = ("features", "coords")
 _MAX_LISTED = 20
 
 
@@ -64,6 +79,50 @@ def feature_path(folder: str | Path, slide_id: str) -> Path:
     return Path(folder) / f"{validate_slide_id(slide_id)}{SUFFIX}"
 
 
+@dataclass(frozen=True)
+class PatchGeometry:
+    """Where one slide's patches come from: what TRIDENT's and CLAM's readers need beside the arrays.
+
+    Attributes:
+        patch_size: Side of a patch in pixels at ``target_magnification``.
+        size_level0: Side of a patch in level-0 pixels.
+        level0_magnification: Objective power of the slide's level 0.
+        target_magnification: Magnification the patches were cut at.
+        level0_width: Level-0 width of the slide.
+        level0_height: Level-0 height of the slide.
+    """
+
+    patch_size: int
+    size_level0: int
+    level0_magnification: float
+    target_magnification: float
+    level0_width: int
+    level0_height: int
+
+    def coords_attributes(self, slide_id: str) -> dict[str, Any]:
+        """TRIDENT's ``coords`` attributes (and CLAM's ``downsample``/``level_dim``) for ``slide_id``."""
+        down = self.size_level0 / self.patch_size  # level-0 pixels per patch pixel
+        return {
+            "patch_size": int(self.patch_size),
+            "patch_size_level0": int(self.size_level0),
+            "level0_magnification": _number(self.level0_magnification),
+            "target_magnification": _number(self.target_magnification),
+            "level0_width": int(self.level0_width),
+            "level0_height": int(self.level0_height),
+            "overlap": 0,
+            "name": slide_id,
+            "downsample": np.array([down, down], dtype=np.float64),
+            "level_dim": np.array(
+                [round(self.level0_width / down), round(self.level0_height / down)], dtype=np.int64
+            ),
+        }
+
+
+def _number(value: float) -> int | float:
+    """Integral magnifications as ints, as TRIDENT writes them (``20``, not ``20.0``)."""
+    return int(value) if float(value).is_integer() else float(value)
+
+
 def check_features(features: np.ndarray, coords: np.ndarray, where: str) -> None:
     """Validate one slide's arrays.
 
@@ -93,6 +152,7 @@ def write_slide(
     features: np.ndarray,
     coords: np.ndarray,
     provenance: Mapping[str, Any] | None,
+    geometry: PatchGeometry | None = None,
 ) -> Path:
     """Write one slide's features atomically (temp file + rename).
 
@@ -102,6 +162,7 @@ def write_slide(
         features: float [N, D]; stored as float32.
         coords: int [N, 2] level-0 (x, y) top-left corners; stored as int64.
         provenance: JSON-able settings (:func:`make_provenance`), or ``None``.
+        geometry: The patches' geometry: written as TRIDENT's/CLAM's attributes and into the provenance.
 
     Returns:
         The final path.
@@ -116,9 +177,44 @@ def write_slide(
         with h5py.File(tmp, "w") as f:
             f.create_dataset("features", data=features)
             f.create_dataset("coords", data=coords)
+            f["features"].attrs["name"] = slide_id
+            encoder = ((provenance or {}).get("encoder") or {}).get("name")
+            if encoder is not None:
+                f["features"].attrs["encoder"] = str(encoder)
+            if geometry is not None:
+                f["coords"].attrs.update(geometry.coords_attributes(slide_id))
             if provenance is not None:
                 record = {**provenance, "slide_id": slide_id, "num_patches": int(features.shape[0])}
+                if geometry is not None:
+                    record.update(
+                        patch_size_level0=int(geometry.size_level0),
+                        level0_magnification=float(geometry.level0_magnification),
+                    )
                 f.attrs[PROVENANCE_ATTR] = json.dumps(record, sort_keys=True)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def pt_path(folder: str | Path, slide_id: str) -> Path:
+    """``folder/pt_files/<slide_id>.pt`` (CLAM's and the official two-stage code's layout)."""
+    return Path(folder) / PT_DIR / f"{validate_slide_id(slide_id)}.pt"
+
+
+def write_pt(folder: str | Path, slide_id: str, features: np.ndarray) -> Path:
+    """Write ``pt_files/<slide_id>.pt``: the features [N, D] as a plain float32 tensor, atomically.
+
+    A bare tensor is what CLAM's ``torch.load(path)`` and the official ``torch.load(path,
+    weights_only=True)`` return as the bag; anything else (a dict, coordinates) would break both.
+    """
+    import torch
+
+    path = pt_path(folder, slide_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)), tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -137,28 +233,113 @@ class SlideInfo:
 
 
 def read_info(path: str | Path) -> SlideInfo:
-    """Shapes and provenance of one ``.h5`` file.
+    """Shapes and provenance of one ``.h5`` file (ours, TRIDENT's or CLAM's).
 
     Raises:
-        ValueError: File unreadable, or ``features``/``coords`` missing or of the wrong rank.
+        UserError: File unreadable; ``features``/``coords`` missing, of the wrong rank, empty (0 rows),
+            not numeric, or stored outside the file (external link, external raw storage, virtual
+            dataset); the message names the file.
     """
     path = Path(path)
     try:
         with h5py.File(path, "r") as f:
-            missing = [k for k in ("features", "coords") if k not in f]
+            names = set(f.keys())  # link names: a dangling external link is listed, never followed
+            missing = [k for k in _DATASETS if k not in names]
             if missing:
-                raise ValueError(
-                    f"{path}: no dataset(s) {missing} (found {sorted(f.keys())}); a feature file needs "
+                raise UserError(
+                    f"{path}: no dataset(s) {missing} (found {sorted(names)}); a feature file needs "
                     "`features` [N, D] and `coords` [N, 2] (re-run `e2e-wsi extract` for this slide)"
                 )
+            for name in _DATASETS:
+                _check_local_dataset(f, name, path)
             fshape, cshape = f["features"].shape, f["coords"].shape
             raw = f.attrs.get(PROVENANCE_ATTR)
+            prov = (
+                json.loads(raw)
+                if raw is not None
+                else foreign_provenance(dict(f["coords"].attrs), dict(f["features"].attrs))
+            )
     except OSError as err:
-        raise ValueError(f"{path}: cannot read as HDF5 ({err}); delete it and re-extract the slide") from err
+        raise UserError(f"{path}: cannot read as HDF5 ({err}); delete it and re-extract the slide") from err
+    except json.JSONDecodeError as err:
+        raise UserError(
+            f"{path}: attribute {PROVENANCE_ATTR} is not JSON ({err}); re-extract the slide"
+        ) from err
     if len(fshape) != 2 or len(cshape) != 2 or cshape != (fshape[0], 2):
-        raise ValueError(f"{path}: `features` {fshape} / `coords` {cshape} must be [N, D] / [N, 2]")
-    prov = json.loads(raw) if raw is not None else None
+        raise UserError(f"{path}: `features` {fshape} / `coords` {cshape} must be [N, D] / [N, 2]")
+    if fshape[0] == 0:
+        raise UserError(
+            f"{path}: no patches (0 feature rows; TRIDENT writes such files for slides without tissue): "
+            "drop the slide from the manifest or re-extract it"
+        )
     return SlideInfo(path.stem, path, int(fshape[0]), int(fshape[1]), prov)
+
+
+def _check_local_dataset(f: h5py.File, name: str, path: Path) -> None:
+    """Refuse a dataset whose bytes live outside ``path`` or are not numbers (names the file)."""
+    link = f.get(name, getlink=True)
+    if not isinstance(link, h5py.HardLink):
+        raise UserError(
+            f"{path}: `{name}` is a {type(link).__name__} to another file or path; feature files must hold "
+            "their data themselves (write the arrays into the file, e.g. with `e2e-wsi extract`)"
+        )
+    dset = f[name]
+    if not isinstance(dset, h5py.Dataset):
+        raise UserError(f"{path}: `{name}` is a group, not a dataset")
+    if dset.is_virtual:
+        raise UserError(
+            f"{path}: `{name}` is a virtual dataset (its data live in other files); refused: copy the "
+            "data into the file"
+        )
+    if dset.external:
+        raise UserError(
+            f"{path}: `{name}` uses external raw storage ({dset.external[0][0]!r} ...), i.e. bytes of "
+            "another file; refused: copy the data into the file"
+        )
+    if dset.dtype.kind not in "fiu":
+        raise UserError(
+            f"{path}: `{name}` holds {dset.dtype} values, not numbers; a feature file needs float "
+            "`features` and integer `coords`"
+        )
+
+
+def _attr(value: Any) -> Any:
+    """An HDF5 attribute as plain Python (bytes decoded, numpy scalars and arrays unwrapped)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def foreign_provenance(coords_attrs: Mapping[str, Any], features_attrs: Mapping[str, Any]) -> dict | None:
+    """Provenance of a TRIDENT or CLAM file from its HDF5 attributes (``None`` when it has none).
+
+    TRIDENT: ``features.encoder``, ``coords.target_magnification``, ``coords.patch_size`` (settings) and
+    ``coords.patch_size_level0``, ``coords.level0_magnification`` (per slide). CLAM's patch files:
+    ``coords.patch_size`` and ``coords.downsample`` give the level-0 side; no encoder nor magnification.
+
+    Returns:
+        A provenance record in our keys, with ``source`` naming the tool, or ``None``.
+    """
+    c = {k: _attr(v) for k, v in coords_attrs.items()}
+    encoder = _attr(features_attrs.get("encoder"))
+    prov: dict[str, Any] = {}
+    if encoder not in (None, "None", ""):
+        prov["encoder"] = {"name": str(encoder)}
+    if "target_magnification" in c and "patch_size" in c:
+        prov.update(source="TRIDENT", magnification=float(c["target_magnification"]))
+        prov["patch_size"] = int(c["patch_size"])
+        for key in ("patch_size_level0", "level0_magnification", "level0_width", "level0_height"):
+            if c.get(key) is not None:
+                prov[key] = float(c[key]) if key == "level0_magnification" else int(c[key])
+    elif "patch_size" in c and "downsample" in c:
+        down = np.atleast_1d(np.asarray(c["downsample"], dtype=np.float64))
+        prov.update(source="CLAM", patch_size=int(c["patch_size"]))
+        prov["patch_size_level0"] = int(round(int(c["patch_size"]) * float(down[0])))
+    elif prov:
+        prov["source"] = "TRIDENT"
+    return prov or None
 
 
 def read_slide(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -239,7 +420,7 @@ class FeatureFolder:
         ids = list(slide_ids)
         missing = [s for s in ids if s not in self._files]
         if missing:
-            raise ValueError(
+            raise UserError(
                 f"{len(missing)} manifest slide(s) have no features in {self.path}: {_listed(missing)}; "
                 "run `e2e-wsi extract` on them or drop them from the manifest"
             )
@@ -250,7 +431,7 @@ class FeatureFolder:
             except ValueError as err:
                 errors.append(str(err))
         if errors:
-            raise ValueError(f"{len(errors)} bad feature file(s):\n  " + "\n  ".join(errors[:_MAX_LISTED]))
+            raise UserError(f"{len(errors)} bad feature file(s):\n  " + "\n  ".join(errors[:_MAX_LISTED]))
         dims: dict[int, list[str]] = {}
         for i in infos:
             dims.setdefault(i.dim, []).append(i.slide_id)
@@ -283,11 +464,11 @@ class FeatureFolder:
                 + "\nre-extract the odd slides with the same settings, or use one folder per setting"
             )
         settings = settings_of(infos[0].provenance)
-        if settings is None:
+        if settings is None or "encoder" not in settings:
             warnings.warn(
-                f"features in {self.path} have no e2e-wsi provenance (made by CLAM/TRIDENT or another "
-                "tool): their encoder and magnification are unknown, so mixed or mismatched features "
-                "cannot be detected; make sure the whole folder came from one encoder",
+                f"features in {self.path} have no e2e-wsi provenance and record no encoder (CLAM's "
+                "files, or another tool's without TRIDENT's `encoder` attribute): mixed or mismatched "
+                "features cannot be detected; make sure the whole folder came from one encoder",
                 stacklevel=2,
             )
         return settings

@@ -13,6 +13,7 @@ from pathlib import Path
 from e2e_wsi.annotations.geojson import (
     DEFAULT_EXCLUDE,
     DEFAULT_INCLUDE,
+    UNCLASSIFIED_CHOICES,
     AnnotationRules,
     check_annotation_dir,
 )
@@ -20,10 +21,11 @@ from e2e_wsi.cache.preprocess import jobs_from_dir, jobs_from_manifest
 from e2e_wsi.cache.worker import SlideJob
 from e2e_wsi.cli_common import ArgumentParser
 from e2e_wsi.errors import UserError
-from e2e_wsi.inference.pipeline import PredictOptions, predict_slides
-from e2e_wsi.inference.predict import Ensemble
 from e2e_wsi.slides.backends.base import is_url
 from e2e_wsi.slides.sources import slide_exists, slide_id_of
+
+# Lightning-free here: `predict --onnx` runs an exported model without importing it (the model modules
+# are imported inside main() only when a checkpoint is used).
 
 DESCRIPTION = """\
 Run a trained model (or an ensemble) on new, unlabelled slide files.
@@ -51,6 +53,12 @@ def build_parser() -> ArgumentParser:
         default=None,
         help="checkpoint file(s) (names inside RUN/checkpoints with --run)",
     )
+    p.add_argument(
+        "--onnx",
+        default=None,
+        help="folder of `e2e-wsi export` (ONNX or TorchScript + model.json) to run instead of a run or "
+        "checkpoint, without Lightning; writes no heatmap PNGs (default: none)",
+    )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument(
         "--slides", nargs="+", help="slide files or folders of slide files (id = file name stem)"
@@ -67,6 +75,20 @@ def build_parser() -> ArgumentParser:
     )
     p.add_argument("--include_classes", nargs="+", default=None, help="classes to tile (with --annotations)")
     p.add_argument("--exclude_classes", nargs="+", default=None, help="classes to drop (with --annotations)")
+    p.add_argument(
+        "--unclassified",
+        choices=UNCLASSIFIED_CHOICES,
+        default="ignore",
+        help="polygons without a class (with --annotations): ignore (with a warning) or tissue; default: ignore",
+    )
+    p.add_argument(
+        "--stain_normalization",
+        choices=("none", "macenko", "reinhard"),
+        default="none",
+        help="normalise new slides to --stain_reference (runs trained without it; a run trained on "
+        "normalised patches always normalises new slides its own way); default: none",
+    )
+    p.add_argument("--stain_reference", default=None, help="reference image for --stain_normalization")
     p.add_argument("--no_heatmaps", action="store_true", help="skip the heatmap PNGs")
     p.add_argument("--per_head", action="store_true", help="heatmaps also show one map per head")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -85,7 +107,17 @@ def annotation_rules(args: argparse.Namespace, jobs: list[SlideJob]) -> Annotati
         str(Path(args.annotations).resolve()),
         tuple(args.include_classes or DEFAULT_INCLUDE),
         tuple(args.exclude_classes or DEFAULT_EXCLUDE),
+        args.unclassified,
     )
+
+
+def stain_option(args: argparse.Namespace) -> object:
+    """``--stain_normalization``/``--stain_reference`` as a fitted normaliser, or ``None``."""
+    if args.stain_normalization == "none" and args.stain_reference is None:
+        return None
+    from e2e_wsi.stain import StainNormalizer
+
+    return StainNormalizer.from_options(args.stain_normalization, args.stain_reference)
 
 
 def slide_jobs(slides: list[str] | None, manifest: str | None) -> list[SlideJob]:
@@ -130,6 +162,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return predict_main(argv)
     args = build_parser().parse_args(argv)
+    if args.onnx is not None:
+        return _predict_exported(args)
+    from e2e_wsi.inference.pipeline import PredictOptions, predict_slides
+    from e2e_wsi.inference.predict import Ensemble
+
     ensemble = Ensemble.from_runs(args.run, args.ckpt_path)
     jobs = slide_jobs(args.slides, args.manifest)
     options = PredictOptions(
@@ -140,12 +177,34 @@ def main(argv: list[str] | None = None) -> int:
         per_head=args.per_head,
         progress=not args.quiet,
         annotations=annotation_rules(args, jobs),
+        stain=stain_option(args),
     )
     summary = predict_slides(ensemble, jobs, args.out, options)
     failed = [s for s in summary["slides"] if s["status"] == "failed"]
     print(
         f"e2e-wsi: predicted {summary['counts']['ok']} slide(s) with {len(summary['checkpoints'])} "
         f"checkpoint(s) into {Path(args.out).resolve()}; {len(failed)} failed"
+    )
+    for s in failed:
+        print(f"e2e-wsi predict: {s['slide_id']} ({s['path']}): {s['reason']}", file=sys.stderr)
+    return 1 if failed and not args.allow_failures else 0
+
+
+def _predict_exported(args: argparse.Namespace) -> int:
+    """``predict --onnx DIR``: an exported model on raw slides (:mod:`e2e_wsi.export.runtime`)."""
+    from e2e_wsi.export.runtime import predict_exported
+
+    if args.run or args.ckpt_path:
+        raise UserError("give --onnx or --run/--ckpt_path, not both")
+    jobs = slide_jobs(args.slides, args.manifest)
+    summary = predict_exported(
+        args.onnx, jobs, args.out, mpp=args.mpp, cache_dir=args.cache_dir, workers=args.workers,
+        progress=not args.quiet, annotations=annotation_rules(args, jobs), stain=stain_option(args),
+    )  # fmt: skip
+    failed = [s for s in summary["slides"] if s["status"] == "failed"]
+    print(
+        f"e2e-wsi: predicted {summary['counts']['ok']} slide(s) with the exported model {args.onnx} into "
+        f"{Path(args.out).resolve()}; {len(failed)} failed"
     )
     for s in failed:
         print(f"e2e-wsi predict: {s['slide_id']} ({s['path']}): {s['reason']}", file=sys.stderr)

@@ -2,10 +2,10 @@
 
 A feature run's model (``SlideModule`` with a ``PrecomputedFeatures`` encoder) reads ``features`` [N, D]
 from ``FEATURES/<slide_id>.h5``; its attention is drawn at the file's ``coords`` (level-0 top-left corners).
-A patch covers ``patch_size * objective_power / magnification`` level-0 pixels: the patch size and
-magnification come from the features' provenance, the objective power from the slide file. Without a slide
-file (or without provenance, as in CLAM/TRIDENT folders) the side is the coordinates' grid step and the
-canvas is white, sized from the coordinates' extent.
+A patch covers ``patch_size_level0`` level-0 pixels when the file records it (our files since this
+attribute exists, TRIDENT's, CLAM's patch attributes), else ``patch_size * objective_power /
+magnification`` from the provenance and the slide file. Without either the side is the coordinates' grid
+step. Without a slide file the canvas is white, sized from the coordinates' extent.
 """
 
 from __future__ import annotations
@@ -86,13 +86,17 @@ def feature_geometry(
 
     Args:
         coords: [N, 2] level-0 (x, y) of the patches' top-left corners.
-        provenance: The features' provenance (``magnification``, ``patch_size``), or ``None``.
+        provenance: The features' provenance (``patch_size_level0``, else ``magnification`` and
+            ``patch_size``), or ``None``.
         slide: The open slide file, or ``None``.
 
     Returns:
         ``(size_level0, (width, height))``; without a slide, the extent of the patches.
     """
-    if slide is not None and provenance is not None:
+    prov = provenance or {}
+    if prov.get("patch_size_level0"):  # recorded by extract (and TRIDENT/CLAM): the exact cached side
+        side = int(prov["patch_size_level0"])
+    elif slide is not None and "patch_size" in prov and "magnification" in prov:
         power = slide.resolution.objective_power
         # The formula of the tiling (e2e_wsi.slides.tiling.grid_spec), so squares match the cached patches.
         side = max(1, round(int(provenance["patch_size"]) * power / float(provenance["magnification"])))

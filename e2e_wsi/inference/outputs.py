@@ -14,14 +14,16 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from e2e_wsi.evaluation.report import attention_table
-from e2e_wsi.inference.predict import SlidePrediction
 from e2e_wsi.tasks import get_task_spec
+
+if TYPE_CHECKING:  # also written for exported models (predict --onnx), which must not import Lightning
+    from e2e_wsi.inference.predict import SlidePrediction
 
 
 def _replace(tmp: Path, path: Path) -> Path:

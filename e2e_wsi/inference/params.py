@@ -10,6 +10,7 @@ from typing import Any
 
 from e2e_wsi.annotations.geojson import AnnotationRules
 from e2e_wsi.cache.worker import PreprocessConfig
+from e2e_wsi.errors import UserError
 from e2e_wsi.slides.tissue import TissueParams
 
 
@@ -18,6 +19,7 @@ def preprocess_config(
     magnifications: list[float],
     mpp: float | None = None,
     annotations: AnnotationRules | None = None,
+    stain: Any = None,
 ) -> PreprocessConfig:
     """The :class:`PreprocessConfig` that tiles new slides like the run's training slides.
 
@@ -26,8 +28,23 @@ def preprocess_config(
         magnifications: Only the magnifications inference needs (the evaluation ones).
         mpp: ``--mpp`` for slides without magnification metadata.
         annotations: QuPath include/exclude regions of the new slides (``predict --annotations``).
+        stain: A ``StainNormalizer`` for new slides of a run trained without one (``predict
+            --stain_normalization``); the run's own normaliser, when it recorded one, is always used.
+
+    Raises:
+        UserError: ``stain`` given for a run that recorded another normalisation.
     """
     grid = grid_rules(params)
+    if params.get("stain_normalization"):  # the run's patches were normalised: new slides are too
+        from e2e_wsi.stain import StainNormalizer
+
+        recorded = StainNormalizer.from_dict(params["stain_normalization"])
+        if stain is not None and stain != recorded:
+            raise UserError(
+                f"the run was trained on patches normalised with {recorded.method} to "
+                f"{recorded.reference or 'its reference'}; leave --stain_normalization out (it is applied)"
+            )
+        stain = recorded
     return PreprocessConfig(
         magnifications=tuple(float(m) for m in magnifications),
         patch_size=int(params["patch_size"]),
@@ -38,6 +55,7 @@ def preprocess_config(
         tissue=TissueParams(**params["tissue"]),
         mpp=mpp,
         annotations=annotations,
+        stain=stain,
     )
 
 

@@ -38,6 +38,7 @@ class PredictOptions:
         per_head: Heatmaps also show one map per head.
         progress: Progress bars.
         annotations: QuPath regions per new slide (``DIR/<slide_id>.geojson``) to tile or leave out.
+        stain: Stain normaliser for new slides of a run trained without one (``--stain_normalization``).
     """
 
     mpp: float | None = None
@@ -47,6 +48,7 @@ class PredictOptions:
     per_head: bool = False
     progress: bool = True
     annotations: AnnotationRules | None = None
+    stain: Any = None
 
 
 def predict_slides(
@@ -71,7 +73,9 @@ def predict_slides(
     out.mkdir(parents=True, exist_ok=True)
     first = ensemble.members[0]
     params = _shared_params(ensemble)
-    config = preprocess_config(params, ensemble.magnifications, options.mpp, options.annotations)
+    config = preprocess_config(
+        params, ensemble.magnifications, options.mpp, options.annotations, options.stain
+    )
     train_cache = first.data.get("cache_dir")
     tiled = tile_for_inference(
         jobs,
@@ -137,12 +141,12 @@ def _one_slide(
     pred = ensemble.predict_slide(cache, slide_id)
     att = pred.attention
     write_csv(attention_frame(pred), out / "attention" / f"{slide_id}.csv")
-    features = patch_features(att.coords, pred.size_level0, att.attention, pred.magnification)
+    features = patch_features(att.coords, pred.size_level0, att.attention, pred.magnification, slide_id)
     with open_slide(job.path, slide_mpp=job.mpp, global_mpp=options.mpp) as slide:
         tissue_params = TissueParams(**params["tissue"])
         ds = segmentation_downsample(slide.dimensions, tissue_params)
         tissue = segment_tissue(slide.read_downsampled(ds), ds, slide.resolution.mpp, tissue_params)
-    features += tissue_features(tissue.mask, tissue.downsample)
+    features += tissue_features(tissue.mask, tissue.downsample, slide_id)
     write_feature_collection(feature_collection(features), out / f"{slide_id}.geojson")
     if options.heatmaps:
         text = format_caption(

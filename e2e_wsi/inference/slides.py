@@ -47,6 +47,7 @@ def reusable(meta: dict, job: SlideJob, config: PreprocessConfig) -> bool:
         all(have.get(k) == wanted[k] for k in TILING_KEYS)
         and grid_rules(have) == grid_rules(wanted)
         and have.get("annotations") == wanted.get("annotations")
+        and have.get("stain_normalization") == wanted.get("stain_normalization")
         and have.get("mpp_override") == wanted["mpp_override"]
     )
     mags = {mag_key(float(m)) for m in meta.get("magnifications", {})}

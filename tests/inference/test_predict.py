@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from shapely.geometry import shape
 
-from e2e_wsi.annotations.geojson import mask_to_geometry
+from e2e_wsi.annotations.geojson import mask_to_geometry, measurements_of
 from e2e_wsi.cache.store import PatchCache
 from e2e_wsi.cli import main
 from e2e_wsi.inference.predict import Ensemble
@@ -105,7 +105,7 @@ def test_geojson_patches_land_on_tissue_pixels(
     patches, tissue = _geojson(out, slide_id)
     table = pd.read_csv(out / "attention" / f"{slide_id}.csv")
     assert len(patches) == len(table) and tissue
-    m = patches[0]["properties"]["measurements"]
+    m = measurements_of(patches[0]["properties"])
     assert set(m) == {"attention", "magnification", *(f"attention_head_{h}" for h in range(8))}
     assert m["attention"] == pytest.approx(np.mean([m[f"attention_head_{h}"] for h in range(8)]))
     tissue_area = shapely.union_all([shape(f["geometry"]) for f in tissue])
