@@ -25,36 +25,13 @@ from e2e_wsi.cache.store import PatchCache, mag_key
 from e2e_wsi.data.datasets import Bag, EvalBagDataset
 from e2e_wsi.data.transforms import OFFICIAL_EVAL_CROP_FRACTION, EvalTransform
 from e2e_wsi.errors import UserError
+from e2e_wsi.inference.results import SlideAttention
 from e2e_wsi.models.module import SlideModule
 from e2e_wsi.slides.reader import Slide
 from e2e_wsi.slides.tiling import GridSpec, grid_spec, read_patch
 from e2e_wsi.slides.tissue import TissueMask, TissueParams, segment_tissue, segmentation_downsample
 from e2e_wsi.utils import validate_slide_id
 from e2e_wsi.viz.overlap import overlap_grid, overlap_stride
-
-
-@dataclass
-class SlideAttention:
-    """Attention of one slide's patches (what :mod:`e2e_wsi.viz` draws: it only reads these fields).
-
-    Attributes:
-        slide_id: The slide.
-        attention: [H, N] attention per head (each row sums to 1 over the N patches).
-        coords: [N, 2] level-0 (x, y) of each patch's top-left corner.
-        size_level0: Side of a patch in level-0 pixels.
-        dimensions: Level-0 (width, height) of the slide.
-    """
-
-    slide_id: str
-    attention: np.ndarray
-    coords: np.ndarray
-    size_level0: int
-    dimensions: tuple[int, int]
-
-    @property
-    def merged(self) -> np.ndarray:
-        """[N] attention averaged over heads."""
-        return self.attention.mean(axis=0)
 
 
 def predict_bag(model: SlideModule, images: torch.Tensor, mask: torch.Tensor | None = None) -> dict:

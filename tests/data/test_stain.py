@@ -106,11 +106,10 @@ def _recoloured_copy(src: Path, dst: Path) -> Path:
 
 
 def _probs(run: Path, cache: Path, slide_id: str) -> np.ndarray:
-    from e2e_wsi.inference.run import load_model
+    from e2e_wsi.inference.attention import slide_attention
+    from e2e_wsi.runs import load_run
 
-    from e2e_wsi.inference.predict import slide_attention
-
-    loaded = load_model(run / "checkpoints" / "last.ckpt")
+    loaded = load_run(run / "checkpoints" / "last.ckpt")
     _, out = slide_attention(
         loaded.model, PatchCache(cache), slide_id, loaded.eval_magnifications, loaded.eval_patch_size,
         loaded.eval_crop_fraction,
