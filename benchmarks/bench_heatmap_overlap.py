@@ -2,7 +2,7 @@
 
 Writes a synthetic slide whose tissue covers it edge to edge (a 10x pyramidal TIFF, 1 um/px, so a
 256-px patch at 10x is read straight from level 0 like a 40x scan's level 1), then runs the library
-call behind the CLI (:func:`e2e_wsi.viz.overlap.make_overlap_heatmap`): tissue detection, reading the
+call behind the CLI (:func:`e2e_wsi.inference.heatmaps.make_overlap_heatmap`): tissue detection, reading the
 overlapping patches with OpenSlide, chunked encoding, ABMILX attention, blending, the PNG figure and
 the pyramidal-TIFF overlay. The model is ResNet-18 to layer3 + ABMILX (8 heads) with random weights.
 
@@ -32,13 +32,14 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from e2e_wsi.inference.heatmaps import make_overlap_heatmap  # noqa: E402
 from e2e_wsi.models.aggregators import ABMILX  # noqa: E402
 from e2e_wsi.models.encoders import ResNetEncoder  # noqa: E402
 from e2e_wsi.models.module import SlideModule  # noqa: E402
 from e2e_wsi.models.tasks import ClassificationTask  # noqa: E402
 from e2e_wsi.slides.reader import Slide  # noqa: E402
 from e2e_wsi.slides.writer import write_levels  # noqa: E402
-from e2e_wsi.viz.overlap import make_overlap_heatmap, overlap_stride  # noqa: E402
+from e2e_wsi.viz.overlap import overlap_stride  # noqa: E402
 
 
 def write_tissue_slide(path: Path, side: int, seed: int = 0) -> None:

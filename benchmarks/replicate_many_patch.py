@@ -226,7 +226,7 @@ def where_attention(out: Path, run_dir: Path, max_slides: int = 4) -> dict[str, 
 
     from e2e_wsi.cache.store import PatchCache
     from e2e_wsi.evaluation.mechanism import mass_on, patch_region_labels
-    from e2e_wsi.inference.predict import slide_attention
+    from e2e_wsi.inference.attention import slide_attention
     from e2e_wsi.runs import load_run
 
     cached = run_dir / "where.json"

@@ -100,7 +100,7 @@ def analyse_attention(run_dir: Path, ckpt: Path, test_ids: list[str], masks_dir:
     from PIL import Image
 
     from e2e_wsi.cache.store import PatchCache
-    from e2e_wsi.inference.predict import slide_attention
+    from e2e_wsi.inference.attention import slide_attention
     from e2e_wsi.runs import load_run
     from e2e_wsi.utils import validate_slide_id
     from e2e_wsi.viz.heatmap import localization_summary, patch_lesion_labels

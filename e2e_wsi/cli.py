@@ -12,9 +12,13 @@ import os
 import sys
 from collections.abc import Sequence
 
+from e2e_wsi.errors import UserError
+
 # Exceptions that mean "the input is wrong" (a bad manifest, a task mismatch, a missing file): the
 # message says what to fix, so the user gets it without a traceback unless they ask with --debug.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError)
+# Verbs raise these and never catch them (UserError is the project's own; SlideError, CacheLockedError,
+# UnsafeCheckpointError ... subclass it).
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ValueError, FileNotFoundError, NotADirectoryError)
 # Lightning's configuration error, matched by name so `e2e-wsi --help` does not import Lightning.
 _USER_ERROR_NAMES = {"MisconfigurationException"}
 DEBUG_ENV = "E2E_WSI_DEBUG"
@@ -53,8 +57,8 @@ VERBS: dict[str, tuple[str, str]] = {
         "e2e_wsi.evaluation.cli:main",
         "bootstrap report from a saved predictions.csv, or compare two runs",
     ),
-    "heatmap": ("e2e_wsi.viz.cli:main", "attention heatmap of a slide from a checkpoint"),
-    "convert": ("e2e_wsi.models.convert_cli:main", "turn an official E2E-WSI-ABMILX checkpoint into ours"),
+    "heatmap": ("e2e_wsi.inference.heatmap_cli:main", "attention heatmap of a slide from a checkpoint"),
+    "convert": ("e2e_wsi.training.convert_cli:main", "turn an official E2E-WSI-ABMILX checkpoint into ours"),
 }
 
 

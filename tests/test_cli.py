@@ -73,7 +73,7 @@ def test_input_errors_exit_2_with_the_message_and_debug_shows_the_traceback(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     missing = tmp_path / "nope.csv"
-    assert main(["evaluate", "--predictions", str(missing)]) == 2  # the verb's own handling
+    assert main(["evaluate", "--predictions", str(missing)]) == 2  # raised by the verb, reported here
     capsys.readouterr()
     # A verb that lets a FileNotFoundError through: the dispatcher prints it and exits 2.
     code = main(["test", "--run_dir", str(tmp_path / "run"), "--data.manifest", str(missing),

@@ -5,19 +5,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from e2e_wsi.cli import main
+from e2e_wsi.errors import UserError
 from e2e_wsi.evaluation.report import read_predictions
 from e2e_wsi.models.tasks import ClassificationTask
 
 
 @pytest.fixture
 def fit(tiny_args) -> Callable[..., int]:
-    def run_fit(manifest: Path, cache: Path, run: Path, *extra: str) -> int:
-        return main(tiny_args(manifest, cache, run, *extra))
+    def run_fit(manifest: Path, cache: Path, run: Path, *extra: str, debug: bool = False) -> int:
+        return main(["--debug"] * debug + tiny_args(manifest, cache, run, *extra))
 
     return run_fit
 
@@ -86,10 +88,13 @@ def test_resume_from_last_continues_epochs(trained_run: Path, tmp_path: Path) ->
     assert pd.read_csv(run / "splits.csv").equals(pd.read_csv(trained_run / "splits.csv"))
 
 
-def test_fresh_fit_refuses_a_used_run_folder(trained_run: Path, synth_cache: tuple[Path, Path], fit) -> None:
+def test_fresh_fit_refuses_a_used_run_folder(
+    trained_run: Path, synth_cache: tuple[Path, Path], fit, capsys: pytest.CaptureFixture[str]
+) -> None:
     manifest, cache = synth_cache
-    with pytest.raises(SystemExit, match="already holds checkpoints"):
-        fit(manifest, cache, trained_run)
+    assert fit(manifest, cache, trained_run) == 2  # a user error: one line, no traceback
+    err = capsys.readouterr().err
+    assert "already holds checkpoints" in err and "Traceback" not in err
 
 
 def test_test_writes_predictions_and_bootstrap_report(
@@ -133,12 +138,15 @@ def test_predict_writes_attention_per_slide(trained_run: Path) -> None:
     assert predict_main(["--config", str(trained_run / "config.yaml"), "--ckpt_path", str(ckpt)]) == 0
     preds = pd.read_csv(trained_run / "predict" / "predictions.csv")
     assert len(preds) == len(pd.read_csv(trained_run / "splits.csv"))
-    files = sorted((trained_run / "predict" / "attention").glob("*.pt"))
-    assert len(files) == len(preds)
-    item = torch.load(files[0], map_location="cpu", weights_only=True)
-    heads, n = item["attention"].shape
-    assert heads == 8 and item["coords"].shape == (n, 2)
-    torch.testing.assert_close(item["attention"].sum(-1), torch.ones(heads), atol=1e-4, rtol=0)
+    # The columns of `e2e-wsi predict --run` on new slides (inference/outputs.py): no truth columns.
+    assert list(preds.columns) == ["slide_id", "pred", "prob_0", "prob_1"]
+    files = sorted((trained_run / "predict" / "attention").glob("*.csv"))
+    assert len(files) == len(preds) and not list((trained_run / "predict" / "attention").glob("*.pt"))
+    table = pd.read_csv(files[0])
+    heads = [f"attention_head_{h}" for h in range(8)]
+    assert list(table.columns) == ["x", "y", "size_level0", "magnification", "attention", *heads]
+    assert np.allclose(table[heads].sum(axis=0), 1.0, atol=1e-4)  # each head sums to 1 over the patches
+    assert table["size_level0"].nunique() == 1 and table["size_level0"].iloc[0] > 0  # from the cache
 
 
 def test_fit_without_validation_split_selects_on_training_loss(
@@ -223,10 +231,10 @@ def test_old_data_keys_must_agree_with_model_task(
 ) -> None:
     manifest, cache = synth_cache
     flags = ["--data.num_classes", "2", "--model.task.num_classes", "3"]
-    with pytest.raises(SystemExit, match=r"data.num_classes=2 disagrees with model.task.num_classes=3"):
-        fit(manifest, cache, tmp_path / "mismatch", *flags)
-    with pytest.raises(SystemExit, match=r"delete data.task"):
-        fit(manifest, cache, tmp_path / "mismatch", "--data.task=survival")
+    with pytest.raises(UserError, match=r"data.num_classes=2 disagrees with model.task.num_classes=3"):
+        fit(manifest, cache, tmp_path / "mismatch", *flags, debug=True)
+    with pytest.raises(UserError, match=r"delete data.task"):
+        fit(manifest, cache, tmp_path / "mismatch", "--data.task=survival", debug=True)
 
 
 def test_old_config_with_data_task_keys_still_parses(synth_cache: tuple[Path, Path], tmp_path: Path) -> None:

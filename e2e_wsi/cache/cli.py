@@ -7,10 +7,10 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-from e2e_wsi.cache.store import CacheCorruptedError, PatchCache, verify_cache
+from e2e_wsi.cache.store import PatchCache, verify_cache
+from e2e_wsi.cli_common import ArgumentParser
 
 
 def _human(size: float) -> str:
@@ -109,20 +109,22 @@ def verify(path: str | Path, decode: bool = False, max_listed: int = 20) -> int:
     return 0 if report.ok else 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``e2e-wsi cache`` (``info``, ``verify``); returns the exit status."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="e2e-wsi cache", description="Inspect or verify a patch cache.")
+def build_parser() -> ArgumentParser:
+    """The ``e2e-wsi cache`` command line (sub-commands ``info`` and ``verify``)."""
+    parser = ArgumentParser(prog="e2e-wsi cache", description="Inspect or verify a patch cache.")
     sub = parser.add_subparsers(dest="command", required=True)
     info_parser = sub.add_parser("info", help="slides, patches per magnification and size of a cache")
     info_parser.add_argument("path", type=Path, help="cache directory, an .lmdb directory")
     verify_parser = sub.add_parser("verify", help="check every patch's checksum; exit 1 if any is damaged")
     verify_parser.add_argument("path", type=Path, help="cache directory, an .lmdb directory")
     verify_parser.add_argument("--decode", action="store_true", help="also decode every JPEG (slower)")
-    args = parser.parse_args(argv)
-    try:
-        return info(args.path) if args.command == "info" else verify(args.path, decode=args.decode)
-    except (FileNotFoundError, ValueError, CacheCorruptedError) as err:
-        print(f"e2e-wsi cache: error: {err}", file=sys.stderr)
-        return 2
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``e2e-wsi cache`` (``info``, ``verify``); returns the exit status.
+
+    A missing or damaged cache raises a user error, which the dispatcher reports (exit 2).
+    """
+    args = build_parser().parse_args(argv)
+    return info(args.path) if args.command == "info" else verify(args.path, decode=args.decode)

@@ -13,7 +13,6 @@ import json
 import multiprocessing as mp
 import os
 import shutil
-import sys
 import time
 import zlib
 from collections.abc import Iterator, Sequence
@@ -21,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from e2e_wsi.cache.identity import identity_change
-from e2e_wsi.cache.lock import CacheLock, CacheLockedError
 from e2e_wsi.cache.store import LMDB_SUFFIX, CacheWriter, read_staged, write_failure
 from e2e_wsi.cache.worker import DEFAULT_MAX_PIXELS, PreprocessConfig, SlideJob, process_slide
 from e2e_wsi.errors import UserError
+from e2e_wsi.locks import CacheLock
 from e2e_wsi.slides.backends import backend_names
 from e2e_wsi.slides.backends.base import is_url
 from e2e_wsi.slides.mpp import check_mpp
@@ -38,7 +37,7 @@ _WORKER: dict[str, Any] = {}
 def jobs_from_manifest(manifest: str | Path) -> list[SlideJob]:
     """Slides listed in a manifest CSV (columns ``slide_id`` and ``path``; optional ``mpp``).
 
-    Read with the same reader as every other verb (:func:`e2e_wsi.data.manifest.read_table`: a BOM or
+    Read with the same reader as every other verb (:func:`e2e_wsi.tables.read_table`: a BOM or
     spaces around column names are fine). Paths are relative to the manifest's folder unless absolute or
     fsspec URLs (``s3://...``, read by tiffslide); a path may name a DICOM folder (one slide).
     Other columns (labels) are ignored.
@@ -48,7 +47,7 @@ def jobs_from_manifest(manifest: str | Path) -> list[SlideJob]:
         ValueError: If the file is empty, a required column is missing, a row has an empty path or a bad
             ``mpp``, or a slide id repeats; the message names the line.
     """
-    from e2e_wsi.data.manifest import read_table  # pandas: imported here, not in every worker process
+    from e2e_wsi.tables import read_table  # pandas: imported here, not in every worker process
 
     manifest = Path(manifest)
     table = read_table(manifest)
@@ -404,8 +403,8 @@ def _add_annotation_args(parser: Any) -> None:
     from e2e_wsi.annotations.geojson import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, UNCLASSIFIED_CHOICES
 
     parser.add_argument("--annotations", type=Path, default=None, help="folder of QuPath <slide_id>.geojson")
-    parser.add_argument("--include-classes", nargs="+", default=list(DEFAULT_INCLUDE), help="classes to tile")
-    parser.add_argument("--exclude-classes", nargs="+", default=list(DEFAULT_EXCLUDE), help="classes to drop")
+    parser.add_argument("--include_classes", nargs="+", default=list(DEFAULT_INCLUDE), help="classes to tile")
+    parser.add_argument("--exclude_classes", nargs="+", default=list(DEFAULT_EXCLUDE), help="classes to drop")
     parser.add_argument(
         "--unclassified",
         choices=UNCLASSIFIED_CHOICES,
@@ -440,10 +439,11 @@ def _with_annotations(config: PreprocessConfig, args: Any, jobs: list[SlideJob])
     return dataclasses.replace(config, annotations=rules, geojson_dir=geojson_dir)
 
 
-def _parser() -> Any:
-    import argparse
+def build_parser() -> Any:
+    """The ``e2e-wsi preprocess`` command line."""
+    from e2e_wsi.cli_common import ArgumentParser
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="e2e-wsi preprocess",
         description="Detect tissue, tile slides at several magnifications and cache the patches in LMDB.",
     )
@@ -452,11 +452,13 @@ def _parser() -> Any:
         "--manifest", type=Path, help="CSV with slide_id,path[,mpp] (paths relative to its folder)"
     )
     source.add_argument(
-        "--slides-dir", type=Path, help="folder of slide files (id = file name without extension)"
+        "--slides_dir", type=Path, help="folder of slide files (id = file name without extension)"
     )
     parser.add_argument("--out", type=Path, required=True, help="cache directory (LMDB, summary.json, qc/)")
     parser.add_argument("--magnifications", type=float, nargs="+", required=True, help="e.g. 10 5 20")
-    parser.add_argument("--patch-size", type=int, default=256)
+    parser.add_argument(
+        "--patch_size", type=int, default=256, help="patch side in pixels at each magnification"
+    )
     parser.add_argument(
         "--workers", type=int, default=min(4, os.cpu_count() or 1), help="0 = no subprocesses"
     )
@@ -465,7 +467,7 @@ def _parser() -> Any:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace slides cached with other parameters"
     )
-    parser.add_argument("--allow-failures", action="store_true", help="exit 0 even if some slides failed")
+    parser.add_argument("--allow_failures", action="store_true", help="exit 0 even if some slides failed")
     parser.add_argument(
         "--stain_normalization",
         choices=("none", "macenko", "reinhard"),
@@ -479,33 +481,33 @@ def _parser() -> Any:
         default=None,
         help="reference image (PNG/JPEG/TIFF of representative stained tissue) for --stain_normalization",
     )
-    parser.add_argument("--jpeg-quality", type=int, default=90)
+    parser.add_argument("--jpeg_quality", type=int, default=90, help="JPEG quality of the cached patches")
     parser.add_argument(
-        "--tissue-threshold",
+        "--tissue_threshold",
         type=float,
         default=0.5,
         help="patches with more tissue than this fraction are always kept",
     )
     parser.add_argument(
-        "--min-coverage",
+        "--min_coverage",
         type=float,
         default=0.95,
         help="kept patches cover at least this share of the tissue (0 = threshold only; docs/tiling.md)",
     )
     parser.add_argument(
-        "--grid-anchor",
+        "--grid_anchor",
         choices=GRID_ANCHORS,
         default="tissue",
         help="centre the grid on the tissue's bounding box, or start it at the slide's corner",
     )
     parser.add_argument(
-        "--max-pixels",
+        "--max_pixels",
         type=float,
         default=DEFAULT_MAX_PIXELS,
         help=f"refuse slides whose level 0 has more pixels than this (default {DEFAULT_MAX_PIXELS:.0e})",
     )
     parser.add_argument(
-        "--saturation-threshold", default="8", help="HSV saturation threshold 0-255, or 'otsu'"
+        "--saturation_threshold", default="8", help="HSV saturation threshold 0-255, or 'otsu'"
     )
     parser.add_argument(
         "--backend",
@@ -513,8 +515,8 @@ def _parser() -> Any:
         default=None,
         help="force this slide reader for every slide (default: the first that reads each file, OpenSlide first)",
     )
-    parser.add_argument("--no-qc", action="store_true", help="do not write qc/<slide_id>.png")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--no_qc", action="store_true", help="do not write qc/<slide_id>.png")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_annotation_args(parser)
     return parser
 
@@ -528,7 +530,7 @@ def _config(args: Any) -> PreprocessConfig:
         saturation = {} if otsu else {"saturation_threshold": int(args.saturation_threshold)}
     except ValueError:
         raise ValueError(
-            f"--saturation-threshold must be 0-255 or 'otsu', got {args.saturation_threshold!r}"
+            f"--saturation_threshold must be 0-255 or 'otsu', got {args.saturation_threshold!r}"
         ) from None
     return PreprocessConfig(
         magnifications=tuple(args.magnifications),
@@ -549,33 +551,33 @@ def _stain(args: Any) -> Any:
     """``--stain_normalization``/``--stain_reference`` as a fitted normaliser, or ``None``."""
     if args.stain_normalization == "none" and args.stain_reference is None:
         return None  # torch stays unimported for the common case
-    from e2e_wsi.data.stain import StainNormalizer
+    from e2e_wsi.stain import StainNormalizer
 
     return StainNormalizer.from_options(args.stain_normalization, args.stain_reference)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``e2e-wsi preprocess``; returns the exit status (2 for a usage error or a lock)."""
-    args = _parser().parse_args(argv)
-    try:
-        config = _config(args)
-        jobs = jobs_from_manifest(args.manifest) if args.manifest else jobs_from_dir(args.slides_dir)
-        if not jobs:
-            raise ValueError(f"no slides found in {args.manifest or args.slides_dir}")
-        config = _with_annotations(config, args, jobs)
-        rows = preprocess(
-            jobs,
-            args.out,
-            config,
-            workers=args.workers,
-            shard=parse_shard(args.shard),
-            overwrite=args.overwrite,
-            qc=not args.no_qc,
-            progress=not args.quiet,
-        )
-    except (ValueError, FileNotFoundError, CacheLockedError) as err:
-        print(f"e2e-wsi preprocess: error: {err}", file=sys.stderr)
-        return 2
+    """Entry point of ``e2e-wsi preprocess``: 0, or 1 when some slides failed.
+
+    Raises:
+        UserError: Bad input or a cache locked by another run (the dispatcher prints it, exit 2).
+    """
+    args = build_parser().parse_args(argv)
+    config = _config(args)
+    jobs = jobs_from_manifest(args.manifest) if args.manifest else jobs_from_dir(args.slides_dir)
+    if not jobs:
+        raise UserError(f"no slides found in {args.manifest or args.slides_dir}")
+    config = _with_annotations(config, args, jobs)
+    rows = preprocess(
+        jobs,
+        args.out,
+        config,
+        workers=args.workers,
+        shard=parse_shard(args.shard),
+        overwrite=args.overwrite,
+        qc=not args.no_qc,
+        progress=not args.quiet,
+    )
     _print_failures(rows)
     failed = any(r["status"] == "failed" for r in rows)
     return 1 if failed and not args.allow_failures else 0

@@ -43,11 +43,11 @@ OnDamaged = Literal["error", "skip"]
 ON_DAMAGED: tuple[str, ...] = ("error", "skip")
 
 
-class DamagedPatchError(ValueError):
+class DamagedPatchError(UserError):
     """A cached patch whose bytes fail their checksum or cannot be decoded; names the slide and key."""
 
 
-class CacheCorruptedError(ValueError):
+class CacheCorruptedError(UserError):
     """The LMDB itself is damaged (``lmdb.CorruptedError`` and kin); names the cache.
 
     A ``ValueError`` like every other bad-input error, so the CLIs print it as one message.

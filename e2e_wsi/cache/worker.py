@@ -43,7 +43,7 @@ from e2e_wsi.slides.tissue import (
 from e2e_wsi.utils import DISK_FULL_ERRNOS, validate_slide_id
 
 if TYPE_CHECKING:  # torch is imported only when a slide is stain-normalised
-    from e2e_wsi.data.stain import StainNormalizer
+    from e2e_wsi.stain import StainNormalizer
 
 MIN_MAGNIFICATION = 0.1  # documented limit (docs/tiling.md, "Limits")
 _PROGRESS_EVERY = 64  # patches between progress messages (keeps queue traffic negligible)
@@ -253,7 +253,7 @@ def detect_tissue(slide: Slide, params: TissueParams) -> TissueMask:
         raise SlideError(
             slide.path,
             f"no tissue found (HSV saturation never above {tissue.threshold:g}); check the slide or "
-            "lower --saturation-threshold",
+            "lower --saturation_threshold",
         )
     return tissue
 

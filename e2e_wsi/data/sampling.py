@@ -44,13 +44,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 from torch.utils.data import DistributedSampler
 
-if TYPE_CHECKING:  # datasets imports this module; the sampler only needs the type
-    from e2e_wsi.data.datasets import TrainBagDataset
+
+class EpochDataset(Protocol):
+    """What :class:`EpochSampler` needs of a dataset (e.g. ``TrainBagDataset``): a length and an epoch.
+
+    A protocol rather than an import: ``datasets`` imports this module, not the other way round.
+    """
+
+    def __len__(self) -> int: ...
+
+    def set_epoch(self, epoch: int) -> None: ...
 
 
 def check_ratios(ratios: Sequence[float], num_scales: int) -> np.ndarray:
@@ -176,7 +184,7 @@ class EpochSampler(DistributedSampler):
     """Shuffling, rank-sharding sampler whose ``set_epoch`` also advances the dataset's MRIS epoch."""
 
     def __init__(
-        self, dataset: TrainBagDataset, num_replicas: int, rank: int, seed: int, shuffle: bool = True
+        self, dataset: EpochDataset, num_replicas: int, rank: int, seed: int, shuffle: bool = True
     ) -> None:
         super().__init__(
             dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False

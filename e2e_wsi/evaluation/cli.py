@@ -9,10 +9,10 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
+from e2e_wsi.cli_common import ArgumentParser
 from e2e_wsi.evaluation.bootstrap import (
     MAIN_METRIC,
     MAX_RESAMPLES,
@@ -24,8 +24,9 @@ from e2e_wsi.evaluation.report import format_table, read_predictions, write_json
 from e2e_wsi.tasks import task_kinds
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> ArgumentParser:
+    """The ``e2e-wsi evaluate`` command line."""
+    parser = ArgumentParser(
         prog="e2e-wsi evaluate",
         description=(
             "Recompute the bootstrap report (metrics.json, metrics.md) of a predictions.csv, "
@@ -103,30 +104,27 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``e2e-wsi evaluate``.
 
     Args:
-        argv: Arguments after the verb; ``None`` reads ``sys.argv[2:]``.
+        argv: Arguments after the verb; ``None`` reads ``sys.argv[1:]``.
 
     Returns:
-        0 on success, 2 on bad input (the message goes to stderr).
+        0 on success.
+
+    Raises:
+        ValueError: Bad input, e.g. an unreadable predictions file (the dispatcher prints it, exit 2).
     """
-    args = _parser().parse_args(sys.argv[2:] if argv is None else argv)
-    try:
-        df_a, task = read_predictions(args.predictions, args.task)
-        check_resamples(args.bootstrap, df_a["case_id"].nunique())
-        out_dir = args.out or args.predictions.parent
-        report = bootstrap_report(df_a, task, n_resamples=args.bootstrap, seed=args.seed, ci=args.ci)
-        if args.compare is None:
-            json_path, md_path = write_report(report, out_dir)
-            print(format_table(report))
-            print(f"wrote {json_path}\nwrote {md_path}")
-            return 0
-        df_b, _ = read_predictions(args.compare, task)
-        report_b = bootstrap_report(df_b, task, n_resamples=args.bootstrap, seed=args.seed, ci=args.ci)
-        comparison = paired_comparison(
-            df_a, df_b, task, n_resamples=args.bootstrap, seed=args.seed, ci=args.ci
-        )
-    except (ValueError, FileNotFoundError) as err:
-        print(f"e2e-wsi evaluate: {err}", file=sys.stderr)
-        return 2
+    args = build_parser().parse_args(argv)
+    df_a, task = read_predictions(args.predictions, args.task)
+    check_resamples(args.bootstrap, df_a["case_id"].nunique())
+    out_dir = args.out or args.predictions.parent
+    report = bootstrap_report(df_a, task, n_resamples=args.bootstrap, seed=args.seed, ci=args.ci)
+    if args.compare is None:
+        json_path, md_path = write_report(report, out_dir)
+        print(format_table(report))
+        print(f"wrote {json_path}\nwrote {md_path}")
+        return 0
+    df_b, _ = read_predictions(args.compare, task)
+    report_b = bootstrap_report(df_b, task, n_resamples=args.bootstrap, seed=args.seed, ci=args.ci)
+    comparison = paired_comparison(df_a, df_b, task, n_resamples=args.bootstrap, seed=args.seed, ci=args.ci)
     comparison["a"]["path"], comparison["b"]["path"] = str(args.predictions), str(args.compare)
     comparison["reports"] = {"a": report, "b": report_b}
     path = write_json(comparison, Path(out_dir) / "comparison.json")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from e2e_wsi.viz.heatmap import patch_lesion_labels
+from e2e_wsi.evaluation.localization import patch_lesion_labels
 
 LESION = 255  # mask value of lesion tissue (``e2e-wsi synth`` masks, QuPath-rasterised lesions)
 

@@ -91,6 +91,47 @@ def write_predictions(frame: pd.DataFrame, path: str | Path) -> Path:
     return path
 
 
+def attention_table(
+    coords: np.ndarray, size_level0: np.ndarray, magnification: np.ndarray, attention: np.ndarray
+) -> pd.DataFrame:
+    """``attention/<id>.csv``, written by both ``predict`` routes: one row per patch.
+
+    Args:
+        coords: [N, 2] level-0 (x, y) of each patch's top-left corner.
+        size_level0: [N] side of each patch in level-0 pixels (NaN when unknown, e.g. foreign features).
+        magnification: [N] magnification of each patch.
+        attention: [H, N] attention per head (or [N]).
+
+    Returns:
+        Columns ``x, y, size_level0, magnification, attention`` (mean over heads), ``attention_head_<h>``.
+    """
+    heads = np.atleast_2d(np.asarray(attention, dtype=np.float64))
+    coords = np.asarray(coords).reshape(-1, 2)
+    frame = pd.DataFrame(
+        {
+            "x": coords[:, 0],
+            "y": coords[:, 1],
+            "size_level0": np.asarray(size_level0),
+            "magnification": np.asarray(magnification),
+            "attention": heads.mean(axis=0),
+        }
+    )
+    for h, values in enumerate(heads):
+        frame[f"attention_head_{h}"] = values
+    return frame
+
+
+def unlabelled(frame: pd.DataFrame, kind: str) -> pd.DataFrame:
+    """A ``predictions.csv`` frame without its truth columns: what ``predict`` writes (no labels needed).
+
+    The unit's id (``slide_id``; ``case_id`` for tasks whose units are cases, e.g. survival) and the
+    task spec's prediction columns stay, as in ``predict --run`` (:mod:`e2e_wsi.inference.outputs`).
+    """
+    spec = get_task_spec(kind)
+    drop = {*spec.id_columns[:-1], *spec.truth_columns}
+    return frame.drop(columns=[c for c in frame.columns if c in drop])
+
+
 def num_classes(df: pd.DataFrame) -> int:
     """Number of classes ``K`` of a classification / grading frame (its prob columns)."""
     return len(prob_columns(df))

@@ -130,7 +130,7 @@ def _bag(model: ExportedModel, cache: Any, slide_id: str) -> dict[str, Any]:
 def predict_slide(model: ExportedModel, cache: Any, slide_id: str) -> ExportedPrediction:
     """Run the exported model on every cached patch of one slide (patches resized as the run evaluated)."""
     from e2e_wsi.cache.store import mag_key
-    from e2e_wsi.viz.heatmap import SlideAttention
+    from e2e_wsi.inference.results import SlideAttention
 
     item = _bag(model, cache, slide_id)
     prediction, attention = model(item["images"].numpy())

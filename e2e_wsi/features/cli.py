@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from e2e_wsi.cli_common import ArgumentParser
+
 
 def _shard(text: str) -> tuple[int, int]:
     try:
@@ -29,8 +31,9 @@ def _single_device(device: str, accelerator: str) -> str:
     return {"gpu": "cuda", "cuda": "cuda", "cpu": "cpu", "mps": "mps"}.get(accelerator, accelerator)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser() -> ArgumentParser:
+    """The ``e2e-wsi extract`` command line."""
+    p = ArgumentParser(
         prog="e2e-wsi extract",
         description="Encode every cached patch with a patch encoder and write FEATURES/<slide_id>.h5 "
         "(datasets features [N, D] and coords [N, 2], level-0 x, y) plus summary.json. Resumable: "
@@ -49,11 +52,16 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="resnet: none|imagenet|FILE (default none); timm: pretrained|FILE (hf-hub ids: pretrained)",
     )
-    p.add_argument("--magnification", type=float, default=None, help="cached magnification to encode")
-    p.add_argument("--batch-size", type=int, default=64, help="patches per forward pass")
+    p.add_argument(
+        "--magnification",
+        type=float,
+        default=None,
+        help="cached magnification to encode (default: the only one cached)",
+    )
+    p.add_argument("--batch_size", type=int, default=64, help="patches per forward pass")
     p.add_argument("--precision", choices=("32", "16", "bf16"), default="32", help="autocast precision")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    p.add_argument("--input-size", type=int, default=None, help="resize/crop side (default: the encoder's)")
+    p.add_argument("--input_size", type=int, default=None, help="resize/crop side (default: the encoder's)")
     p.add_argument("--shard", type=_shard, default=(0, 1), help="i/n: this process's share of the slides")
     p.add_argument(
         "--devices",
@@ -81,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
         help="also write FEATURES/pt_files/<slide_id>.pt (features only, a plain tensor), the files CLAM's "
         "main.py and the official two-stage code read (default: off, the .h5 files only)",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
@@ -93,32 +101,28 @@ def _is_rank_zero() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``e2e-wsi extract``; returns 0 when every slide is ok or skipped, 1 when some failed."""
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     import torch
 
     from e2e_wsi.features.extract import ExtractConfig, encoder_from_spec, extract_features
 
     torch.manual_seed(args.seed)  # random-init encoders: the same weights on every (resumed) run
     device = _single_device(args.device, args.accelerator)
-    try:
-        encoder, run_size = encoder_from_spec(args.encoder, args.weights)
-        config = ExtractConfig(
-            magnification=args.magnification,
-            batch_size=args.batch_size,
-            precision=args.precision,
-            device=device,
-            input_size=args.input_size or run_size,
-            shard=args.shard,
-            num_workers=args.workers if args.workers is not None else _default_workers(device),
-            progress=not args.no_progress,
-            devices=args.devices,
-            accelerator=args.accelerator,
-            pt_files=args.pt_files,
-        )
-        rows = extract_features(args.cache, args.out, encoder, config, args.slides)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"e2e-wsi extract: {err}", file=sys.stderr)
-        return 2
+    encoder, run_size = encoder_from_spec(args.encoder, args.weights)
+    config = ExtractConfig(
+        magnification=args.magnification,
+        batch_size=args.batch_size,
+        precision=args.precision,
+        device=device,
+        input_size=args.input_size or run_size,
+        shard=args.shard,
+        num_workers=args.workers if args.workers is not None else _default_workers(device),
+        progress=not args.quiet,
+        devices=args.devices,
+        accelerator=args.accelerator,
+        pt_files=args.pt_files,
+    )
+    rows = extract_features(args.cache, args.out, encoder, config, args.slides)
     if args.devices > 1 and not _is_rank_zero():
         return 1 if any(r["status"] == "failed" for r in rows) else 0  # rank 0 reports for all ranks
     failed = [r for r in rows if r["status"] == "failed"]

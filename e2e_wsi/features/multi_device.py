@@ -21,8 +21,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader
 
-from e2e_wsi.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_images
-from e2e_wsi.features.extract import ExtractConfig, ExtractionPlan, SlideAssembler, _Chunks
+from e2e_wsi.features.plan import ExtractConfig, ExtractionPlan, SlideAssembler, _Chunks
+from e2e_wsi.images import IMAGENET_MEAN, IMAGENET_STD, normalize_images
 
 _PRECISION = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}
 

@@ -20,7 +20,6 @@ of a non-numeric type is refused: a feature file is data read from itself alone 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import warnings
@@ -33,7 +32,7 @@ import h5py
 import numpy as np
 
 from e2e_wsi.errors import UserError
-from e2e_wsi.utils import validate_slide_id
+from e2e_wsi.utils import describe_difference, sha256_file, validate_slide_id  # noqa: F401 - re-exported
 
 PROVENANCE_ATTR = "e2e_wsi_provenance"
 SUFFIX = ".h5"
@@ -46,15 +45,6 @@ PER_SLIDE_KEYS = frozenset(
 )  # fmt: skip
 _DATASETS = ("features", "coords")
 _MAX_LISTED = 20
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file (weights provenance)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def make_provenance(
@@ -368,26 +358,6 @@ def settings_of(provenance: Mapping[str, Any] | None) -> dict[str, Any] | None:
     if provenance is None:
         return None
     return {k: v for k, v in provenance.items() if k not in PER_SLIDE_KEYS}
-
-
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, Mapping):
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix.rstrip("."): value}
-
-
-def describe_difference(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> str:
-    """Human-readable difference between two settings records (``None`` = unknown provenance)."""
-    if a is None or b is None:
-        return "one has e2e-wsi provenance, the other none (made by another tool)"
-    fa, fb = _flatten(a), _flatten(b)
-    diffs = [
-        f"{k}: {fa.get(k)!r} vs {fb.get(k)!r}" for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)
-    ]
-    return "; ".join(diffs[:6]) + (f"; +{len(diffs) - 6} more" if len(diffs) > 6 else "")
 
 
 class FeatureFolder:

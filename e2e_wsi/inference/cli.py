@@ -1,14 +1,7 @@
 """``e2e-wsi predict``: a trained model (or an ensemble) on new, unlabelled slide files.
 
-    e2e-wsi predict --run RUN --slides a.svs b.ndpi --out OUT
-    e2e-wsi predict --run CROSSVAL_DIR --slides slides/ --out OUT        # ensemble of the folds
-    e2e-wsi predict --ckpt a.ckpt b.ckpt --manifest new.csv --out OUT    # ensemble of checkpoints
-
-Thin command line over :func:`e2e_wsi.inference.pipeline.predict_slides`. Given ``--config`` instead,
-``predict`` runs a run's own data (its patch cache or its feature folder, e.g. a two-stage run) through
-Lightning, like ``test`` without labels, and writes ``RUN/predict/``:
-
-    e2e-wsi predict --config RUN/config.yaml [--ckpt_path CKPT] [--data.features_dir DIR]
+Thin command line over :func:`e2e_wsi.inference.pipeline.predict_slides`; :data:`DESCRIPTION` is its
+``--help`` text.
 """
 
 from __future__ import annotations
@@ -26,23 +19,39 @@ from e2e_wsi.annotations.geojson import (
 )
 from e2e_wsi.cache.preprocess import jobs_from_dir, jobs_from_manifest
 from e2e_wsi.cache.worker import SlideJob
+from e2e_wsi.cli_common import ArgumentParser
+from e2e_wsi.errors import UserError
 from e2e_wsi.slides.backends.base import is_url
-from e2e_wsi.slides.reader import SlideError
 from e2e_wsi.slides.sources import slide_exists, slide_id_of
 
 # Lightning-free here: `predict --onnx` runs an exported model without importing it (the model modules
 # are imported inside main() only when a checkpoint is used).
 
+DESCRIPTION = """\
+Run a trained model (or an ensemble) on new, unlabelled slide files.
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="e2e-wsi predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+  e2e-wsi predict --run RUN --slides a.svs b.ndpi --out OUT
+  e2e-wsi predict --run CROSSVAL_DIR --slides slides/ --out OUT             # ensemble of the folds
+  e2e-wsi predict --ckpt_path a.ckpt b.ckpt --manifest new.csv --out OUT    # ensemble of checkpoints
+
+Given --config instead, predict runs a run's own data (its patch cache or its feature folder, e.g. a
+two-stage run) through Lightning, like `test` without labels, and writes RUN/predict/:
+
+  e2e-wsi predict --config RUN/config.yaml [--ckpt_path CKPT] [--data.features_dir DIR]
+"""
+
+
+def build_parser() -> ArgumentParser:
+    """The ``e2e-wsi predict`` command line (the ``--run``/``--slides`` route)."""
+    p = ArgumentParser(prog="e2e-wsi predict", description=DESCRIPTION)
     p.add_argument(
         "--run", default=None, help="run folder of `fit` (best checkpoint) or of `crossval` (every fold)"
     )
     p.add_argument(
-        "--ckpt", nargs="+", default=None, help="checkpoint file(s) (names inside RUN/checkpoints with --run)"
+        "--ckpt_path",
+        nargs="+",
+        default=None,
+        help="checkpoint file(s) (names inside RUN/checkpoints with --run)",
     )
     p.add_argument(
         "--onnx",
@@ -73,8 +82,8 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="folder of QuPath <slide_id>.geojson: include/exclude regions of the new slides, as in preprocess",
     )
-    p.add_argument("--include-classes", nargs="+", default=None, help="classes to tile (with --annotations)")
-    p.add_argument("--exclude-classes", nargs="+", default=None, help="classes to drop (with --annotations)")
+    p.add_argument("--include_classes", nargs="+", default=None, help="classes to tile (with --annotations)")
+    p.add_argument("--exclude_classes", nargs="+", default=None, help="classes to drop (with --annotations)")
     p.add_argument(
         "--unclassified",
         choices=UNCLASSIFIED_CHOICES,
@@ -93,9 +102,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--per_head", action="store_true", help="heatmaps also show one map per head")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
-        "--allow-failures", "--allow_failures", dest="allow_failures", action="store_true",
-        help="exit 0 even when some slides could not be read",
-    )  # fmt: skip
+        "--allow_failures", action="store_true", help="exit 0 even when some slides could not be read"
+    )
     return p
 
 
@@ -116,7 +124,7 @@ def stain_option(args: argparse.Namespace) -> object:
     """``--stain_normalization``/``--stain_reference`` as a fitted normaliser, or ``None``."""
     if args.stain_normalization == "none" and args.stain_reference is None:
         return None
-    from e2e_wsi.data.stain import StainNormalizer
+    from e2e_wsi.stain import StainNormalizer
 
     return StainNormalizer.from_options(args.stain_normalization, args.stain_reference)
 
@@ -125,7 +133,7 @@ def slide_jobs(slides: list[str] | None, manifest: str | None) -> list[SlideJob]
     """Jobs from ``--slides`` (slide files, DICOM slide folders, folders of slides, URLs) or ``--manifest``.
 
     Raises:
-        ValueError: If nothing is found or a file is missing (names it).
+        UserError: If nothing is found or an id repeats; FileNotFoundError: a file is missing (names it).
     """
     if manifest:
         jobs = jobs_from_manifest(manifest)
@@ -140,11 +148,11 @@ def slide_jobs(slides: list[str] | None, manifest: str | None) -> list[SlideJob]
             else:
                 raise FileNotFoundError(f"slide file {path} not found")
     if not jobs:
-        raise ValueError(f"no slides found in {manifest or slides}")
+        raise UserError(f"no slides found in {manifest or slides}")
     seen: dict[str, Path] = {}
     for job in jobs:
         if job.slide_id in seen:
-            raise ValueError(
+            raise UserError(
                 f"slide id {job.slide_id!r} is given twice ({seen[job.slide_id]} and {job.path}); "
                 "ids are file names without extension: rename one, or use --manifest with unique ids"
             )
@@ -153,36 +161,35 @@ def slide_jobs(slides: list[str] | None, manifest: str | None) -> list[SlideJob]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``e2e-wsi predict``: 0 when every slide was predicted, 1 if some failed, 2 on bad input."""
+    """Entry point of ``e2e-wsi predict``: 0 when every slide was predicted, 1 if some failed.
+
+    Bad input raises a user error, which the dispatcher reports (exit 2).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a == "--config" or a.startswith("--config=") for a in argv):
         from e2e_wsi.training.cli import predict_main  # the run's own cache or features, through Lightning
 
         return predict_main(argv)
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.onnx is not None:
         return _predict_exported(args)
     from e2e_wsi.inference.pipeline import PredictOptions, predict_slides
     from e2e_wsi.inference.predict import Ensemble
 
-    try:
-        ensemble = Ensemble.from_runs(args.run, args.ckpt)
-        jobs = slide_jobs(args.slides, args.manifest)
-        options = PredictOptions(
-            mpp=args.mpp,
-            cache_dir=args.cache_dir,
-            workers=args.workers,
-            heatmaps=not args.no_heatmaps,
-            per_head=args.per_head,
-            progress=not args.quiet,
-            annotations=annotation_rules(args, jobs),
-            stain=stain_option(args),
-            out_mode="overwrite" if args.overwrite else "add" if args.add else "new",
-        )
-        summary = predict_slides(ensemble, jobs, args.out, options)
-    except (ValueError, FileNotFoundError, SlideError) as err:
-        print(f"e2e-wsi predict: error: {err}", file=sys.stderr)
-        return 2
+    ensemble = Ensemble.from_runs(args.run, args.ckpt_path)
+    jobs = slide_jobs(args.slides, args.manifest)
+    options = PredictOptions(
+        mpp=args.mpp,
+        cache_dir=args.cache_dir,
+        workers=args.workers,
+        heatmaps=not args.no_heatmaps,
+        per_head=args.per_head,
+        progress=not args.quiet,
+        annotations=annotation_rules(args, jobs),
+        stain=stain_option(args),
+        out_mode="overwrite" if args.overwrite else "add" if args.add else "new",
+    )
+    summary = predict_slides(ensemble, jobs, args.out, options)
     failed = [s for s in summary["slides"] if s["status"] == "failed"]
     print(
         f"e2e-wsi: predicted {summary['counts']['ok']} slide(s) with {len(summary['checkpoints'])} "
@@ -197,18 +204,13 @@ def _predict_exported(args: argparse.Namespace) -> int:
     """``predict --onnx DIR``: an exported model on raw slides (:mod:`e2e_wsi.export.runtime`)."""
     from e2e_wsi.export.runtime import predict_exported
 
-    if args.run or args.ckpt:
-        print("e2e-wsi predict: error: give --onnx or --run/--ckpt, not both", file=sys.stderr)
-        return 2
-    try:
-        jobs = slide_jobs(args.slides, args.manifest)
-        summary = predict_exported(
-            args.onnx, jobs, args.out, mpp=args.mpp, cache_dir=args.cache_dir, workers=args.workers,
-            progress=not args.quiet, annotations=annotation_rules(args, jobs), stain=stain_option(args),
-        )  # fmt: skip
-    except (ValueError, FileNotFoundError, SlideError) as err:
-        print(f"e2e-wsi predict: error: {err}", file=sys.stderr)
-        return 2
+    if args.run or args.ckpt_path:
+        raise UserError("give --onnx or --run/--ckpt_path, not both")
+    jobs = slide_jobs(args.slides, args.manifest)
+    summary = predict_exported(
+        args.onnx, jobs, args.out, mpp=args.mpp, cache_dir=args.cache_dir, workers=args.workers,
+        progress=not args.quiet, annotations=annotation_rules(args, jobs), stain=stain_option(args),
+    )  # fmt: skip
     failed = [s for s in summary["slides"] if s["status"] == "failed"]
     print(
         f"e2e-wsi: predicted {summary['counts']['ok']} slide(s) with the exported model {args.onnx} into "

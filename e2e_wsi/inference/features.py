@@ -19,16 +19,17 @@ import torch
 from PIL import Image
 
 from e2e_wsi.features.store import FeatureFolder, settings_of
-from e2e_wsi.inference.heatmaps import thumbnail_of, write_heatmap_figure
-from e2e_wsi.inference.predict import predict_bag
+from e2e_wsi.inference.attention import SlideAttention, predict_bag
+from e2e_wsi.inference.heatmaps import DEFAULT_OPTIONS, thumbnail_of, write_heatmap_figure
+from e2e_wsi.inference.results import check_coords
 from e2e_wsi.models.encoders import PrecomputedFeatures
 from e2e_wsi.models.module import _compare_settings
 from e2e_wsi.runs.loading import LoadedRun
 from e2e_wsi.slides.backends.base import is_url
 from e2e_wsi.slides.reader import Slide, open_slide
 from e2e_wsi.slides.sources import slide_exists
-from e2e_wsi.utils import validate_slide_id
-from e2e_wsi.viz.heatmap import SlideAttention, check_coords, find_truth_mask, format_caption
+from e2e_wsi.utils import grid_step, validate_slide_id
+from e2e_wsi.viz.heatmap import HeatmapOptions, format_caption
 
 # Patch side assumed for a single-patch slide of a folder without provenance: CLAM's and TRIDENT's default.
 _DEFAULT_PATCH = 256
@@ -59,7 +60,7 @@ def slide_file_from_manifest(manifest: str | Path | None, slide_id: str) -> Slid
         ``SlideFile()`` when there is no manifest, no ``path`` column, no row, or the file is gone (a moved
         slide still gets its heatmap, on white).
     """
-    from e2e_wsi.data.manifest import read_table
+    from e2e_wsi.tables import read_table
 
     if manifest is None or not Path(manifest).is_file():
         return SlideFile()
@@ -77,14 +78,6 @@ def slide_file_from_manifest(manifest: str | Path | None, slide_id: str) -> Slid
     raw = Path(text)
     path = raw if raw.is_absolute() else Path(manifest).parent / raw
     return SlideFile(path if slide_exists(path) else None, mpp)
-
-
-def grid_step(coords: np.ndarray) -> int | None:
-    """Smallest positive spacing of the patch coordinates along x or y (the tiling stride), if any."""
-    steps = [np.diff(np.unique(coords[:, axis])) for axis in (0, 1)]
-    positive = np.concatenate(steps)
-    positive = positive[positive > 0]
-    return int(positive.min()) if positive.size else None
 
 
 def feature_geometry(
@@ -186,16 +179,11 @@ def make_feature_heatmap(
     out_dir: str | Path,
     *,
     slide_file: SlideFile | None = None,
-    top_k: int = 16,
-    method: str = "rank",
-    per_head: bool = False,
-    mask: str | Path | None = None,
-    mask_dir: str | Path | None = None,
-    annotations_dir: str | Path | None = None,
+    options: HeatmapOptions = DEFAULT_OPTIONS,
 ) -> dict:
     """Heatmap of one slide from a feature run (the ``e2e-wsi heatmap`` of a two-stage run).
 
-    The ground truth is found as for patch runs (:func:`e2e_wsi.viz.heatmap.find_truth_mask`).
+    The ground truth is found as for patch runs (:meth:`e2e_wsi.viz.heatmap.HeatmapOptions.truth`).
 
     Returns:
         A summary dict: ``png``, ``localization`` (or ``None``), ``prediction``, ``attention`` (the
@@ -208,9 +196,7 @@ def make_feature_heatmap(
     att, out = feature_attention(loaded, folder, slide_id, slide_file)
     pred = {k: v[0].numpy() for k, v in loaded.model.task.predict(out["outputs"]).items()}
     text = format_caption(pred, loaded.data.get("class_names"), kind=loaded.task_kind)
-    truth = find_truth_mask(
-        slide_id, att.dimensions, mask=mask, mask_dir=mask_dir, annotations_dir=annotations_dir
-    )
+    truth = options.truth(slide_id, att.dimensions)
     if truth is not None and slide_file.path is None:
         raise ValueError(
             f"scoring {slide_id!r} against a ground truth needs its slide file (for its dimensions): pass "
@@ -221,11 +207,10 @@ def make_feature_heatmap(
     summary = write_heatmap_figure(
         att,
         thumbnail_of(meta),
-        top_patches_from_slide(slide_file, att, top_k, min(side, 256)),
+        top_patches_from_slide(slide_file, att, options.top_k, min(side, 256)),
         Path(out_dir),
         prediction=text,
         truth=truth,
-        method=method,
-        per_head=per_head,
+        options=options,
     )
     return {**summary, "attention": att}

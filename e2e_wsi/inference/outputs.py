@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
-from e2e_wsi.cache.lock import FolderLock
 from e2e_wsi.errors import UserError
+from e2e_wsi.evaluation.report import attention_table
+from e2e_wsi.locks import FolderLock
 from e2e_wsi.tasks import get_task_spec
 
 if TYPE_CHECKING:  # also written for exported models (predict --onnx), which must not import Lightning
@@ -50,20 +51,10 @@ def write_json(data: dict[str, Any], path: Path) -> Path:
 
 
 def attention_frame(pred: SlidePrediction) -> pd.DataFrame:
-    """One row per patch with its level-0 square and attention (mean and per head)."""
+    """One row per patch with its level-0 square and attention (mean and per head): the layout of
+    :func:`e2e_wsi.evaluation.report.attention_table`, shared with ``predict --config``."""
     att = pred.attention
-    frame = pd.DataFrame(
-        {
-            "x": att.coords[:, 0],
-            "y": att.coords[:, 1],
-            "size_level0": pred.size_level0,
-            "magnification": pred.magnification,
-            "attention": att.merged,
-        }
-    )
-    for h, values in enumerate(np.atleast_2d(att.attention)):
-        frame[f"attention_head_{h}"] = values
-    return frame
+    return attention_table(att.coords, pred.size_level0, pred.magnification, att.attention)
 
 
 def predictions_frame(

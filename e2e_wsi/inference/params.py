@@ -36,7 +36,7 @@ def preprocess_config(
     """
     grid = grid_rules(params)
     if params.get("stain_normalization"):  # the run's patches were normalised: new slides are too
-        from e2e_wsi.data.stain import StainNormalizer
+        from e2e_wsi.stain import StainNormalizer
 
         recorded = StainNormalizer.from_dict(params["stain_normalization"])
         if stain is not None and stain != recorded:

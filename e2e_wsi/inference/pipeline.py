@@ -34,7 +34,7 @@ from e2e_wsi.inference.slides import TILING_KEYS, tile_for_inference
 from e2e_wsi.slides.reader import SlideError, open_slide
 from e2e_wsi.slides.tissue import TissueParams, segment_tissue, segmentation_downsample
 from e2e_wsi.utils import validate_slide_id
-from e2e_wsi.viz.heatmap import format_caption
+from e2e_wsi.viz.heatmap import HeatmapOptions, format_caption
 
 
 @dataclass(frozen=True)
@@ -193,6 +193,6 @@ def _one_slide(
             ensemble.magnifications[0],
             out / "heatmaps",
             prediction=text,
-            per_head=options.per_head,
+            options=HeatmapOptions(per_head=options.per_head),
         )
     return pred

@@ -7,89 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from e2e_wsi.cache.store import PatchCache, mag_key
-from e2e_wsi.data.datasets import Bag, EvalBagDataset
-from e2e_wsi.data.transforms import OFFICIAL_EVAL_CROP_FRACTION, EvalTransform
 from e2e_wsi.errors import UserError
-from e2e_wsi.models.module import SlideModule
+from e2e_wsi.inference.attention import SlideAttention, cached_attention, cached_bag, predict_bag
 from e2e_wsi.runs.loading import LoadedRun, load_runs
 from e2e_wsi.tasks import get_task_spec
-from e2e_wsi.utils import validate_slide_id
-from e2e_wsi.viz.heatmap import SlideAttention
-
-
-def _bag_item(
-    cache: PatchCache,
-    slide_id: str,
-    magnifications: list[float],
-    patch_size: int,
-    crop_fraction: float = OFFICIAL_EVAL_CROP_FRACTION,
-) -> dict:
-    validate_slide_id(slide_id)
-    if slide_id not in cache:
-        raise ValueError(f"slide {slide_id!r} is not in the cache; `e2e-wsi cache info` lists the slides")
-    dataset = EvalBagDataset(
-        cache,
-        [Bag(slide_id, (slide_id,), {})],
-        magnifications,
-        EvalTransform(patch_size, crop_fraction=crop_fraction),
-    )
-    return dataset[0]
-
-
-def predict_bag(model: SlideModule, images: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
-    """Run a model on one bag without gradients; patches are encoded ``model.eval_chunk_size`` at a time.
-
-    Args:
-        model: The trained model.
-        images: uint8 [N, 3, h, w] patches of the bag.
-        mask: bool [N] (False = padding), or ``None``.
-
-    Returns:
-        ``outputs`` [1, K], ``attention`` [1, H, N] and the task's predictions (``probs`` [1, K],
-        ``risk`` [1] or ``pred`` [1]).
-    """
-    with model.evaluating():
-        out = model(images[None], None if mask is None else mask[None])
-    return {"outputs": out["outputs"], "attention": out["attention"], **model.task.predict(out["outputs"])}
-
-
-def slide_attention(
-    model: SlideModule,
-    cache: PatchCache,
-    slide_id: str,
-    magnifications: list[float],
-    patch_size: int,
-    crop_fraction: float = OFFICIAL_EVAL_CROP_FRACTION,
-) -> tuple[SlideAttention, dict[str, torch.Tensor]]:
-    """Attention of the model over every cached patch of a slide at the given magnification(s).
-
-    Patches are encoded ``model.eval_chunk_size`` at a time without gradients, so 10k+ patch slides
-    fit in memory (only uint8 patches and the [N, D] features are held whole). ``patch_size`` and
-    ``crop_fraction`` must be the run's (``LoadedRun.eval_patch_size`` / ``.eval_crop_fraction``).
-
-    Returns:
-        (the slide's attention, the model's outputs: ``outputs`` [1, K], ``attention`` [1, H, N]).
-    """
-    item = _bag_item(cache, slide_id, magnifications, patch_size, crop_fraction)
-    out = predict_bag(model, item["images"], item["mask"])
-    return _attention(cache, slide_id, magnifications, item, out["attention"][0].float().numpy()), out
-
-
-def _attention(
-    cache: PatchCache, slide_id: str, magnifications: list[float], item: dict, attention: np.ndarray
-) -> SlideAttention:
-    meta = cache.meta(slide_id)
-    main = meta["magnifications"][mag_key(magnifications[0])]
-    return SlideAttention(
-        slide_id=slide_id,
-        attention=attention,
-        coords=item["coords"].numpy(),
-        size_level0=int(main["size_level0"]),
-        dimensions=(int(meta["dimensions"][0]), int(meta["dimensions"][1])),
-    )
 
 
 @dataclass
@@ -201,14 +124,14 @@ class Ensemble:
         arithmetic mean of probabilities, risks or values); attention is the mean of the members' [H, N]
         maps when they have the same heads, else of their head-averaged maps ([1, N]).
         """
-        item = _bag_item(
+        item = cached_bag(
             cache, slide_id, self.magnifications, self.patch_size, self.members[0].eval_crop_fraction
         )
         outs = [predict_bag(m.model, item["images"], item["mask"]) for m in self.members]
         maps = [o["attention"][0].float().numpy() for o in outs]
         if len({a.shape for a in maps}) > 1:
             maps = [a.mean(axis=0, keepdims=True) for a in maps]
-        attention = _attention(cache, slide_id, self.magnifications, item, np.mean(maps, axis=0))
+        attention = cached_attention(cache, slide_id, self.magnifications, item, np.mean(maps, axis=0))
         mags = item["magnification"].numpy()
         meta = cache.meta(slide_id)["magnifications"]
         sizes = np.array([int(meta[mag_key(float(m))]["size_level0"]) for m in mags], dtype=np.int64)

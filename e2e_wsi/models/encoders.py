@@ -7,7 +7,7 @@ our own encoder's state dicts load directly.
 Every encoder exposes ``out_dim``, ``input_size`` (the patch side it was trained at) and ``mean``/``std``
 (its normalisation, RGB in [0, 1] units), and ``describe()`` for feature provenance. The encoder itself
 expects float patches [N, 3, H, W] already normalised with its own ``mean``/``std``
-(:func:`e2e_wsi.data.transforms.normalize_images` does it on the device); it does no normalisation itself.
+(:func:`e2e_wsi.images.normalize_images` does it on the device); it does no normalisation itself.
 
 :class:`TimmEncoder` (any timm model, including ``hf-hub:`` foundation models) and
 :class:`PrecomputedFeatures` (the two-stage input: features already extracted) live in
@@ -27,10 +27,11 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
-from e2e_wsi.data.transforms import ChannelOrder, check_channel_order
-from e2e_wsi.features.store import sha256_file
+from e2e_wsi.images import ChannelOrder, check_channel_order
+from e2e_wsi.models.registry import register_encoder
 from e2e_wsi.models.timm_encoder import state_sha256
 from e2e_wsi.runs.checkpoints import load_torch_file, state_dict_of
+from e2e_wsi.utils import sha256_file
 
 _ARCHS = {
     "resnet18": (torchvision.models.resnet18, torchvision.models.ResNet18_Weights.IMAGENET1K_V1, 256),
@@ -132,6 +133,8 @@ def _listed(keys: list[str]) -> str:
     return ", ".join(keys[:_MAX_LISTED]) + more
 
 
+@register_encoder("resnet18", arch="resnet18")
+@register_encoder("resnet50", arch="resnet50")
 class ResNetEncoder(nn.Module):
     """ResNet-18/50 up to ``layer3`` + global average pooling: [N, 3, H, W] -> [N, D].
 
@@ -175,6 +178,11 @@ class ResNetEncoder(nn.Module):
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     input_size: int = 224
+
+    @staticmethod
+    def weights_kwargs(weights: str | None, spec: str = "") -> dict[str, object]:
+        """Constructor arguments of ``e2e-wsi extract --weights``: ``none`` (default), ``imagenet`` or a file."""
+        return {"weights": weights or "none"}
 
     def __init__(
         self,

@@ -16,14 +16,14 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from e2e_wsi.data.transforms import IMAGENET_MEAN, IMAGENET_STD, check_channel_order, normalize_images
 from e2e_wsi.errors import UserError
-from e2e_wsi.features.store import describe_difference
+from e2e_wsi.images import IMAGENET_MEAN, IMAGENET_STD, check_channel_order, normalize_images
 from e2e_wsi.models.aggregators import ABMILX
 from e2e_wsi.models.encoders import PrecomputedFeatures, ResNetEncoder
 from e2e_wsi.models.optim import WarmupCosineLR, apply_lr_mult, encoder_param_groups
 from e2e_wsi.models.tasks import Task, default_task
 from e2e_wsi.runs.checkpoints import FEATURES
+from e2e_wsi.utils import describe_difference
 
 AggregatorFactory = Callable[[int], nn.Module]
 # Checkpoint entry holding what the weights need from their input (SlideModule.input_contract).
@@ -207,9 +207,35 @@ class SlideModule(L.LightningModule):
         Returns:
             ``outputs`` [B, K] head outputs, ``slide`` [B, D'] slide vectors, ``attention`` [B, H, N].
         """
-        encoder, aggregator, head = self._parts()
         b, n = images.shape[:2]
-        feats = self.encode(images.flatten(0, 1), encoder).view(b, n, -1)
+        feats = self.encode_patches(images.flatten(0, 1)).view(b, n, -1)
+        return self.aggregate(feats, mask)
+
+    def encode_patches(self, images: Tensor) -> Tensor:
+        """Encode a flat patch batch with the weights :meth:`forward` uses (the EMA copy outside training).
+
+        Lets inference encode a slide's patches chunk by chunk (e.g. read from the slide file) and
+        aggregate them once with :meth:`aggregate`, which is exactly ``forward`` on the whole bag.
+
+        Args:
+            images: [n, 3, h, w] uint8 RGB or normalised float; features [n, D] for a feature model.
+
+        Returns:
+            [n, D] features.
+        """
+        return self.encode(images, self._parts()[0])
+
+    def aggregate(self, feats: Tensor, mask: Tensor | None = None) -> dict[str, Tensor]:
+        """Aggregator and head on encoded bags, with the weights :meth:`forward` uses.
+
+        Args:
+            feats: [B, N, D] patch features (from :meth:`encode_patches`).
+            mask: [B, N] bool, False at padding; ``None`` when every patch is real.
+
+        Returns:
+            ``outputs`` [B, K], ``slide`` [B, D'], ``attention`` [B, H, N] (as :meth:`forward`).
+        """
+        _, aggregator, head = self._parts()
         slide, attention = aggregator(feats, mask)
         return {"outputs": head(slide), "slide": slide, "attention": attention}
 

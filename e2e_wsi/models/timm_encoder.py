@@ -19,7 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from e2e_wsi.errors import UserError
+from e2e_wsi.models.registry import register_encoder
 from e2e_wsi.runs.checkpoints import load_torch_file, state_dict_of
+from e2e_wsi.utils import sha256_file
 
 _HUB_HELP = (
     "To use it: (1) request access on the model's Hugging Face page if it is gated, (2) log in with "
@@ -85,6 +88,10 @@ def _load_weights_file(model: nn.Module, path: Path) -> None:
     model.load_state_dict(state, strict=True)
 
 
+class HubAccessError(UserError, RuntimeError):
+    """A hub model that cannot be loaded (no access, offline); the message says what to do."""
+
+
 def _create(model_name: str, pretrained: bool, model_kwargs: Mapping[str, Any]) -> nn.Module:
     import timm
 
@@ -92,7 +99,7 @@ def _create(model_name: str, pretrained: bool, model_kwargs: Mapping[str, Any]) 
         return timm.create_model(model_name, pretrained=pretrained, num_classes=0, **model_kwargs)
     except Exception as err:
         if model_name.startswith("hf-hub:") or _is_hub_error(err):
-            raise RuntimeError(
+            raise HubAccessError(
                 f"could not load {model_name!r} from the Hugging Face hub "
                 f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). {_HUB_HELP}"
             ) from err
@@ -107,6 +114,8 @@ def _is_hub_error(err: Exception) -> bool:
     return isinstance(err, HfHubHTTPError | LocalEntryNotFoundError | OSError)
 
 
+@register_encoder("timm", arg="model_name")
+@register_encoder("hf-hub", arg="model_name", keep_prefix=True)
 class TimmEncoder(nn.Module):
     """Any timm model as a patch encoder: [N, 3, H, W] -> pooled features [N, num_features].
 
@@ -124,6 +133,14 @@ class TimmEncoder(nn.Module):
         RuntimeError: Hub model not reachable (gated, no token, offline) - the message says what to do.
     """
 
+    @staticmethod
+    def weights_kwargs(weights: str | None, spec: str = "") -> dict[str, object]:
+        """Constructor arguments of ``e2e-wsi extract --weights``: ``pretrained`` (timm's weights; the
+        default for ``hf-hub:`` ids), ``none``, or a local weights file."""
+        pretrained = weights == "pretrained" or (weights is None and spec.startswith("hf-hub:"))
+        path = weights if weights not in (None, "pretrained", "none") else None
+        return {"pretrained": pretrained, "weights_path": path}
+
     def __init__(
         self,
         model_name: str,
@@ -140,8 +157,6 @@ class TimmEncoder(nn.Module):
         self.model = _create(model_name, pretrained and weights_path is None, kwargs)
         self._file_sha256: str | None = None
         if weights_path is not None:
-            from e2e_wsi.features.store import sha256_file
-
             _load_weights_file(self.model, Path(weights_path))
             self._file_sha256 = sha256_file(weights_path)
         config = timm.data.resolve_data_config({}, model=self.model)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from e2e_wsi.cache.lock import FolderLock
+from e2e_wsi.locks import FolderLock
 
 DEFAULT_RUN_DIR = "runs/default"
 LAST_CHECKPOINT = "last.ckpt"

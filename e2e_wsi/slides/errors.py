@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from e2e_wsi.errors import UserError
 
-class SlideError(Exception):
-    """A slide that cannot be used, with a one-line reason.
+
+class SlideError(UserError):
+    """A slide that cannot be used, with a one-line reason (a user error: the dispatcher prints it once).
 
     Attributes:
         path: The slide's path or URL (as given).

@@ -14,18 +14,27 @@ import warnings
 from typing import Any, Literal
 
 import lightning as L
+import numpy as np
 import pandas as pd
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from e2e_wsi.cache.store import mag_key
 from e2e_wsi.evaluation.bootstrap import bootstrap_report
-from e2e_wsi.evaluation.report import format_table, predictions_frame, write_predictions, write_report
+from e2e_wsi.evaluation.report import (
+    attention_table,
+    format_table,
+    predictions_frame,
+    unlabelled,
+    write_predictions,
+    write_report,
+)
 from e2e_wsi.models.module import real_rows
 from e2e_wsi.models.tasks import Task
 from e2e_wsi.runs.folder import RunFolder
-from e2e_wsi.utils import validate_slide_id
+from e2e_wsi.utils import grid_step, validate_slide_id
 
 
 class LastCheckpoint(ModelCheckpoint):
@@ -409,10 +418,11 @@ class TestReportWriter(SlidePredictionWriter):
 
 
 class PredictionWriter(SlidePredictionWriter):
-    """After ``predict``: ``RUN/predict/predictions.csv`` and ``RUN/predict/attention/<id>.pt`` per bag.
+    """After ``predict``: ``RUN/predict/predictions.csv`` and ``RUN/predict/attention/<id>.csv`` per bag.
 
-    Attention files hold plain tensors (``attention`` [H, N], ``coords`` [N, 2] level-0 x, y,
-    ``magnification`` [N]) and load with ``torch.load(path, weights_only=True)``.
+    The same files and columns as ``e2e-wsi predict --run`` on new slides (:mod:`e2e_wsi.inference.outputs`):
+    ``predictions.csv`` holds the unit's id and the prediction columns (no truth: predict needs no
+    labels), each attention file one row per patch (:func:`e2e_wsi.evaluation.report.attention_table`).
     """
 
     def __init__(self) -> None:
@@ -424,21 +434,38 @@ class PredictionWriter(SlidePredictionWriter):
         out = RunFolder(trainer.default_root_dir).predict_attention_dir
         out.mkdir(parents=True, exist_ok=True)
         real = real_rows(batch)
+        cache = getattr(trainer.datamodule, "cache", None)  # patch runs; feature runs have none
         for b, bag_id in enumerate(batch["bag_id"]):
             if not bool(real[b]):
                 continue  # a padding bag of a DDP rank without a slide of its own
-            valid = batch["mask"][b]
-            torch.save(
-                {
-                    "attention": outputs["attention"][b][:, valid].float().cpu(),
-                    "coords": batch["coords"][b][valid].cpu(),
-                    "magnification": batch["magnification"][b][valid].cpu(),
-                },
-                out / f"{validate_slide_id(bag_id)}.pt",
-            )
+            valid = batch["mask"][b].cpu()  # everything below indexed on the CPU (batches may live on a GPU)
+            coords = batch["coords"][b].cpu()[valid].numpy()
+            mags = batch["magnification"][b].cpu()[valid].numpy()
+            slides = [batch["slide_ids"][b][int(i)] for i in batch["patch_slide"][b].cpu()[valid]]
+            attention = outputs["attention"][b].float().cpu()[:, valid].numpy()
+            frame = attention_table(coords, _patch_sides(cache, slides, mags, coords), mags, attention)
+            path = out / f"{validate_slide_id(bag_id)}.csv"
+            tmp = path.with_name(f".{path.name}.tmp")
+            frame.to_csv(tmp, index=False)
+            tmp.replace(path)
 
     def write_on_epoch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, frame: pd.DataFrame
     ) -> None:
-        path = write_predictions(frame, RunFolder(trainer.default_root_dir).predict_predictions)
+        path = write_predictions(
+            unlabelled(frame, pl_module.task.kind), RunFolder(trainer.default_root_dir).predict_predictions
+        )
         print(f"e2e-wsi: predictions {path.resolve()} ; attention in {path.parent / 'attention'}", flush=True)
+
+
+def _patch_sides(cache: Any, slides: list[str], mags: np.ndarray, coords: np.ndarray) -> np.ndarray:
+    """[N] side of each patch in level-0 pixels: from the patch cache's metadata, else the grid step of
+    the coordinates (features without a cache), else NaN."""
+    if cache is not None and hasattr(cache, "meta"):
+        sizes = {}
+        for slide, mag in set(zip(slides, mags.tolist(), strict=True)):
+            meta = cache.meta(slide)["magnifications"][mag_key(float(mag))]
+            sizes[(slide, mag)] = int(meta["size_level0"])
+        return np.array([sizes[(s, m)] for s, m in zip(slides, mags.tolist(), strict=True)], dtype=np.float64)
+    step = grid_step(coords)
+    return np.full(len(coords), np.nan if step is None else float(step))

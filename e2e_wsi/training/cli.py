@@ -12,6 +12,7 @@ from it. Old configs that still give ``data.task``/``data.num_classes`` run when
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -19,9 +20,10 @@ import warnings
 from pathlib import Path
 
 import torch
-from jsonargparse import Namespace
+from jsonargparse import DefaultHelpFormatter, Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback, instantiate_class
 
+from e2e_wsi.cli_common import canonical_argv
 from e2e_wsi.data.datamodule import WSIDataModule
 from e2e_wsi.errors import UserError
 from e2e_wsi.evaluation.bootstrap import check_resamples
@@ -39,6 +41,7 @@ from e2e_wsi.training.callbacks import (
     TestReportWriter,
     defined_metric_class_path,
 )
+from e2e_wsi.training.progress import PlainProgress, wants_plain_progress
 from e2e_wsi.utils import DISK_FULL_ERRNOS
 
 
@@ -148,6 +151,10 @@ class E2ECLI(LightningCLI):
         extra = [NoValidationFallback()]
         if self.subcommand == "fit":
             extra.append(LastCheckpoint())
+            if wants_plain_progress():  # a log file or a pipe: the bar would show nothing until the end
+                extra.append(
+                    PlainProgress(every_n_steps=max(1, int(cfg.trainer.get("log_every_n_steps") or 50)))
+                )
         if self.subcommand == "test":
             extra.append(TestReportWriter(n_resamples=cfg.bootstrap, seed=cfg.bootstrap_seed))
         if self.subcommand == "predict":
@@ -268,7 +275,7 @@ def _check_derived_data_keys(cfg: Namespace, flags: dict[str, str]) -> None:
     """Accept an old config's ``data.task``/``data.num_classes`` when they agree with ``model.task``.
 
     Raises:
-        SystemExit: Naming the key to delete and the ``model.task`` key that now decides, on disagreement.
+        UserError: Naming the key to delete and the ``model.task`` key that now decides, on disagreement.
     """
     given = {k: cfg.data.pop(k) for k in _DERIVED_DATA_KEYS if cfg.data.get(k) is not None}
     given.update(flags)
@@ -278,15 +285,15 @@ def _check_derived_data_keys(cfg: Namespace, flags: dict[str, str]) -> None:
     task = default_task(instantiate_class((), spec.as_dict()) if spec is not None else None)
     name = type(task).__name__
     if "task" in given and str(given["task"]) != task.kind:
-        raise SystemExit(
-            f"e2e-wsi: data.task={given['task']!r} disagrees with model.task ({name}, a {task.kind!r} task). "
+        raise UserError(
+            f"data.task={given['task']!r} disagrees with model.task ({name}, a {task.kind!r} task). "
             "The data now follows model.task: delete data.task and choose the task with model.task."
         )
     k = task.num_targets
     if "num_classes" in given and k is not None and str(given["num_classes"]).strip() != str(k):
         what = task.num_targets_name
-        raise SystemExit(
-            f"e2e-wsi: data.num_classes={given['num_classes']} disagrees with model.task.{what}={k} ({name}). "
+        raise UserError(
+            f"data.num_classes={given['num_classes']} disagrees with model.task.{what}={k} ({name}). "
             f"The data now follows model.task: delete data.num_classes and set model.task.init_args.{what}."
         )
 
@@ -382,8 +389,8 @@ def _reuse_split(
 def _refuse_clobbering(run_dir: Path, ckpt_path: str | None) -> None:
     """A fresh fit must not mix its checkpoints with an earlier run's."""
     if ckpt_path is None and RunFolder(run_dir).has_checkpoints():
-        raise SystemExit(
-            f"e2e-wsi fit: run folder {run_dir} already holds checkpoints. Resume it with "
+        raise UserError(
+            f"run folder {run_dir} already holds checkpoints. Resume it with "
             "`--ckpt_path last`, or start a new run with another `--run_dir`."
         )
 
@@ -413,13 +420,48 @@ def _feature_datamodule() -> type:
     return FeatureDataModule
 
 
+# Shown at the top of `e2e-wsi fit --help` (the full list of ~300 options follows).
+COMMON_OPTIONS = """\
+Common options (every option is listed further down, and each can also be set in the --config YAML):
+  --config FILE               run config (YAML), e.g. configs/demo_subtype.yaml; a run's RUN/config.yaml
+  --run_dir DIR               run folder (default: runs/default; test/predict: the checkpoint's run)
+  --ckpt_path PATH|last       checkpoint to resume from (fit) or to evaluate (validate/test/predict)
+  --data.manifest CSV         slides and labels
+  --data.cache_dir DIR        patch cache from `e2e-wsi preprocess` (feature runs: --data.features_dir)
+  --trainer.max_epochs N      epochs to train
+  --trainer.accelerator NAME  cpu, gpu or auto; --trainer.devices N for several
+  --model.aggregator CLASS    e.g. e2e_wsi.models.aggregators.ABMIL (registered names: docs/contributing.md)
+  --print_config              print the resolved config and exit
+Hyphens are accepted for underscores (--run-dir, --trainer.max-epochs). Defaults are shown per option.
+Find one with e.g. `e2e-wsi fit --help | grep -A2 max_epochs`."""
+
+
+def _parser_kwargs(subcommand: str) -> dict:
+    """Program name, short usage line and the common options for the verb's ``--help``."""
+    return {
+        "prog": "e2e-wsi",
+        "formatter_class": _HelpFormatter,  # jsonargparse gives sub-command parsers their parent's
+        subcommand: {
+            "description": COMMON_OPTIONS,
+            "usage": f"e2e-wsi {subcommand} [--config FILE] [--OPTION VALUE ...]",
+        },
+    }
+
+
+class _HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """jsonargparse's help (types and defaults per option) with the description kept as written."""
+
+
 def _run(subcommand: str, argv: list[str] | None) -> int:
-    args = [subcommand, *(sys.argv[2:] if argv is None else argv)]
+    # One spelling everywhere: hyphenated options (--run-dir, --trainer.max-epochs) become the canonical
+    # underscore names jsonargparse knows, as in every argparse verb.
+    args = [subcommand, *canonical_argv(sys.argv[2:] if argv is None else argv)]
     try:
         E2ECLI(
             SlideModule,
             _datamodule_class(args),
             args=args,
+            parser_kwargs=_parser_kwargs(subcommand),
             save_config_callback=RunConfigSaver,
             # The optimizer and schedule are SlideModule arguments (model.optimizer, model.lr_scheduler);
             # LightningCLI's own top-level --optimizer would silently bypass the encoder lr multiplier.

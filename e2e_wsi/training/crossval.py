@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from e2e_wsi.errors import UserError
 from e2e_wsi.evaluation.bootstrap import bootstrap_report
 from e2e_wsi.evaluation.report import markdown_table, read_predictions, write_json
 from e2e_wsi.runs.folder import CrossvalFolder, RunFolder
@@ -42,11 +43,11 @@ def fold_done(run: RunFolder) -> bool:
 def fit_args(
     config: str | Path, run: RunFolder, fold: int, folds: int, overrides: Sequence[str]
 ) -> list[str]:
-    """``e2e-wsi fit`` arguments of one fold: a fresh fit, or a resume from ``last.ckpt``."""
+    """``fit`` arguments of one fold (after the verb): a fresh fit, or a resume from ``last.ckpt``."""
     if run.last_checkpoint() is not None:
-        return ["fit", "--config", str(run.config), "--run_dir", str(run.root), "--ckpt_path", "last"]
+        return ["--config", str(run.config), "--run_dir", str(run.root), "--ckpt_path", "last"]
     return [
-        "fit", "--config", str(config), "--run_dir", str(run.root),
+        "--config", str(config), "--run_dir", str(run.root),
         "--data.fold", str(fold), "--data.num_folds", str(folds), *overrides,
     ]  # fmt: skip
 
@@ -56,21 +57,19 @@ def run_fold(
 ) -> RunFolder:
     """Fit then test one fold in this process (LightningCLI), unless it is finished already.
 
-    Raises:
-        RuntimeError: If ``fit`` or ``test`` returns a non-zero status.
+    Errors of ``fit`` or ``test`` (a bad override, a missing file) propagate unchanged, so the dispatcher
+    reports them once and ``--debug`` shows where they came from.
     """
-    from e2e_wsi.cli import main
+    from e2e_wsi.training.cli import fit_main, test_main
 
     run = fold_folder(root, fold)
     if fold_done(run):
         print(f"e2e-wsi crossval: fold {fold} finished already ({run.root}); skipped", flush=True)
         return run
-    if main(fit_args(config, run, fold, folds, overrides)) != 0:
-        raise RuntimeError(f"fit of fold {fold} failed ({run.root})")
+    fit_main(fit_args(config, run, fold, folds, overrides))
     ckpt = run.require_checkpoint()
-    test = ["test", "--config", str(run.config), "--run_dir", str(run.root), "--ckpt_path", str(ckpt)]
-    if main([*test, "--bootstrap", str(bootstrap)]) != 0:
-        raise RuntimeError(f"test of fold {fold} failed ({run.root})")
+    test_main(["--config", str(run.config), "--run_dir", str(run.root), "--ckpt_path", str(ckpt),
+               "--bootstrap", str(bootstrap)])  # fmt: skip
     return run
 
 
@@ -189,7 +188,7 @@ def run_crossval(
         The summary (see :func:`summarize`).
     """
     if folds < 2:
-        raise ValueError(f"--folds must be >= 2, got {folds}")
+        raise UserError(f"--folds must be >= 2, got {folds}")
     if not Path(config).is_file():
         raise FileNotFoundError(f"config {config} not found")
     Path(run_dir).mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,6 @@ from e2e_wsi.data.datasets import Bag, EvalBagDataset
 from e2e_wsi.data.transforms import EvalTransform
 from e2e_wsi.evaluation.mechanism import gradient_share, mass_on, patch_region_labels, top_mass_share
 from e2e_wsi.evaluation.metrics import binary_auroc
-from e2e_wsi.inference.predict import predict_bag
 from e2e_wsi.utils import validate_slide_id
 
 REGIONS = {"lesion": 255, "distractor": 192}
@@ -243,7 +242,9 @@ class MechanismProbe(Callback):
         """
         rows, probs, targets, preds = [], [], [], []
         for item in self._items()[:max_slides]:
-            out = predict_bag(pl_module, item["images"], item["mask"])
+            with pl_module.evaluating():  # eval mode, EMA weights if any, no gradients
+                out = pl_module(item["images"][None], item["mask"][None])
+            out = {**out, **pl_module.task.predict(out["outputs"])}
             att = out["attention"][0].float().cpu().numpy()  # [H, N]
             lesion = item["labels"][list(self.regions).index("lesion")]
             row = {

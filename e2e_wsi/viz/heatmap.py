@@ -1,7 +1,7 @@
 """Attention heatmaps on slide thumbnails, top-attention mosaics, and localisation scores.
 
-Everything here works on plain arrays (attention per patch, level-0 coordinates, a thumbnail), so the
-same functions serve the CLI, the notebook and the tests.
+Everything here works on plain arrays (attention per patch, level-0 coordinates, a thumbnail): this
+package only draws. Running a model on a slide lives in :mod:`e2e_wsi.inference.attention`.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import matplotlib
 
@@ -22,21 +23,25 @@ from scipy.stats import rankdata  # noqa: E402
 
 from e2e_wsi.annotations.geojson import DEFAULT_LESION, lesion_mask  # noqa: E402
 from e2e_wsi.errors import UserError  # noqa: E402
+from e2e_wsi.evaluation.localization import patch_lesion_labels  # noqa: E402,F401  (re-exported for viz callers)
 from e2e_wsi.tasks import get_task_spec, spec_of_predictions  # noqa: E402
 from e2e_wsi.tasks.metrics import binary_auroc  # noqa: E402
 from e2e_wsi.utils import validate_slide_id  # noqa: E402
 
 
-@dataclass
-class SlideAttention:
-    """Attention of one slide's patches.
+class AttentionMap(Protocol):
+    """What a heatmap draws: attention per patch and where the patches lie (plain arrays).
+
+    :class:`e2e_wsi.inference.attention.SlideAttention` is the one the model-running code produces; any
+    object with these fields can be drawn.
 
     Attributes:
         slide_id: The slide.
-        attention: [H, N] attention per head (each row sums to 1 over the N patches).
+        attention: [H, N] attention per head.
         coords: [N, 2] level-0 (x, y) of each patch's top-left corner.
         size_level0: Side of a patch in level-0 pixels.
         dimensions: Level-0 (width, height) of the slide.
+        merged: [N] attention averaged over heads.
     """
 
     slide_id: str
@@ -45,38 +50,38 @@ class SlideAttention:
     size_level0: int
     dimensions: tuple[int, int]
 
-    def __post_init__(self) -> None:
-        check_coords(self.coords, self.dimensions, f"slide {self.slide_id!r}")
-
     @property
-    def merged(self) -> np.ndarray:
-        """[N] attention averaged over heads."""
-        return self.attention.mean(axis=0)
+    def merged(self) -> np.ndarray: ...
 
 
-def check_coords(coords: np.ndarray, dimensions: tuple[int, int], where: str) -> None:
-    """Refuse patch coordinates that cannot belong to the slide: every top-left corner must be a finite
-    point inside the level-0 ``dimensions`` (tiling never starts a patch outside the slide).
+@dataclass(frozen=True)
+class HeatmapOptions:
+    """How heatmaps are drawn and what they are scored against: the options every heatmap path shares.
 
-    Args:
-        coords: [N, 2] level-0 (x, y) (any numeric dtype).
-        dimensions: Level-0 (width, height).
-        where: What the coordinates are (a file, a slide), for the message.
-
-    Raises:
-        UserError: Naming the first bad row and how many there are.
+    Attributes:
+        top_k: Patches in the top-attention mosaic.
+        method: Colour normalisation, ``rank`` or ``percentile`` (:func:`normalize_scores`).
+        per_head: Add one small map per attention head.
+        mask: A ground-truth PNG for the slide (255 = lesion).
+        mask_dir: Folder of ground-truth masks ``<slide_id>.png``.
+        annotations_dir: Folder of QuPath ``<slide_id>.geojson`` lesion annotations.
     """
-    values = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
-    width, height = dimensions
-    bad = ~np.isfinite(values).all(axis=1)
-    bad |= (values[:, 0] < 0) | (values[:, 1] < 0) | (values[:, 0] >= width) | (values[:, 1] >= height)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise UserError(
-            f"{where}: {int(bad.sum())} of {len(values)} patch coordinates are NaN or outside the "
-            f"{width}x{height} slide (e.g. row {i}: {tuple(np.asarray(coords).reshape(-1, 2)[i].tolist())}; "
-            "NaN stored as integers reads as -9223372036854775808): these coordinates do not belong to "
-            "this slide; re-extract or re-preprocess it"
+
+    top_k: int = 16
+    method: str = "rank"
+    per_head: bool = False
+    mask: str | Path | None = None
+    mask_dir: str | Path | None = None
+    annotations_dir: str | Path | None = None
+
+    def truth(self, slide_id: str, dimensions: tuple[int, int]) -> np.ndarray | None:
+        """The slide's ground truth from ``mask``/``mask_dir``/``annotations_dir`` (:func:`find_truth_mask`)."""
+        return find_truth_mask(
+            slide_id,
+            dimensions,
+            mask=self.mask,
+            mask_dir=self.mask_dir,
+            annotations_dir=self.annotations_dir,
         )
 
 
@@ -126,7 +131,7 @@ def normalize_scores(scores: np.ndarray, method: str = "rank") -> np.ndarray:
     raise ValueError(f"unknown normalisation {method!r}: use 'rank' or 'percentile'")
 
 
-def overlay_grid(att: SlideAttention, values: np.ndarray, thumb_shape: tuple[int, int]) -> np.ndarray:
+def overlay_grid(att: AttentionMap, values: np.ndarray, thumb_shape: tuple[int, int]) -> np.ndarray:
     """Rasterise per-patch values onto the thumbnail grid.
 
     Args:
@@ -148,36 +153,6 @@ def overlay_grid(att: SlideAttention, values: np.ndarray, thumb_shape: tuple[int
         # Overlapping patches (several scales) keep the highest value.
         grid[y0:y1, x0:x1] = np.fmax(region, v)
     return grid
-
-
-def patch_lesion_labels(
-    coords: np.ndarray,
-    size_level0: int,
-    truth: np.ndarray,
-    dimensions: tuple[int, int],
-    min_fraction: float = 0.25,
-) -> np.ndarray:
-    """Label each patch as lesion when at least ``min_fraction`` of its area is lesion in the truth mask.
-
-    Args:
-        coords: [N, 2] level-0 (x, y).
-        size_level0: Patch side in level-0 pixels.
-        truth: [h, w] uint8 ground truth (255 = lesion), covering the whole slide.
-        dimensions: Level-0 (width, height).
-        min_fraction: Share of lesion pixels that makes a patch a lesion patch.
-
-    Returns:
-        [N] bool.
-    """
-    lesion = truth == 255
-    sx, sy = truth.shape[1] / dimensions[0], truth.shape[0] / dimensions[1]
-    labels = np.zeros(len(coords), dtype=bool)
-    for i, (x, y) in enumerate(coords):
-        x0, y0 = int(x * sx), int(y * sy)
-        x1, y1 = max(x0 + 1, int((x + size_level0) * sx)), max(y0 + 1, int((y + size_level0) * sy))
-        box = lesion[y0:y1, x0:x1]
-        labels[i] = box.size > 0 and box.mean() >= min_fraction
-    return labels
 
 
 def find_truth_mask(
@@ -229,7 +204,7 @@ def _read_mask(path: Path, dimensions: tuple[int, int]) -> np.ndarray:
     return mask
 
 
-def localization_summary(att: SlideAttention, labels: np.ndarray) -> dict:
+def localization_summary(att: AttentionMap, labels: np.ndarray) -> dict:
     """How well attention finds lesion patches.
 
     Returns:
@@ -289,7 +264,7 @@ def format_caption(
 
 
 def render_heatmap(
-    att: SlideAttention,
+    att: AttentionMap,
     thumbnail: np.ndarray,
     top_patches: np.ndarray,
     out_path: str | Path,
@@ -299,7 +274,7 @@ def render_heatmap(
     caption: str = "",
     cmap: str = "jet",
     alpha: float = 0.45,
-    rasterize: Callable[[SlideAttention, np.ndarray, tuple[int, int]], np.ndarray] | None = None,
+    rasterize: Callable[[AttentionMap, np.ndarray, tuple[int, int]], np.ndarray] | None = None,
     title: str | None = None,
 ) -> Path:
     """Write the heatmap figure: thumbnail + overlay + colour bar, top-k mosaic, optional per-head maps.

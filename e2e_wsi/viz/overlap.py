@@ -2,8 +2,8 @@
 
 The cache holds a non-overlapping grid, so a heatmap drawn from it is a chessboard of flat squares. Here
 patches are read again from the slide itself on a grid whose stride is ``(1 - overlap)`` of a patch, at
-the run's magnification and patch size and only on tissue; the model encodes them chunk by chunk (only
-the [N, D] features are kept whole), the aggregator gives one attention value per patch, and each
+the run's magnification and patch size and only on tissue (:func:`overlap_grid`); the model scores them
+(:func:`e2e_wsi.inference.attention.overlap_attention`, not here: this module only draws), and each
 output pixel gets the mean of the (rank-normalised) attention of every patch that covers it: sum of
 weights / coverage. The result is a smooth map at any resolution.
 
@@ -18,30 +18,20 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
-from e2e_wsi.data.transforms import OFFICIAL_EVAL_CROP_FRACTION, EvalTransform
 from e2e_wsi.evaluation.metrics import binary_auroc
-from e2e_wsi.models.module import SlideModule
-from e2e_wsi.slides.reader import Slide, open_slide
-from e2e_wsi.slides.sources import slide_exists
-from e2e_wsi.slides.tiling import GridSpec, grid_spec, read_patch
-from e2e_wsi.slides.tissue import (
-    TissueMask,
-    TissueParams,
-    segment_tissue,
-    segmentation_downsample,
-    tissue_fractions,
-)
+from e2e_wsi.slides.reader import Slide
+from e2e_wsi.slides.tissue import TissueMask, tissue_fractions
 from e2e_wsi.slides.writer import write_pyramidal_tiff
 from e2e_wsi.viz.heatmap import (
-    SlideAttention,
+    AttentionMap,
+    HeatmapOptions,
     format_caption,
     localization_summary,
     normalize_scores,
@@ -198,112 +188,6 @@ def compose_overlay(
     return out
 
 
-# ------------------------------------------------------------------------------------ model on a slide
-@dataclass
-class OverlapAttention:
-    """Attention of a model over a slide's overlapping patches.
-
-    Attributes:
-        attention: Per-patch attention, coordinates and slide size.
-        outputs: [1, K] head outputs for the bag of overlapping patches.
-        stride: Grid step in level-0 pixels.
-        spec: How the patches were read (magnification, level, level-0 size).
-        tissue: The tissue mask the patches were chosen on (maps are clipped to it).
-        seconds: Wall time of ``read`` (slide I/O and resizing) and ``model`` (encoder + aggregator).
-    """
-
-    attention: SlideAttention
-    outputs: torch.Tensor
-    stride: int
-    spec: GridSpec
-    tissue: TissueMask
-    seconds: dict[str, float] = field(default_factory=dict)
-
-
-def overlap_attention(
-    model: SlideModule,
-    slide: Slide,
-    slide_id: str,
-    *,
-    magnification: float,
-    patch_size: int,
-    eval_patch_size: int,
-    overlap: float,
-    eval_crop_fraction: float = OFFICIAL_EVAL_CROP_FRACTION,
-    tissue_params: TissueParams | None = None,
-    tissue_threshold: float = 0.5,
-    chunk_size: int | None = None,
-    progress: Callable[[int, int], None] | None = None,
-) -> OverlapAttention:
-    """Score overlapping tissue patches of a slide with a model, chunk by chunk.
-
-    Args:
-        model: A trained (or random) model.
-        slide: The open slide.
-        slide_id: Its id (for the result).
-        magnification: Magnification the patches are read at (the run's main one).
-        patch_size: Patch side in pixels as cut for the cache (the run's patches).
-        eval_patch_size: Side the encoder sees (the run's ``eval_patch_size``).
-        overlap: Share of a patch shared with its neighbour, in [0, 1).
-        eval_crop_fraction: Centre crop the encoder sees (the run's ``data.eval_crop_fraction``).
-        tissue_params: Tissue detection (default: the preprocessing defaults).
-        tissue_threshold: Minimum tissue fraction of a kept patch.
-        chunk_size: Patches read and encoded at once (default ``model.eval_chunk_size``).
-        progress: Called with (patches done, total) after each chunk.
-
-    Returns:
-        The :class:`OverlapAttention`.
-
-    Raises:
-        ValueError: If ``overlap`` is out of range or no patch lies on tissue.
-    """
-    tissue_params = tissue_params or TissueParams()
-    seg_ds = segmentation_downsample(slide.dimensions, tissue_params)
-    tissue = segment_tissue(slide.read_downsampled(seg_ds), seg_ds, slide.resolution.mpp, tissue_params)
-    spec = grid_spec(slide, magnification, patch_size)
-    stride = overlap_stride(spec.size_level0, overlap)
-    coords = overlap_grid(slide.dimensions, spec.size_level0, stride, tissue, tissue_threshold)
-    if len(coords) == 0:
-        raise ValueError(
-            f"{slide.path}: no {magnification:g}x patch has more than {tissue_threshold:g} tissue; "
-            "check the slide's tissue mask (`e2e-wsi preprocess` QC images)"
-        )
-    transform = EvalTransform(eval_patch_size, crop_fraction=eval_crop_fraction)
-    chunk = chunk_size or model.eval_chunk_size
-    feats: list[torch.Tensor] = []
-    seconds = {"read": 0.0, "model": 0.0}
-    with model.evaluating():
-        # The weights forward() would use (the EMA copy when the run keeps one).
-        encoder, aggregator, head = model._parts()
-        for start in range(0, len(coords), chunk):
-            t0 = time.perf_counter()
-            images = read_patches(slide, spec, coords[start : start + chunk], patch_size)
-            t1 = time.perf_counter()
-            feats.append(model.encode(transform(images), encoder))
-            seconds["read"] += t1 - t0
-            seconds["model"] += time.perf_counter() - t1
-            if progress is not None:
-                progress(min(start + chunk, len(coords)), len(coords))
-        t0 = time.perf_counter()
-        slide_vec, attention = aggregator(torch.cat(feats)[None], None)
-        outputs = head(slide_vec)
-        seconds["model"] += time.perf_counter() - t0
-    att = SlideAttention(
-        slide_id=slide_id,
-        attention=attention[0].float().numpy(),
-        coords=coords,
-        size_level0=spec.size_level0,
-        dimensions=(int(slide.dimensions[0]), int(slide.dimensions[1])),
-    )
-    return OverlapAttention(att, outputs.float(), stride, spec, tissue, seconds)
-
-
-def read_patches(slide: Slide, spec: GridSpec, coords: np.ndarray, patch_size: int) -> torch.Tensor:
-    """Read patches from the slide: uint8 [n, 3, patch_size, patch_size] RGB."""
-    stack = np.stack([np.asarray(read_patch(slide, spec, xy, patch_size)) for xy in coords])
-    return torch.from_numpy(stack).permute(0, 3, 1, 2).contiguous()
-
-
 # ---------------------------------------------------------------------------------------- file outputs
 def tissue_at(tissue: TissueMask, shape: tuple[int, int]) -> np.ndarray:
     """The tissue mask resampled (nearest) to ``shape`` (h, w): bool [h, w]."""
@@ -312,7 +196,7 @@ def tissue_at(tissue: TissueMask, shape: tuple[int, int]) -> np.ndarray:
 
 
 def blended_on_tissue(
-    att: SlideAttention, values: np.ndarray, shape: tuple[int, int], tissue: TissueMask | None
+    att: AttentionMap, values: np.ndarray, shape: tuple[int, int], tissue: TissueMask | None
 ) -> np.ndarray:
     """[h, w] blended map of ``values`` (see :func:`blend_patch_values`), NaN off tissue and off patches.
 
@@ -333,7 +217,7 @@ def overlay_downsample(dimensions: tuple[int, int], max_side: int = OVERLAY_MAX_
 def write_overlay_tiff(
     path: str | Path,
     slide: Slide,
-    att: SlideAttention,
+    att: AttentionMap,
     values: np.ndarray,
     tissue: TissueMask | None = None,
     *,
@@ -402,151 +286,73 @@ class OverlapHeatmapFiles:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def make_overlap_heatmap(
-    model: SlideModule,
+def draw_overlap_heatmap(
+    att: AttentionMap,
     slide: Slide,
-    slide_id: str,
     out_dir: str | Path,
     *,
-    magnification: float,
-    patch_size: int,
-    eval_patch_size: int,
+    tissue: TissueMask | None,
+    stride: int,
     overlap: float,
-    eval_crop_fraction: float = OFFICIAL_EVAL_CROP_FRACTION,
-    tissue_params: TissueParams | None = None,
-    tissue_threshold: float = 0.5,
+    prediction: Mapping[str, np.ndarray],
+    top: np.ndarray,
     truth: np.ndarray | None = None,
-    class_names: list[str] | None = None,
-    prediction: dict[str, np.ndarray] | None = None,
+    class_names: Sequence[str] | None = None,
+    options: HeatmapOptions = HeatmapOptions(),  # noqa: B008 - frozen dataclass, safe default
     thumbnail_side: int = 1400,
-    top_k: int = 16,
-    method: str = "rank",
-    per_head: bool = False,
-    progress: Callable[[int, int], None] | None = None,
 ) -> OverlapHeatmapFiles:
-    """Overlapping-patch heatmap of one slide: figure PNG, overlay TIFF and (with a truth) localisation.
+    """Draw an overlapping-patch heatmap: figure PNG, overlay TIFF and (with a truth) localisation JSON.
 
     Args:
-        model: The run's model.
-        slide: The open slide.
-        slide_id: Its id (names the files).
+        att: Attention over the overlapping patches (:func:`e2e_wsi.inference.attention.overlap_attention`).
+        slide: The open slide (thumbnail and overlay background).
         out_dir: Output folder.
-        magnification, patch_size, eval_patch_size, overlap, eval_crop_fraction, tissue_params,
-        tissue_threshold:
-            As in :func:`overlap_attention`.
+        tissue: Tissue mask the maps are clipped to, or ``None``.
+        stride: Grid step of the patches in level-0 pixels (recorded in the localisation JSON).
+        overlap: Share of a patch shared with its neighbour (for the title).
+        prediction: The slide's prediction to caption (``probs`` [K] or ``risk``).
+        top: uint8 [k, p, p, 3] patches with the highest attention, best first.
         truth: Ground-truth mask, uint8 [h, w] (255 = lesion, 0 = background), or ``None``.
         class_names: Names of the classes for the caption.
-        prediction: The slide's prediction to caption (e.g. from its cached bag, matching
-            ``predictions.csv``); default: the prediction on the overlapping patches.
+        options: Colour normalisation (blending uses it too: ``rank`` as CLAM) and per-head maps.
         thumbnail_side: Longest side of the figure's thumbnail.
-        top_k: Patches in the top-attention mosaic.
-        method: Attention normalisation before blending (``rank``, as CLAM, or ``percentile``).
-        per_head: Add one blended map per head.
-        progress: Called with (patches done, total) while patches are scored.
 
     Returns:
-        The :class:`OverlapHeatmapFiles`.
+        The :class:`OverlapHeatmapFiles` (``seconds``: ``figure`` and ``overlay``).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = overlap_attention(
-        model,
-        slide,
-        slide_id,
-        magnification=magnification,
-        patch_size=patch_size,
-        eval_patch_size=eval_patch_size,
-        overlap=overlap,
-        eval_crop_fraction=eval_crop_fraction,
-        tissue_params=tissue_params,
-        tissue_threshold=tissue_threshold,
-        progress=progress,
-    )
-    att = result.attention
-    values = normalize_scores(att.merged, method)
-    if prediction is None:
-        prediction = {k: v.numpy() for k, v in model.task.predict(result.outputs).items()}
+    values = normalize_scores(att.merged, options.method)
     summary = None
     localisation: dict[str, float | None] = {}
     if truth is not None:
         labels = patch_lesion_labels(att.coords, att.size_level0, truth, att.dimensions)
         blended, _ = blend_patch_values(att.coords, values, att.size_level0, att.dimensions, truth.shape)
         summary = {**localization_summary(att, labels), **pixel_localization(blended, truth)}
-        summary.update(overlap=overlap, stride_level0=result.stride)
+        summary.update(overlap=overlap, stride_level0=stride)
         localisation = {"pixel": summary["pixel_auroc"], "patch": summary["auroc"]}
     caption = format_caption(prediction, class_names, localisation or None)
     t0 = time.perf_counter()
     scale = thumbnail_side / max(slide.dimensions)
     thumbnail = slide.read_downsampled(1.0 / scale) if scale < 1 else slide.read_downsampled(1.0)
-    order = np.argsort(-att.merged)[:top_k]
-    top = read_patches(slide, result.spec, att.coords[order], patch_size).permute(0, 2, 3, 1).numpy()
     png = render_heatmap(
         att,
         thumbnail,
         top,
-        out_dir / f"{slide_id}.png",
-        method=method,
-        per_head=per_head,
+        out_dir / f"{att.slide_id}.png",
+        method=options.method,
+        per_head=options.per_head,
         caption=caption,
-        rasterize=lambda a, v, shape: blended_on_tissue(a, v, shape, result.tissue),
-        title=f"{slide_id}: attention on {len(att.coords)} patches overlapping by {overlap:g}",
+        rasterize=lambda a, v, shape: blended_on_tissue(a, v, shape, tissue),
+        title=f"{att.slide_id}: attention on {len(att.coords)} patches overlapping by {overlap:g}",
     )
     t1 = time.perf_counter()
-    overlay = write_overlay_tiff(out_dir / f"{slide_id}.overlay.tif", slide, att, values, result.tissue)
-    seconds = {**result.seconds, "figure": t1 - t0, "overlay": time.perf_counter() - t1}
+    overlay = write_overlay_tiff(out_dir / f"{att.slide_id}.overlay.tif", slide, att, values, tissue)
+    seconds = {"figure": t1 - t0, "overlay": time.perf_counter() - t1}
     loc_path = None
     if summary is not None:
-        loc_path = out_dir / f"{slide_id}.localization.json"
+        loc_path = out_dir / f"{att.slide_id}.localization.json"
         tmp = loc_path.with_name(f".{loc_path.name}.tmp")
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
         os.replace(tmp, loc_path)
     return OverlapHeatmapFiles(png, overlay, loc_path, caption, summary, len(att.coords), seconds)
-
-
-def make_overlap_heatmap_from_cache_meta(
-    model: SlideModule,
-    meta: dict,
-    out_dir: str | Path,
-    *,
-    magnification: float,
-    eval_patch_size: int,
-    overlap: float,
-    **kwargs,
-) -> OverlapHeatmapFiles:
-    """:func:`make_overlap_heatmap` for a cached slide: the slide file, MPP override, patch size and tissue
-    settings come from its cache metadata, so the patches are cut as the cached ones were.
-
-    Args:
-        model: The run's model.
-        meta: The slide's cache metadata (``PatchCache.meta``).
-        out_dir: Output folder.
-        magnification: The run's main magnification.
-        eval_patch_size: The run's ``eval_patch_size``.
-        overlap: Share of a patch shared with its neighbour, in [0, 1).
-        **kwargs: Passed on to :func:`make_overlap_heatmap` (truth, class_names, prediction, ...).
-
-    Raises:
-        ValueError: If the slide file is gone (the message says which file).
-    """
-    source = Path(meta.get("source_path", ""))
-    if not slide_exists(source):
-        raise ValueError(
-            f"slide {meta.get('slide_id')!r}: file {source} not found; overlapping heatmaps read the slide "
-            "itself: put it back there, or draw the heatmap without --overlap"
-        )
-    params = meta.get("params") or {}
-    tissue = TissueParams(**params["tissue"]) if params.get("tissue") else TissueParams()
-    with open_slide(source, meta.get("backend"), slide_mpp=params.get("mpp_override")) as slide:
-        return make_overlap_heatmap(
-            model,
-            slide,
-            meta["slide_id"],
-            out_dir,
-            magnification=magnification,
-            patch_size=int(meta["patch_size"]),
-            eval_patch_size=eval_patch_size,
-            overlap=overlap,
-            tissue_params=tissue,
-            tissue_threshold=float(params.get("tissue_threshold", 0.5)),
-            **kwargs,
-        )

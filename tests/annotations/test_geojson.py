@@ -20,9 +20,14 @@ from e2e_wsi.annotations.geojson import (
     region_mask,
 )
 from e2e_wsi.cache.preprocess import jobs_from_manifest, preprocess
-from e2e_wsi.cache.preprocess import main as preprocess_main
 from e2e_wsi.cache.store import PatchCache
 from e2e_wsi.cache.worker import PreprocessConfig
+from e2e_wsi.cli import main as cli_main
+
+
+def preprocess_main(argv: list[str]) -> int:
+    """``e2e-wsi preprocess ARGV`` through the dispatcher (it turns input errors into exit 2)."""
+    return cli_main(["preprocess", *argv])
 
 
 def _qupath(path: Path, *regions: tuple[str | None, tuple[float, float, float, float]]) -> Path:

@@ -8,13 +8,23 @@ from pathlib import Path
 import lmdb
 import pytest
 
-from e2e_wsi.cache.cli import main as cache_main
-from e2e_wsi.cache.preprocess import jobs_from_dir, jobs_from_manifest, main, preprocess
+from e2e_wsi.cache.preprocess import jobs_from_dir, jobs_from_manifest, preprocess
 from e2e_wsi.cache.store import PatchCache, meta_key
 from e2e_wsi.cache.worker import PreprocessConfig
+from e2e_wsi.cli import main as cli_main
 from e2e_wsi.synth.cohort import synthesize_cohort
 
 MAGS = (10.0, 5.0)  # levels 1 (4x) and 1 again (8x from a 40x slide): offsets not aligned to the level
+
+
+def main(argv: list[str]) -> int:
+    """``e2e-wsi preprocess ARGV`` through the dispatcher (it turns input errors into exit 2)."""
+    return cli_main(["preprocess", *argv])
+
+
+def cache_main(argv: list[str]) -> int:
+    """``e2e-wsi cache ARGV`` through the dispatcher."""
+    return cli_main(["cache", *argv])
 
 
 @pytest.fixture(scope="module")

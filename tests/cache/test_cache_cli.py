@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from e2e_wsi.cache.cli import main
 from e2e_wsi.cache.store import PatchCache
+from e2e_wsi.cli import main as cli_main
+
+
+def main(argv: list[str]) -> int:
+    """``e2e-wsi cache ARGV`` through the dispatcher (it turns input errors into exit 2)."""
+    return cli_main(["cache", *argv])
 
 
 def test_cache_info_lists_slides_and_counts(clean_cache: Path, capsys) -> None:

@@ -9,11 +9,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from e2e_wsi.cache.preprocess import jobs_from_manifest, main, preprocess
+from e2e_wsi.cache.preprocess import jobs_from_manifest, preprocess
 from e2e_wsi.cache.store import PatchCache, open_readonly
 from e2e_wsi.cache.worker import PreprocessConfig
+from e2e_wsi.cli import main as cli_main
 from e2e_wsi.slides.reader import Slide
 from tests.helpers.cache import MAGS, lmdb_contents
+
+
+def main(argv: list[str]) -> int:
+    """``e2e-wsi preprocess ARGV`` through the dispatcher (it turns input errors into exit 2)."""
+    return cli_main(["preprocess", *argv])
 
 
 def test_kept_patches_cover_the_true_tissue_with_little_glass(cohort: Path, clean_cache: Path) -> None:

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from e2e_wsi.annotations.geojson import AnnotationRules
-from e2e_wsi.cache.lock import CacheLock
 from e2e_wsi.cache.preprocess import preprocess
 from e2e_wsi.cache.worker import PreprocessConfig, SlideJob
 from e2e_wsi.cli import main
+from e2e_wsi.locks import CacheLock
 from tests.helpers.slides import make_tissue_slide
 
 CONFIG = PreprocessConfig((5.0,), patch_size=64)

@@ -15,9 +15,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from e2e_wsi.cache.cli import main as cache_main
-from e2e_wsi.cache.lock import CacheLock, CacheLockedError
-from e2e_wsi.cache.preprocess import jobs_from_manifest, main, preprocess
+from e2e_wsi.cache.preprocess import jobs_from_manifest, preprocess
 from e2e_wsi.cache.store import (
     CacheCorruptedError,
     DamagedPatchError,
@@ -27,8 +25,20 @@ from e2e_wsi.cache.store import (
     verify_cache,
 )
 from e2e_wsi.cache.worker import PreprocessConfig
+from e2e_wsi.cli import main as cli_main
+from e2e_wsi.locks import CacheLock, CacheLockedError
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def main(argv: list[str]) -> int:
+    """``e2e-wsi preprocess ARGV`` through the dispatcher (it turns input errors into exit 2)."""
+    return cli_main(["preprocess", *argv])
+
+
+def cache_main(argv: list[str]) -> int:
+    """``e2e-wsi cache ARGV`` through the dispatcher."""
+    return cli_main(["cache", *argv])
 
 
 def _sparse_tiff(path: Path, side: int) -> Path:
@@ -108,7 +118,7 @@ def test_second_run_on_the_same_out_is_refused_with_the_holder(cohort: Path, tmp
         [
             sys.executable,
             "-c",
-            "import sys, time; from e2e_wsi.cache.lock import CacheLock\n"
+            "import sys, time; from e2e_wsi.locks import CacheLock\n"
             f"with CacheLock({str(out / '.patches.lmdb.lock')!r}):\n"
             "    print('held', flush=True); time.sleep(60)",
         ],
@@ -217,7 +227,8 @@ def test_a_corrupted_lmdb_is_one_message_naming_the_cache(clean_cache: Path, tmp
     assert f"DAMAGED LMDB {out / 'patches.lmdb'}" in text.out and "Traceback" not in text.err
     assert cache_main(["info", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and str(out / "patches.lmdb") in err
+    message, hint = err.splitlines()  # the dispatcher's one message + its --debug hint
+    assert str(out / "patches.lmdb") in message and "--debug" in hint and "Traceback" not in err
 
 
 # ------------------------------------------------------------------------------------------ slide paths
@@ -287,14 +298,15 @@ def test_preprocess_into_a_corrupted_cache_is_one_message(
     args = ["--manifest", str(cohort), "--out", str(out), "--magnifications", "20", "10", "--workers", "0"]
     assert main([*args, "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"patch cache {out / 'patches.lmdb'} is damaged" in err
+    message, hint = err.splitlines()  # the dispatcher's one message + its --debug hint
+    assert f"patch cache {out / 'patches.lmdb'} is damaged" in message and "--debug" in hint
 
 
 @pytest.mark.parametrize(
     ("flags", "needle"),
     [
         (["--min-coverage", "1.5"], "min coverage must be in [0, 1]"),
-        (["--saturation-threshold", "high"], "--saturation-threshold must be 0-255 or 'otsu'"),
+        (["--saturation-threshold", "high"], "--saturation_threshold must be 0-255 or 'otsu'"),
     ],
 )
 def test_bad_tiling_flags_are_usage_errors(

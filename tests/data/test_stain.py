@@ -30,7 +30,7 @@ from e2e_wsi.slides.writer import write_pyramidal_tiff
 from e2e_wsi.synth.render import render_slide
 
 pytest.importorskip("torchstain", reason="the stain extra: pip install 'e2e-wsi[stain]'")
-from e2e_wsi.data.stain import StainNormalizer  # noqa: E402
+from e2e_wsi.stain import StainNormalizer  # noqa: E402
 
 
 def gamma_recolour(image: np.ndarray) -> np.ndarray:
@@ -106,9 +106,8 @@ def _recoloured_copy(src: Path, dst: Path) -> Path:
 
 
 def _probs(run: Path, cache: Path, slide_id: str) -> np.ndarray:
+    from e2e_wsi.inference.attention import slide_attention
     from e2e_wsi.runs import load_run
-
-    from e2e_wsi.inference.predict import slide_attention
 
     loaded = load_run(run / "checkpoints" / "last.ckpt")
     _, out = slide_attention(

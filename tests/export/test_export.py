@@ -20,7 +20,7 @@ from e2e_wsi.data.transforms import EvalTransform
 from e2e_wsi.errors import UserError
 from e2e_wsi.export.graph import ExportGraph, example_input
 from e2e_wsi.export.runtime import ExportedModel
-from e2e_wsi.inference.predict import predict_bag
+from e2e_wsi.inference.attention import predict_bag
 from e2e_wsi.runs import load_run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -112,7 +112,7 @@ def test_predict_onnx_runs_on_raw_slides_without_lightning(
     assert list(preds["slide_id"]) == [slide_id]
     # the same slide through the PyTorch model, tiled the same way (the ONNX run's own cache)
     from e2e_wsi.cache.store import PatchCache
-    from e2e_wsi.inference.predict import slide_attention
+    from e2e_wsi.inference.attention import slide_attention
 
     loaded = load_run(tiny_run / "checkpoints" / "last.ckpt")
     cache = PatchCache(out / "cache")

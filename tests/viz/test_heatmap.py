@@ -11,11 +11,10 @@ from PIL import Image
 
 from e2e_wsi.cache.store import PatchCache, mag_key
 from e2e_wsi.cli import main
+from e2e_wsi.inference.attention import SlideAttention, slide_attention
 from e2e_wsi.inference.heatmaps import thumbnail_of
-from e2e_wsi.inference.predict import slide_attention
 from e2e_wsi.runs import load_run
 from e2e_wsi.viz.heatmap import (
-    SlideAttention,
     localization_summary,
     normalize_scores,
     overlay_grid,

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from e2e_wsi.errors import UserError
-from e2e_wsi.viz.heatmap import SlideAttention, check_coords, find_truth_mask
+from e2e_wsi.inference.results import SlideAttention, check_coords
+from e2e_wsi.viz.heatmap import find_truth_mask
 
 
 @pytest.mark.parametrize(

@@ -13,13 +13,13 @@ from PIL import Image
 
 from e2e_wsi.cache.store import PatchCache, mag_key
 from e2e_wsi.cli import main
+from e2e_wsi.inference.attention import overlap_attention
 from e2e_wsi.runs import load_run
 from e2e_wsi.slides.reader import Slide
 from e2e_wsi.slides.tissue import TissueMask
 from e2e_wsi.viz.heatmap import format_caption
 from e2e_wsi.viz.overlap import (
     blend_patch_values,
-    overlap_attention,
     overlap_grid,
     overlap_stride,
     overlay_downsample,

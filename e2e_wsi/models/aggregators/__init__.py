@@ -3,43 +3,19 @@
 Each is built as ``Cls(in_dim=..., ...)``, exposes ``out_dim`` and implements
 ``forward(x [B, N, in_dim], mask [B, N] bool | None = None) -> (slide [B, out_dim], attention [B, H, N])``.
 Padded positions (mask False) get zero attention and do not change the slide output.
-"""
 
-from torch import nn
+Every aggregator registers itself with ``@register_aggregator("name")`` next to its class
+(:mod:`e2e_wsi.models.registry`); importing this package imports each of them, so :data:`AGGREGATORS`
+is complete. The contract tests loop over the registry (as timm's tests loop over every registered model),
+so a new aggregator is tested as soon as it is registered.
+"""
 
 from e2e_wsi.models.aggregators.abmil import ABMIL
 from e2e_wsi.models.aggregators.abmilx import ABMILX
 from e2e_wsi.models.aggregators.dsmil import DSMIL
 from e2e_wsi.models.aggregators.pooling import MaxPool, MeanPool
 from e2e_wsi.models.aggregators.transmil import TransMIL
-
-# Every aggregator, by name. The contract tests loop over this registry (as timm's tests loop over every
-# registered model), so a new aggregator is tested as soon as it is added here.
-AGGREGATORS: dict[str, type[nn.Module]] = {
-    "abmil": ABMIL,
-    "abmilx": ABMILX,
-    "dsmil": DSMIL,
-    "maxpool": MaxPool,
-    "meanpool": MeanPool,
-    "transmil": TransMIL,
-}
-
-
-def list_aggregators() -> list[str]:
-    """Names of every registered aggregator, sorted."""
-    return sorted(AGGREGATORS)
-
-
-def create_aggregator(name: str, in_dim: int, **kwargs) -> nn.Module:
-    """Build a registered aggregator by name: ``AGGREGATORS[name](in_dim=in_dim, **kwargs)``.
-
-    Raises:
-        ValueError: For an unknown name (the message lists the known ones).
-    """
-    if name not in AGGREGATORS:
-        raise ValueError(f"unknown aggregator {name!r}: use one of {list_aggregators()}")
-    return AGGREGATORS[name](in_dim=in_dim, **kwargs)
-
+from e2e_wsi.models.registry import AGGREGATORS, create_aggregator, list_aggregators, register_aggregator
 
 __all__ = [
     "ABMIL",
@@ -51,4 +27,5 @@ __all__ = [
     "TransMIL",
     "create_aggregator",
     "list_aggregators",
+    "register_aggregator",
 ]

@@ -20,8 +20,10 @@ from e2e_wsi.models.aggregators._common import (
     masked_softmax,
     validate_bag,
 )
+from e2e_wsi.models.registry import register_aggregator
 
 
+@register_aggregator("abmil")
 class ABMIL(nn.Module):
     """Single-head attention pooling: a_i = softmax_i(w^T tanh(V h_i) [* sigmoid(U h_i)]).
 

@@ -40,11 +40,13 @@ from e2e_wsi.models.aggregators._common import (
     masked_softmax,
     validate_bag,
 )
+from e2e_wsi.models.registry import register_aggregator
 
 FFN_VARIANTS = ("official", "prenorm")
 WEIGHT_INITS = ("xavier", "torch")
 
 
+@register_aggregator("abmilx")
 class ABMILX(nn.Module):
     """The paper's aggregator (multi-head local attention + attention plus).
 

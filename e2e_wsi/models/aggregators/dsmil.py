@@ -16,8 +16,10 @@ from e2e_wsi.models.aggregators._common import (
     masked_softmax,
     validate_bag,
 )
+from e2e_wsi.models.registry import register_aggregator
 
 
+@register_aggregator("dsmil")
 class DSMIL(nn.Module):
     """Dual-stream MIL as an aggregator.
 

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from e2e_wsi.models.aggregators._common import InputStem, check_dropout, init_weights, validate_bag
+from e2e_wsi.models.registry import register_aggregator
 
 
 class _Pool(nn.Module):
@@ -29,6 +30,7 @@ class _Pool(nn.Module):
         self.apply(init_weights)
 
 
+@register_aggregator("meanpool")
 class MeanPool(_Pool):
     """Average of the valid instances.
 
@@ -53,6 +55,7 @@ class MeanPool(_Pool):
         return slide, weights.unsqueeze(1)
 
 
+@register_aggregator("maxpool")
 class MaxPool(_Pool):
     """Channel-wise maximum over the valid instances.
 

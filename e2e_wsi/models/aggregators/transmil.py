@@ -26,6 +26,7 @@ from e2e_wsi.models.aggregators._common import (
     init_weights,
     validate_bag,
 )
+from e2e_wsi.models.registry import register_aggregator
 
 
 class _AttentionLayer(nn.Module):
@@ -74,6 +75,7 @@ class _PPEG(nn.Module):
         return torch.cat([cls, grid.flatten(2).transpose(1, 2)], dim=1)
 
 
+@register_aggregator("transmil")
 class TransMIL(nn.Module):
     """Transformer MIL with a CLS token and PPEG.
 

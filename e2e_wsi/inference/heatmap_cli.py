@@ -2,30 +2,31 @@
 
 Thin command line over :mod:`e2e_wsi.inference` (loading the run, attention, the figure). Patch runs read
 the run's patch cache; feature (two-stage) runs read the slide's features and draw at their coordinates
-(:mod:`e2e_wsi.inference.features`).
+(:mod:`e2e_wsi.inference.features`). It lives in ``inference`` because it runs a model; :mod:`e2e_wsi.viz`
+only draws.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from e2e_wsi.cache.store import PatchCache
+from e2e_wsi.cli_common import ArgumentParser
+from e2e_wsi.errors import UserError
 from e2e_wsi.features.store import FeatureFolder
+from e2e_wsi.inference.attention import slide_attention
 from e2e_wsi.inference.features import (
     SlideFile,
     is_feature_run,
     make_feature_heatmap,
     slide_file_from_manifest,
 )
-from e2e_wsi.inference.heatmaps import make_heatmap
-from e2e_wsi.inference.predict import slide_attention
+from e2e_wsi.inference.heatmaps import make_heatmap, make_overlap_heatmap_from_cache_meta
 from e2e_wsi.runs.folder import RunFolder
 from e2e_wsi.runs.loading import LoadedRun, load_run
 from e2e_wsi.runs.resolve import resolve_checkpoints
-from e2e_wsi.slides.reader import SlideError
-from e2e_wsi.viz.heatmap import find_truth_mask
+from e2e_wsi.viz.heatmap import HeatmapOptions
 
 
 def _overlap_fraction(text: str) -> float:
@@ -39,8 +40,13 @@ def _overlap_fraction(text: str) -> float:
     return value
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="e2e-wsi heatmap", description=__doc__)
+def build_parser() -> ArgumentParser:
+    """The ``e2e-wsi heatmap`` command line."""
+    p = ArgumentParser(
+        prog="e2e-wsi heatmap",
+        description="Run a trained model on every patch of a slide and draw its attention: RUN/heatmaps/"
+        "<slide_id>.png (+ .localization.json with a ground truth; + .overlay.tif with --overlap).",
+    )
     p.add_argument("--ckpt_path", default=None, help="checkpoint of a run (RUN/checkpoints/*.ckpt)")
     p.add_argument(
         "--run", default=None, help="run folder of `fit` (its best checkpoint), instead of --ckpt_path"
@@ -87,18 +93,24 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``e2e-wsi heatmap``; exit status 2 with a message on bad input."""
-    args = _parser().parse_args(argv)
-    try:
-        return _heatmaps(args)
-    except (ValueError, FileNotFoundError, SlideError) as err:
-        print(f"e2e-wsi heatmap: error: {err}", file=sys.stderr)
-        return 2
+    """Entry point of ``e2e-wsi heatmap``; bad input raises a user error (the dispatcher prints it, exit 2)."""
+    return _heatmaps(build_parser().parse_args(argv))
+
+
+def _options(args: argparse.Namespace) -> HeatmapOptions:
+    return HeatmapOptions(
+        top_k=args.top_k,
+        method=args.normalize,
+        per_head=args.per_head,
+        mask=args.mask,
+        mask_dir=args.mask_dir,
+        annotations_dir=args.annotations,
+    )
 
 
 def _heatmaps(args: argparse.Namespace) -> int:
     if bool(args.ckpt_path) == bool(args.run):
-        raise ValueError("give exactly one of --ckpt_path CKPT or --run RUN")
+        raise UserError("give exactly one of --ckpt_path CKPT or --run RUN")
     ckpt = resolve_checkpoints(args.run, [args.ckpt_path] if args.ckpt_path else None)[0]
     loaded = load_run(ckpt, args.config)
     data_cfg = loaded.data
@@ -122,12 +134,7 @@ def _heatmaps(args: argparse.Namespace) -> int:
             out_dir,
             magnifications=mags,
             patch_size=loaded.eval_patch_size,
-            top_k=args.top_k,
-            method=args.normalize,
-            per_head=args.per_head,
-            mask=args.mask,
-            mask_dir=args.mask_dir,
-            annotations_dir=args.annotations,
+            options=_options(args),
             class_names=data_cfg.get("class_names"),
             crop_fraction=loaded.eval_crop_fraction,
         )
@@ -144,14 +151,12 @@ def _report(summary: dict) -> None:
 def _feature_heatmaps(loaded: LoadedRun, args: argparse.Namespace, out_dir: Path) -> int:
     """Heatmaps of a feature run: attention over the slide's features, drawn at their coordinates."""
     if args.overlap is not None:
-        raise ValueError(
-            "--overlap reads patches for a patch encoder; a feature run has none: drop --overlap"
-        )
+        raise UserError("--overlap reads patches for a patch encoder; a feature run has none: drop --overlap")
     if args.slide_path is not None and len(args.slide_path) != len(args.slide):
-        raise ValueError(f"give one --slide_path per --slide ({len(args.slide_path)} for {len(args.slide)})")
+        raise UserError(f"give one --slide_path per --slide ({len(args.slide_path)} for {len(args.slide)})")
     features_dir = args.features_dir or loaded.data.get("features_dir")
     if not features_dir:
-        raise ValueError("the run config names no data.features_dir: pass --features_dir FEATURES")
+        raise UserError("the run config names no data.features_dir: pass --features_dir FEATURES")
     folder = FeatureFolder(features_dir)
     for i, slide_id in enumerate(args.slide):
         slide_file = (
@@ -165,12 +170,7 @@ def _feature_heatmaps(loaded: LoadedRun, args: argparse.Namespace, out_dir: Path
             slide_id,
             out_dir,
             slide_file=slide_file,
-            top_k=args.top_k,
-            method=args.normalize,
-            per_head=args.per_head,
-            mask=args.mask,
-            mask_dir=args.mask_dir,
-            annotations_dir=args.annotations,
+            options=_options(args),
         )
         _report(summary)
     return 0
@@ -187,16 +187,13 @@ def _overlap_heatmap(
     """``--overlap``: caption the cached bag's prediction (as in predictions.csv), map overlapping patches."""
     from tqdm import tqdm
 
-    from e2e_wsi.viz.overlap import make_overlap_heatmap_from_cache_meta
-
     model = loaded.model
     att, out = slide_attention(
         model, cache, slide_id, mags, loaded.eval_patch_size, loaded.eval_crop_fraction
     )
     meta = cache.meta(slide_id)
-    truth = find_truth_mask(
-        slide_id, att.dimensions, mask=args.mask, mask_dir=args.mask_dir, annotations_dir=args.annotations
-    )
+    options = _options(args)
+    truth = options.truth(slide_id, att.dimensions)
     bar = tqdm(desc=f"{slide_id}: scoring overlapping patches", unit="patch", leave=False)
 
     def progress(done: int, total: int) -> None:
@@ -215,9 +212,7 @@ def _overlap_heatmap(
             truth=truth,
             class_names=loaded.data.get("class_names"),
             prediction={k: v.numpy() for k, v in model.task.predict(out["outputs"]).items()},
-            top_k=args.top_k,
-            method=args.normalize,
-            per_head=args.per_head,
+            options=options,
             progress=progress,
         )
     print(f"e2e-wsi: heatmap {files.png} ({files.n_patches} overlapping patches; {files.caption})")

@@ -1,13 +1,17 @@
-"""``e2e-wsi convert``: thin command line over :mod:`e2e_wsi.models.convert`."""
+"""``e2e-wsi convert``: thin command line over :mod:`e2e_wsi.models.convert`.
+
+It lives with training because it reads a checkpoint safely (:mod:`e2e_wsi.runs.checkpoints`) and
+writes a Lightning one; the conversion itself (key mapping) stays with the models.
+"""
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
 import torch
 
+from e2e_wsi.cli_common import ArgumentParser
+from e2e_wsi.errors import UserError
 from e2e_wsi.models import convert
 from e2e_wsi.models.convert import (
     OFFICIAL_INPUT_CONTRACT,
@@ -32,14 +36,9 @@ resize at evaluation), so `e2e-wsi test|predict --ckpt_path OUT` feeds them like
 its EMA keys are fitted to the config at load time (the --ema flag is no longer needed)."""
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``e2e-wsi convert``: official checkpoint -> a checkpoint ``e2e-wsi test|predict|heatmap`` can load."""
-    p = argparse.ArgumentParser(
-        prog="e2e-wsi convert",
-        description=convert.__doc__.split("\n\n")[0],
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def build_parser() -> ArgumentParser:
+    """The ``e2e-wsi convert`` command line."""
+    p = ArgumentParser(prog="e2e-wsi convert", description=convert.__doc__.split("\n\n")[0], epilog=_EPILOG)
     p.add_argument("official", help="official checkpoint (e.g. fold_0_model_best.pt) or state dict file")
     p.add_argument("out", help="where to write the converted checkpoint (.ckpt)")
     p.add_argument(
@@ -56,13 +55,22 @@ def main(argv: list[str] | None = None) -> int:
         choices=["bgr", "rgb"],
         help="channel order the weights were trained on (default: bgr, the official TurboJPEG decode)",
     )
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``e2e-wsi convert``: official checkpoint -> a checkpoint ``e2e-wsi test|predict|heatmap`` can load.
+
+    Raises:
+        UserError: The file cannot be read safely or holds no official weights (names the file).
+    """
+    args = build_parser().parse_args(argv)
+
     try:
         raw = load_torch_file(args.official)  # weights_only=True: an unsafe file is refused, never run
         state = convert_state_dict(official_weights(raw, args.weights))
-    except (ValueError, RuntimeError, OSError) as err:
-        print(f"e2e-wsi convert: error: {args.official}: {err}", file=sys.stderr)
-        return 2
+    except (ValueError, RuntimeError, OSError) as err:  # torch/state-dict errors: say which file
+        raise UserError(f"{args.official}: {err}") from err
     if args.ema:
         state = with_ema_copy(state)
     out = Path(args.out)
