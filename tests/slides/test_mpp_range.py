@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from e2e_wsi.cache.preprocess import jobs_from_manifest
-from e2e_wsi.cache.preprocess import main as preprocess_main
+from e2e_wsi.cli import main as cli_main
 from e2e_wsi.errors import UserError
 from e2e_wsi.slides.mpp import check_mpp, mpp_problem
 from e2e_wsi.slides.reader import SlideError, resolve_resolution
@@ -46,5 +46,5 @@ def test_overrides_and_metadata_are_checked(tmp_path: Path, capsys: pytest.Captu
         resolve_resolution({"openslide.mpp-x": "1e-6"}, "s.svs")
     assert resolve_resolution({"openslide.mpp-x": "0.25"}, "s.svs").objective_power == 40.0
     args = ["--slides-dir", str(tmp_path), "--out", str(tmp_path / "c"), "--magnifications", "10"]
-    assert preprocess_main([*args, "--mpp", "1e-300"]) == 2
+    assert cli_main(["preprocess", *args, "--mpp", "1e-300"]) == 2  # one line through the dispatcher
     assert "--mpp: mpp 1e-300 is not a number" in capsys.readouterr().err

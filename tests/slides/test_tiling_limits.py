@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from e2e_wsi.cache.preprocess import main as preprocess_main
 from e2e_wsi.cache.preprocess import preprocess
 from e2e_wsi.cache.worker import PreprocessConfig, SlideJob
+from e2e_wsi.cli import main as cli_main
 from e2e_wsi.errors import UserError
 from e2e_wsi.slides import tiling
 from e2e_wsi.slides.reader import Slide, SlideError
@@ -23,7 +23,7 @@ def test_a_magnification_below_the_limit_is_refused(tissue_slide: TestSlide, tmp
     with pytest.raises(UserError, match=r"--magnifications 0.01: below the limit of 0.1x"):
         PreprocessConfig((10.0, 0.01))
     args = ["--slides-dir", str(tissue_slide.path.parent), "--out", str(tmp_path / "c"), "--workers", "0"]
-    assert preprocess_main([*args, "--magnifications", "0.01", "--quiet"]) == 2
+    assert cli_main(["preprocess", *args, "--magnifications", "0.01", "--quiet"]) == 2
     assert "below the limit of 0.1x" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
 

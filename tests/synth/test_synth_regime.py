@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from e2e_wsi.cli import main as cli_main
 from e2e_wsi.synth.cli import main as synth_main
 from e2e_wsi.synth.cohort import render_slide, synthesize_cohort
 from e2e_wsi.synth.render import DISTRACTOR
@@ -82,5 +83,5 @@ def test_cli_options_reach_the_cohort(tmp_path: Path, capsys: pytest.CaptureFixt
     info = json.loads((out / "synth.json").read_text())
     assert info["params"]["lesion_foci"] == 3 and info["params"]["distractor_fraction"] == 0.05
     assert all(s["distractor_fraction"] > 0 for s in info["slides"])
-    assert synth_main([*argv, "--out", str(tmp_path / "bad"), "--distractor_fraction", "2"]) == 2
+    assert cli_main(["synth", *argv, "--out", str(tmp_path / "bad"), "--distractor_fraction", "2"]) == 2
     assert "distractor_fraction" in capsys.readouterr().err
