@@ -34,6 +34,15 @@ class NotThisFormat(Exception):  # noqa: N818 - a verdict, not a failure: the ne
         super().__init__(self.reason)
 
 
+def positive_property(value: object) -> float | None:
+    """A slide property (MPP, objective power) as a positive float; ``None`` when absent or unusable."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if number > 0 else None
+
+
 def is_url(source: str | Path) -> bool:
     """Whether ``source`` is an fsspec URL (``s3://``, ``gs://``, ``https://``...) rather than a local path."""
     return isinstance(source, str) and "://" in source

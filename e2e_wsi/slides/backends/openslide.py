@@ -8,16 +8,8 @@ import numpy as np
 import openslide
 from PIL import Image
 
-from e2e_wsi.slides.backends.base import WHITE, NotThisFormat, SlideBackend
+from e2e_wsi.slides.backends.base import WHITE, NotThisFormat, SlideBackend, positive_property
 from e2e_wsi.slides.errors import SlideError
-
-
-def _positive(value: object) -> float | None:
-    try:
-        number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-    return number if number > 0 else None
 
 
 class OpenSlideBackend(SlideBackend):
@@ -63,11 +55,11 @@ class OpenSlideBackend(SlideBackend):
 
     @property
     def mpp(self) -> float | None:
-        return _positive(self._osr.properties.get(openslide.PROPERTY_NAME_MPP_X))
+        return positive_property(self._osr.properties.get(openslide.PROPERTY_NAME_MPP_X))
 
     @property
     def objective_power(self) -> float | None:
-        return _positive(self._osr.properties.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER))
+        return positive_property(self._osr.properties.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER))
 
     def _read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
         ds = self._osr.level_downsamples[level]

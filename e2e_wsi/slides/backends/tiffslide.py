@@ -6,16 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from e2e_wsi.slides.backends.base import NotThisFormat, SlideBackend, is_url, source_error
+from e2e_wsi.slides.backends.base import NotThisFormat, SlideBackend, is_url, positive_property, source_error
 from e2e_wsi.slides.errors import SlideError
-
-
-def _positive(value: object) -> float | None:
-    try:
-        number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-    return number if number > 0 else None
 
 
 class TiffSlideBackend(SlideBackend):
@@ -64,13 +56,13 @@ class TiffSlideBackend(SlideBackend):
     def mpp(self) -> float | None:
         import tiffslide
 
-        return _positive(self._slide.properties.get(tiffslide.PROPERTY_NAME_MPP_X))
+        return positive_property(self._slide.properties.get(tiffslide.PROPERTY_NAME_MPP_X))
 
     @property
     def objective_power(self) -> float | None:
         import tiffslide
 
-        return _positive(self._slide.properties.get(tiffslide.PROPERTY_NAME_OBJECTIVE_POWER))
+        return positive_property(self._slide.properties.get(tiffslide.PROPERTY_NAME_OBJECTIVE_POWER))
 
     def _read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
         ds = self.level_downsamples[level]
