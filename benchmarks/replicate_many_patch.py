@@ -9,7 +9,7 @@ attention plus (A+) keep it spread. The miniature (``replicate_mil.py``) ran the
 1. ``e2e-wsi synth``: 2-class subtyping slides of 12288 px (about 2-4k patches of 32 px at 10x), lesions
    3% of the tissue in 6 foci, label-independent lymphoid aggregates (distractors) on 3%;
 2. ``e2e-wsi preprocess`` at 10x and 5x;
-3. per seed, five E2E arms (``e2e-wsi fit``, MRIS 256 patches per bag, patches fed at 16 px): ABMIL,
+3. per seed, five E2E arms (``e2e-wsi fit``, 32 epochs, MRIS 256 patches per bag, patches fed at 16 px): ABMIL,
    MHLA (alpha = 0), ABMILX (learnable alpha), TransMIL, mean pooling. All arms of a seed start from
    the same encoder and head weights, and MHLA and ABMILX from the same aggregator weights but alpha
    (``replicate_init.SharedInit``; SHA-256 digests in ``init_*.json`` are checked in the summary).
@@ -23,6 +23,8 @@ Every run is a single-threaded subprocess writing ``OUT/runs/<arm>_s<seed>/resul
 finished run is skipped, an interrupted fit resumes from ``last.ckpt``. ``--quick`` is a smoke test
 (12 small slides, one seed, 2 epochs). Then ``--summarise`` (also run at the end) writes
 ``OUT/summary.{json,md}`` and ``OUT/curves.png``.
+The settings a folder's results depend on are kept in ``OUT/benchmark.json``; a rerun with other
+values is refused.
 
     nice -n 10 .venv/bin/python benchmarks/replicate_mil.py --regime many-patch --out /tmp/many_patch
 """
@@ -63,7 +65,24 @@ LAG = {
     "ts_init": 2.0,
     "ts_e2e": 2.0,
 }
-FULL = {"num_slides": 32, "size": 12288, "max_epochs": 8, "seeds": [0, 1, 2, 3, 4], "two_stage_epochs": 20}
+# 32 epochs x 19 bags = 608 steps. The first full run used 8 (152 steps): no arm fitted even its training
+# slides (docs/results.md, "Short schedule"); 32 was fixed before the 5-seed run and not changed after it.
+FULL = {"num_slides": 32, "size": 12288, "max_epochs": 32, "seeds": [0, 1, 2, 3, 4], "two_stage_epochs": 20}
+# What a folder's results depend on: a rerun with other values would mix two benchmarks in one summary.
+SETTINGS = (
+    "num_slides",
+    "size",
+    "cohort_seed",
+    "lesion_fraction",
+    "lesion_foci",
+    "distractor_fraction",
+    "patch_size",
+    "input_size",
+    "sample_size",
+    "max_epochs",
+    "two_stage_epochs",
+    "two_stage_instances",
+)
 QUICK = {"num_slides": 12, "size": 8192, "max_epochs": 2, "seeds": [0], "two_stage_epochs": 2}
 
 
@@ -74,6 +93,29 @@ def cli(args: list[str]) -> None:
     status = main([str(a) for a in args])
     if status != 0:
         raise SystemExit(f"many-patch: `e2e-wsi {' '.join(map(str, args))}` failed with status {status}")
+
+
+def check_settings(args: argparse.Namespace) -> None:
+    """Record this folder's settings on its first run (``OUT/benchmark.json``); refuse a rerun that differs.
+
+    Finished runs are skipped by their ``result.json`` alone, so without this a rerun with, say, another
+    ``--max_epochs`` would silently summarise runs of two schedules together.
+    """
+    out = Path(args.out)
+    path = out / "benchmark.json"
+    settings = {key: getattr(args, key) for key in SETTINGS}
+    if not path.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=1) + "\n")
+        return
+    recorded = json.loads(path.read_text())
+    differ = {k: (recorded.get(k), v) for k, v in settings.items() if recorded.get(k) != v}
+    if differ:
+        detail = ", ".join(f"--{k} {new} (folder: {old})" for k, (old, new) in differ.items())
+        raise SystemExit(
+            f"many-patch: {out} holds runs made with other settings: {detail}. Pass the folder's settings "
+            f"(recorded in {path}) or use another --out."
+        )
 
 
 def prepare(args: argparse.Namespace) -> None:
@@ -336,7 +378,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--patch_size", type=int, default=32, help="cached patch side at 10x and 5x (default 32)")
     p.add_argument("--input_size", type=int, default=16, help="patch side fed to the encoder (default 16)")
     p.add_argument("--sample_size", type=int, default=256, help="MRIS patches per training bag (default 256)")
-    p.add_argument("--max_epochs", type=int, default=None, help="E2E epochs (default 8; quick 2)")
+    p.add_argument("--max_epochs", type=int, default=None, help="E2E epochs (default 32; quick 2)")
     p.add_argument(
         "--two_stage_epochs", type=int, default=None, help="two-stage epochs (default 20; quick 2)"
     )
@@ -399,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
         return 0
     if not args.summarise:
+        check_settings(args)
         start = time.perf_counter()
         prepare(args)
         print(f"many-patch: cohort and cache ready in {time.perf_counter() - start:.0f} s", flush=True)

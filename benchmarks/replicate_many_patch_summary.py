@@ -51,8 +51,37 @@ def _load(out: Path, arms: list[str], seeds: list[int]) -> dict[str, dict[int, d
                 result = json.loads(path.read_text())
                 where = path.parent / "where.json"  # from ``--where``, when it was run
                 result["where"] = json.loads(where.read_text()) if where.is_file() else None
+                result.update(run_measures(result))
                 runs.setdefault(arm, {})[seed] = result
     return runs
+
+
+def run_measures(result: dict) -> dict[str, float | None]:
+    """One E2E run's mechanism as scalars that can be paired across arms of a seed.
+
+    ``grad_enrichment``: the lesion patches' share of the encoder's gradient norm over their share of the
+    sampled patches, averaged over epochs (1 = what uniform weighting gives; < 1 = starved).
+    ``att_enrichment``: attention mass on lesion patches over their share of the patches, final probe on
+    every 10x patch of the test slides. ``log_grad_enrichment``: its natural log, for paired differences
+    (a ratio of geometric means). ``final_train_loss``: the last epoch's mean training loss.
+    Two-stage runs have no per-epoch rows and get ``None``.
+    """
+    ratios = [
+        row["train"]["grad_share_lesion"] / row["train"]["share_lesion"]
+        for row in result.get("epochs", [])
+        if row.get("train", {}).get("share_lesion")
+    ]
+    final = result.get("final_probe") or {}
+    share = final.get("share_lesion")
+    epochs = result.get("epochs") or []
+    grad = float(np.mean(ratios)) if ratios else None
+    return {
+        "grad_enrichment": grad,
+        # ratios compare on a log scale: one run at 10x must not outweigh several at 0.3x
+        "log_grad_enrichment": float(np.log(grad)) if grad else None,
+        "att_enrichment": final["att_on_lesion"] / share if share and "att_on_lesion" in final else None,
+        "final_train_loss": float(epochs[-1]["train"]["loss"]) if epochs else None,
+    }
 
 
 def _value(row: dict, where: str, key: str) -> float | None:
@@ -101,6 +130,11 @@ def arm_table(arm: str, results: dict[int, dict]) -> dict:
                     "att_on_distractor", "share_distractor"):  # fmt: skip
             vals = [v for v in (_final(results[s], key) for s in seeds) if v is not None]
             row[key] = float(np.mean(vals)) if vals else None
+        enrich = [
+            results[s]["grad_enrichment"] for s in seeds if results[s].get("grad_enrichment") is not None
+        ]
+        row["grad_enrichment_median"] = float(np.median(enrich)) if enrich else None
+        row["starved_seeds"] = sum(e < 1.0 for e in enrich)  # lesions got less than their share, on average
         row["alpha"] = [(results[s]["alpha_init"], results[s]["alpha_final"]) for s in seeds]
         row["where"] = _where(results)
         row["curves"] = {k: _mean_curve(v) for k, v in epoch_curves(results).items()}
@@ -147,24 +181,33 @@ def paired(runs: dict[str, dict[int, dict]], a: str, b: str, key: str) -> dict |
     return {**seed_bootstrap(np.array(diffs)), "seeds": seeds}
 
 
+# Paired per seed: the outcome (test AUROC, NLL, localisation) and the mechanism (run_measures).
+DIFF_KEYS = {
+    "auroc": "Δ test AUROC",
+    "nll": "Δ test NLL",
+    "loc_auroc": "Δ loc AUROC",
+    "grad_enrichment": "Δ lesion gradient enrichment",
+    "log_grad_enrichment": "Δ ln lesion gradient enrichment",
+    "att_enrichment": "Δ lesion attention enrichment",
+}
+
+
 def summarise(out: Path, arms: list[str], seeds: list[int]) -> dict:
     """Write summary.{json,md}, mechanism.csv and curves.png of the finished runs; print the tables."""
     runs = _load(out, arms, seeds)
     table = {arm: arm_table(arm, res) for arm, res in runs.items()}
-    diffs = {
-        f"{a}-{b}": {k: paired(runs, a, b, k) for k in ("auroc", "nll", "loc_auroc")} for a, b in COMPARISONS
-    }
+    diffs = {f"{a}-{b}": {k: paired(runs, a, b, k) for k in DIFF_KEYS} for a, b in COMPARISONS}
     summary = {"arms": table, "paired_differences": diffs, "init_check": init_check(runs)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     _write_csv(out / "mechanism.csv", runs)
     text = "\n".join(
-        [*_outcome_lines(table), "", *_diff_lines(diffs), "", *_mechanism_lines(table), "",
-         *_init_lines(summary["init_check"], table)]
+        [*_outcome_lines(table), "", *_diff_lines(diffs), "", *_per_seed_lines(runs), "", *link_lines(runs), "",
+         *_mechanism_lines(table), "", *_init_lines(summary["init_check"], table)]
     )  # fmt: skip
     (out / "summary.md").write_text(text + "\n")
     print(text, flush=True)
     if any(arm in E2E_ARMS for arm in table):
-        plot_curves(table, out / "curves.png")
+        plot_curves(table, out / "curves.png", runs)
     return summary
 
 
@@ -179,8 +222,9 @@ def _pct(value: float | None) -> str:
 def _outcome_lines(table: dict) -> list[str]:
     lines = [
         "| arm | seeds | test AUROC mean ± sd | per seed | test NLL per seed | loc AUROC | top-90% share "
-        "per head / merged | attention on lesion (chance) | on distractors (chance) | min/run |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "per head / merged | attention on lesion (chance) | on distractors (chance) | lesion gradient "
+        "enrichment, median | seeds with lesions starved (< 1) | min/run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for t in table.values():
         lines.append(
@@ -189,6 +233,8 @@ def _outcome_lines(table: dict) -> list[str]:
             f"| {_fmt(t.get('loc_auroc'))} | {_pct(t.get('top90_head'))} / {_pct(t.get('top90_merged'))} "
             f"| {_pct(t.get('att_on_lesion'))} ({_pct(t.get('share_lesion'))}) "
             f"| {_pct(t.get('att_on_distractor'))} ({_pct(t.get('share_distractor'))}) "
+            f"| {_fmt(t.get('grad_enrichment_median'), '.2f')} "
+            f"| {t['starved_seeds'] if 'starved_seeds' in t else 'n/a'} "
             f"| {t['minutes_per_run']:.1f} |"
         )
     return lines
@@ -196,19 +242,75 @@ def _outcome_lines(table: dict) -> list[str]:
 
 def _diff_lines(diffs: dict) -> list[str]:
     lines = [
-        "| paired difference (over seeds) | Δ test AUROC [95% CI] | Δ test NLL [95% CI] | Δ loc AUROC [95% CI] | seeds |",
-        "|---|---|---|---|---|",
+        "| paired difference (over seeds) | "
+        + " | ".join(f"{v} [95% CI]" for v in DIFF_KEYS.values())
+        + " | seeds |",
+        "|---|" + "---|" * (len(DIFF_KEYS) + 1),
     ]
     for name, d in diffs.items():
         a, b = name.split("-")
         cells = []
-        for key in ("auroc", "nll", "loc_auroc"):
+        for key in DIFF_KEYS:
             v = d[key]
             cells.append(
                 "n/a" if v is None else f"{v['point']:+.3f} [{v['ci_low']:+.3f}, {v['ci_high']:+.3f}]"
             )
         seeds = next((len(v["seeds"]) for v in d.values() if v is not None), 0)
         lines.append(f"| {ARMS[a]} − {ARMS[b]} | {' | '.join(cells)} | {seeds} |")
+    return lines
+
+
+def _per_seed_lines(runs: dict[str, dict[int, dict]]) -> list[str]:
+    """Per E2E arm and seed: the outcome next to the mechanism, so consistency across seeds shows."""
+    seeds = sorted({s for a in E2E_ARMS if a in runs for s in runs[a]})
+    lines = [
+        "Per seed (E2E arms): test AUROC / lesion gradient enrichment (epoch mean) / lesion attention "
+        "enrichment (final, all test patches) / final train loss:",
+        "",
+        "| arm | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+        "|---|" + "---|" * len(seeds),
+    ]
+    keys = ("auroc", "grad_enrichment", "att_enrichment", "final_train_loss")
+    for arm in (a for a in E2E_ARMS if a in runs):
+        cells = [
+            " / ".join(_fmt(runs[arm][s][k], ".2f") for k in keys) if s in runs[arm] else "–" for s in seeds
+        ]
+        lines.append(f"| {ARMS[arm]} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def link_lines(runs: dict[str, dict[int, dict]]) -> list[str]:
+    """Does the mechanism predict the outcome? Every E2E run split by whether lesions were starved."""
+    from scipy.stats import spearmanr
+
+    rows = [
+        (arm, r["grad_enrichment"], r["auroc"])
+        for arm in E2E_ARMS
+        for r in runs.get(arm, {}).values()
+        if r.get("grad_enrichment") is not None and r.get("auroc") is not None
+    ]
+    if len(rows) < 3:
+        return []
+    lines = [
+        "Mechanism against outcome, every E2E run (lesion gradient enrichment = the lesion patches' share of "
+        "the encoder's gradient norm over their share of the sampled patches, epoch mean):",
+        "",
+        "| lesion gradient enrichment | runs | test AUROC mean | test AUROC ≥ 0.9 | arms (runs) |",
+        "|---|---|---|---|---|",
+    ]
+    for label, keep in (("< 1 (starved)", lambda e: e < 1.0), ("≥ 1", lambda e: e >= 1.0)):
+        group = [(a, e, u) for a, e, u in rows if keep(e)]
+        if not group:
+            continue
+        arms = ", ".join(f"{ARMS[a]} ({sum(1 for g in group if g[0] == a)})" for a in E2E_ARMS
+                         if any(g[0] == a for g in group))  # fmt: skip
+        good = sum(1 for g in group if g[2] >= 0.9)
+        lines.append(
+            f"| {label} | {len(group)} | {np.mean([g[2] for g in group]):.3f} | {good} of {len(group)} | {arms} |"
+        )
+    rho, p = spearmanr([e for _, e, _ in rows], [u for _, _, u in rows])
+    lines += ["", f"Spearman correlation of lesion gradient enrichment with test AUROC over {len(rows)} runs: "
+              f"{rho:+.2f} (p = {p:.1e})."]  # fmt: skip
     return lines
 
 
@@ -279,8 +381,12 @@ def _write_csv(path: Path, runs: dict[str, dict[int, dict]]) -> None:
                     )
 
 
-def plot_curves(table: dict, path: Path) -> None:
-    """2 x 3 panels of per-epoch means over seeds, one line per E2E arm."""
+def plot_curves(table: dict, path: Path, runs: dict[str, dict[int, dict]] | None = None) -> None:
+    """Per-epoch means over seeds, one line per E2E arm (2 x 4 panels), and per seed (a third row).
+
+    The third row shows, per attention arm and seed, the lesion gradient enrichment per epoch, coloured by
+    the run's outcome: means over seeds mix runs that found the lesions with runs that did not.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -293,8 +399,10 @@ def plot_curves(table: dict, path: Path) -> None:
         "grad_distractor": "share_distractor",
         "train_att_lesion": "share_lesion",
     }
-    fig, axes = plt.subplots(2, 4, figsize=(18, 7.5))
-    for ax, key in zip(axes.ravel(), panels, strict=True):
+    per_seed = [a for a in ("abmil", "mhla", "abmilx", "transmil") if runs and a in runs]
+    rows = 3 if per_seed else 2
+    fig, axes = plt.subplots(rows, 4, figsize=(18, 3.75 * rows))
+    for ax, key in zip(axes[:2].ravel(), panels, strict=True):
         for t in table.values():
             if "curves" not in t:
                 continue
@@ -310,7 +418,29 @@ def plot_curves(table: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
     axes[0, 1].legend(fontsize=8)
+    for ax, arm in zip(axes[2] if per_seed else [], per_seed, strict=False):
+        _plot_enrichment(ax, arm, runs[arm])
     fig.suptitle("Many-patch regime: per-epoch mechanism, mean over seeds", fontsize=12)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plot_enrichment(ax, arm: str, results: dict[int, dict]) -> None:
+    """One line per seed: lesion gradient share / lesion share of the sampled patches, per epoch."""
+    for seed, r in sorted(results.items()):
+        ratio = [
+            row["train"]["grad_share_lesion"] / row["train"]["share_lesion"]
+            for row in r.get("epochs", [])
+            if row.get("train", {}).get("share_lesion")
+        ]
+        good = r.get("auroc") is not None and r["auroc"] >= 0.9
+        ax.plot(range(1, len(ratio) + 1), ratio, color="tab:green" if good else "tab:red", lw=1.2)
+        if ratio:
+            ax.annotate(f"s{seed}", (len(ratio), ratio[-1]), fontsize=7)
+    ax.axhline(1.0, color="k", ls="--", lw=1)
+    ax.set_yscale("log")
+    ax.set_title(f"{ARMS[arm]}: lesion gradient enrichment per seed\n(green: test AUROC ≥ 0.9, red: < 0.9)",
+                 fontsize=9)  # fmt: skip
+    ax.set_xlabel("epoch")
+    ax.grid(alpha=0.3)
