@@ -56,21 +56,26 @@ def _load(out: Path, arms: list[str], seeds: list[int]) -> dict[str, dict[int, d
     return runs
 
 
-def run_measures(result: dict) -> dict[str, float | None]:
-    """One E2E run's mechanism as scalars that can be paired across arms of a seed.
-
-    ``grad_enrichment``: the lesion patches' share of the encoder's gradient norm over their share of the
-    sampled patches, averaged over epochs (1 = what uniform weighting gives; < 1 = starved).
-    ``att_enrichment``: attention mass on lesion patches over their share of the patches, final probe on
-    every 10x patch of the test slides. ``log_grad_enrichment``: its natural log, for paired differences
-    (a ratio of geometric means). ``final_train_loss``: the last epoch's mean training loss.
-    Two-stage runs have no per-epoch rows and get ``None``.
-    """
-    ratios = [
+def enrichment_curve(result: dict) -> list[float]:
+    """Per epoch, the lesion patches' share of the encoder's gradient norm over their share of the sampled
+    patches (1 = what uniform weighting gives); empty for a two-stage run."""
+    return [
         row["train"]["grad_share_lesion"] / row["train"]["share_lesion"]
         for row in result.get("epochs", [])
         if row.get("train", {}).get("share_lesion")
     ]
+
+
+def run_measures(result: dict) -> dict[str, float | None]:
+    """One E2E run's mechanism as scalars that can be paired across arms of a seed.
+
+    ``grad_enrichment``: :func:`enrichment_curve` averaged over epochs (< 1 = lesions starved).
+    ``log_grad_enrichment``: its natural log, for paired differences (a ratio of geometric means).
+    ``att_enrichment``: attention mass on lesion patches over their share of the patches, final probe on
+    every 10x patch of the test slides. ``final_train_loss``: the last epoch's mean training loss.
+    Two-stage runs have no per-epoch rows and get ``None``.
+    """
+    ratios = enrichment_curve(result)
     final = result.get("final_probe") or {}
     share = final.get("share_lesion")
     epochs = result.get("epochs") or []
@@ -429,11 +434,7 @@ def plot_curves(table: dict, path: Path, runs: dict[str, dict[int, dict]] | None
 def _plot_enrichment(ax, arm: str, results: dict[int, dict]) -> None:
     """One line per seed: lesion gradient share / lesion share of the sampled patches, per epoch."""
     for seed, r in sorted(results.items()):
-        ratio = [
-            row["train"]["grad_share_lesion"] / row["train"]["share_lesion"]
-            for row in r.get("epochs", [])
-            if row.get("train", {}).get("share_lesion")
-        ]
+        ratio = enrichment_curve(r)
         good = r.get("auroc") is not None and r["auroc"] >= 0.9
         ax.plot(range(1, len(ratio) + 1), ratio, color="tab:green" if good else "tab:red", lw=1.2)
         if ratio:
